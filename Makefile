@@ -1,0 +1,50 @@
+# One entry point for everything. `make install` once, then `make run` or `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+export PATH := $(abspath $(BIN)):$(PATH)
+PROTOS := $(wildcard protos/*.proto)
+
+.PHONY: install protos check-protos lint format typecheck test test-fast run bench clean all
+
+all: check-protos lint test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# constraints.txt keeps torch on the local CPU wheel; GPU VMs install without it.
+install: $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+
+protos:
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+	    --mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTOS)
+
+check-protos: protos
+	git diff --exit-code -- protos/
+	@test -z "$$(git status --porcelain -- protos/)" || { git status --porcelain -- protos/; exit 1; }
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck:
+	$(BIN)/mypy
+
+test:
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+run:
+	$(PY) -m broker.demo
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info gpubroker-data

@@ -1,0 +1,1 @@
+"""The usage ledger: SQL schema, price catalog, exactly-once usage rows and reports."""

@@ -1,0 +1,117 @@
+"""The SQL schema: the durable task queue and the usage ledger, in one ``MetaData``.
+
+Both live in one database so that marking a task succeeded and writing its usage row happen
+in one transaction (exactly-once billing). SQLAlchemy Core tables, not ORM classes: the queue
+is a hot path and Core statements cost a fraction of an ORM flush.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["UtcDateTime", "metadata", "tasks", "usage", "workloads"]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}; pass an aware UTC datetime")
+        return value.astimezone(UTC) if dialect.name != "sqlite" else value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False, unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("request_id", String(128), nullable=True),
+    Column("workload", String(128), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("agent_id", String(128), nullable=True),
+    Column("gpu_type", String(64), nullable=True),
+    Column("inputs", JSON, nullable=False),
+    Column("outputs", JSON, nullable=True),
+    Column("input_bytes", BigInteger, nullable=False),
+    Column("output_bytes", BigInteger, nullable=False, default=0),
+    Column("compute_seconds", Float, nullable=True),
+    Column("error_code", String(32), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime, nullable=True),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Column("deadline_at", UtcDateTime, nullable=True),
+    UniqueConstraint("tenant", "request_id", name="uq_tasks_tenant_request_id"),
+    Index("ix_tasks_state_seq", "state", "seq"),
+    Index("ix_tasks_tenant_seq", "tenant", "seq"),
+)
+"""One row per task; ``attempt`` fences results from agents that lost their lease."""
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), nullable=False, unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("workload", String(128), nullable=False),
+    Column("agent_id", String(128), nullable=False),
+    Column("gpu_type", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("queue_wait_seconds", Float, nullable=False),
+    Column("compute_seconds", Float, nullable=False),
+    Column("bytes_in", BigInteger, nullable=False),
+    Column("bytes_out", BigInteger, nullable=False),
+    Column("price_per_hour_nanousd", BigInteger, nullable=False),
+    Column("cost_nanousd", BigInteger, nullable=False),
+    Column("price_version", String(32), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_usage_tenant_created_at", "tenant", "created_at"),
+)
+"""One row per successful task attempt; ``task_id`` is unique so nothing is billed twice.
+
+Money is stored as whole nano-dollars (1e-9 USD) in integers: exact on every backend.
+"""
+
+workloads = Table(
+    "workloads",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("first_seen_at", UtcDateTime, nullable=False),
+)
+"""Workload names that some agent has advertised; submits of other names are refused."""

@@ -1,0 +1,1 @@
+"""Python SDK of the GPU broker (filled in by the client module work)."""

@@ -1,0 +1,103 @@
+"""Converts torch tensors and numpy arrays to wire buffers and back, bit-exact.
+
+Encoding makes at most one copy (only for non-contiguous or big-endian input); decoding wraps
+the reassembled buffer with ``numpy.frombuffer``/``torch.frombuffer`` without copying.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import numpy as np
+
+from client.wire import DTYPE_ITEMSIZE, TensorMeta, WireError, crc32c
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ArrayLike", "OutputKind", "decode", "encode", "is_torch"]
+
+ArrayLike: TypeAlias = "torch.Tensor | np.ndarray[Any, Any]"
+"""What the client accepts and returns: a torch tensor or a numpy array."""
+
+OutputKind = Literal["torch", "numpy"]
+
+_NUMPY_DTYPE: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in DTYPE_ITEMSIZE
+    if name != "bfloat16"
+}
+
+
+def is_torch(value: object) -> bool:
+    """Tells whether ``value`` is a torch tensor, without importing torch."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "untyped_storage")
+
+
+def encode(value: ArrayLike, name: str = "") -> tuple[TensorMeta, memoryview]:
+    """Returns the header and the raw bytes of a tensor or array."""
+    if is_torch(value):
+        return _encode_torch(value, name)  # type: ignore[arg-type]
+    if isinstance(value, np.ndarray | np.generic):
+        return _encode_numpy(np.asarray(value), name)
+    raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def _encode_numpy(array: np.ndarray[Any, Any], name: str) -> tuple[TensorMeta, memoryview]:
+    dtype_name = array.dtype.name
+    if dtype_name not in _NUMPY_DTYPE:
+        raise WireError(f"numpy dtype {array.dtype} cannot be sent; use one of {_dtype_names()}")
+    # astype, not ascontiguousarray: the latter turns a 0-d array into a 1-d one.
+    array = array.astype(_NUMPY_DTYPE[dtype_name], order="C", copy=False)
+    data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+    return _meta(dtype_name, array.shape, data, name), data
+
+
+def _encode_torch(tensor: torch.Tensor, name: str) -> tuple[TensorMeta, memoryview]:
+    import torch
+
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if dtype_name not in DTYPE_ITEMSIZE:
+        raise WireError(f"torch dtype {tensor.dtype} cannot be sent; use one of {_dtype_names()}")
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    if tensor.numel() == 0:
+        data = memoryview(b"")
+    else:
+        # Viewing as bytes works for every dtype, bfloat16 included, which numpy lacks.
+        flat = tensor.reshape(-1).view(torch.uint8)
+        data = memoryview(flat.numpy())
+    return _meta(dtype_name, tuple(tensor.shape), data, name), data
+
+
+def _meta(dtype: str, shape: Sequence[int], data: memoryview, name: str) -> TensorMeta:
+    return TensorMeta(
+        dtype=dtype,
+        shape=tuple(int(d) for d in shape),
+        nbytes=data.nbytes,
+        crc32c=crc32c(data),
+        name=name,
+    )
+
+
+def decode(meta: TensorMeta, buffer: bytearray, kind: OutputKind = "torch") -> ArrayLike:
+    """Wraps a reassembled buffer as a tensor or array of the header's dtype and shape."""
+    if kind == "numpy" and meta.dtype != "bfloat16":
+        return np.frombuffer(buffer, dtype=_NUMPY_DTYPE[meta.dtype]).reshape(meta.shape)
+    return _decode_torch(meta, buffer)
+
+
+def _decode_torch(meta: TensorMeta, buffer: bytearray) -> torch.Tensor:
+    import torch
+
+    dtype = getattr(torch, meta.dtype)
+    if meta.nbytes == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(meta.shape)
+
+
+def _dtype_names() -> str:
+    return ", ".join(sorted(DTYPE_ITEMSIZE))
