@@ -1,0 +1,56 @@
+"""``python -m billing report``: per-tenant usage from the broker's database."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import sqlalchemy as sa
+
+from billing.ledger import tenant_summaries
+from billing.models import usage
+from billing.report import FORMATS, render
+
+DEFAULT_DATABASE_URL = "sqlite:///gpubroker-data/broker.db"
+
+
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@click.group()
+def cli() -> None:
+    """Billing tools for the GPU broker."""
+
+
+@cli.command()
+@click.option(
+    "--database-url",
+    help="SQLAlchemy URL (default: $GPUBROKER_DATABASE_URL or the broker's SQLite file).",
+)
+@click.option("--since", help="Start of the range, ISO 8601 (inclusive).")
+@click.option("--until", help="End of the range, ISO 8601 (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+def report(database_url: str | None, since: str | None, until: str | None, fmt: str) -> None:
+    """Prints billed usage per tenant."""
+    url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise click.ClickException(f"no database at {url}; has the broker run yet?")
+    engine = sa.create_engine(url)
+    try:
+        if not sa.inspect(engine).has_table(usage.name):
+            raise click.ClickException(f"{url} has no usage table; is it the broker's database?")
+        with engine.connect() as conn:
+            summaries = tenant_summaries(conn, since=_when(since), until=_when(until))
+    finally:
+        engine.dispose()
+    click.echo(render(summaries, fmt), nl=False)
+
+
+if __name__ == "__main__":
+    cli()

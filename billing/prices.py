@@ -1,0 +1,113 @@
+"""The price catalog: $/hour per GPU offering, on-demand and Spot, as exact decimals.
+
+Money is handled as whole nano-dollars (1e-9 USD) in integers and as ``Decimal`` at the edges,
+never as floats.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from billing.errors import PriceCatalogError, UnknownPriceError
+
+__all__ = ["NANO", "Price", "PriceCatalog", "cost_nanousd", "format_usd", "to_nanousd"]
+
+NANO = Decimal(1_000_000_000)
+"""Nano-dollars per dollar."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One hour of one offering."""
+
+    gpu_type: str
+    per_hour_nanousd: int
+    """Whole nano-dollars per hour."""
+    spot: bool
+    version: str
+    """The catalog version this price came from."""
+
+
+def to_nanousd(amount: str | Decimal) -> int:
+    """Converts a dollar amount ("0.35") to whole nano-dollars, exactly."""
+    try:
+        value = Decimal(amount) * NANO
+    except InvalidOperation as exc:
+        raise PriceCatalogError(f"{amount!r} is not a decimal amount") from exc
+    if value != value.to_integral_value() or value < 0:
+        raise PriceCatalogError(f"{amount!r} is negative or finer than a nano-dollar")
+    return int(value)
+
+
+def cost_nanousd(compute_seconds: float, price: Price) -> int:
+    """Cost of ``compute_seconds`` at ``price``, rounded half-up to a whole nano-dollar."""
+    seconds = Decimal(repr(compute_seconds))
+    cost = seconds * Decimal(price.per_hour_nanousd) / Decimal(3600)
+    return int(cost.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def format_usd(nanousd: int, places: int = 9) -> str:
+    """Formats nano-dollars as dollars, e.g. ``$0.017750000``."""
+    amount = (Decimal(nanousd) / NANO).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return f"${amount}"
+
+
+class PriceCatalog:
+    """Prices by GPU type, loaded from a TOML file."""
+
+    def __init__(self, version: str, prices: Mapping[tuple[str, bool], Price]) -> None:
+        self._version = version
+        self._prices = dict(prices)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PriceCatalog:
+        """Reads a catalog file; None means the packaged ``prices.toml``."""
+        if path is None:
+            text = resources.files("billing").joinpath("prices.toml").read_text()
+        else:
+            text = path.read_text()
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PriceCatalogError(f"price catalog is not valid TOML: {exc}") from exc
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PriceCatalog:
+        """Builds a catalog from parsed TOML."""
+        version = data.get("version")
+        if not isinstance(version, str) or not version:
+            raise PriceCatalogError("price catalog needs a string 'version'")
+        prices: dict[tuple[str, bool], Price] = {}
+        for gpu_type, entry in dict(data.get("gpu", {})).items():
+            for spot, key in ((False, "on_demand_per_hour"), (True, "spot_per_hour")):
+                amount = entry.get(key)
+                if not isinstance(amount, str):
+                    raise PriceCatalogError(
+                        f'gpu.{gpu_type}.{key} must be a decimal string like "0.35", '
+                        f"not {amount!r} (floats lose cents)"
+                    )
+                prices[gpu_type, spot] = Price(gpu_type, to_nanousd(amount), spot, version)
+        return cls(version, prices)
+
+    @property
+    def version(self) -> str:
+        """The catalog's version string."""
+        return self._version
+
+    def price_for(self, gpu_type: str, *, spot: bool = False) -> Price:
+        """The hourly price of a GPU type; an unknown type is an error."""
+        try:
+            return self._prices[gpu_type, spot]
+        except KeyError:
+            known = ", ".join(sorted({g for g, _ in self._prices}))
+            raise UnknownPriceError(
+                f"no {'spot' if spot else 'on-demand'} price for GPU type {gpu_type!r}; "
+                f"the catalog (version {self._version}) knows: {known}"
+            ) from None
