@@ -1,1 +1,56 @@
-"""Python SDK of the GPU broker (filled in by the client module work)."""
+"""Python SDK of the GPU broker.
+
+import torch
+from client import Client
+
+with Client("localhost:50051", api_key="...") as client:
+    product = client.run("matmul", [torch.randn(64, 32), torch.randn(32, 8)]).output
+    handle = client.submit("fft", [torch.randn(1024)])
+    spectrum = handle.result(timeout=60).output
+"""
+
+from __future__ import annotations
+
+from client._async import AsyncClient, AsyncTaskHandle
+from client._sync import Client, TaskHandle
+from client._types import TaskResult, TaskState, TaskStatus
+from client.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    GpuBrokerError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TaskCancelledError,
+    TaskFailedError,
+    UnavailableError,
+)
+from client.wire import TensorMeta
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncClient",
+    "AsyncTaskHandle",
+    "AuthenticationError",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "GpuBrokerError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "TaskHandle",
+    "TaskResult",
+    "TaskState",
+    "TaskStatus",
+    "TensorMeta",
+    "UnavailableError",
+]

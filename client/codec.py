@@ -24,9 +24,7 @@ ArrayLike: TypeAlias = "torch.Tensor | np.ndarray[Any, Any]"
 OutputKind = Literal["torch", "numpy"]
 
 _NUMPY_DTYPE: dict[str, np.dtype[Any]] = {
-    name: np.dtype(name).newbyteorder("<")
-    for name in DTYPE_ITEMSIZE
-    if name != "bfloat16"
+    name: np.dtype(name).newbyteorder("<") for name in DTYPE_ITEMSIZE if name != "bfloat16"
 }
 
 
@@ -50,7 +48,7 @@ def _encode_numpy(array: np.ndarray[Any, Any], name: str) -> tuple[TensorMeta, m
         raise WireError(f"numpy dtype {array.dtype} cannot be sent; use one of {_dtype_names()}")
     # astype, not ascontiguousarray: the latter turns a 0-d array into a 1-d one.
     array = array.astype(_NUMPY_DTYPE[dtype_name], order="C", copy=False)
-    data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+    data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")  # type: ignore[arg-type]
     return _meta(dtype_name, array.shape, data, name), data
 
 
@@ -69,7 +67,7 @@ def _encode_torch(tensor: torch.Tensor, name: str) -> tuple[TensorMeta, memoryvi
     else:
         # Viewing as bytes works for every dtype, bfloat16 included, which numpy lacks.
         flat = tensor.reshape(-1).view(torch.uint8)
-        data = memoryview(flat.numpy())
+        data = memoryview(flat.numpy())  # type: ignore[arg-type]
     return _meta(dtype_name, tuple(tensor.shape), data, name), data
 
 

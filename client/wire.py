@@ -185,8 +185,7 @@ class TensorStream:
         """Raises ``WireError`` if the stream ended before every declared byte arrived."""
         if self._index < len(self._metas):
             raise WireError(
-                f"stream ended after {self.received_bytes} of {self.expected_bytes} "
-                "declared bytes"
+                f"stream ended after {self.received_bytes} of {self.expected_bytes} declared bytes"
             )
 
     def _complete(self, meta: TensorMeta) -> None:

@@ -1,0 +1,130 @@
+"""Errors the client raises, one class per gRPC status code, mapped in exactly one place.
+
+GpuBrokerError                    (any failed call; .code, .details)
+├── InvalidArgumentError          INVALID_ARGUMENT
+├── NotFoundError                 NOT_FOUND (also another tenant's task)
+├── AlreadyExistsError            ALREADY_EXISTS (request_id reused for other work)
+├── AuthenticationError           UNAUTHENTICATED
+├── PermissionDeniedError         PERMISSION_DENIED
+├── ResourceExhaustedError        RESOURCE_EXHAUSTED (size limits, quotas, budgets)
+├── FailedPreconditionError       FAILED_PRECONDITION
+├── UnavailableError              UNAVAILABLE (retryable)
+├── DeadlineExceededError         DEADLINE_EXCEEDED (also a TimeoutError)
+├── TaskCancelledError            CANCELLED
+├── TaskFailedError               ABORTED (the workload raised)
+└── InternalError                 INTERNAL, UNKNOWN and the rest
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+
+__all__ = [
+    "AlreadyExistsError",
+    "AuthenticationError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "GpuBrokerError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "UnavailableError",
+    "error_from_rpc",
+    "translate_rpc_errors",
+]
+
+
+class GpuBrokerError(Exception):
+    """A call to the broker failed; ``code`` is the gRPC status, ``details`` its message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(GpuBrokerError):
+    """The request, its tensors or its parameters are malformed."""
+
+
+class NotFoundError(GpuBrokerError):
+    """No such task (or it belongs to another tenant)."""
+
+
+class AlreadyExistsError(GpuBrokerError):
+    """A request_id was reused for different work."""
+
+
+class AuthenticationError(GpuBrokerError):
+    """The API key is missing or wrong."""
+
+
+class PermissionDeniedError(GpuBrokerError):
+    """The key may not do this."""
+
+
+class ResourceExhaustedError(GpuBrokerError):
+    """A size limit, quota or budget was hit."""
+
+
+class FailedPreconditionError(GpuBrokerError):
+    """The task is not in a state that allows this."""
+
+
+class UnavailableError(GpuBrokerError):
+    """The broker cannot be reached right now; retrying may help."""
+
+
+class DeadlineExceededError(GpuBrokerError, TimeoutError):
+    """The call or the task ran out of time."""
+
+
+class TaskCancelledError(GpuBrokerError):
+    """The task was cancelled."""
+
+
+class TaskFailedError(GpuBrokerError):
+    """The workload raised an error on the agent."""
+
+
+class InternalError(GpuBrokerError):
+    """Something went wrong inside the broker."""
+
+
+_ERROR_FOR: dict[grpc.StatusCode, type[GpuBrokerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: TaskCancelledError,
+    grpc.StatusCode.ABORTED: TaskFailedError,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> GpuBrokerError:
+    """The typed error for a failed call."""
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or ""
+    return _ERROR_FOR.get(code, InternalError)(code, details)
+
+
+@contextlib.contextmanager
+def translate_rpc_errors() -> Iterator[None]:
+    """Re-raises gRPC errors as typed ``GpuBrokerError``s; the only place that catches them."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from None
