@@ -1,0 +1,76 @@
+"""``python -m broker``: parse settings, build the server, serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from broker.config import Settings, parse_api_keys
+from broker.server import create_server
+
+logger = logging.getLogger("broker")
+
+
+@click.command()
+@click.option("--listen", help="host:port to listen on (port 0 picks one).")
+@click.option("--database-url", help="SQLAlchemy URL; default: a SQLite file.")
+@click.option("--spool-dir", type=click.Path(path_type=Path), help="Payload directory.")
+@click.option("--api-keys", help="KEY=TENANT[,KEY=TENANT...]; none means open mode.")
+@click.option("--join-token", help="Token agents must present.")
+@click.option("--heartbeat", type=float, help="Agent heartbeat interval, seconds.")
+@click.option("--lease-timeout", type=float, help="Seconds of agent silence before requeue.")
+@click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
+@click.option("--log-level", default="INFO", show_default=True)
+def main(
+    listen: str | None,
+    database_url: str | None,
+    spool_dir: Path | None,
+    api_keys: str | None,
+    join_token: str | None,
+    heartbeat: float | None,
+    lease_timeout: float | None,
+    port_file: Path | None,
+    log_level: str,
+) -> None:
+    """Runs the GPU broker. Flags override GPUBROKER_* environment variables."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {
+        "listen_address": listen,
+        "database_url": database_url,
+        "spool_dir": spool_dir,
+        "api_keys": parse_api_keys(api_keys) if api_keys is not None else None,
+        "join_token": join_token,
+        "heartbeat_interval_s": heartbeat,
+        "lease_timeout_s": lease_timeout,
+    }
+    settings = dataclasses.replace(
+        Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}
+    )
+    asyncio.run(_serve(settings, port_file))
+
+
+async def _serve(settings: Settings, port_file: Path | None) -> None:
+    running = await create_server(settings)
+    if port_file is not None:
+        port_file.write_text(f"{running.port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        await running.stop(grace=2.0)
+
+
+if __name__ == "__main__":
+    main()

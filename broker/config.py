@@ -1,0 +1,86 @@
+"""Broker settings: one frozen ``Settings``, parsed once in ``__main__`` and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Limits", "Settings", "parse_api_keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a single task may ask for."""
+
+    max_tensor_bytes: int = 4 << 30
+    """Largest single tensor accepted."""
+    max_task_bytes: int = 8 << 30
+    """Largest sum of a task's input (or output) tensors."""
+    max_inputs: int = 64
+    """Most input tensors per task."""
+    max_params: int = 64
+    """Most workload parameters per task."""
+    max_priority: int = 100
+    """Priorities run from ``-max_priority`` to ``max_priority``."""
+    max_attempts: int = 3
+    """A task whose agent is lost this many times fails instead of being requeued again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the broker process is configured with."""
+
+    listen_address: str = "127.0.0.1:50051"
+    """Where the gRPC server listens; port 0 picks a free port."""
+    database_url: str = "sqlite:///gpubroker-data/broker.db"
+    """Any SQLAlchemy URL; the default is a SQLite file beside the spool."""
+    spool_dir: Path = Path("gpubroker-data/spool")
+    """Where task payloads are written (and fsynced) before a submit is acknowledged."""
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    """API key -> tenant. Empty means open mode: every caller is tenant ``default``."""
+    join_token: str | None = None
+    """Token agents must present; None accepts any agent (local use only)."""
+    heartbeat_interval_s: float = 5.0
+    """How often agents send heartbeats."""
+    lease_timeout_s: float = 15.0
+    """An agent silent for this long loses its tasks to the queue."""
+    limits: Limits = field(default_factory=Limits)
+    """Per-task limits."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Reads ``GPUBROKER_*`` variables; unset ones keep their defaults."""
+        defaults = cls()
+        get = environ.get
+        return cls(
+            listen_address=get("GPUBROKER_LISTEN", defaults.listen_address),
+            database_url=get("GPUBROKER_DATABASE_URL", defaults.database_url),
+            spool_dir=Path(get("GPUBROKER_SPOOL_DIR", str(defaults.spool_dir))),
+            api_keys=parse_api_keys(get("GPUBROKER_API_KEYS", "")),
+            join_token=get("GPUBROKER_JOIN_TOKEN") or None,
+            heartbeat_interval_s=float(
+                get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
+            ),
+            lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
+            limits=Limits(
+                max_tensor_bytes=int(
+                    get("GPUBROKER_MAX_TENSOR_BYTES", str(defaults.limits.max_tensor_bytes))
+                ),
+                max_task_bytes=int(
+                    get("GPUBROKER_MAX_TASK_BYTES", str(defaults.limits.max_task_bytes))
+                ),
+            ),
+        )
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """Parses ``"key1=tenant-a,key2=tenant-b"`` into ``{key: tenant}``."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, tenant = item.partition("=")
+        if not sep or not key or not tenant:
+            raise ValueError(f"API key entry {item!r} is not of the form KEY=TENANT")
+        keys[key] = tenant
+    return keys

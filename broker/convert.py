@@ -1,0 +1,214 @@
+"""Conversions between protobuf messages and broker domain objects, and status mapping.
+
+The servicers call these at the edge; nothing past them sees a protobuf message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from broker.errors import (
+    BrokerError,
+    InvalidTaskError,
+    LimitExceededError,
+    RequestConflictError,
+    StaleAttemptError,
+    TaskEndedError,
+    TaskNotFoundError,
+    UnauthenticatedError,
+)
+from broker.model import Attempt, AttemptOutcome, Param, Task, TaskSpec, TaskState
+from client.wire import TensorMeta
+from protos import agent_pb2, broker_pb2, task_pb2
+
+__all__ = [
+    "abort_on_broker_error",
+    "attempt_from_proto",
+    "meta_from_proto",
+    "meta_to_proto",
+    "outcome_from_proto",
+    "params_to_proto",
+    "spec_from_proto",
+    "split_stream",
+    "state_from_proto",
+    "state_to_proto",
+    "task_to_proto",
+]
+
+logger = logging.getLogger(__name__)
+
+_STATUS_FOR: dict[type[BrokerError], grpc.StatusCode] = {
+    InvalidTaskError: grpc.StatusCode.INVALID_ARGUMENT,
+    LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TaskNotFoundError: grpc.StatusCode.NOT_FOUND,
+    RequestConflictError: grpc.StatusCode.ALREADY_EXISTS,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    StaleAttemptError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+_STATE_TO_PROTO = {
+    TaskState.QUEUED: task_pb2.TASK_STATE_QUEUED,
+    TaskState.RUNNING: task_pb2.TASK_STATE_RUNNING,
+    TaskState.SUCCEEDED: task_pb2.TASK_STATE_SUCCEEDED,
+    TaskState.FAILED: task_pb2.TASK_STATE_FAILED,
+    TaskState.CANCELLED: task_pb2.TASK_STATE_CANCELLED,
+}
+_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+
+
+def status_for(exc: BrokerError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error (looked up along its class hierarchy)."""
+    if isinstance(exc, TaskEndedError):
+        return (
+            grpc.StatusCode[exc.code]
+            if exc.code in grpc.StatusCode.__members__
+            else (grpc.StatusCode.ABORTED)
+        )
+    for cls in type(exc).__mro__:
+        if cls in _STATUS_FOR:
+            return _STATUS_FOR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+@contextlib.asynccontextmanager
+async def abort_on_broker_error(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    """Translates domain errors into gRPC status codes; anything else stays UNKNOWN."""
+    try:
+        yield
+    except BrokerError as exc:
+        await context.abort(status_for(exc), str(exc))
+
+
+async def split_stream(messages: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[bytes]]:
+    """Reads a header-then-chunks stream: returns the header and an iterator of chunk bytes."""
+    iterator = aiter(messages)
+    first = await anext(iterator, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise InvalidTaskError("the stream must start with a header message")
+    return first.header, _chunks(iterator)
+
+
+async def _chunks(iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    async for message in iterator:
+        if message.WhichOneof("kind") != "chunk":
+            raise InvalidTaskError("only chunk messages may follow the header")
+        yield message.chunk.data
+
+
+def meta_from_proto(msg: task_pb2.TensorHeader) -> TensorMeta:
+    """Converts a tensor header."""
+    return TensorMeta(
+        dtype=msg.dtype, shape=tuple(msg.shape), nbytes=msg.nbytes, crc32c=msg.crc32c, name=msg.name
+    )
+
+
+def meta_to_proto(meta: TensorMeta) -> task_pb2.TensorHeader:
+    """Converts a tensor header."""
+    return task_pb2.TensorHeader(
+        name=meta.name, dtype=meta.dtype, shape=meta.shape, nbytes=meta.nbytes, crc32c=meta.crc32c
+    )
+
+
+def params_from_proto(params: Mapping[str, task_pb2.ParamValue]) -> dict[str, Param]:
+    """Converts workload parameters; a value with no kind set is an error."""
+    result: dict[str, Param] = {}
+    for name, value in params.items():
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            raise InvalidTaskError(f"parameter {name!r} has no value")
+        result[name] = getattr(value, kind)
+    return result
+
+
+def params_to_proto(params: Mapping[str, Param]) -> dict[str, task_pb2.ParamValue]:
+    """Converts workload parameters."""
+    result = {}
+    for name, value in params.items():
+        if isinstance(value, bool):
+            result[name] = task_pb2.ParamValue(bool_value=value)
+        elif isinstance(value, int):
+            result[name] = task_pb2.ParamValue(int_value=value)
+        elif isinstance(value, float):
+            result[name] = task_pb2.ParamValue(float_value=value)
+        else:
+            result[name] = task_pb2.ParamValue(string_value=value)
+    return result
+
+
+def spec_from_proto(msg: broker_pb2.TaskHeader) -> TaskSpec:
+    """Converts a client's task header."""
+    return TaskSpec(
+        workload=msg.workload,
+        inputs=tuple(meta_from_proto(t) for t in msg.inputs),
+        params=params_from_proto(msg.params),
+        priority=msg.priority,
+        request_id=msg.request_id or None,
+        timeout_s=msg.timeout_seconds or None,
+    )
+
+
+def state_from_proto(state: int) -> TaskState:
+    """Converts a task state; UNSPECIFIED or unknown values are an error."""
+    if state not in _STATE_FROM_PROTO:
+        raise InvalidTaskError(f"unknown task state {state}")
+    return _STATE_FROM_PROTO[state]  # type: ignore[index]
+
+
+def state_to_proto(state: TaskState) -> task_pb2.TaskState.ValueType:
+    """Converts a task state."""
+    return _STATE_TO_PROTO[state]
+
+
+def task_to_proto(task: Task) -> task_pb2.TaskInfo:
+    """Converts a task snapshot."""
+    return task_pb2.TaskInfo(
+        task_id=task.id,
+        tenant=task.tenant,
+        workload=task.workload,
+        state=_STATE_TO_PROTO[task.state],
+        attempt=task.attempt,
+        priority=task.priority,
+        request_id=task.request_id or "",
+        inputs=[meta_to_proto(m) for m in task.inputs],
+        outputs=[meta_to_proto(m) for m in task.outputs],
+        error_code=task.error_code or "",
+        error_message=task.error_message or "",
+        created_at=_timestamp(task.created_at),
+        started_at=_timestamp(task.started_at),
+        finished_at=_timestamp(task.finished_at),
+        deadline=_timestamp(task.deadline_at),
+        compute_seconds=task.compute_seconds or 0.0,
+        gpu_type=task.gpu_type or "",
+    )
+
+
+def attempt_from_proto(msg: agent_pb2.TaskAttempt) -> Attempt:
+    """Converts an attempt reference."""
+    return Attempt(task_id=msg.task_id, number=msg.attempt)
+
+
+def outcome_from_proto(msg: agent_pb2.ResultHeader) -> AttemptOutcome:
+    """Converts an agent's result header."""
+    return AttemptOutcome(
+        agent_id=msg.agent_id,
+        attempt=attempt_from_proto(msg.attempt),
+        outputs=tuple(meta_from_proto(t) for t in msg.outputs),
+        compute_seconds=max(0.0, msg.compute_seconds),
+        error_code=msg.error_code or None,
+        error_message=msg.error_message,
+    )
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

@@ -1,0 +1,73 @@
+"""Broker errors, one class per condition; the servicers map them to gRPC status codes.
+
+BrokerError
+├── InvalidTaskError          INVALID_ARGUMENT  (malformed header, bytes, params)
+│   └── UnknownWorkloadError  INVALID_ARGUMENT
+├── LimitExceededError        RESOURCE_EXHAUSTED (a size or count limit)
+├── TaskNotFoundError         NOT_FOUND          (also another tenant's task)
+├── RequestConflictError      ALREADY_EXISTS     (request_id reused for other work)
+├── UnauthenticatedError      UNAUTHENTICATED
+├── StaleAttemptError         FAILED_PRECONDITION (a result or fetch from a lost lease)
+└── TaskEndedError            the task ended without a result; carries its status code
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "InvalidTaskError",
+    "LimitExceededError",
+    "RequestConflictError",
+    "StaleAttemptError",
+    "TaskEndedError",
+    "TaskNotFoundError",
+    "UnauthenticatedError",
+    "UnknownWorkloadError",
+]
+
+
+class BrokerError(Exception):
+    """Base class for broker errors."""
+
+
+class InvalidTaskError(BrokerError):
+    """A task's header, parameters or bytes are malformed."""
+
+
+class UnknownWorkloadError(InvalidTaskError):
+    """No agent has advertised the named workload."""
+
+
+class LimitExceededError(BrokerError):
+    """A task is larger than the broker accepts."""
+
+
+class TaskNotFoundError(BrokerError):
+    """No task with this id belongs to the caller."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} not found")
+        self.task_id = task_id
+
+
+class RequestConflictError(BrokerError):
+    """A request_id was reused for a different task."""
+
+
+class UnauthenticatedError(BrokerError):
+    """The caller presented no valid credentials."""
+
+
+class StaleAttemptError(BrokerError):
+    """An agent spoke for an attempt that is no longer current."""
+
+
+class TaskEndedError(BrokerError):
+    """The task finished without a result (failed or cancelled).
+
+    ``code`` is a gRPC status code name, e.g. ``"ABORTED"`` or ``"CANCELLED"``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

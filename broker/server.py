@@ -1,0 +1,101 @@
+"""Builds the broker from ``Settings``: storage, dispatcher, servicers, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from billing.prices import PriceCatalog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.auth import Authenticator
+from broker.config import Settings
+from broker.dispatcher import Dispatcher
+from broker.events import TaskEvents
+from broker.gateway import AgentGatewayServicer
+from broker.servicer import BrokerServicer
+from broker.spool import Spool
+from broker.store import AsyncTaskStore, TaskStore, create_engine
+from broker.tasks import TaskService
+from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc
+
+__all__ = ["CHANNEL_OPTIONS", "BrokerServer", "create_server"]
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 << 20
+"""Per-message cap on both ends: 16x the 1 MiB chunk, far below anything that could hurt."""
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+_SERVICE_NAMES = (
+    broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentGateway"].full_name,
+)
+
+
+@dataclass
+class BrokerServer:
+    """A running broker: the gRPC server and the objects behind it."""
+
+    server: grpc.aio.Server
+    port: int
+    dispatcher: Dispatcher
+    store: AsyncTaskStore
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Reports NOT_SERVING, stops the server and the dispatcher, closes the store."""
+        await self.health.enter_graceful_shutdown()
+        await self.dispatcher.stop()
+        await self.server.stop(grace)
+        self.store.close()
+
+
+async def create_server(settings: Settings, catalog: PriceCatalog | None = None) -> BrokerServer:
+    """Opens storage, recovers queued tasks, binds the port and starts serving."""
+    engine = create_engine(settings.database_url)
+    sync_store = TaskStore(engine, catalog or PriceCatalog.load())
+    sync_store.create_schema()
+    store = AsyncTaskStore(sync_store)
+    spool = Spool(settings.spool_dir)
+    spool.open()
+    events = TaskEvents()
+    dispatcher = Dispatcher(store, spool, events, settings.limits, settings.lease_timeout_s)
+    auth = Authenticator(settings.api_keys, settings.join_token)
+    if auth.is_open:
+        logger.warning("no API keys configured: every caller is tenant 'default'")
+    tasks = TaskService(store, spool, dispatcher, events, settings.limits)
+
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(tasks, auth), server)
+    agent_pb2_grpc.add_AgentGatewayServicer_to_server(
+        AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *_SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(settings.listen_address)
+    await dispatcher.start()
+    await server.start()
+    for name in ("", *_SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("broker listening on port %d", port)
+    return BrokerServer(server, port, dispatcher, store, health_servicer)

@@ -1,0 +1,112 @@
+"""The client-facing ``Broker`` service: decode, call ``TaskService``, encode. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from broker.auth import Authenticator
+from broker.convert import (
+    abort_on_broker_error,
+    spec_from_proto,
+    split_stream,
+    state_from_proto,
+    task_to_proto,
+)
+from broker.tasks import TaskService
+from protos import broker_pb2, broker_pb2_grpc, task_pb2
+
+__all__ = ["BrokerServicer"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+    """Serves tasks to authenticated tenants."""
+
+    def __init__(self, tasks: TaskService, auth: Authenticator) -> None:
+        self._tasks = tasks
+        self._auth = auth
+
+    async def Submit(
+        self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Context
+    ) -> broker_pb2.SubmitResponse:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            header, chunks = await split_stream(request_iterator)
+            task, deduplicated = await self._tasks.submit(tenant, spec_from_proto(header), chunks)
+        return broker_pb2.SubmitResponse(task_id=task.id, deduplicated=deduplicated)
+
+    async def Run(
+        self, request_iterator: AsyncIterator[broker_pb2.RunRequest], context: Context
+    ) -> AsyncIterator[broker_pb2.RunResponse]:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            header, chunks = await split_stream(request_iterator)
+            spec = spec_from_proto(header)
+            remaining = context.time_remaining()
+            if remaining is not None and (spec.timeout_s is None or remaining < spec.timeout_s):
+                spec = replace(spec, timeout_s=max(remaining, 0.001))
+            submitted, _ = await self._tasks.submit(tenant, spec, chunks)
+            try:
+                task = submitted
+                async for task in self._tasks.watch(tenant, submitted.id):
+                    yield broker_pb2.RunResponse(task=task_to_proto(task))
+                async for data in self._tasks.result_chunks(task):
+                    yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=data))
+            except asyncio.CancelledError:
+                # The caller hung up: Run ties the task's life to the call.
+                await asyncio.shield(self._tasks.cancel_quietly(submitted.id))
+                raise
+
+    async def WatchTask(
+        self, request: broker_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.WatchTaskResponse]:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            async for task in self._tasks.watch(tenant, request.task_id):
+                yield broker_pb2.WatchTaskResponse(task=task_to_proto(task))
+
+    async def GetResult(
+        self, request: broker_pb2.GetResultRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.GetResultResponse]:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            task = await self._tasks.wait(tenant, request.task_id)
+            chunks = self._tasks.result_chunks(task)
+            yield broker_pb2.GetResultResponse(header=task_to_proto(task))
+            async for data in chunks:
+                yield broker_pb2.GetResultResponse(chunk=task_pb2.DataChunk(data=data))
+
+    async def CancelTask(
+        self, request: broker_pb2.CancelTaskRequest, context: Context
+    ) -> broker_pb2.CancelTaskResponse:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            task = await self._tasks.cancel(tenant, request.task_id)
+        return broker_pb2.CancelTaskResponse(task=task_to_proto(task))
+
+    async def GetTask(
+        self, request: broker_pb2.GetTaskRequest, context: Context
+    ) -> broker_pb2.GetTaskResponse:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            task = await self._tasks.get(tenant, request.task_id)
+        return broker_pb2.GetTaskResponse(task=task_to_proto(task))
+
+    async def ListTasks(
+        self, request: broker_pb2.ListTasksRequest, context: Context
+    ) -> broker_pb2.ListTasksResponse:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            states = [state_from_proto(s) for s in request.states]
+            page, token = await self._tasks.list(
+                tenant, states, request.page_size, request.page_token
+            )
+        return broker_pb2.ListTasksResponse(
+            tasks=[task_to_proto(t) for t in page], next_page_token=token
+        )

@@ -1,0 +1,385 @@
+"""The durable task queue: task rows in SQL, one short transaction per state change.
+
+Every method is synchronous and runs on the broker's single database thread (see
+``AsyncTaskStore``). State changes are guarded in SQL (``WHERE state = ... AND attempt = ...``)
+so a result from a lost lease can never overwrite a newer attempt, and the usage row is written
+in the same transaction that marks a task succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from billing.ledger import UsageRecord, record_usage
+from billing.prices import PriceCatalog
+from sqlalchemy.engine import Connection, Engine, Row
+
+from billing.models import metadata, tasks, workloads
+from broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
+from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
+from client.wire import TensorMeta
+
+__all__ = ["AsyncTaskStore", "TaskStore", "create_engine"]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
+
+
+def create_engine(url: str) -> Engine:
+    """Creates an engine; SQLite gets WAL and full fsync so an acknowledged task survives."""
+    if url.startswith("sqlite") and ":memory:" not in url and url.count("/") >= 3:
+        path = url.split("///", 1)[1]
+        if path:
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+class TaskStore:
+    """Reads and changes task rows."""
+
+    def __init__(self, engine: Engine, catalog: PriceCatalog) -> None:
+        self._engine = engine
+        self._catalog = catalog
+
+    def create_schema(self) -> None:
+        """Creates missing tables."""
+        metadata.create_all(self._engine)
+
+    def create(
+        self, task_id: str, tenant: str, spec: TaskSpec, now: datetime, deadline: datetime | None
+    ) -> tuple[Task, bool]:
+        """Inserts a queued task; returns it and whether its request_id already existed."""
+        with self._engine.begin() as conn:
+            if existing := _find_request(conn, tenant, spec):
+                return existing, True
+            conn.execute(
+                tasks.insert().values(
+                    id=task_id,
+                    tenant=tenant,
+                    request_id=spec.request_id,
+                    workload=spec.workload,
+                    params=dict(spec.params),
+                    priority=spec.priority,
+                    state=TaskState.QUEUED.value,
+                    attempt=0,
+                    inputs=[_meta_to_json(m) for m in spec.inputs],
+                    input_bytes=spec.input_bytes,
+                    output_bytes=0,
+                    created_at=now,
+                    deadline_at=deadline,
+                )
+            )
+            return _get(conn, task_id), False
+
+    def find_request(self, tenant: str, spec: TaskSpec) -> Task | None:
+        """Returns the task an earlier submit with the spec's request_id created, if any."""
+        with self._engine.connect() as conn:
+            return _find_request(conn, tenant, spec)
+
+    def get(self, task_id: str, tenant: str | None = None) -> Task:
+        """Returns a task; another tenant's task is reported as not found."""
+        with self._engine.connect() as conn:
+            task = _get(conn, task_id)
+        if tenant is not None and task.tenant != tenant:
+            raise TaskNotFoundError(task_id)
+        return task
+
+    def page(
+        self, tenant: str, states: Sequence[TaskState], limit: int, before_seq: int | None
+    ) -> list[Task]:
+        """Returns a tenant's tasks, newest first."""
+        query = sa.select(tasks).where(tasks.c.tenant == tenant)
+        if states:
+            query = query.where(tasks.c.state.in_([s.value for s in states]))
+        if before_seq is not None:
+            query = query.where(tasks.c.seq < before_seq)
+        query = query.order_by(tasks.c.seq.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [_task_from_row(row) for row in conn.execute(query)]
+
+    def claim(self, task_id: str, agent: AgentInfo, now: datetime) -> Task | None:
+        """Moves a queued task to running on ``agent`` with the next attempt number."""
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.state == TaskState.QUEUED.value)
+                .values(
+                    state=TaskState.RUNNING.value,
+                    attempt=tasks.c.attempt + 1,
+                    agent_id=agent.agent_id,
+                    gpu_type=agent.gpu_type,
+                    started_at=now,
+                )
+            )
+            return _get(conn, task_id) if result.rowcount == 1 else None
+
+    def requeue(self, attempt: Attempt, max_attempts: int, now: datetime, reason: str) -> Task:
+        """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
+        with self._engine.begin() as conn:
+            current = _running_attempt(conn, attempt)
+            if current.attempt >= max_attempts:
+                message = f"gave up after {current.attempt} attempts; last: {reason}"
+                return _finish(conn, attempt, TaskState.FAILED, now, "ABORTED", message)
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.id == attempt.task_id)
+                .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None)
+            )
+            return _get(conn, attempt.task_id)
+
+    def succeed(self, outcome: AttemptOutcome, now: datetime) -> Task:
+        """Marks an attempt succeeded and writes its usage row, in one transaction."""
+        with self._engine.begin() as conn:
+            current = _running_attempt(conn, outcome.attempt, outcome.agent_id)
+            output_bytes = sum(m.nbytes for m in outcome.outputs)
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.id == current.id)
+                .values(
+                    state=TaskState.SUCCEEDED.value,
+                    outputs=[_meta_to_json(m) for m in outcome.outputs],
+                    output_bytes=output_bytes,
+                    compute_seconds=outcome.compute_seconds,
+                    finished_at=now,
+                )
+            )
+            record_usage(conn, _usage(current, outcome, output_bytes), self._catalog, now)
+            return _get(conn, current.id)
+
+    def fail(
+        self, attempt: Attempt, agent_id: str | None, code: str, message: str, now: datetime
+    ) -> Task:
+        """Marks a running attempt failed (the workload raised or rejected its inputs)."""
+        with self._engine.begin() as conn:
+            _running_attempt(conn, attempt, agent_id)
+            return _finish(conn, attempt, TaskState.FAILED, now, code, message)
+
+    def cancel(self, task_id: str, tenant: str | None, now: datetime) -> tuple[Task, Task]:
+        """Cancels a live task; returns (before, after). A final task stays as it is."""
+        with self._engine.begin() as conn:
+            before = _get(conn, task_id)
+            if tenant is not None and before.tenant != tenant:
+                raise TaskNotFoundError(task_id)
+            if before.state.is_final:
+                return before, before
+            after = _finish(
+                conn,
+                Attempt(task_id, before.attempt),
+                TaskState.CANCELLED,
+                now,
+                "CANCELLED",
+                "cancelled by its owner",
+            )
+            return before, after
+
+    def expire(self, now: datetime) -> list[tuple[Task, Task]]:
+        """Fails every live task whose deadline has passed; returns (before, after) pairs."""
+        with self._engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(tasks).where(
+                    tasks.c.state.in_(_LIVE),
+                    tasks.c.deadline_at.is_not(None),
+                    tasks.c.deadline_at <= now,
+                )
+            ).all()
+            expired = []
+            for row in rows:
+                before = _task_from_row(row)
+                after = _finish(
+                    conn,
+                    Attempt(before.id, before.attempt),
+                    TaskState.FAILED,
+                    now,
+                    "DEADLINE_EXCEEDED",
+                    "the task's deadline passed before it finished",
+                )
+                expired.append((before, after))
+            return expired
+
+    def recover(self) -> list[Task]:
+        """On start: running tasks lost their agents with the old process; queue them again.
+
+        Returns every queued task, oldest first, for the scheduler to load.
+        """
+        with self._engine.begin() as conn:
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.state == TaskState.RUNNING.value)
+                .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None)
+            )
+            rows = conn.execute(
+                sa.select(tasks)
+                .where(tasks.c.state == TaskState.QUEUED.value)
+                .order_by(tasks.c.seq)
+            )
+            return [_task_from_row(row) for row in rows]
+
+    def add_workloads(self, names: Iterable[str], now: datetime) -> None:
+        """Remembers workload names an agent advertised."""
+        with self._engine.begin() as conn:
+            known = set(conn.execute(sa.select(workloads.c.name)).scalars())
+            new = [{"name": n, "first_seen_at": now} for n in set(names) - known]
+            if new:
+                conn.execute(workloads.insert(), new)
+
+    def known_workloads(self) -> frozenset[str]:
+        """Every workload name any agent has advertised."""
+        with self._engine.connect() as conn:
+            return frozenset(conn.execute(sa.select(workloads.c.name)).scalars())
+
+
+class AsyncTaskStore:
+    """Runs a ``TaskStore`` on one dedicated thread: the broker's only blocking boundary for SQL.
+
+    One thread keeps SQLite to a single writer and keeps the event loop free while a commit
+    waits on fsync.
+    """
+
+    def __init__(self, store: TaskStore) -> None:
+        self.sync = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
+
+    async def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Runs ``method`` (a ``TaskStore`` method) on the database thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(method, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        """Stops the database thread."""
+        self._executor.shutdown(wait=True)
+
+
+def _find_request(conn: Connection, tenant: str, spec: TaskSpec) -> Task | None:
+    if not spec.request_id:
+        return None
+    row = conn.execute(
+        sa.select(tasks).where(tasks.c.tenant == tenant, tasks.c.request_id == spec.request_id)
+    ).first()
+    if row is None:
+        return None
+    existing = _task_from_row(row)
+    if existing.workload != spec.workload or existing.inputs != spec.inputs:
+        raise RequestConflictError(
+            f"request_id {spec.request_id!r} was already used for task {existing.id} "
+            "with different work"
+        )
+    return existing
+
+
+def _get(conn: Connection, task_id: str) -> Task:
+    row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
+    if row is None:
+        raise TaskNotFoundError(task_id)
+    return _task_from_row(row)
+
+
+def _running_attempt(conn: Connection, attempt: Attempt, agent_id: str | None = None) -> Task:
+    current = _get(conn, attempt.task_id)
+    if (
+        current.state is not TaskState.RUNNING
+        or current.attempt != attempt.number
+        or (agent_id is not None and current.agent_id != agent_id)
+    ):
+        raise StaleAttemptError(
+            f"attempt {attempt.number} of task {attempt.task_id} is not current: the task is "
+            f"{current.state.value} at attempt {current.attempt}"
+        )
+    return current
+
+
+def _finish(
+    conn: Connection, attempt: Attempt, state: TaskState, now: datetime, code: str, message: str
+) -> Task:
+    conn.execute(
+        tasks.update()
+        .where(tasks.c.id == attempt.task_id)
+        .values(state=state.value, error_code=code, error_message=message, finished_at=now)
+    )
+    return _get(conn, attempt.task_id)
+
+
+def _usage(task: Task, outcome: AttemptOutcome, output_bytes: int) -> UsageRecord:
+    started = task.started_at or task.created_at
+    return UsageRecord(
+        task_id=task.id,
+        tenant=task.tenant,
+        workload=task.workload,
+        agent_id=outcome.agent_id,
+        gpu_type=task.gpu_type or "unknown",
+        attempt=outcome.attempt.number,
+        queue_wait_seconds=max(0.0, (started - task.created_at).total_seconds()),
+        compute_seconds=outcome.compute_seconds,
+        bytes_in=task.input_bytes,
+        bytes_out=output_bytes,
+    )
+
+
+def _meta_to_json(meta: TensorMeta) -> dict[str, Any]:
+    return {
+        "name": meta.name,
+        "dtype": meta.dtype,
+        "shape": list(meta.shape),
+        "nbytes": meta.nbytes,
+        "crc32c": meta.crc32c,
+    }
+
+
+def _meta_from_json(data: dict[str, Any]) -> TensorMeta:
+    return TensorMeta(
+        dtype=data["dtype"],
+        shape=tuple(data["shape"]),
+        nbytes=data["nbytes"],
+        crc32c=data["crc32c"],
+        name=data.get("name", ""),
+    )
+
+
+def _task_from_row(row: Row[Any]) -> Task:
+    m = row._mapping
+    return Task(
+        id=m["id"],
+        tenant=m["tenant"],
+        workload=m["workload"],
+        params=m["params"] or {},
+        priority=m["priority"],
+        state=TaskState(m["state"]),
+        attempt=m["attempt"],
+        inputs=tuple(_meta_from_json(d) for d in m["inputs"]),
+        outputs=tuple(_meta_from_json(d) for d in m["outputs"] or ()),
+        input_bytes=m["input_bytes"],
+        output_bytes=m["output_bytes"],
+        created_at=m["created_at"],
+        seq=m["seq"],
+        request_id=m["request_id"],
+        agent_id=m["agent_id"],
+        gpu_type=m["gpu_type"],
+        compute_seconds=m["compute_seconds"],
+        error_code=m["error_code"],
+        error_message=m["error_message"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        deadline_at=m["deadline_at"],
+    )

@@ -1,0 +1,201 @@
+"""What clients do with tasks: submit, look up, list, watch, fetch results, cancel.
+
+Domain logic only: the client servicer converts messages and maps errors around these calls.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from broker.config import Limits
+from broker.dispatcher import Dispatcher
+from broker.errors import (
+    InvalidTaskError,
+    LimitExceededError,
+    TaskEndedError,
+    UnknownWorkloadError,
+)
+from broker.events import TaskEvents
+from broker.model import Task, TaskSpec, TaskState
+from broker.spool import Spool, read_chunks
+from broker.store import AsyncTaskStore
+from client.wire import PayloadTooLargeError, TensorStream, WireError
+
+__all__ = ["TaskService", "check_spec"]
+
+MAX_PAGE_SIZE = 1000
+
+
+class TaskService:
+    """Client-facing task operations, each scoped to the calling tenant."""
+
+    def __init__(
+        self,
+        store: AsyncTaskStore,
+        spool: Spool,
+        dispatcher: Dispatcher,
+        events: TaskEvents,
+        limits: Limits,
+    ) -> None:
+        self._store = store
+        self._spool = spool
+        self._dispatcher = dispatcher
+        self._events = events
+        self._limits = limits
+
+    async def submit(
+        self, tenant: str, spec: TaskSpec, chunks: AsyncIterator[bytes]
+    ) -> tuple[Task, bool]:
+        """Checks the spec, spools and checks the bytes, commits the task and queues it.
+
+        Returns the task and whether an earlier submit with the same request_id created it.
+        Nothing is queued unless every declared byte arrived with a matching checksum.
+        """
+        check_spec(spec, self._limits, self._dispatcher.known_workloads)
+        existing = await self._store.call(self._store.sync.find_request, tenant, spec)
+        if existing is not None:
+            return existing, True
+        task_id = uuid.uuid4().hex
+        writer = self._spool.write_inputs(task_id)
+        try:
+            await _spool(writer.write, spec, chunks)
+            await writer.commit()
+        except WireError as exc:
+            writer.abort()
+            if isinstance(exc, PayloadTooLargeError):
+                raise LimitExceededError(str(exc)) from exc
+            raise InvalidTaskError(str(exc)) from exc
+        except BaseException:
+            writer.abort()
+            raise
+        now = datetime.now(UTC)
+        deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
+        try:
+            task, deduplicated = await self._store.call(
+                self._store.sync.create, task_id, tenant, spec, now, deadline
+            )
+        except BaseException:
+            self._spool.delete_inputs(task_id)
+            raise
+        if deduplicated:
+            self._spool.delete_inputs(task_id)
+        else:
+            self._dispatcher.enqueue(task)
+        return task, deduplicated
+
+    async def get(self, tenant: str, task_id: str) -> Task:
+        """Returns one of the tenant's tasks."""
+        return await self._store.call(self._store.sync.get, task_id, tenant)
+
+    async def list(
+        self, tenant: str, states: Sequence[TaskState], page_size: int, page_token: str
+    ) -> tuple[list[Task], str]:
+        """Returns a page of the tenant's tasks, newest first, and the next page's token."""
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidTaskError(f"page_size {page_size} is outside 0..{MAX_PAGE_SIZE}")
+        limit = page_size or 100
+        try:
+            before = int(page_token) if page_token else None
+        except ValueError:
+            raise InvalidTaskError(f"page_token {page_token!r} is not valid") from None
+        page = await self._store.call(self._store.sync.page, tenant, states, limit, before)
+        next_token = str(page[-1].seq) if len(page) == limit else ""
+        return page, next_token
+
+    async def watch(self, tenant: str, task_id: str) -> AsyncIterator[Task]:
+        """Yields the task now and after every change, until it is final."""
+        with self._events.subscribe(task_id) as updates:
+            task = await self.get(tenant, task_id)
+            last = (task.state, task.attempt)
+            yield task
+            while not task.state.is_final:
+                task = await updates.get()
+                if (task.state, task.attempt) != last:
+                    last = (task.state, task.attempt)
+                    yield task
+
+    async def wait(self, tenant: str, task_id: str) -> Task:
+        """Waits until the task is final and returns it."""
+        last = None
+        async for task in self.watch(tenant, task_id):
+            last = task
+        assert last is not None
+        return last
+
+    def result_chunks(self, task: Task) -> AsyncIterator[bytes]:
+        """Streams a succeeded task's output bytes; a failed or cancelled task raises."""
+        if task.state is not TaskState.SUCCEEDED:
+            raise TaskEndedError(
+                task.error_code or "FAILED_PRECONDITION",
+                task.error_message or f"task {task.id} is {task.state.value}",
+            )
+        return read_chunks(self._spool.output_path(task.id, task.attempt))
+
+    async def cancel(self, tenant: str, task_id: str) -> Task:
+        """Cancels one of the tenant's queued or running tasks."""
+        return await self._dispatcher.cancel(task_id, tenant)
+
+    async def cancel_quietly(self, task_id: str) -> None:
+        """Cancels a task whose caller went away (a Run call that was cancelled)."""
+        await self._dispatcher.cancel(task_id, None)
+
+
+def check_spec(spec: TaskSpec, limits: Limits, known_workloads: frozenset[str]) -> None:
+    """Raises unless the spec is well-formed, within limits and names a known workload."""
+    if not spec.workload:
+        raise InvalidTaskError("the task header names no workload")
+    if known_workloads and spec.workload not in known_workloads:
+        known = ", ".join(sorted(known_workloads))
+        raise UnknownWorkloadError(f"unknown workload {spec.workload!r}; known: {known}")
+    _check_counts(spec, limits)
+    try:
+        for meta in spec.inputs:
+            meta.validate(limits.max_tensor_bytes)
+    except PayloadTooLargeError as exc:
+        raise LimitExceededError(str(exc)) from exc
+    except WireError as exc:
+        raise InvalidTaskError(str(exc)) from exc
+    if spec.input_bytes > limits.max_task_bytes:
+        raise LimitExceededError(
+            f"inputs of {spec.input_bytes} bytes exceed the limit of {limits.max_task_bytes} bytes"
+        )
+
+
+def _check_counts(spec: TaskSpec, limits: Limits) -> None:
+    if len(spec.inputs) > limits.max_inputs:
+        raise LimitExceededError(
+            f"{len(spec.inputs)} inputs exceed the limit of {limits.max_inputs}"
+        )
+    if len(spec.params) > limits.max_params:
+        raise LimitExceededError(
+            f"{len(spec.params)} params exceed the limit of {limits.max_params}"
+        )
+    if abs(spec.priority) > limits.max_priority:
+        raise InvalidTaskError(
+            f"priority {spec.priority} is outside -{limits.max_priority}..{limits.max_priority}"
+        )
+    if spec.timeout_s is not None and spec.timeout_s < 0:
+        raise InvalidTaskError(f"timeout_seconds {spec.timeout_s} is negative")
+    try:
+        for meta in spec.inputs:
+            meta.validate(limits.max_tensor_bytes)
+    except PayloadTooLargeError as exc:
+        raise LimitExceededError(str(exc)) from exc
+    except WireError as exc:
+        raise InvalidTaskError(str(exc)) from exc
+    if spec.input_bytes > limits.max_task_bytes:
+        raise LimitExceededError(
+            f"inputs of {spec.input_bytes} bytes exceed the limit of {limits.max_task_bytes} bytes"
+        )
+
+
+async def _spool(
+    write: Callable[[memoryview], None], spec: TaskSpec, chunks: AsyncIterator[bytes]
+) -> None:
+    stream = TensorStream(spec.inputs)
+    async for chunk in chunks:
+        for _, _, piece in stream.feed(chunk):
+            write(piece)
+    stream.finish()
