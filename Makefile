@@ -44,7 +44,7 @@ test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
 run:
-	$(PY) -m broker.demo
+	$(PY) examples/sample_job.py
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info gpubroker-data

@@ -1,0 +1,131 @@
+"""`make run`: a broker on SQLite, a local agent process, a real job through the client.
+
+Starts ``python -m broker`` and ``python -m gpu_agent`` as child processes (as you would run
+them on two machines), submits several workloads and one large tensor, prints the results and
+the billing report, then shuts both down. Data lives in ./gpubroker-data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from client import Client, TaskResult
+
+DATA = Path("gpubroker-data")
+API_KEY = "demo-key"
+console = Console()
+
+
+def main() -> int:
+    """Runs the demo; returns the exit code."""
+    DATA.mkdir(exist_ok=True)
+    port_file = DATA / "broker.port"
+    port_file.unlink(missing_ok=True)
+    broker = _spawn(
+        "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+        "--api-keys", f"{API_KEY}=demo", log=DATA / "broker.log",
+    )  # fmt: skip
+    agent = None
+    try:
+        address = f"127.0.0.1:{_wait_for_port(port_file, broker)}"
+        console.print(f"broker listening on [bold]{address}[/] (log: {DATA / 'broker.log'})")
+        agent = _spawn(
+            "gpu_agent", "--broker", address, "--agent-id", "local-agent", "--slots", "2",
+            log=DATA / "agent.log",
+        )  # fmt: skip
+        with Client(address, API_KEY) as client:
+            _run_job(client)
+    finally:
+        for name, process in (("agent", agent), ("broker", broker)):
+            if process is not None:
+                code = _stop(process)
+                console.print(f"{name} stopped (exit code {code})")
+    console.rule("billing report")
+    subprocess.run([sys.executable, "-m", "billing", "report"], check=True)
+    return 0
+
+
+def _run_job(client: Client) -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=gen), torch.randn(2048, 1024, generator=gen)
+    spd = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    spd = spd @ spd.T + 64 * torch.eye(64, dtype=torch.float64)
+    image, kernel = (
+        torch.randn(8, 3, 64, 64, generator=gen),
+        torch.randn(16, 3, 3, 3, generator=gen),
+    )
+    signal_ = torch.randn(16, 4096, generator=gen)
+    big = torch.randn(64 * 1024 * 1024 // 4, generator=gen)  # 64 MiB
+    jobs = {
+        "matmul 2048x2048 @ 2048x1024": (client.submit("matmul", [a, b]), a @ b),
+        "conv2d 8x3x64x64": (
+            client.submit("conv2d", [image, kernel], padding=1),
+            torch.nn.functional.conv2d(image, kernel, padding=1),
+        ),
+        "fft 16x4096": (client.submit("fft", [signal_]), torch.fft.fft(signal_)),
+        "linalg.solve 64x64": (
+            client.submit("linalg.solve", [spd, spd[:, :4]]),
+            torch.linalg.solve(spd, spd[:, :4]),
+        ),
+        "sum of 64 MiB": (client.submit("sum", [big]), big.sum()),
+        "echo of 64 MiB": (client.submit("echo", [big]), big),
+    }
+    table = Table("task", "state", "compute s", "matches local torch")
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("running sample job", total=len(jobs))
+        for name, (handle, expected) in jobs.items():
+            result = handle.result(timeout=300)
+            table.add_row(
+                name, "succeeded", f"{result.compute_seconds:.4f}", _check(result, expected)
+            )
+            progress.advance(bar)
+    console.print(table)
+
+
+def _check(result: TaskResult, expected: torch.Tensor) -> str:
+    output = result.output
+    assert isinstance(output, torch.Tensor)
+    same = torch.allclose(output, expected, rtol=1e-4, atol=1e-3)
+    return "[green]yes[/]" if same else "[red]NO[/]"
+
+
+def _spawn(module: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes]) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return int(port_file.read_text())
+        if process.poll() is not None:
+            raise SystemExit(f"broker exited with {process.returncode}; see {DATA / 'broker.log'}")
+        time.sleep(0.05)
+    raise SystemExit("broker did not start within 60 s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Real processes for end-to-end tests: a broker (``python -m broker``) and agents.
+
+Each runs as its own OS process on loopback, the way users run them, so tests can SIGKILL
+either one. Files (SQLite database, payload spool, logs) live in the test's tmp directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+API_KEYS = {"key-a": "tenant-a", "key-b": "tenant-b", "key-c": "tenant-c", "key-d": "tenant-d"}
+"""API key -> tenant of the test broker."""
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Polls ``predicate`` until it is truthy; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+class _Process:
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as in a crash."""
+        if self.proc is not None and self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        """Everything the process printed."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class BrokerProcess(_Process):
+    """``python -m broker`` on a loopback port, with its database and spool under ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        api_keys: Mapping[str, str] = API_KEYS,
+        heartbeat_s: float = 0.3,
+        lease_timeout_s: float = 1.5,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(root / "broker.log")
+        self.root = root
+        self.database_url = f"sqlite:///{root / 'broker.db'}"
+        self._api_keys = api_keys
+        self._heartbeat_s = heartbeat_s
+        self._lease_timeout_s = lease_timeout_s
+        self._env = env or {}
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """host:port of the running broker."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> BrokerProcess:
+        """Starts the broker and waits until its health check says SERVING."""
+        port_file = self.root / "broker.port"
+        port_file.unlink(missing_ok=True)
+        keys = ",".join(f"{k}={t}" for k, t in self._api_keys.items())
+        args = ["-m", "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
+        args += ["--database-url", self.database_url, "--spool-dir", str(self.root / "spool")]
+        args += [
+            "--heartbeat",
+            str(self._heartbeat_s),
+            "--lease-timeout",
+            str(self._lease_timeout_s),
+        ]
+        if keys:
+            args += ["--api-keys", keys]
+        self._spawn(args, self._env)
+        wait_until(
+            lambda: (port_file.exists() and port_file.read_text().strip()) or not self.alive,
+            timeout,
+            "the broker's port file",
+        )
+        assert self.alive, f"broker exited:\n{self.log()}"
+        self.port = int(port_file.read_text())
+        wait_until(self.is_serving, timeout, "the broker's health check")
+        return self
+
+    def is_serving(self) -> bool:
+        """Asks grpc.health.v1 whether the broker serves."""
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            except grpc.RpcError:
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class AgentProcess(_Process):
+    """``python -m gpu_agent`` dialling out to a broker."""
+
+    def __init__(self, root: Path, broker_address: str, agent_id: str, slots: int = 2) -> None:
+        super().__init__(root / f"agent-{agent_id}.log")
+        self.broker_address = broker_address
+        self.agent_id = agent_id
+        self.slots = slots
+
+    def start(self) -> AgentProcess:
+        """Starts the agent (it connects on its own, retrying until the broker answers)."""
+        self._spawn(
+            [
+                "-m",
+                "gpu_agent",
+                "--broker",
+                self.broker_address,
+                "--agent-id",
+                self.agent_id,
+                "--slots",
+                str(self.slots),
+                "--device",
+                "cpu",
+            ]
+        )
+        return self

