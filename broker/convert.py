@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from broker.errors import (
+    AgentRefusedError,
     BrokerError,
     InvalidTaskError,
     LimitExceededError,
@@ -51,6 +52,7 @@ _STATUS_FOR: dict[type[BrokerError], grpc.StatusCode] = {
     RequestConflictError: grpc.StatusCode.ALREADY_EXISTS,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     StaleAttemptError: grpc.StatusCode.FAILED_PRECONDITION,
+    AgentRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 _STATE_TO_PROTO = {

@@ -99,6 +99,7 @@ class Dispatcher:
 
     async def connect(self, info: AgentInfo) -> AgentSession:
         """Registers a newly connected agent; a previous session of the same agent is closed."""
+        self._store.sync.check_priced(info.gpu_type)  # a pure lookup: no database thread needed
         session = AgentSession(info)
         previous = self.registry.add(session)
         if previous is not None:

@@ -8,12 +8,14 @@ BrokerError
 ├── RequestConflictError      ALREADY_EXISTS     (request_id reused for other work)
 ├── UnauthenticatedError      UNAUTHENTICATED
 ├── StaleAttemptError         FAILED_PRECONDITION (a result or fetch from a lost lease)
+├── AgentRefusedError         FAILED_PRECONDITION (an agent the broker cannot bill for)
 └── TaskEndedError            the task ended without a result; carries its status code
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AgentRefusedError",
     "BrokerError",
     "InvalidTaskError",
     "LimitExceededError",
@@ -60,6 +62,10 @@ class UnauthenticatedError(BrokerError):
 
 class StaleAttemptError(BrokerError):
     """An agent spoke for an attempt that is no longer current."""
+
+
+class AgentRefusedError(BrokerError):
+    """An agent cannot join, e.g. because its GPU type has no price."""
 
 
 class TaskEndedError(BrokerError):

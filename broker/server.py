@@ -6,10 +6,10 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from billing.prices import PriceCatalog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from billing.prices import PriceCatalog
 from broker.auth import Authenticator
 from broker.config import Settings
 from broker.dispatcher import Dispatcher

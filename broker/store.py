@@ -16,12 +16,18 @@ from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
-from billing.ledger import UsageRecord, record_usage
-from billing.prices import PriceCatalog
 from sqlalchemy.engine import Connection, Engine, Row
 
+from billing.errors import UnknownPriceError
+from billing.ledger import UsageRecord, record_usage
 from billing.models import metadata, tasks, workloads
-from broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
+from billing.prices import PriceCatalog
+from broker.errors import (
+    AgentRefusedError,
+    RequestConflictError,
+    StaleAttemptError,
+    TaskNotFoundError,
+)
 from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
 from client.wire import TensorMeta
 
@@ -242,6 +248,13 @@ class TaskStore:
             new = [{"name": n, "first_seen_at": now} for n in set(names) - known]
             if new:
                 conn.execute(workloads.insert(), new)
+
+    def check_priced(self, gpu_type: str) -> None:
+        """Raises ``AgentRefusedError`` unless the price catalog can bill ``gpu_type``."""
+        try:
+            self._catalog.price_for(gpu_type)
+        except UnknownPriceError as exc:
+            raise AgentRefusedError(f"cannot bill work on this agent: {exc}") from exc
 
     def known_workloads(self) -> frozenset[str]:
         """Every workload name any agent has advertised."""

@@ -209,3 +209,15 @@ async def test_a_client_key_cannot_call_the_agent_api(channel: grpc.aio.Channel)
             pass
 
     assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_agent_whose_gpu_has_no_price_is_refused(channel: grpc.aio.Channel) -> None:
+    stub = agent_pb2_grpc.AgentGatewayStub(channel)
+    hello = agent_pb2.AgentHello(agent_id="x", gpu_type="nvidia-rtx-9090", slots=1)
+
+    call = stub.Connect(iter([agent_pb2.AgentMessage(hello=hello)]), metadata=AGENT_AUTH)
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await call.read()
+
+    assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nvidia-rtx-9090" in (excinfo.value.details() or "")

@@ -1,0 +1,188 @@
+"""The task store on SQLite and PostgreSQL: changes are fenced by attempt, billing is atomic."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from billing.models import usage
+from billing.prices import PriceCatalog
+from broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
+from broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec, TaskState
+from broker.store import TaskStore
+from client.wire import TensorMeta
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+META = TensorMeta("float32", (4,), 16, 123)
+AGENT = AgentInfo("agent-1", "nvidia-l4", 1 << 30, 2, frozenset({"echo"}))
+OTHER = AgentInfo("agent-2", "nvidia-l4", 1 << 30, 2, frozenset({"echo"}))
+
+
+@pytest.fixture
+def store(engine: sa.Engine) -> TaskStore:
+    return TaskStore(engine, PriceCatalog.load())
+
+
+def _spec(request_id: str | None = None, nbytes: int = 16) -> TaskSpec:
+    meta = TensorMeta("uint8", (nbytes,), nbytes, 1)
+    return TaskSpec(workload="echo", inputs=(meta,), params={"k": 1}, request_id=request_id)
+
+
+def _outcome(
+    task_id: str, attempt: int, agent: str = "agent-1", seconds: float = 90.0
+) -> AttemptOutcome:
+    return AttemptOutcome(
+        agent, Attempt(task_id, attempt), outputs=(META,), compute_seconds=seconds
+    )
+
+
+def test_a_created_task_is_queued_with_its_inputs_and_params(store: TaskStore) -> None:
+    task, deduplicated = store.create("t1", "tenant", _spec(), NOW, None)
+
+    assert not deduplicated
+    assert task.state is TaskState.QUEUED and task.attempt == 0
+    assert task.params == {"k": 1}
+    assert store.get("t1", "tenant").inputs == _spec().inputs
+
+
+def test_the_same_request_id_returns_the_same_task(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec("r1"), NOW, None)
+
+    task, deduplicated = store.create("t2", "tenant", _spec("r1"), NOW, None)
+
+    assert deduplicated and task.id == "t1"
+
+
+def test_a_request_id_reused_for_other_work_is_a_conflict(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec("r1"), NOW, None)
+
+    with pytest.raises(RequestConflictError):
+        store.create("t2", "tenant", _spec("r1", nbytes=8), NOW, None)
+
+
+def test_another_tenant_cannot_see_a_task(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+
+    with pytest.raises(TaskNotFoundError):
+        store.get("t1", "intruder")
+    with pytest.raises(TaskNotFoundError):
+        store.cancel("t1", "intruder", NOW)
+
+
+def test_each_claim_starts_a_new_attempt(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+
+    first = store.claim("t1", AGENT, NOW)
+    assert first is not None and first.attempt == 1 and first.agent_id == "agent-1"
+    requeued = store.requeue(Attempt("t1", 1), 3, NOW, "agent lost")
+    second = store.claim("t1", OTHER, NOW)
+
+    assert requeued.state is TaskState.QUEUED
+    assert second is not None and second.attempt == 2 and second.agent_id == "agent-2"
+    assert store.claim("t1", AGENT, NOW) is None
+
+
+def test_a_result_from_a_stale_attempt_is_refused_and_not_billed(
+    store: TaskStore, engine: sa.Engine
+) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+    store.claim("t1", AGENT, NOW)
+    store.requeue(Attempt("t1", 1), 3, NOW, "lost")
+    store.claim("t1", OTHER, NOW)
+
+    with pytest.raises(StaleAttemptError):
+        store.succeed(_outcome("t1", 1), NOW)
+    task = store.succeed(_outcome("t1", 2, "agent-2"), NOW + timedelta(seconds=5))
+
+    assert task.state is TaskState.SUCCEEDED and task.compute_seconds == 90.0
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(usage)).all()
+    assert len(rows) == 1
+    assert rows[0]._mapping["agent_id"] == "agent-2" and rows[0]._mapping["attempt"] == 2
+    assert rows[0]._mapping["cost_nanousd"] == 17_750_000
+
+
+def test_a_task_cannot_succeed_twice(store: TaskStore, engine: sa.Engine) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+    store.claim("t1", AGENT, NOW)
+    store.succeed(_outcome("t1", 1), NOW)
+
+    with pytest.raises(StaleAttemptError):
+        store.succeed(_outcome("t1", 1), NOW)
+
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(usage)).scalar_one() == 1
+
+
+def test_a_failed_billing_write_leaves_the_task_running(
+    store: TaskStore, engine: sa.Engine
+) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+    store.claim("t1", AgentInfo("a", "nvidia-unpriced", 1, 1, frozenset()), NOW)
+
+    with pytest.raises(Exception, match="no on-demand price"):
+        store.succeed(_outcome("t1", 1, "a"), NOW)
+
+    assert store.get("t1").state is TaskState.RUNNING
+
+
+def test_a_task_lost_too_often_fails(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+    for attempt in (1, 2):
+        store.claim("t1", AGENT, NOW)
+        store.requeue(Attempt("t1", attempt), 3, NOW, "lost")
+    store.claim("t1", AGENT, NOW)
+
+    task = store.requeue(Attempt("t1", 3), 3, NOW, "lost again")
+
+    assert task.state is TaskState.FAILED and task.error_code == "ABORTED"
+    assert "3 attempts" in (task.error_message or "")
+
+
+def test_cancel_ends_live_tasks_and_leaves_final_ones(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+    store.create("t2", "tenant", _spec(), NOW, None)
+    store.claim("t2", AGENT, NOW)
+    store.succeed(_outcome("t2", 1), NOW)
+
+    before, after = store.cancel("t1", "tenant", NOW)
+    done_before, done_after = store.cancel("t2", "tenant", NOW)
+
+    assert (before.state, after.state) == (TaskState.QUEUED, TaskState.CANCELLED)
+    assert done_before.state is done_after.state is TaskState.SUCCEEDED
+
+
+def test_expired_tasks_fail_with_deadline_exceeded(store: TaskStore) -> None:
+    store.create("late", "tenant", _spec(), NOW, NOW + timedelta(seconds=1))
+    store.create("fine", "tenant", _spec(), NOW, NOW + timedelta(hours=1))
+
+    expired = store.expire(NOW + timedelta(seconds=2))
+
+    assert [(b.id, a.state, a.error_code) for b, a in expired] == [
+        ("late", TaskState.FAILED, "DEADLINE_EXCEEDED")
+    ]
+    assert store.get("fine").state is TaskState.QUEUED
+
+
+def test_recovery_requeues_running_tasks_in_submission_order(store: TaskStore) -> None:
+    for task_id in ("a", "b", "c"):
+        store.create(task_id, "tenant", _spec(), NOW, None)
+    store.claim("b", AGENT, NOW)
+
+    queued = store.recover()
+
+    assert [t.id for t in queued] == ["a", "b", "c"]
+    assert store.get("b").attempt == 1
+
+
+def test_pages_list_newest_first(store: TaskStore) -> None:
+    for i in range(5):
+        store.create(f"t{i}", "tenant", _spec(), NOW, None)
+
+    first = store.page("tenant", [], 2, None)
+    second = store.page("tenant", [], 2, first[-1].seq)
+
+    assert [t.id for t in first + second] == ["t4", "t3", "t2", "t1"]
+    assert store.page("tenant", [TaskState.RUNNING], 10, None) == []
