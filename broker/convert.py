@@ -26,16 +26,13 @@ from broker.errors import (
     UnauthenticatedError,
 )
 from broker.model import Attempt, AttemptOutcome, Param, Task, TaskSpec, TaskState
-from client.wire import TensorMeta
+from client.proto import meta_from_proto, meta_to_proto, params_from_proto
 from protos import agent_pb2, broker_pb2, task_pb2
 
 __all__ = [
     "abort_on_broker_error",
     "attempt_from_proto",
-    "meta_from_proto",
-    "meta_to_proto",
     "outcome_from_proto",
-    "params_to_proto",
     "spec_from_proto",
     "split_stream",
     "state_from_proto",
@@ -104,44 +101,11 @@ async def _chunks(iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
         yield message.chunk.data
 
 
-def meta_from_proto(msg: task_pb2.TensorHeader) -> TensorMeta:
-    """Converts a tensor header."""
-    return TensorMeta(
-        dtype=msg.dtype, shape=tuple(msg.shape), nbytes=msg.nbytes, crc32c=msg.crc32c, name=msg.name
-    )
-
-
-def meta_to_proto(meta: TensorMeta) -> task_pb2.TensorHeader:
-    """Converts a tensor header."""
-    return task_pb2.TensorHeader(
-        name=meta.name, dtype=meta.dtype, shape=meta.shape, nbytes=meta.nbytes, crc32c=meta.crc32c
-    )
-
-
-def params_from_proto(params: Mapping[str, task_pb2.ParamValue]) -> dict[str, Param]:
-    """Converts workload parameters; a value with no kind set is an error."""
-    result: dict[str, Param] = {}
-    for name, value in params.items():
-        kind = value.WhichOneof("kind")
-        if kind is None:
-            raise InvalidTaskError(f"parameter {name!r} has no value")
-        result[name] = getattr(value, kind)
-    return result
-
-
-def params_to_proto(params: Mapping[str, Param]) -> dict[str, task_pb2.ParamValue]:
-    """Converts workload parameters."""
-    result = {}
-    for name, value in params.items():
-        if isinstance(value, bool):
-            result[name] = task_pb2.ParamValue(bool_value=value)
-        elif isinstance(value, int):
-            result[name] = task_pb2.ParamValue(int_value=value)
-        elif isinstance(value, float):
-            result[name] = task_pb2.ParamValue(float_value=value)
-        else:
-            result[name] = task_pb2.ParamValue(string_value=value)
-    return result
+def _params(params: Mapping[str, task_pb2.ParamValue]) -> dict[str, Param]:
+    try:
+        return params_from_proto(params)
+    except ValueError as exc:
+        raise InvalidTaskError(str(exc)) from exc
 
 
 def spec_from_proto(msg: broker_pb2.TaskHeader) -> TaskSpec:
@@ -149,7 +113,7 @@ def spec_from_proto(msg: broker_pb2.TaskHeader) -> TaskSpec:
     return TaskSpec(
         workload=msg.workload,
         inputs=tuple(meta_from_proto(t) for t in msg.inputs),
-        params=params_from_proto(msg.params),
+        params=_params(msg.params),
         priority=msg.priority,
         request_id=msg.request_id or None,
         timeout_s=msg.timeout_seconds or None,

@@ -14,9 +14,7 @@ from broker.auth import Authenticator
 from broker.convert import (
     abort_on_broker_error,
     attempt_from_proto,
-    meta_to_proto,
     outcome_from_proto,
-    params_to_proto,
     split_stream,
     state_to_proto,
 )
@@ -25,6 +23,7 @@ from broker.errors import InvalidTaskError
 from broker.model import AgentInfo
 from broker.registry import AgentSession, Assign, Close, Outgoing, Revoke
 from broker.spool import Spool, read_chunks
+from client.proto import meta_to_proto, params_to_proto
 from protos import agent_pb2, agent_pb2_grpc, task_pb2
 
 __all__ = ["AgentGatewayServicer"]

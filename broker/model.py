@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# One TaskState for clients and broker: the states are part of the public contract.
+from client import TaskState
 from client.wire import TensorMeta
 
 __all__ = ["AgentInfo", "Attempt", "AttemptOutcome", "Param", "Task", "TaskSpec", "TaskState"]
 
 Param = int | float | str | bool
 """A scalar workload parameter."""
-
-
-class TaskState(enum.Enum):
-    """Where a task is in its life."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        """True for states a task never leaves."""
-        return self in _FINAL
-
-
-_FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,17 +178,6 @@ def _check_counts(spec: TaskSpec, limits: Limits) -> None:
         )
     if spec.timeout_s is not None and spec.timeout_s < 0:
         raise InvalidTaskError(f"timeout_seconds {spec.timeout_s} is negative")
-    try:
-        for meta in spec.inputs:
-            meta.validate(limits.max_tensor_bytes)
-    except PayloadTooLargeError as exc:
-        raise LimitExceededError(str(exc)) from exc
-    except WireError as exc:
-        raise InvalidTaskError(str(exc)) from exc
-    if spec.input_bytes > limits.max_task_bytes:
-        raise LimitExceededError(
-            f"inputs of {spec.input_bytes} bytes exceed the limit of {limits.max_task_bytes} bytes"
-        )
 
 
 async def _spool(

@@ -12,14 +12,14 @@ from google.protobuf import timestamp_pb2
 
 from client._types import TaskResult, TaskState, TaskStatus
 from client.codec import ArrayLike, OutputKind, decode, encode, is_torch
-from client.wire import Assembler, TensorMeta, iter_chunks
+from client.proto import meta_from_proto, meta_to_proto, params_to_proto
+from client.wire import Assembler, iter_chunks
 from protos import broker_pb2, task_pb2
 
 __all__ = [
     "ResultCollector",
     "metadata",
     "new_request_id",
-    "params_to_proto",
     "request_stream",
     "resolve_output",
     "status_from_proto",
@@ -48,25 +48,6 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def params_to_proto(params: Mapping[str, Any]) -> dict[str, task_pb2.ParamValue]:
-    """Converts workload parameters; only int, float, str and bool are allowed."""
-    result = {}
-    for name, value in params.items():
-        if isinstance(value, bool):  # before int: bool is an int subclass
-            result[name] = task_pb2.ParamValue(bool_value=value)
-        elif isinstance(value, int):
-            result[name] = task_pb2.ParamValue(int_value=value)
-        elif isinstance(value, float):
-            result[name] = task_pb2.ParamValue(float_value=value)
-        elif isinstance(value, str):
-            result[name] = task_pb2.ParamValue(string_value=value)
-        else:
-            raise TypeError(
-                f"parameter {name!r} is a {type(value).__name__}; use int, float, str or bool"
-            )
-    return result
-
-
 def _as_list(inputs: ArrayLike | Sequence[ArrayLike]) -> list[ArrayLike]:
     if is_torch(inputs) or isinstance(inputs, np.ndarray | np.generic):
         return [cast("ArrayLike", inputs)]
@@ -87,7 +68,7 @@ def task_header(
     encoded = [encode(v) for v in values]
     header = broker_pb2.TaskHeader(
         workload=workload,
-        inputs=[_header(meta) for meta, _ in encoded],
+        inputs=[meta_to_proto(meta) for meta, _ in encoded],
         params=params_to_proto(params),
         priority=priority,
         request_id=request_id,
@@ -116,19 +97,6 @@ def resolve_output(output: OutputKind | None, all_numpy: bool) -> OutputKind:
     return "numpy" if all_numpy else "torch"
 
 
-def _header(meta: TensorMeta) -> task_pb2.TensorHeader:
-    return task_pb2.TensorHeader(
-        name=meta.name, dtype=meta.dtype, shape=meta.shape, nbytes=meta.nbytes, crc32c=meta.crc32c
-    )
-
-
-def _meta(header: task_pb2.TensorHeader) -> TensorMeta:
-    return TensorMeta(
-        dtype=header.dtype, shape=tuple(header.shape), nbytes=header.nbytes,
-        crc32c=header.crc32c, name=header.name,
-    )  # fmt: skip
-
-
 def _time(msg: task_pb2.TaskInfo, field: str) -> datetime | None:
     if not msg.HasField(field):  # type: ignore[arg-type]
         return None
@@ -154,8 +122,8 @@ def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
         deadline=_time(msg, "deadline"),
         compute_seconds=msg.compute_seconds,
         gpu_type=msg.gpu_type,
-        inputs=tuple(_meta(h) for h in msg.inputs),
-        outputs=tuple(_meta(h) for h in msg.outputs),
+        inputs=tuple(meta_from_proto(h) for h in msg.inputs),
+        outputs=tuple(meta_from_proto(h) for h in msg.outputs),
     )
 
 

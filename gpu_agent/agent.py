@@ -19,7 +19,8 @@ import grpc
 import torch
 
 from client.codec import decode, encode
-from client.wire import Assembler, TensorMeta, iter_chunks
+from client.proto import meta_from_proto, meta_to_proto, params_from_proto
+from client.wire import Assembler, iter_chunks
 from gpu_agent.config import Settings
 from gpu_agent.errors import TaskCancelledError, UnknownWorkloadError, WorkloadArgumentError
 from gpu_agent.runner import Runner, RunOutcome
@@ -234,7 +235,9 @@ class Agent:
         await self._upload(attempt, outcome)
 
     async def _fetch(self, attempt: _Attempt) -> list[torch.Tensor]:
-        metas = [_meta(h) for h in attempt.assignment.inputs]
+        metas = [meta_from_proto(h) for h in attempt.assignment.inputs]
+        for meta in metas:
+            meta.validate()
         assembler = Assembler(metas)
         request = agent_pb2.FetchInputsRequest(
             agent_id=self._settings.agent_id, attempt=attempt.ref
@@ -247,9 +250,7 @@ class Agent:
 
     async def _run(self, attempt: _Attempt, inputs: list[torch.Tensor]) -> RunOutcome:
         assignment = attempt.assignment
-        params = {
-            k: getattr(v, v.WhichOneof("kind") or "int_value") for k, v in assignment.params.items()
-        }
+        params = params_from_proto(assignment.params)
         timeout = assignment.timeout_seconds or None
         run = self._runner.run(assignment.workload, inputs, params, attempt.cancelled)
         return await asyncio.wait_for(run, timeout)
@@ -259,7 +260,7 @@ class Agent:
         header = agent_pb2.ResultHeader(
             agent_id=self._settings.agent_id,
             attempt=attempt.ref,
-            outputs=[_header(m) for m, _ in encoded],
+            outputs=[meta_to_proto(m) for m, _ in encoded],
             compute_seconds=outcome.compute_seconds,
         )
 
@@ -292,21 +293,3 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _meta(header: task_pb2.TensorHeader) -> TensorMeta:
-    meta = TensorMeta(
-        dtype=header.dtype,
-        shape=tuple(header.shape),
-        nbytes=header.nbytes,
-        crc32c=header.crc32c,
-        name=header.name,
-    )
-    meta.validate()
-    return meta
-
-
-def _header(meta: TensorMeta) -> task_pb2.TensorHeader:
-    return task_pb2.TensorHeader(
-        name=meta.name, dtype=meta.dtype, shape=meta.shape, nbytes=meta.nbytes, crc32c=meta.crc32c
-    )

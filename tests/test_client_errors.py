@@ -70,7 +70,7 @@ def test_a_deadline_is_also_a_builtin_timeout() -> None:
 
 
 def test_parameters_of_unsupported_types_are_refused_before_sending() -> None:
-    from client._convert import params_to_proto
+    from client.proto import params_to_proto
 
     assert params_to_proto({"flag": True})["flag"].WhichOneof("kind") == "bool_value"
     assert params_to_proto({"n": 3})["n"].WhichOneof("kind") == "int_value"

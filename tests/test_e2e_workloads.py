@@ -199,3 +199,31 @@ def test_every_successful_task_has_one_priced_usage_row(
     assert row["compute_seconds"] > 0
     assert row["bytes_in"] == 400 and row["bytes_out"] == 4
     assert row["cost_nanousd"] >= 0 and row["price_per_hour_nanousd"] > 0
+
+
+async def test_the_async_client_submits_runs_watches_and_cancels(cluster: BrokerProcess) -> None:
+    from client import AsyncClient
+
+    async with AsyncClient(cluster.address, "key-a") as aclient:
+        a, b = _random((8, 8), torch.float32, 12), _random((8, 8), torch.float32, 13)
+        handle = await aclient.submit("matmul", [a, b])
+        result = await handle.result(timeout=60)
+        ran = await aclient.run("add", [a, b], timeout=60)
+        states = [s.state.value async for s in aclient.watch(handle.task_id)]
+        sleeper = await aclient.submit("sleep", [a], seconds=600.0)
+        cancelled = await sleeper.cancel()
+
+    torch.testing.assert_close(result.output, a @ b)
+    torch.testing.assert_close(ran.output, a + b)
+    assert states == ["succeeded"]
+    assert cancelled.state.value == "cancelled"
+
+
+def test_watch_reports_each_state_until_the_task_is_final(client: Client) -> None:
+    handle = client.submit("sleep", [torch.ones(1)], seconds=0.5)
+
+    states = [s.state.value for s in client.watch(handle.task_id, timeout=60)]
+
+    assert states[-1] == "succeeded"
+    assert "running" in states
+    assert handle.wait(timeout=10).state.value == "succeeded"
