@@ -22,7 +22,7 @@ from broker.errors import (
 )
 from broker.events import TaskEvents
 from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
-from broker.registry import AgentRegistry, AgentSession, Assign, Close, Revoke
+from broker.registry import AgentRegistry, AgentSession, Assign, Close, Lease, Revoke
 from broker.scheduler import FairQueue
 from broker.spool import Spool
 from broker.store import AsyncTaskStore
@@ -123,6 +123,18 @@ class Dispatcher:
         session.credits = min(session.credits + max(slots, 0), session.info.slots)
         self._wake.set()
 
+    async def heartbeat(self, session: AgentSession, running: set[Attempt]) -> None:
+        """Notes a sign of life; requeues attempts the agent has stopped reporting.
+
+        An attempt whose result upload failed is forgotten by the agent but still leased here;
+        without this it would stay running forever. Attempts younger than the lease timeout are
+        spared: the agent may not have seen the assignment yet.
+        """
+        session.touch()
+        for attempt in session.forgotten(running, time.monotonic() - self._lease_timeout_s):
+            self._release(session.agent_id, attempt)
+            await self._requeue(attempt, "the agent no longer reports it")
+
     def released(self, session: AgentSession, attempt: Attempt) -> None:
         """The agent stopped a revoked attempt."""
         session.touch()
@@ -221,7 +233,7 @@ class Dispatcher:
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
             return
         session.credits -= 1
-        session.leases[task.id] = (task.attempt, tenant)
+        session.leases[task.id] = Lease(task.attempt, tenant)
         self.queue.started(tenant)
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
@@ -229,9 +241,9 @@ class Dispatcher:
 
     async def _lose_leases(self, session: AgentSession, reason: str) -> None:
         leases, session.leases = session.leases, {}
-        for task_id, (attempt, tenant) in leases.items():
-            self.queue.finished(tenant)
-            await self._requeue(Attempt(task_id, attempt), reason)
+        for task_id, lease in leases.items():
+            self.queue.finished(lease.tenant)
+            await self._requeue(Attempt(task_id, lease.attempt), reason)
 
     async def _requeue(self, attempt: Attempt, reason: str) -> None:
         try:
@@ -251,8 +263,7 @@ class Dispatcher:
     def _release(self, agent_id: str, attempt: Attempt) -> None:
         session = self.registry.get(agent_id)
         if session is not None and session.holds(attempt):
-            _, tenant = session.leases.pop(attempt.task_id)
-            self.queue.finished(tenant)
+            self.queue.finished(session.leases.pop(attempt.task_id).tenant)
 
     def _ended(self, before: Task, after: Task, reason: str) -> None:
         """A live task became final outside an agent's report (cancel, deadline)."""

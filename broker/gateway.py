@@ -100,8 +100,9 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                     self._dispatcher.grant(session, message.credit.slots)
                 elif kind == "released":
                     self._dispatcher.released(session, attempt_from_proto(message.released.attempt))
-                else:
-                    session.touch()
+                elif kind == "heartbeat":
+                    running = {attempt_from_proto(a) for a in message.heartbeat.running}
+                    await self._dispatcher.heartbeat(session, running)
         finally:
             session.outbox.put_nowait(Close("agent closed the control stream"))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from broker.model import AgentInfo, Attempt, Task
 
-__all__ = ["AgentRegistry", "AgentSession", "Assign", "Close", "Outgoing", "Revoke"]
+__all__ = ["AgentRegistry", "AgentSession", "Assign", "Close", "Lease", "Outgoing", "Revoke"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,16 @@ class Close:
 Outgoing = Assign | Revoke | Close
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An attempt assigned to an agent and not yet ended."""
+
+    attempt: int
+    tenant: str
+    granted_at: float = field(default_factory=time.monotonic)
+    """Monotonic time of the assignment."""
+
+
 @dataclass(eq=False)
 class AgentSession:
     """One connected control stream. Mutable: credits, leases and liveness change over time."""
@@ -43,8 +53,8 @@ class AgentSession:
     info: AgentInfo
     outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     credits: int = 0
-    leases: dict[str, tuple[int, str]] = field(default_factory=dict)
-    """task_id -> (attempt, tenant) for every attempt assigned and not yet ended."""
+    leases: dict[str, Lease] = field(default_factory=dict)
+    """task_id -> lease, for every attempt assigned and not yet ended."""
     revoked: set[Attempt] = field(default_factory=set)
     """Cancelled attempts the agent has not yet released; they still occupy a slot."""
     last_seen: float = field(default_factory=time.monotonic)
@@ -58,7 +68,15 @@ class AgentSession:
     def holds(self, attempt: Attempt) -> bool:
         """True while the attempt is leased to this session."""
         lease = self.leases.get(attempt.task_id)
-        return lease is not None and lease[0] == attempt.number
+        return lease is not None and lease.attempt == attempt.number
+
+    def forgotten(self, reported: set[Attempt], older_than: float) -> list[Attempt]:
+        """Leased attempts granted before ``older_than`` that the agent no longer reports."""
+        return [
+            Attempt(task_id, lease.attempt)
+            for task_id, lease in self.leases.items()
+            if lease.granted_at < older_than and Attempt(task_id, lease.attempt) not in reported
+        ]
 
     def touch(self) -> None:
         """Records a sign of life."""

@@ -221,3 +221,42 @@ async def test_an_agent_whose_gpu_has_no_price_is_refused(channel: grpc.aio.Chan
 
     assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "nvidia-rtx-9090" in (excinfo.value.details() or "")
+
+
+async def test_an_attempt_the_agent_stops_reporting_is_requeued(channel: grpc.aio.Channel) -> None:
+    agent = FakeAgent(channel, "forgetful")
+    await agent.next()
+    agent.credit()
+    task_id = await _submit(channel, b"x")
+    assignment = (await agent.next()).assignment
+    stub = broker_pb2_grpc.BrokerStub(channel)
+
+    for _ in range(8):  # heartbeats that leave the attempt out, past the 1 s lease timeout
+        agent.outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.AgentHeartbeat()))
+        await asyncio.sleep(0.2)
+    reply = await stub.GetTask(broker_pb2.GetTaskRequest(task_id=task_id), metadata=AUTH)
+
+    assert assignment.attempt == 1
+    assert reply.task.state == task_pb2.TASK_STATE_QUEUED
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await agent.put(assignment, b"x")
+    assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_an_attempt_the_agent_keeps_reporting_is_never_rescued(
+    channel: grpc.aio.Channel,
+) -> None:
+    agent = FakeAgent(channel, "steady")
+    await agent.next()
+    agent.credit()
+    task_id = await _submit(channel, b"x")
+    assignment = (await agent.next()).assignment
+    running = agent_pb2.AgentHeartbeat(
+        running=[agent_pb2.TaskAttempt(task_id=task_id, attempt=assignment.attempt)]
+    )
+
+    for _ in range(8):
+        agent.outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=running))
+        await asyncio.sleep(0.2)
+
+    assert await agent.put(assignment, b"x") == task_pb2.TASK_STATE_SUCCEEDED
