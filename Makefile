@@ -46,5 +46,8 @@ test-fast:
 run:
 	$(PY) examples/sample_job.py
 
+bench:
+	$(PY) -m bench
+
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info gpubroker-data

@@ -48,6 +48,8 @@ class Settings:
     """An agent silent for this long loses its tasks to the queue."""
     limits: Limits = field(default_factory=Limits)
     """Per-task limits."""
+    billing: bool = True
+    """Write usage rows. Off only to measure what billing costs (``make bench``)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -64,6 +66,7 @@ class Settings:
                 get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
             ),
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
+            billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
             limits=Limits(
                 max_tensor_bytes=int(
                     get("GPUBROKER_MAX_TENSOR_BYTES", str(defaults.limits.max_tensor_bytes))

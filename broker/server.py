@@ -65,7 +65,7 @@ class BrokerServer:
 async def create_server(settings: Settings, catalog: PriceCatalog | None = None) -> BrokerServer:
     """Opens storage, recovers queued tasks, binds the port and starts serving."""
     engine = create_engine(settings.database_url)
-    sync_store = TaskStore(engine, catalog or PriceCatalog.load())
+    sync_store = TaskStore(engine, catalog or PriceCatalog.load(), billing=settings.billing)
     sync_store.create_schema()
     store = AsyncTaskStore(sync_store)
     spool = Spool(settings.spool_dir)

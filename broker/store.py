@@ -64,9 +64,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class TaskStore:
     """Reads and changes task rows."""
 
-    def __init__(self, engine: Engine, catalog: PriceCatalog) -> None:
+    def __init__(self, engine: Engine, catalog: PriceCatalog, *, billing: bool = True) -> None:
         self._engine = engine
         self._catalog = catalog
+        self._billing = billing
 
     def create_schema(self) -> None:
         """Creates missing tables."""
@@ -170,7 +171,8 @@ class TaskStore:
                     finished_at=now,
                 )
             )
-            record_usage(conn, _usage(current, outcome, output_bytes), self._catalog, now)
+            if self._billing:
+                record_usage(conn, _usage(current, outcome, output_bytes), self._catalog, now)
             return _get(conn, current.id)
 
     def fail(

@@ -1,0 +1,108 @@
+"""``make bench`` / ``python -m bench``: every scenario, broker vs direct gRPC, in one run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from bench.scenarios import Row, billing_overhead, large_tensors, queue_depth, tiny_tasks
+
+SCENARIOS = ("large", "tiny", "queue", "billing")
+
+
+@click.command()
+@click.option(
+    "--scenario", "chosen", multiple=True, type=click.Choice(SCENARIOS), help="Run only these."
+)
+@click.option("--quick", is_flag=True, help="Smaller sizes and counts (a smoke run).")
+@click.option("--queue-tasks", type=int, help="Tasks in the queue scenario (default 100000).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("bench-results.json"), show_default=True
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/tmp/gpubroker-bench"),
+    show_default=True,
+)
+def main(
+    chosen: tuple[str, ...], quick: bool, queue_tasks: int | None, out: Path, work_dir: Path
+) -> None:
+    """Runs the benchmarks and prints medians with the broker/direct ratio."""
+    console = Console(width=150)
+    rows: list[Row] = []
+    started = time.perf_counter()
+    for name in chosen or SCENARIOS:
+        console.print(f"[bold]running {name}[/] ({time.perf_counter() - started:.0f}s so far)")
+        rows += _run(name, quick, queue_tasks, work_dir)
+    console.print(_table(rows))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": _cpus(), "python": platform.python_version()},
+                "seconds": round(time.perf_counter() - started, 1),
+                "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
+            },
+            indent=2,
+        )
+    )
+    console.print(f"results written to {out} in {time.perf_counter() - started:.0f}s")
+
+
+def _run(name: str, quick: bool, queue_tasks: int | None, work_dir: Path) -> list[Row]:
+    if name == "large":
+        sizes = [64] if quick else [64, 512]
+        return large_tensors(work_dir, sizes, [256, 1024, 4096], reps=2 if quick else 3)
+    if name == "tiny":
+        return tiny_tasks(
+            work_dir,
+            sequential=100 if quick else 300,
+            per_client=25 if quick else 100,
+            clients=8,
+            reps=2 if quick else 3,
+        )
+    if name == "queue":
+        return queue_depth(work_dir, queue_tasks or (2_000 if quick else 100_000), concurrency=32)
+    return billing_overhead(
+        work_dir, per_client=25 if quick else 100, clients=8, reps=2 if quick else 3
+    )
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _table(rows: list[Row]) -> Table:
+    table = Table(
+        "scenario",
+        "metric",
+        "unit",
+        "broker",
+        "direct",
+        "broker/direct",
+        title="gpubroker benchmarks (medians)",
+    )
+    for row in rows:
+        ratio = row.ratio
+        table.add_row(
+            row.scenario,
+            row.metric,
+            row.unit,
+            f"{row.broker:,.2f}",
+            "" if row.direct is None else f"{row.direct:,.2f}",
+            "" if ratio is None else f"{ratio:.0%}",
+        )
+    return table
+
+
+if __name__ == "__main__":
+    main()

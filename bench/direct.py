@@ -1,0 +1,102 @@
+"""The direct-gRPC baseline: an agent-like server that runs workloads on the ``Run`` call itself.
+
+It speaks the broker's client API (so the same ``client.Client`` drives both) with the same
+codec and the same workload runner, but no queue, no database, no spool and no second hop:
+what a user would get by calling a GPU box directly. ``python -m bench.direct --port-file F``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import click
+import grpc
+import torch
+
+from client.codec import decode, encode
+from client.proto import meta_from_proto, meta_to_proto, params_from_proto
+from client.wire import Assembler, iter_chunks
+from gpu_agent.runner import Runner, detect_device
+from protos import broker_pb2, broker_pb2_grpc, task_pb2
+
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+class DirectServicer(broker_pb2_grpc.BrokerServicer):
+    """Runs each ``Run`` call's workload at once and streams the result back.
+
+    Only ``Run`` is served; the other RPCs keep the generated UNIMPLEMENTED answers.
+    """
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    async def Run(
+        self,
+        request_iterator: AsyncIterator[broker_pb2.RunRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[broker_pb2.RunResponse]:
+        messages = aiter(request_iterator)
+        first = await anext(messages)
+        header = first.header
+        metas = [meta_from_proto(h) for h in header.inputs]
+        assembler = Assembler(metas)
+        async for message in messages:
+            assembler.feed(message.chunk.data)
+        buffers = assembler.finish()
+        inputs = [cast(torch.Tensor, decode(m, b)) for m, b in zip(metas, buffers, strict=True)]
+        params = params_from_proto(header.params)
+        outcome = await self._runner.run(header.workload, inputs, params, threading.Event())
+        encoded = [encode(t) for t in outcome.outputs]
+        yield broker_pb2.RunResponse(
+            task=task_pb2.TaskInfo(
+                task_id=uuid.uuid4().hex,
+                workload=header.workload,
+                state=task_pb2.TASK_STATE_SUCCEEDED,
+                attempt=1,
+                outputs=[meta_to_proto(m) for m, _ in encoded],
+                compute_seconds=outcome.compute_seconds,
+                gpu_type=self._runner.device.gpu_type,
+            )
+        )
+        for chunk in iter_chunks([d for _, d in encoded]):
+            yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=chunk))
+
+
+async def _serve(port_file: Path, slots: int) -> None:
+    runner = Runner(detect_device("cpu"), slots)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    broker_pb2_grpc.add_BrokerServicer_to_server(DirectServicer(runner), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(f"{port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+    runner.close()
+
+
+@click.command()
+@click.option("--port-file", type=click.Path(path_type=Path), required=True)
+@click.option("--slots", type=int, default=2, show_default=True)
+def main(port_file: Path, slots: int) -> None:
+    """Serves the direct baseline on a free loopback port, written to PORT_FILE."""
+    asyncio.run(_serve(port_file, slots))
+
+
+if __name__ == "__main__":
+    main()
