@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -73,6 +74,8 @@ tasks = Table(
     Column("inputs", JSON, nullable=False),
     Column("outputs", JSON, nullable=True),
     Column("input_bytes", BigInteger, nullable=False),
+    Column("inline_inputs", LargeBinary, nullable=True),
+    Column("inline_outputs", LargeBinary, nullable=True),
     Column("output_bytes", BigInteger, nullable=False, default=0),
     Column("compute_seconds", Float, nullable=True),
     Column("error_code", String(32), nullable=True),
@@ -85,7 +88,11 @@ tasks = Table(
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_tenant_seq", "tenant", "seq"),
 )
-"""One row per task; ``attempt`` fences results from agents that lost their lease."""
+"""One row per task; ``attempt`` fences results from agents that lost their lease.
+
+Payloads of at most 64 KiB live in ``inline_inputs``/``inline_outputs``; larger ones are files
+in the broker's spool.
+"""
 
 usage = Table(
     "usage",

@@ -150,6 +150,11 @@ class Dispatcher:
             )
         return session
 
+    async def leased_task(self, agent_id: str, attempt: Attempt) -> Task:
+        """The task of an attempt ``agent_id`` holds; raises ``StaleAttemptError`` otherwise."""
+        self.check_lease(agent_id, attempt)
+        return await self._store.call(self._store.sync.get, attempt.task_id)
+
     async def complete(self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes]) -> Task:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
         self.check_lease(outcome.agent_id, outcome.attempt)
@@ -164,12 +169,12 @@ class Dispatcher:
             )
         else:
             try:
-                await self._spool_outputs(outcome, chunks)
+                inline = await self._spool_outputs(outcome, chunks)
             except BrokerError as exc:
                 await self._reject_upload(outcome, exc)
                 raise
             try:
-                task = await self._store.call(self._store.sync.succeed, outcome, _now())
+                task = await self._store.call(self._store.sync.succeed, outcome, _now(), inline)
             except StaleAttemptError:
                 self._spool.delete_outputs(outcome.attempt.task_id, outcome.attempt.number)
                 raise
@@ -193,7 +198,10 @@ class Dispatcher:
         else:
             await self._requeue(outcome.attempt, str(exc))
 
-    async def _spool_outputs(self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes]) -> None:
+    async def _spool_outputs(
+        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes]
+    ) -> bytes | None:
+        """Checks and stores the outputs; returns them when small enough to live in the row."""
         for meta in outcome.outputs:
             meta.validate(self._limits.max_tensor_bytes)
         total = sum(m.nbytes for m in outcome.outputs)
@@ -201,7 +209,7 @@ class Dispatcher:
             raise LimitExceededError(
                 f"outputs of {total} bytes exceed the limit of {self._limits.max_task_bytes} bytes"
             )
-        writer = self._spool.write_outputs(outcome.attempt.task_id, outcome.attempt.number)
+        writer = self._spool.write_outputs(outcome.attempt.task_id, outcome.attempt.number, total)
         stream = TensorStream(outcome.outputs)
         try:
             async for chunk in chunks:
@@ -215,6 +223,7 @@ class Dispatcher:
         except BaseException:
             writer.abort()
             raise
+        return writer.inline
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from broker.dispatcher import Dispatcher
 from broker.errors import InvalidTaskError
 from broker.model import AgentInfo
 from broker.registry import AgentSession, Assign, Close, Outgoing, Revoke
-from broker.spool import Spool, read_chunks
+from broker.spool import Spool
 from client.proto import meta_to_proto, params_to_proto
 from protos import agent_pb2, agent_pb2_grpc, task_pb2
 
@@ -77,8 +77,8 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         async with abort_on_broker_error(context):
             self._auth.check_agent(context.invocation_metadata())
             attempt = attempt_from_proto(request.attempt)
-            self._dispatcher.check_lease(request.agent_id, attempt)
-            async for data in read_chunks(self._spool.input_path(attempt.task_id)):
+            task = await self._dispatcher.leased_task(request.agent_id, attempt)
+            async for data in self._spool.inputs(task):
                 yield agent_pb2.FetchInputsResponse(chunk=task_pb2.DataChunk(data=data))
 
     async def PutResult(
@@ -141,5 +141,7 @@ def _outgoing_to_proto(item: Outgoing) -> agent_pb2.BrokerMessage:
             inputs=[meta_to_proto(m) for m in task.inputs],
             params=params_to_proto(task.params),
             timeout_seconds=timeout,
+            inline_inputs=task.inline_inputs or b"",
+            inputs_inline=task.inline_inputs is not None,
         )
     )

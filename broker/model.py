@@ -67,6 +67,10 @@ class Task:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     deadline_at: datetime | None = None
+    inline_inputs: bytes | None = None
+    """The inputs' bytes when small; None when they are a spool file."""
+    inline_outputs: bytes | None = None
+    """The outputs' bytes when small; None when they are a spool file."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,10 @@
-"""Task payloads on local disk: inputs before a submit is acknowledged, outputs per attempt.
+"""Task payloads: inputs before a submit is acknowledged, outputs per attempt.
 
-A file is written under a ``.part`` name, fsynced, then renamed (and the directory fsynced),
-so a crash never leaves a half-written payload under its final name. Writes of a chunk to the
-page cache are treated as non-blocking; the fsync crosses into a worker thread.
+Small payloads (at most ``INLINE_MAX_BYTES``) stay in memory and are stored in the task's row,
+in the same transaction as the task: no file, no extra fsync. Larger ones are files written
+under a ``.part`` name, fsynced, then renamed (and the directory fsynced), so a crash never
+leaves a half-written payload under its final name. Writes of a chunk to the page cache are
+treated as non-blocking; the fsync crosses into a worker thread.
 """
 
 from __future__ import annotations
@@ -13,13 +15,40 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from broker.model import Task
 from client.wire import DEFAULT_CHUNK_BYTES
 
-__all__ = ["Spool", "SpoolWriter", "read_chunks"]
+__all__ = ["INLINE_MAX_BYTES", "InlineWriter", "Spool", "SpoolWriter", "read_chunks"]
+
+INLINE_MAX_BYTES = 64 << 10
+"""Payloads up to this size are stored in the database row instead of a file."""
+
+
+class InlineWriter:
+    """Collects a small payload in memory; the task store persists ``inline``."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.inline: bytes | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Appends bytes."""
+        self._buffer += data
+
+    async def commit(self) -> None:
+        """Freezes the bytes; they become durable with the task's row."""
+        self.inline = bytes(self._buffer)
+
+    def abort(self) -> None:
+        """Drops the bytes."""
+        self._buffer.clear()
 
 
 class SpoolWriter:
     """Appends chunks to one payload file; ``commit`` makes it durable under its final name."""
+
+    inline: bytes | None = None
+    """Always None: the payload is the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -75,13 +104,29 @@ class Spool:
         """Where one attempt's outputs live."""
         return self._outputs / f"{task_id}.{attempt}.bin"
 
-    def write_inputs(self, task_id: str) -> SpoolWriter:
-        """Starts writing a task's inputs."""
-        return SpoolWriter(self.input_path(task_id))
+    def write_inputs(self, task_id: str, nbytes: int) -> InlineWriter | SpoolWriter:
+        """Starts writing a task's ``nbytes`` of inputs (in memory when small)."""
+        return (
+            InlineWriter() if nbytes <= INLINE_MAX_BYTES else SpoolWriter(self.input_path(task_id))
+        )
 
-    def write_outputs(self, task_id: str, attempt: int) -> SpoolWriter:
-        """Starts writing an attempt's outputs."""
+    def write_outputs(self, task_id: str, attempt: int, nbytes: int) -> InlineWriter | SpoolWriter:
+        """Starts writing an attempt's ``nbytes`` of outputs (in memory when small)."""
+        if nbytes <= INLINE_MAX_BYTES:
+            return InlineWriter()
         return SpoolWriter(self.output_path(task_id, attempt))
+
+    def inputs(self, task: Task) -> AsyncIterator[bytes]:
+        """Streams a task's input bytes, from its row or its file."""
+        if task.inline_inputs is not None:
+            return _from_memory(task.inline_inputs)
+        return read_chunks(self.input_path(task.id))
+
+    def outputs(self, task: Task) -> AsyncIterator[bytes]:
+        """Streams a succeeded task's output bytes, from its row or its file."""
+        if task.inline_outputs is not None:
+            return _from_memory(task.inline_outputs)
+        return read_chunks(self.output_path(task.id, task.attempt))
 
     def delete_inputs(self, task_id: str) -> None:
         """Removes a finished task's inputs."""
@@ -99,6 +144,11 @@ async def read_chunks(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Asy
             yield chunk
             # Let other calls run between chunks of a large payload.
             await asyncio.sleep(0)
+
+
+async def _from_memory(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
 
 
 def _fsync_dir(path: Path) -> None:

@@ -74,7 +74,13 @@ class TaskStore:
         metadata.create_all(self._engine)
 
     def create(
-        self, task_id: str, tenant: str, spec: TaskSpec, now: datetime, deadline: datetime | None
+        self,
+        task_id: str,
+        tenant: str,
+        spec: TaskSpec,
+        now: datetime,
+        deadline: datetime | None,
+        inline_inputs: bytes | None = None,
     ) -> tuple[Task, bool]:
         """Inserts a queued task; returns it and whether its request_id already existed."""
         with self._engine.begin() as conn:
@@ -92,6 +98,7 @@ class TaskStore:
                     attempt=0,
                     inputs=[_meta_to_json(m) for m in spec.inputs],
                     input_bytes=spec.input_bytes,
+                    inline_inputs=inline_inputs,
                     output_bytes=0,
                     created_at=now,
                     deadline_at=deadline,
@@ -155,7 +162,9 @@ class TaskStore:
             )
             return _get(conn, attempt.task_id)
 
-    def succeed(self, outcome: AttemptOutcome, now: datetime) -> Task:
+    def succeed(
+        self, outcome: AttemptOutcome, now: datetime, inline_outputs: bytes | None = None
+    ) -> Task:
         """Marks an attempt succeeded and writes its usage row, in one transaction."""
         with self._engine.begin() as conn:
             current = _running_attempt(conn, outcome.attempt, outcome.agent_id)
@@ -167,6 +176,7 @@ class TaskStore:
                     state=TaskState.SUCCEEDED.value,
                     outputs=[_meta_to_json(m) for m in outcome.outputs],
                     output_bytes=output_bytes,
+                    inline_outputs=inline_outputs,
                     compute_seconds=outcome.compute_seconds,
                     finished_at=now,
                 )
@@ -397,4 +407,6 @@ def _task_from_row(row: Row[Any]) -> Task:
         started_at=m["started_at"],
         finished_at=m["finished_at"],
         deadline_at=m["deadline_at"],
+        inline_inputs=m["inline_inputs"],
+        inline_outputs=m["inline_outputs"],
     )

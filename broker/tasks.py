@@ -19,7 +19,7 @@ from broker.errors import (
 )
 from broker.events import TaskEvents
 from broker.model import Task, TaskSpec, TaskState
-from broker.spool import Spool, read_chunks
+from broker.spool import INLINE_MAX_BYTES, Spool
 from broker.store import AsyncTaskStore
 from client.wire import PayloadTooLargeError, TensorStream, WireError
 
@@ -54,11 +54,14 @@ class TaskService:
         Nothing is queued unless every declared byte arrived with a matching checksum.
         """
         check_spec(spec, self._limits, self._dispatcher.known_workloads)
-        existing = await self._store.call(self._store.sync.find_request, tenant, spec)
-        if existing is not None:
-            return existing, True
+        if spec.request_id and spec.input_bytes > INLINE_MAX_BYTES:
+            # A retry of a large upload is answered before its bytes are spooled a second
+            # time; small ones are deduplicated inside the insert's own transaction.
+            existing = await self._store.call(self._store.sync.find_request, tenant, spec)
+            if existing is not None:
+                return existing, True
         task_id = uuid.uuid4().hex
-        writer = self._spool.write_inputs(task_id)
+        writer = self._spool.write_inputs(task_id, spec.input_bytes)
         try:
             await _spool(writer.write, spec, chunks)
             await writer.commit()
@@ -74,7 +77,7 @@ class TaskService:
         deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
         try:
             task, deduplicated = await self._store.call(
-                self._store.sync.create, task_id, tenant, spec, now, deadline
+                self._store.sync.create, task_id, tenant, spec, now, deadline, writer.inline
             )
         except BaseException:
             self._spool.delete_inputs(task_id)
@@ -131,7 +134,7 @@ class TaskService:
                 task.error_code or "FAILED_PRECONDITION",
                 task.error_message or f"task {task.id} is {task.state.value}",
             )
-        return read_chunks(self._spool.output_path(task.id, task.attempt))
+        return self._spool.outputs(task)
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Cancels one of the tenant's queued or running tasks."""

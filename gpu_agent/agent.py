@@ -239,12 +239,15 @@ class Agent:
         for meta in metas:
             meta.validate()
         assembler = Assembler(metas)
-        request = agent_pb2.FetchInputsRequest(
-            agent_id=self._settings.agent_id, attempt=attempt.ref
-        )
-        replies = attempt.session.stub.FetchInputs(request, metadata=self._metadata)
-        async for reply in replies:
-            assembler.feed(reply.chunk.data)
+        if attempt.assignment.inputs_inline:  # small inputs ride along with the assignment
+            assembler.feed(attempt.assignment.inline_inputs)
+        else:
+            request = agent_pb2.FetchInputsRequest(
+                agent_id=self._settings.agent_id, attempt=attempt.ref
+            )
+            replies = attempt.session.stub.FetchInputs(request, metadata=self._metadata)
+            async for reply in replies:
+                assembler.feed(reply.chunk.data)
         buffers = assembler.finish()
         return [decode(m, b, "torch") for m, b in zip(metas, buffers, strict=True)]  # type: ignore[misc]
 

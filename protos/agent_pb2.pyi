@@ -262,6 +262,8 @@ class TaskAssignment(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    INLINE_INPUTS_FIELD_NUMBER: _builtins.int
+    INPUTS_INLINE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     attempt: _builtins.int
@@ -270,6 +272,10 @@ class TaskAssignment(_message.Message):
     """Registered workload name."""
     timeout_seconds: _builtins.float
     """Seconds left until the task's deadline; 0 means none."""
+    inline_inputs: _builtins.bytes
+    """The inputs' bytes, when they are small enough to ride along (then skip FetchInputs)."""
+    inputs_inline: _builtins.bool
+    """True when inline_inputs holds the inputs (it may be empty for empty tensors)."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TensorHeader]:
         """Input tensor descriptions; fetch their bytes with FetchInputs."""
@@ -287,10 +293,12 @@ class TaskAssignment(_message.Message):
         inputs: _abc.Iterable[_task_pb2.TensorHeader] | None = ...,
         params: _abc.Mapping[_builtins.str, _task_pb2.ParamValue] | None = ...,
         timeout_seconds: _builtins.float = ...,
+        inline_inputs: _builtins.bytes = ...,
+        inputs_inline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "inputs", b"inputs", "params", b"params", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "inline_inputs", b"inline_inputs", "inputs", b"inputs", "inputs_inline", b"inputs_inline", "params", b"params", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

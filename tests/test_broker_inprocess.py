@@ -260,3 +260,39 @@ async def test_an_attempt_the_agent_keeps_reporting_is_never_rescued(
         await asyncio.sleep(0.2)
 
     assert await agent.put(assignment, b"x") == task_pb2.TASK_STATE_SUCCEEDED
+
+
+async def test_small_payloads_ride_in_the_row_and_the_assignment(
+    channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    await _submit(channel, b"small")
+
+    assignment = (await agent.next()).assignment
+    state = await agent.put(assignment, b"tiny result")
+
+    assert assignment.inputs_inline and assignment.inline_inputs == b"small"
+    assert state == task_pb2.TASK_STATE_SUCCEEDED
+    assert not any((tmp_path / "spool").rglob("*.bin"))
+
+
+async def test_large_payloads_are_spooled_files_fetched_separately(
+    channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    data = bytes(range(256)) * 1024  # 256 KiB
+    task_id = await _submit(channel, data)
+
+    assignment = (await agent.next()).assignment
+    spooled = (tmp_path / "spool" / "in" / f"{task_id}.bin").exists()
+    fetched = await agent.fetch(assignment)
+    await agent.put(assignment, fetched)
+
+    assert not assignment.inputs_inline and spooled
+    assert fetched == data
+    assert (tmp_path / "spool" / "out" / f"{task_id}.1.bin").read_bytes() == data
+    assert not (tmp_path / "spool" / "in" / f"{task_id}.bin").exists()
