@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+from broker.committer import AsyncTaskStore
 from broker.config import Limits
 from broker.errors import (
     BrokerError,
@@ -25,7 +26,6 @@ from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
 from broker.registry import AgentRegistry, AgentSession, Assign, Close, Lease, Revoke
 from broker.scheduler import FairQueue
 from broker.spool import Spool
-from broker.store import AsyncTaskStore
 from client.wire import TensorStream, WireError
 
 __all__ = ["Dispatcher"]

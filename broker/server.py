@@ -11,13 +11,14 @@ from grpc_reflection.v1alpha import reflection
 
 from billing.prices import PriceCatalog
 from broker.auth import Authenticator
+from broker.committer import AsyncTaskStore
 from broker.config import Settings
 from broker.dispatcher import Dispatcher
 from broker.events import TaskEvents
 from broker.gateway import AgentGatewayServicer
 from broker.servicer import BrokerServicer
 from broker.spool import Spool
-from broker.store import AsyncTaskStore, TaskStore, create_engine
+from broker.store import TaskStore, create_engine
 from broker.tasks import TaskService
 from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc
 
@@ -59,7 +60,7 @@ class BrokerServer:
         await self.health.enter_graceful_shutdown()
         await self.dispatcher.stop()
         await self.server.stop(grace)
-        self.store.close()
+        await self.store.close()
 
 
 async def create_server(settings: Settings, catalog: PriceCatalog | None = None) -> BrokerServer:

@@ -1,19 +1,18 @@
-"""The durable task queue: task rows in SQL, one short transaction per state change.
+"""The durable task queue: task rows in SQL, short transactions, guarded state changes.
 
 Every method is synchronous and runs on the broker's single database thread (see
-``AsyncTaskStore``). State changes are guarded in SQL (``WHERE state = ... AND attempt = ...``)
-so a result from a lost lease can never overwrite a newer attempt, and the usage row is written
-in the same transaction that marks a task succeeded.
+``broker.committer``, which batches concurrent calls into one transaction). State changes are
+guarded in SQL (``WHERE state = ... AND attempt = ...``) so a result from a lost lease can never
+overwrite a newer attempt, and the usage row is written in the same transaction that marks a
+task succeeded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
@@ -24,6 +23,7 @@ from billing.models import metadata, tasks, workloads
 from billing.prices import PriceCatalog
 from broker.errors import (
     AgentRefusedError,
+    BrokerError,
     RequestConflictError,
     StaleAttemptError,
     TaskNotFoundError,
@@ -31,10 +31,8 @@ from broker.errors import (
 from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
 from client.wire import TensorMeta
 
-__all__ = ["AsyncTaskStore", "TaskStore", "create_engine"]
+__all__ = ["TaskStore", "create_engine"]
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
 
 _LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
 
@@ -68,6 +66,42 @@ class TaskStore:
         self._engine = engine
         self._catalog = catalog
         self._billing = billing
+        self._batch: Connection | None = None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """The open batch's connection, or a transaction of its own."""
+        if self._batch is not None:
+            yield self._batch
+        else:
+            with self._engine.begin() as conn:
+                yield conn
+
+    def run_batch(self, ops: Sequence[Callable[[], object]]) -> list[object]:
+        """Runs several operations in ONE transaction: one commit (one fsync) for all.
+
+        Every operation checks before it writes, so one that raises a ``BrokerError`` has
+        written nothing and the others still commit; its error is returned in its place.
+        Anything else rolls the batch back, and each operation is then retried on its own.
+        """
+        try:
+            with self._engine.begin() as conn:
+                self._batch = conn
+                results: list[object] = []
+                for op in ops:
+                    try:
+                        results.append(op())
+                    except BrokerError as exc:
+                        results.append(exc)
+                self._batch = None
+            return results
+        except Exception:
+            self._batch = None
+            if len(ops) == 1:
+                raise
+            return [_run_alone(op) for op in ops]
+        finally:
+            self._batch = None
 
     def create_schema(self) -> None:
         """Creates missing tables."""
@@ -83,11 +117,12 @@ class TaskStore:
         inline_inputs: bytes | None = None,
     ) -> tuple[Task, bool]:
         """Inserts a queued task; returns it and whether its request_id already existed."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             if existing := _find_request(conn, tenant, spec):
                 return existing, True
-            conn.execute(
-                tasks.insert().values(
+            row = conn.execute(
+                tasks.insert()
+                .values(
                     id=task_id,
                     tenant=tenant,
                     request_id=spec.request_id,
@@ -103,17 +138,18 @@ class TaskStore:
                     created_at=now,
                     deadline_at=deadline,
                 )
-            )
-            return _get(conn, task_id), False
+                .returning(*tasks.c)
+            ).one()
+            return _task_from_row(row), False
 
     def find_request(self, tenant: str, spec: TaskSpec) -> Task | None:
         """Returns the task an earlier submit with the spec's request_id created, if any."""
-        with self._engine.connect() as conn:
+        with self._transaction() as conn:
             return _find_request(conn, tenant, spec)
 
     def get(self, task_id: str, tenant: str | None = None) -> Task:
         """Returns a task; another tenant's task is reported as not found."""
-        with self._engine.connect() as conn:
+        with self._transaction() as conn:
             task = _get(conn, task_id)
         if tenant is not None and task.tenant != tenant:
             raise TaskNotFoundError(task_id)
@@ -129,12 +165,12 @@ class TaskStore:
         if before_seq is not None:
             query = query.where(tasks.c.seq < before_seq)
         query = query.order_by(tasks.c.seq.desc()).limit(limit)
-        with self._engine.connect() as conn:
+        with self._transaction() as conn:
             return [_task_from_row(row) for row in conn.execute(query)]
 
     def claim(self, task_id: str, agent: AgentInfo, now: datetime) -> Task | None:
         """Moves a queued task to running on ``agent`` with the next attempt number."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             result = conn.execute(
                 tasks.update()
                 .where(tasks.c.id == task_id, tasks.c.state == TaskState.QUEUED.value)
@@ -145,12 +181,14 @@ class TaskStore:
                     gpu_type=agent.gpu_type,
                     started_at=now,
                 )
+                .returning(*tasks.c)
             )
-            return _get(conn, task_id) if result.rowcount == 1 else None
+            row = result.first()
+            return _task_from_row(row) if row is not None else None
 
     def requeue(self, attempt: Attempt, max_attempts: int, now: datetime, reason: str) -> Task:
         """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             current = _running_attempt(conn, attempt)
             if current.attempt >= max_attempts:
                 message = f"gave up after {current.attempt} attempts; last: {reason}"
@@ -166,12 +204,18 @@ class TaskStore:
         self, outcome: AttemptOutcome, now: datetime, inline_outputs: bytes | None = None
     ) -> Task:
         """Marks an attempt succeeded and writes its usage row, in one transaction."""
-        with self._engine.begin() as conn:
-            current = _running_attempt(conn, outcome.attempt, outcome.agent_id)
-            output_bytes = sum(m.nbytes for m in outcome.outputs)
-            conn.execute(
+        attempt = outcome.attempt
+        output_bytes = sum(m.nbytes for m in outcome.outputs)
+        with self._transaction() as conn:
+            # One guarded UPDATE both checks the lease and writes; RETURNING saves a re-read.
+            row = conn.execute(
                 tasks.update()
-                .where(tasks.c.id == current.id)
+                .where(
+                    tasks.c.id == attempt.task_id,
+                    tasks.c.state == TaskState.RUNNING.value,
+                    tasks.c.attempt == attempt.number,
+                    tasks.c.agent_id == outcome.agent_id,
+                )
                 .values(
                     state=TaskState.SUCCEEDED.value,
                     outputs=[_meta_to_json(m) for m in outcome.outputs],
@@ -180,22 +224,27 @@ class TaskStore:
                     compute_seconds=outcome.compute_seconds,
                     finished_at=now,
                 )
-            )
+                .returning(*tasks.c)
+            ).first()
+            if row is None:
+                _running_attempt(conn, attempt, outcome.agent_id)  # raises, naming the state
+                raise StaleAttemptError(f"attempt {attempt.number} of {attempt.task_id} is stale")
+            task = _task_from_row(row)
             if self._billing:
-                record_usage(conn, _usage(current, outcome, output_bytes), self._catalog, now)
-            return _get(conn, current.id)
+                record_usage(conn, _usage(task, outcome, output_bytes), self._catalog, now)
+            return task
 
     def fail(
         self, attempt: Attempt, agent_id: str | None, code: str, message: str, now: datetime
     ) -> Task:
         """Marks a running attempt failed (the workload raised or rejected its inputs)."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             _running_attempt(conn, attempt, agent_id)
             return _finish(conn, attempt, TaskState.FAILED, now, code, message)
 
     def cancel(self, task_id: str, tenant: str | None, now: datetime) -> tuple[Task, Task]:
         """Cancels a live task; returns (before, after). A final task stays as it is."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             before = _get(conn, task_id)
             if tenant is not None and before.tenant != tenant:
                 raise TaskNotFoundError(task_id)
@@ -213,7 +262,7 @@ class TaskStore:
 
     def expire(self, now: datetime) -> list[tuple[Task, Task]]:
         """Fails every live task whose deadline has passed; returns (before, after) pairs."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             rows = conn.execute(
                 sa.select(tasks).where(
                     tasks.c.state.in_(_LIVE),
@@ -240,7 +289,7 @@ class TaskStore:
 
         Returns every queued task, oldest first, for the scheduler to load.
         """
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             conn.execute(
                 tasks.update()
                 .where(tasks.c.state == TaskState.RUNNING.value)
@@ -255,7 +304,7 @@ class TaskStore:
 
     def add_workloads(self, names: Iterable[str], now: datetime) -> None:
         """Remembers workload names an agent advertised."""
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             known = set(conn.execute(sa.select(workloads.c.name)).scalars())
             new = [{"name": n, "first_seen_at": now} for n in set(names) - known]
             if new:
@@ -270,31 +319,15 @@ class TaskStore:
 
     def known_workloads(self) -> frozenset[str]:
         """Every workload name any agent has advertised."""
-        with self._engine.connect() as conn:
+        with self._transaction() as conn:
             return frozenset(conn.execute(sa.select(workloads.c.name)).scalars())
 
 
-class AsyncTaskStore:
-    """Runs a ``TaskStore`` on one dedicated thread: the broker's only blocking boundary for SQL.
-
-    One thread keeps SQLite to a single writer and keeps the event loop free while a commit
-    waits on fsync.
-    """
-
-    def __init__(self, store: TaskStore) -> None:
-        self.sync = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
-
-    async def call(self, method: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Runs ``method`` (a ``TaskStore`` method) on the database thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(method, *args, **kwargs)
-        )
-
-    def close(self) -> None:
-        """Stops the database thread."""
-        self._executor.shutdown(wait=True)
+def _run_alone(op: Callable[[], object]) -> object:
+    try:
+        return op()
+    except Exception as exc:
+        return exc
 
 
 def _find_request(conn: Connection, tenant: str, spec: TaskSpec) -> Task | None:

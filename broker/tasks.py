@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from broker.committer import AsyncTaskStore
 from broker.config import Limits
 from broker.dispatcher import Dispatcher
 from broker.errors import (
@@ -20,7 +21,6 @@ from broker.errors import (
 from broker.events import TaskEvents
 from broker.model import Task, TaskSpec, TaskState
 from broker.spool import INLINE_MAX_BYTES, Spool
-from broker.store import AsyncTaskStore
 from client.wire import PayloadTooLargeError, TensorStream, WireError
 
 __all__ = ["TaskService", "check_spec"]
