@@ -22,7 +22,11 @@ SCENARIOS = ("large", "tiny", "queue", "billing")
     "--scenario", "chosen", multiple=True, type=click.Choice(SCENARIOS), help="Run only these."
 )
 @click.option("--quick", is_flag=True, help="Smaller sizes and counts (a smoke run).")
-@click.option("--queue-tasks", type=int, help="Tasks in the queue scenario (default 50000; 100000 takes ~11 min in all).")
+@click.option(
+    "--queue-tasks",
+    type=int,
+    help="Tasks in the queue scenario (default 50000; 100000 takes ~11 min in all).",
+)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("bench-results.json"), show_default=True
 )
