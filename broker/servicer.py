@@ -51,10 +51,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             remaining = context.time_remaining()
             if remaining is not None and (spec.timeout_s is None or remaining < spec.timeout_s):
                 spec = replace(spec, timeout_s=max(remaining, 0.001))
-            submitted, _ = await self._tasks.submit(tenant, spec, chunks)
+            submitted, deduplicated = await self._tasks.submit(tenant, spec, chunks)
             try:
                 task = submitted
-                async for task in self._tasks.watch(tenant, submitted.id):
+                known = None if deduplicated else submitted  # an old task may have moved on
+                async for task in self._tasks.watch(tenant, submitted.id, known):
                     yield broker_pb2.RunResponse(task=task_to_proto(task))
                 async for data in self._tasks.result_chunks(task):
                     yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=data))

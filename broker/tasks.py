@@ -107,10 +107,16 @@ class TaskService:
         next_token = str(page[-1].seq) if len(page) == limit else ""
         return page, next_token
 
-    async def watch(self, tenant: str, task_id: str) -> AsyncIterator[Task]:
-        """Yields the task now and after every change, until it is final."""
+    async def watch(
+        self, tenant: str, task_id: str, current: Task | None = None
+    ) -> AsyncIterator[Task]:
+        """Yields the task now and after every change, until it is final.
+
+        ``current`` spares a read when the caller holds a snapshot taken with no ``await``
+        since (as ``Run`` does right after submitting): no change can have been missed.
+        """
         with self._events.subscribe(task_id) as updates:
-            task = await self.get(tenant, task_id)
+            task = current if current is not None else await self.get(tenant, task_id)
             last = (task.state, task.attempt)
             yield task
             while not task.state.is_final:
