@@ -1,85 +1,108 @@
-"""``python -m gpu_agent --broker HOST:PORT``: run workloads for a broker until told to stop."""
+"""``python -m gpu_agent --broker HOST:PORT``: run workloads for a broker until told to stop.
+
+The first SIGTERM or SIGINT drains (no new work; in-flight attempts finish and upload, then
+the process exits 0); a second one exits at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
+import os
 import signal
-from typing import Any
+import sys
 
 import click
 
 from gpu_agent.agent import Agent
-from gpu_agent.config import Settings
+from gpu_agent.config import DEVICE_CHOICES, Settings
+from gpu_agent.errors import WorkloadLoadError
 from gpu_agent.runner import Runner, detect_device
+
+__all__ = ["main"]
 
 logger = logging.getLogger("gpu_agent")
 
 
-@click.command()
-@click.option("--broker", "broker_address", help="host:port of the broker.")
-@click.option("--agent-id", help="Stable agent id (default: hostname + random suffix).")
-@click.option("--slots", type=click.IntRange(min=1), help="Tasks to run at once.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run.")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--broker", "broker_address", metavar="HOST:PORT", help="The broker's address.")
+@click.option("--slots", type=click.IntRange(min=1), help="Tasks to run at once [default: 2].")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), help="Where to run [default: auto].")
+@click.option("--agent-id", help="Stable agent id [default: hostname-<random>].")
 @click.option("--join-token", help="The broker's agent join token.")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 def main(
     broker_address: str | None,
-    agent_id: str | None,
     slots: int | None,
     device: str | None,
+    agent_id: str | None,
     join_token: str | None,
     log_level: str,
 ) -> None:
-    """Runs a GPU agent. Flags override GPUBROKER_AGENT_* environment variables."""
+    """Runs a GPU agent. Flags override the GPUBROKER_AGENT_* environment variables."""
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        stream=sys.stderr,
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    overrides: dict[str, Any] = {
-        "broker_address": broker_address,
-        "agent_id": agent_id,
-        "slots": slots,
-        "device": device,
-        "join_token": join_token,
-    }
-    settings = dataclasses.replace(
-        Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}
-    )
-    asyncio.run(_serve(settings))
+    try:
+        settings = Settings.from_env(os.environ).with_overrides(
+            broker_address=broker_address,
+            slots=slots,
+            device=device,
+            agent_id=agent_id,
+            join_token=join_token,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        runner = Runner(detect_device(settings.device), settings.slots)
+    except (ValueError, WorkloadLoadError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        asyncio.run(_serve(settings, runner))
+    finally:
+        runner.close()
 
 
-async def _serve(settings: Settings) -> None:
-    info = detect_device(settings.device)
+async def _serve(settings: Settings, runner: Runner) -> None:
+    info = runner.device
     logger.info(
-        "agent %s on %s (%s), %d slots",
+        "agent %s: %s (%s, %d bytes), %d slots, workloads %s",
         settings.agent_id,
         info.device,
         info.gpu_type,
-        settings.slots,
+        info.memory_bytes,
+        runner.slots,
+        ", ".join(sorted(runner.workloads)),
     )
-    runner = Runner(info, settings.slots)
     agent = Agent(settings, runner)
+    stopping: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            logger.warning("second signal: exiting now")
-            raise SystemExit(1)
-        logger.info("draining: finishing in-flight tasks, taking no new ones")
-        task = loop.create_task(agent.stop())
-        task.add_done_callback(lambda _: None)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, signum, agent, stopping)
     try:
         await agent.run()
+        await asyncio.gather(*stopping)
     finally:
-        runner.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
     logger.info("agent stopped")
+
+
+def _on_signal(signum: int, agent: Agent, stopping: list[asyncio.Task[None]]) -> None:
+    if stopping:
+        logger.warning("second %s: exiting now", signal.Signals(signum).name)
+        logging.shutdown()
+        # Worker threads cannot be interrupted, and interpreter exit would join them: skip it.
+        os._exit(128 + signum)
+    logger.info("%s: draining, then exiting", signal.Signals(signum).name)
+    stopping.append(asyncio.get_running_loop().create_task(agent.stop()))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The agent's connection to the broker: control stream, assignments, data calls, reconnects.
+"""The agent: dials out to the broker, takes assignments, keeps its slots and credits straight.
 
-The agent dials out (no open port needed on the GPU VM), says hello, grants credit for its free
-slots and runs what it is assigned. If the control stream breaks, every in-flight attempt is
-considered lost (the broker has requeued it): its result is dropped and the agent reconnects.
+The agent needs no open port: it connects, says hello, grants one credit per free slot and
+runs what it is assigned, each attempt in its own task. A slot's credit goes back to the broker
+only once the attempt's work has actually stopped. When the control stream breaks, every
+in-flight attempt is lost (the broker requeues it under a new attempt number): its workload is
+asked to stop, nothing is uploaded for it, and the agent reconnects with exponential backoff,
+granting credit only for the slots that are free by then.
 """
 
 from __future__ import annotations
@@ -10,65 +13,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 
 import grpc
-import torch
 
-from client.codec import decode, encode
-from client.proto import meta_from_proto, meta_to_proto, params_from_proto
-from client.wire import Assembler, iter_chunks
+from gpu_agent.attempt import Attempt, Revocation
 from gpu_agent.config import Settings
-from gpu_agent.errors import TaskCancelledError, UnknownWorkloadError, WorkloadArgumentError
-from gpu_agent.runner import Runner, RunOutcome
-from protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpu_agent.errors import BrokerProtocolError
+from gpu_agent.gateway import GatewayClient, open_channel
+from gpu_agent.model import Assignment, AttemptRef, Hello
+from gpu_agent.runner import Runner
+from gpu_agent.session import Session
 
-__all__ = ["CHANNEL_OPTIONS", "Agent"]
+__all__ = ["Agent", "agent_version"]
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
-
-@dataclass(eq=False)
-class _Session:
-    """One connected control stream."""
-
-    stub: agent_pb2_grpc.AgentGatewayAsyncStub
-    outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = field(default_factory=asyncio.Queue)
-
-    def send(self, **kind: object) -> None:
-        self.outbox.put_nowait(agent_pb2.AgentMessage(**kind))  # type: ignore[arg-type]
-
-    async def messages(self) -> AsyncIterator[agent_pb2.AgentMessage]:
-        while (message := await self.outbox.get()) is not None:
-            yield message
-
-
-@dataclass(eq=False)
-class _Attempt:
-    """An assignment being worked on."""
-
-    assignment: agent_pb2.TaskAssignment
-    session: _Session
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def ref(self) -> agent_pb2.TaskAttempt:
-        return agent_pb2.TaskAttempt(
-            task_id=self.assignment.task_id, attempt=self.assignment.attempt
-        )
+def agent_version() -> str:
+    """The installed ``gpubroker`` version, announced in the hello."""
+    try:
+        return version("gpubroker")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 class Agent:
@@ -77,222 +44,166 @@ class Agent:
     def __init__(self, settings: Settings, runner: Runner) -> None:
         self._settings = settings
         self._runner = runner
-        self._metadata = (
-            (("authorization", f"Bearer {settings.join_token}"),) if settings.join_token else ()
-        )
-        self._attempts: dict[tuple[str, int], _Attempt] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._session: _Session | None = None
+        self._attempts: dict[AttemptRef, Attempt] = {}
+        self._tasks: dict[AttemptRef, asyncio.Task[None]] = {}
+        self._gateway: GatewayClient | None = None
+        self._session: Session | None = None
         self._stopping = asyncio.Event()
-        self.connected = asyncio.Event()
+        self._stopped = asyncio.Event()
+
+    @property
+    def is_connected(self) -> bool:
+        """True while a welcomed control stream is up."""
+        return self._session is not None
+
+    @property
+    def free_slots(self) -> int:
+        """Slots with no attempt on them (work that has not yet stopped counts as busy)."""
+        return max(self._runner.slots - len(self._attempts), 0)
 
     async def run(self) -> None:
-        """Connects, reconnecting with backoff, until ``stop`` finishes the in-flight work."""
-        delay = self._settings.reconnect_initial_s
-        while not self._stopping.is_set():
-            try:
-                await self._connect()
-                delay = self._settings.reconnect_initial_s
-            except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                logger.warning("broker %s unreachable: %s", self._settings.broker_address, exc)
-            if self._stopping.is_set():
-                break
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, self._settings.reconnect_max_s)
-        await self._drain()
+        """Connects and serves, reconnecting with backoff, until ``stop`` has drained the work."""
+        self._stopped.clear()
+        try:
+            async with open_channel(self._settings) as channel:
+                self._gateway = GatewayClient(
+                    channel, self._settings.agent_id, self._settings.join_token
+                )
+                await self._connect_loop(self._gateway)
+                await self._drain()
+        finally:
+            self._stopped.set()
 
     async def stop(self) -> None:
-        """Stops taking work; in-flight attempts finish and upload before ``run`` returns."""
-        self._stopping.set()
-        if not self._attempts and self._session is not None:
-            self._session.outbox.put_nowait(None)
+        """Drains: no new credit; in-flight attempts finish and upload; then ``run`` returns.
 
-    async def _connect(self) -> None:
-        async with grpc.aio.insecure_channel(
-            self._settings.broker_address, options=CHANNEL_OPTIONS
-        ) as channel:
-            session = _Session(agent_pb2_grpc.AgentGatewayStub(channel))
-            session.send(hello=self._hello())
-            call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.BrokerMessage]
-            call = session.stub.Connect(session.messages(), metadata=self._metadata)
-            first = await call.read()
-            if not isinstance(first, agent_pb2.BrokerMessage) or not first.HasField("welcome"):
-                raise ConnectionError("the broker did not welcome us")
-            logger.info(
-                "connected to %s as %s", self._settings.broker_address, self._settings.agent_id
-            )
-            self._session = session
-            self.connected.set()
-            heartbeat = asyncio.create_task(self._heartbeat(session, first.welcome))
-            try:
-                if not self._stopping.is_set():
-                    session.send(credit=agent_pb2.AgentCredit(slots=self._free_slots()))
-                await self._serve(call, session)
-            finally:
-                heartbeat.cancel()
-                self._lose(session)
+        When ``run`` is active, waits until it has returned.
+        """
+        if not self._stopping.is_set():
+            logger.info("stopping: finishing %d in-flight attempt(s)", len(self._attempts))
+            self._stopping.set()
+        if self._session is not None and not self._attempts:
+            self._session.close()
+        if self._gateway is not None:
+            await self._stopped.wait()
 
-    async def _serve(
-        self,
-        call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.BrokerMessage],
-        session: _Session,
-    ) -> None:
-        while isinstance(message := await call.read(), agent_pb2.BrokerMessage):
-            kind = message.WhichOneof("kind")
-            if kind == "assignment":
-                self._start(_Attempt(message.assignment, session))
-            elif kind == "cancel":
-                ref = message.cancel.attempt
-                attempt = self._attempts.get((ref.task_id, ref.attempt))
-                if attempt is not None:
-                    logger.info(
-                        "cancelling %s#%d: %s", ref.task_id, ref.attempt, message.cancel.reason
-                    )
-                    attempt.cancelled.set()
+    # -- SessionHandler -------------------------------------------------------------------------
 
-    def _lose(self, session: _Session) -> None:
-        """The control stream ended: the broker has taken back every attempt it gave us."""
-        self.connected.clear()
-        if self._session is session:
+    def on_assignment(self, session: Session, assignment: Assignment) -> None:
+        """Starts an attempt in its own task."""
+        ref = assignment.ref
+        if ref in self._attempts or self._gateway is None:
+            logger.warning("ignoring a second assignment of attempt %s", ref)
+            return
+        logger.info("assigned %s: %s", ref, assignment.workload)
+        loop = asyncio.get_running_loop()
+        deadline = None if assignment.timeout_s is None else loop.time() + assignment.timeout_s
+        attempt = Attempt(assignment, session, self._gateway, self._runner, deadline)
+        self._attempts[ref] = attempt
+        self._tasks[ref] = asyncio.create_task(self._work(attempt), name=f"work-{ref}")
+
+    def on_cancel(self, session: Session, ref: AttemptRef, reason: str) -> None:
+        """Revokes an attempt; its slot is released once its work has stopped."""
+        attempt = self._attempts.get(ref)
+        if attempt is None or attempt.session is not session:
+            session.release(ref)  # already over: no work holds a slot for it
+            return
+        logger.info("cancelling %s: %s", ref, reason or "no reason given")
+        attempt.revoke(Revocation.CANCELLED)
+
+    def running(self, session: Session) -> list[AttemptRef]:
+        """Attempts of ``session`` that still count, for its heartbeat."""
+        return [
+            a.ref for a in self._attempts.values() if a.session is session and a.revocation is None
+        ]
+
+    # -- connection -----------------------------------------------------------------------------
+
+    async def _connect_loop(self, gateway: GatewayClient) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            session = await self._open(gateway)
+            if session is None:
+                failures += 1
+            else:
+                await self._serve(session)
+                failures = 1  # a lost session is retried after the shortest delay
+            if not self._stopping.is_set():
+                await self._pause(self._settings.backoff.delay_s(failures))
+
+    async def _open(self, gateway: GatewayClient) -> Session | None:
+        address = self._settings.broker_address
+        try:
+            session = await Session.open(gateway, self._hello())
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("cannot connect to %s: %s %s", address, exc.code().name, exc.details())
+            return None
+        except BrokerProtocolError as exc:
+            logger.warning("broker %s: %s", address, exc)
+            return None
+        logger.info("connected to %s as %s", address, self._settings.agent_id)
+        return session
+
+    async def _serve(self, session: Session) -> None:
+        self._session = session
+        if not self._stopping.is_set():
+            session.grant(self.free_slots)
+        elif not self._attempts:
+            session.close()
+        try:
+            await session.serve(self)
+            logger.info("the broker ended the control stream")
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("control stream broke: %s %s", exc.code().name, exc.details())
+        finally:
             self._session = None
-        for attempt in self._attempts.values():
-            if attempt.session is session:
-                attempt.cancelled.set()
+            self._lose(session)
 
-    def _hello(self) -> agent_pb2.AgentHello:
+    def _lose(self, session: Session) -> None:
+        lost = [a for a in self._attempts.values() if a.session is session]
+        for attempt in lost:
+            attempt.revoke(Revocation.LOST)
+        if lost:
+            logger.warning("lost %d in-flight attempt(s) with the control stream", len(lost))
+
+    async def _pause(self, delay_s: float) -> None:
+        logger.debug("reconnecting in %.3f s", delay_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._stopping.wait()
+
+    def _hello(self) -> Hello:
         device = self._runner.device
-        return agent_pb2.AgentHello(
+        return Hello(
             agent_id=self._settings.agent_id,
             gpu_type=device.gpu_type,
             gpu_memory_bytes=device.memory_bytes,
-            slots=self._settings.slots,
-            workloads=sorted(self._runner.workloads),
-            version=VERSION,
+            slots=self._runner.slots,
+            workloads=tuple(sorted(self._runner.workloads)),
+            version=agent_version(),
         )
 
-    def _free_slots(self) -> int:
-        return max(self._settings.slots - len(self._attempts), 0)
+    # -- attempts -------------------------------------------------------------------------------
 
-    async def _heartbeat(self, session: _Session, welcome: agent_pb2.AgentWelcome) -> None:
-        interval = welcome.heartbeat_interval_seconds or 5.0
-        while True:
-            running = [a.ref for a in self._attempts.values() if a.session is session]
-            session.send(heartbeat=agent_pb2.AgentHeartbeat(running=running))
-            await asyncio.sleep(interval)
-
-    def _start(self, attempt: _Attempt) -> None:
-        key = (attempt.assignment.task_id, attempt.assignment.attempt)
-        self._attempts[key] = attempt
-        task = asyncio.create_task(self._work(key, attempt))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _work(self, key: tuple[str, int], attempt: _Attempt) -> None:
+    async def _work(self, attempt: Attempt) -> None:
         try:
-            await self._execute(attempt)
-        except TaskCancelledError:
-            pass
-        except grpc.aio.AioRpcError as exc:
-            logger.warning("attempt %s#%d dropped: %s %s", *key, exc.code().name, exc.details())
-        except Exception:
-            logger.exception("attempt %s#%d crashed", *key)
+            await attempt.execute()
         finally:
-            del self._attempts[key]
-            self._finished(attempt)
+            del self._attempts[attempt.ref]
+            del self._tasks[attempt.ref]
+            self._free_slot(attempt)
 
-    def _finished(self, attempt: _Attempt) -> None:
+    def _free_slot(self, attempt: Attempt) -> None:
         session = self._session
         if session is None:
-            return
-        if attempt.cancelled.is_set() and attempt.session is session:
-            session.send(released=agent_pb2.AgentReleased(attempt=attempt.ref))
-        if self._stopping.is_set():
-            if not self._attempts:
-                session.outbox.put_nowait(None)
-        else:
-            session.send(credit=agent_pb2.AgentCredit(slots=1))
-
-    async def _execute(self, attempt: _Attempt) -> None:
-        assignment = attempt.assignment
-        try:
-            inputs = await self._fetch(attempt)
-            outcome = await self._run(attempt, inputs)
-        except (UnknownWorkloadError, WorkloadArgumentError) as exc:
-            await self._report_failure(attempt, "INVALID_ARGUMENT", str(exc))
-            return
-        except TimeoutError:
-            attempt.cancelled.set()
-            message = f"ran past its deadline of {assignment.timeout_seconds:.3f}s"
-            await self._report_failure(attempt, "DEADLINE_EXCEEDED", message)
-            return
-        except (TaskCancelledError, grpc.aio.AioRpcError):
-            raise
-        except Exception as exc:  # the workload's own failure, reported to its owner
-            await self._report_failure(attempt, "ABORTED", f"{type(exc).__name__}: {exc}")
-            return
-        if attempt.cancelled.is_set():
-            raise TaskCancelledError(assignment.task_id)
-        await self._upload(attempt, outcome)
-
-    async def _fetch(self, attempt: _Attempt) -> list[torch.Tensor]:
-        metas = [meta_from_proto(h) for h in attempt.assignment.inputs]
-        for meta in metas:
-            meta.validate()
-        assembler = Assembler(metas)
-        if attempt.assignment.inputs_inline:  # small inputs ride along with the assignment
-            assembler.feed(attempt.assignment.inline_inputs)
-        else:
-            request = agent_pb2.FetchInputsRequest(
-                agent_id=self._settings.agent_id, attempt=attempt.ref
-            )
-            replies = attempt.session.stub.FetchInputs(request, metadata=self._metadata)
-            async for reply in replies:
-                assembler.feed(reply.chunk.data)
-        buffers = assembler.finish()
-        return [decode(m, b, "torch") for m, b in zip(metas, buffers, strict=True)]  # type: ignore[misc]
-
-    async def _run(self, attempt: _Attempt, inputs: list[torch.Tensor]) -> RunOutcome:
-        assignment = attempt.assignment
-        params = params_from_proto(assignment.params)
-        timeout = assignment.timeout_seconds or None
-        run = self._runner.run(assignment.workload, inputs, params, attempt.cancelled)
-        return await asyncio.wait_for(run, timeout)
-
-    async def _upload(self, attempt: _Attempt, outcome: RunOutcome) -> None:
-        encoded = [encode(t) for t in outcome.outputs]
-        header = agent_pb2.ResultHeader(
-            agent_id=self._settings.agent_id,
-            attempt=attempt.ref,
-            outputs=[meta_to_proto(m) for m, _ in encoded],
-            compute_seconds=outcome.compute_seconds,
-        )
-
-        def requests() -> Iterator[agent_pb2.PutResultRequest]:
-            yield agent_pb2.PutResultRequest(header=header)
-            for chunk in iter_chunks([d for _, d in encoded]):
-                yield agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=chunk))
-
-        await attempt.session.stub.PutResult(requests(), metadata=self._metadata)
-
-    async def _report_failure(self, attempt: _Attempt, code: str, message: str) -> None:
-        logger.info(
-            "attempt %s#%d failed: %s %s",
-            attempt.assignment.task_id,
-            attempt.assignment.attempt,
-            code,
-            message,
-        )
-        header = agent_pb2.ResultHeader(
-            agent_id=self._settings.agent_id,
-            attempt=attempt.ref,
-            error_code=code,
-            error_message=message,
-        )
-        await attempt.session.stub.PutResult(
-            iter([agent_pb2.PutResultRequest(header=header)]), metadata=self._metadata
-        )
+            return  # the next session's first credit counts this slot
+        if attempt.session is session and attempt.revocation is Revocation.CANCELLED:
+            session.release(attempt.ref)
+        if not self._stopping.is_set():
+            session.grant(1)
+        elif not self._attempts:
+            session.close()
 
     async def _drain(self) -> None:
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))

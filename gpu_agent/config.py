@@ -1,14 +1,24 @@
-"""Agent settings: one frozen ``Settings``, parsed once in ``__main__``."""
+"""Agent settings: one frozen ``Settings``, parsed once in ``__main__`` and passed down."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Settings"]
+__all__ = ["DEVICE_CHOICES", "Backoff", "Settings"]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+"""Values of ``Settings.device``: ``auto`` picks CUDA when present."""
+
+_ENV_PREFIX = "GPUBROKER_AGENT_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 def _default_agent_id() -> str:
@@ -16,33 +26,117 @@ def _default_agent_id() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential reconnect backoff with jitter."""
+
+    initial_s: float = 0.1
+    """Delay after the first failure."""
+    max_s: float = 5.0
+    """Longest delay, before jitter."""
+    multiplier: float = 2.0
+    """Growth per consecutive failure."""
+    jitter: float = 0.2
+    """Each delay is scaled by a uniform factor in ``[1 - jitter, 1 + jitter]``."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError(
+                f"backoff needs 0 < initial_s <= max_s, got {self.initial_s} and {self.max_s}"
+            )
+        if self.multiplier < 1 or not 0 <= self.jitter < 1:
+            raise ValueError(
+                f"backoff needs multiplier >= 1 and 0 <= jitter < 1, "
+                f"got {self.multiplier} and {self.jitter}"
+            )
+
+    def delay_s(
+        self, failures: int, uniform: Callable[[float, float], float] = random.uniform
+    ) -> float:
+        """Seconds to wait after ``failures`` consecutive failed connects (1 for the first)."""
+        base = min(self.initial_s * self.multiplier ** max(failures - 1, 0), self.max_s)
+        return base * uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the agent process is configured with."""
 
-    broker_address: str = "127.0.0.1:50051"
+    broker_address: str = "localhost:50051"
     """host:port of the broker's gRPC server."""
     agent_id: str = field(default_factory=_default_agent_id)
-    """Stable id; a VM's name is a good choice."""
+    """Stable id (a VM's name is a good choice); reconnects reuse it."""
     slots: int = 2
     """How many tasks run at once."""
     device: str = "auto"
-    """``auto`` (CUDA if present), ``cpu`` or ``cuda``."""
+    """One of ``DEVICE_CHOICES``."""
     join_token: str | None = None
-    """Token the broker asks agents for."""
-    reconnect_initial_s: float = 0.1
-    """First reconnect delay; doubles up to ``reconnect_max_s``."""
-    reconnect_max_s: float = 5.0
-    """Longest reconnect delay."""
+    """Sent as ``authorization: Bearer <token>`` on every call when set."""
+    tls: bool = False
+    """Dial the broker over TLS."""
+    ca_file: str | None = None
+    """PEM file of the CA that signed the broker's certificate; system roots when None."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """How long to wait between reconnects."""
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"slots must be at least 1, got {self.slots}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(
+                f"device must be one of {', '.join(DEVICE_CHOICES)}, not {self.device!r}"
+            )
+        if not self.broker_address:
+            raise ValueError("broker_address must not be empty")
+
+    def with_overrides(self, **values: Any) -> Settings:
+        """A copy with the given fields replaced; None values (flags not given) are skipped."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
-        """Reads ``GPUBROKER_AGENT_*`` variables; unset ones keep their defaults."""
-        defaults = cls()
-        get = environ.get
-        return cls(
-            broker_address=get("GPUBROKER_AGENT_BROKER", defaults.broker_address),
-            agent_id=get("GPUBROKER_AGENT_ID", defaults.agent_id),
-            slots=int(get("GPUBROKER_AGENT_SLOTS", str(defaults.slots))),
-            device=get("GPUBROKER_AGENT_DEVICE", defaults.device),
-            join_token=get("GPUBROKER_JOIN_TOKEN") or None,
+        """Reads ``GPUBROKER_AGENT_*`` variables; unset ones keep their defaults.
+
+        ``BROKER``, ``ID``, ``SLOTS``, ``DEVICE``, ``JOIN_TOKEN`` (falling back to the broker's
+        ``GPUBROKER_JOIN_TOKEN``), ``TLS``, ``CA_FILE``, ``RECONNECT_INITIAL_S`` and
+        ``RECONNECT_MAX_S``, each after the ``GPUBROKER_AGENT_`` prefix.
+
+        Raises:
+            ValueError: a variable does not parse; the message names it.
+        """
+        env = {
+            k.removeprefix(_ENV_PREFIX): v for k, v in environ.items() if k.startswith(_ENV_PREFIX)
+        }
+        defaults = cls(agent_id="-")
+        backoff = Backoff(
+            initial_s=_number(env, "RECONNECT_INITIAL_S", defaults.backoff.initial_s),
+            max_s=_number(env, "RECONNECT_MAX_S", defaults.backoff.max_s),
         )
+        token = env.get("JOIN_TOKEN") or environ.get("GPUBROKER_JOIN_TOKEN") or None
+        return cls(
+            broker_address=env.get("BROKER", defaults.broker_address),
+            agent_id=env.get("ID") or _default_agent_id(),
+            slots=int(_number(env, "SLOTS", defaults.slots)),
+            device=env.get("DEVICE", defaults.device),
+            join_token=token,
+            tls=_flag(env, "TLS"),
+            ca_file=env.get("CA_FILE") or None,
+            backoff=backoff,
+        )
+
+
+def _number(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None:
+        return default
+    try:
+        return int(raw) if isinstance(default, int) else float(raw)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"{_ENV_PREFIX}{key} must be {kind}, got {raw!r}") from None
+
+
+def _flag(env: Mapping[str, str], key: str) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if raw not in _TRUE | _FALSE:
+        raise ValueError(f"{_ENV_PREFIX}{key} must be true or false, got {raw!r}")
+    return raw in _TRUE

@@ -1,14 +1,27 @@
-"""Agent errors; each maps to the status code reported with a failed attempt.
+"""Agent errors; each one that ends an attempt maps to the status code reported for it.
 
 AgentError
-├── UnknownWorkloadError    INVALID_ARGUMENT
-├── WorkloadArgumentError   INVALID_ARGUMENT  (bad inputs or params)
-└── TaskCancelledError      the attempt was revoked; nothing is reported
+├── UnknownWorkloadError    INVALID_ARGUMENT   no workload of that name on this agent
+├── WorkloadArgumentError   INVALID_ARGUMENT   inputs or params the workload's validation refused
+├── WorkloadFailedError     ABORTED            the workload raised anything else
+├── TaskDeadlineError       DEADLINE_EXCEEDED  the task's timeout passed
+├── TaskCancelledError      (nothing reported) the broker revoked the attempt, or it was lost
+├── WorkloadLoadError       (start-up)         an entry-point workload cannot be loaded
+└── BrokerProtocolError     (reconnect)        the broker broke the agent protocol
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "TaskCancelledError", "UnknownWorkloadError", "WorkloadArgumentError"]
+__all__ = [
+    "AgentError",
+    "BrokerProtocolError",
+    "TaskCancelledError",
+    "TaskDeadlineError",
+    "UnknownWorkloadError",
+    "WorkloadArgumentError",
+    "WorkloadFailedError",
+    "WorkloadLoadError",
+]
 
 
 class AgentError(Exception):
@@ -23,5 +36,21 @@ class WorkloadArgumentError(AgentError):
     """A workload's inputs or parameters are not acceptable."""
 
 
+class WorkloadFailedError(AgentError):
+    """The workload raised an exception of its own; the message names its type."""
+
+
+class TaskDeadlineError(AgentError):
+    """The task's deadline passed before its result was ready."""
+
+
 class TaskCancelledError(AgentError):
-    """The attempt was cancelled while it ran."""
+    """The attempt was cancelled (or lost with its control stream) while it ran."""
+
+
+class WorkloadLoadError(AgentError):
+    """An operator's workload entry point could not be loaded."""
+
+
+class BrokerProtocolError(AgentError):
+    """The broker answered in a way the agent protocol does not allow."""

@@ -1,13 +1,15 @@
 """Runs workloads on the device and measures their compute time.
 
-The one blocking boundary of the agent: a ``ThreadPoolExecutor`` with one worker per slot.
-On CUDA, compute time comes from CUDA events recorded around the workload on the current
-stream; on CPU, torch ops are synchronous and a monotonic clock around the call is exact.
+``Runner`` owns the agent's one blocking boundary: a ``ThreadPoolExecutor`` with one worker per
+slot. On CUDA each worker thread has its own stream, and compute time comes from CUDA events
+recorded on it around the workload (NOTES.md §2.6), so one slot's kernels never inflate another
+slot's bill. On the CPU, torch ops are synchronous and a monotonic clock around the call is exact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import threading
@@ -18,19 +20,25 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_agent.workloads import Param, Workload, WorkloadContext, lookup, registry
+from client.wire import DTYPE_ITEMSIZE
+from gpu_agent.errors import AgentError, WorkloadFailedError
+from gpu_agent.model import Param
+from gpu_agent.workloads import Workload, WorkloadContext, lookup, registry
 
-__all__ = ["DeviceInfo", "RunOutcome", "Runner", "detect_device"]
+__all__ = ["DeviceInfo", "RunOutcome", "Runner", "detect_device", "gpu_slug"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """The device the agent runs on."""
+    """The device the agent runs on, as announced in its hello."""
 
     device: torch.device
     gpu_type: str
-    """GCE-style slug, e.g. ``nvidia-l4``; ``cpu`` without a GPU."""
+    """GCE accelerator name, e.g. ``nvidia-l4``; ``cpu`` without a GPU."""
     memory_bytes: int
+    """GPU memory, or physical RAM on the CPU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,90 +48,192 @@ class RunOutcome:
     outputs: tuple[torch.Tensor, ...]
     """On the CPU, contiguous."""
     compute_seconds: float
+    """CUDA-event time on a GPU; wall time of the (synchronous) call on the CPU."""
 
 
+# Most specific first: the 80 GB A100 is sold under a different name than the 40 GB one.
 _GPU_SLUGS = (
-    (r"\bH100\b", "nvidia-h100-80gb"),
+    (r"\bA100\b.*\b80GB\b", "nvidia-a100-80gb"),
     (r"\bA100\b", "nvidia-tesla-a100"),
+    (r"\bH100\b", "nvidia-h100-80gb"),
+    (r"\bH200\b", "nvidia-h200-141gb"),
+    (r"\bB200\b", "nvidia-b200"),
+    (r"\bRTX PRO 6000\b", "nvidia-rtx-pro-6000"),
     (r"\bL4\b", "nvidia-l4"),
     (r"\bT4\b", "nvidia-tesla-t4"),
     (r"\bV100\b", "nvidia-tesla-v100"),
+    (r"\bP100\b", "nvidia-tesla-p100"),
+    (r"\bP4\b", "nvidia-tesla-p4"),
+    (r"\bK80\b", "nvidia-tesla-k80"),
 )
 
 
 def gpu_slug(name: str) -> str:
-    """Maps a CUDA device name to the GCE accelerator name it is sold as."""
+    """Maps a CUDA device name to the GCE accelerator type it is sold as.
+
+    ``"NVIDIA A100-SXM4-40GB"`` becomes ``"nvidia-tesla-a100"``; a name we do not know becomes
+    its lowercase slug (``"Some New GPU"`` → ``"some-new-gpu"``).
+    """
     for pattern, slug in _GPU_SLUGS:
-        if re.search(pattern, name):
+        if re.search(pattern, name, flags=re.IGNORECASE):
             return slug
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def detect_device(choice: str) -> DeviceInfo:
-    """Resolves ``auto``/``cpu``/``cuda`` to a device and describes it."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        props = torch.cuda.get_device_properties(0)
-        torch.zeros(1, device="cuda").sum().item()  # create the context now, not on billed time
-        return DeviceInfo(torch.device("cuda", 0), gpu_slug(props.name), int(props.total_memory))
-    if choice not in ("auto", "cpu"):
+    """Resolves ``auto``/``cpu``/``cuda`` to a device, describes it, and warms CUDA up.
+
+    Raises:
+        ValueError: ``choice`` is unknown, or ``cuda`` was asked for and there is none.
+    """
+    if choice not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {choice!r}")
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return DeviceInfo(torch.device("cpu"), "cpu", int(memory))
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch sees no CUDA device")
+    if choice == "cpu" or not torch.cuda.is_available():
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return DeviceInfo(torch.device("cpu"), "cpu", int(memory))
+    device = torch.device("cuda", 0)
+    # Creating the CUDA context takes from 100 ms to seconds: pay it now, not on a billed task.
+    torch.zeros(1, device=device).add_(1).item()
+    props = torch.cuda.get_device_properties(device)
+    return DeviceInfo(device, gpu_slug(torch.cuda.get_device_name(device)), props.total_memory)
 
 
 class Runner:
-    """Executes workloads, at most ``slots`` at a time."""
+    """Executes workloads on worker threads, at most ``slots`` at a time."""
 
-    def __init__(self, device: DeviceInfo, slots: int) -> None:
+    def __init__(
+        self, device: DeviceInfo, slots: int, workloads: Mapping[str, Workload] | None = None
+    ) -> None:
         self.device = device
-        self.workloads: dict[str, Workload] = registry()
-        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="workload")
+        self.slots = slots
+        self.workloads: dict[str, Workload] = dict(registry() if workloads is None else workloads)
+        self._streams = threading.local()
+        self._executor = ThreadPoolExecutor(
+            max_workers=slots, thread_name_prefix="workload", initializer=self._prepare_thread
+        )
 
     async def run(
         self,
-        workload: str,
+        workload_name: str,
         inputs: Sequence[torch.Tensor],
         params: Mapping[str, Param],
         cancelled: threading.Event,
     ) -> RunOutcome:
-        """Runs one workload on a worker thread."""
-        fn = lookup(workload, self.workloads)
+        """Runs one workload on a worker thread and times it.
+
+        Raises:
+            UnknownWorkloadError: no workload has that name.
+            WorkloadArgumentError: the workload refused its inputs or params.
+            TaskCancelledError: the workload saw ``cancelled`` and stopped.
+            WorkloadFailedError: the workload (or moving its tensors) raised anything else.
+        """
+        fn = lookup(workload_name, self.workloads)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, self._execute, fn, inputs, params, cancelled
+            self._executor, self._execute, workload_name, fn, inputs, params, cancelled
         )
 
     def close(self) -> None:
-        """Waits for running workloads and stops the workers."""
+        """Waits for running workloads, then stops the worker threads."""
         self._executor.shutdown(wait=True)
+
+    # -- on a worker thread ---------------------------------------------------------------------
+
+    def _prepare_thread(self) -> None:
+        device = self.device.device
+        if device.type != "cuda":
+            return
+        torch.cuda.set_device(device)
+        stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self._streams.stream = stream
+        with torch.cuda.stream(stream):
+            # The first matmul on a thread creates its cuBLAS handle: keep that off the bill.
+            warm = torch.ones(8, 8, device=device)
+            (warm @ warm).sum().item()
 
     def _execute(
         self,
+        name: str,
         fn: Workload,
         inputs: Sequence[torch.Tensor],
         params: Mapping[str, Param],
         cancelled: threading.Event,
     ) -> RunOutcome:
-        device = self.device.device
-        on_device = [t.to(device, non_blocking=True) for t in inputs]
-        ctx = WorkloadContext(device=device, cancelled=cancelled)
-        if device.type == "cuda":
-            outputs, seconds = _timed_cuda(fn, on_device, params, ctx)
-        else:
-            start = time.perf_counter()
+        ctx = WorkloadContext(device=self.device.device, cancelled=cancelled)
+        started = time.perf_counter()
+        try:
+            if ctx.device.type == "cuda":
+                outcome = self._execute_cuda(name, fn, inputs, params, ctx)
+            else:
+                outcome = _execute_cpu(name, fn, inputs, params, ctx)
+        except AgentError:
+            raise
+        except Exception as exc:
+            # Workloads are operator code and torch raises plain RuntimeErrors (CUDA out of
+            # memory too): whatever they raise is the attempt's failure, never the agent's.
+            raise WorkloadFailedError(f"{type(exc).__name__}: {exc}") from exc
+        logger.debug(
+            "%s: %.6f s compute, %.6f s wall",
+            name,
+            outcome.compute_seconds,
+            time.perf_counter() - started,
+        )
+        return outcome
+
+    def _execute_cuda(
+        self,
+        name: str,
+        fn: Workload,
+        inputs: Sequence[torch.Tensor],
+        params: Mapping[str, Param],
+        ctx: WorkloadContext,
+    ) -> RunOutcome:
+        stream: torch.cuda.Stream = self._streams.stream
+        with torch.cuda.stream(stream):
+            on_device = [t.to(ctx.device, non_blocking=True) for t in inputs]
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record(stream)
             outputs = fn(on_device, params, ctx)
-            seconds = time.perf_counter() - start
-        return RunOutcome(tuple(t.detach().cpu().contiguous() for t in outputs), seconds)
+            end.record(stream)
+            host = _to_host(name, outputs)  # the copy back waits for the stream anyway
+        end.synchronize()
+        return RunOutcome(host, start.elapsed_time(end) / 1000.0)
 
 
-def _timed_cuda(
-    fn: Workload, inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
-) -> tuple[Sequence[torch.Tensor], float]:
-    stream = torch.cuda.current_stream(ctx.device)
-    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    start.record(stream)
-    outputs = fn(inputs, params, ctx)
-    end.record(stream)
-    end.synchronize()
-    return outputs, start.elapsed_time(end) / 1000.0
+def _execute_cpu(
+    name: str,
+    fn: Workload,
+    inputs: Sequence[torch.Tensor],
+    params: Mapping[str, Param],
+    ctx: WorkloadContext,
+) -> RunOutcome:
+    on_device = [t.to(ctx.device) for t in inputs]
+    start = time.perf_counter()
+    outputs = fn(on_device, params, ctx)
+    seconds = time.perf_counter() - start
+    return RunOutcome(_to_host(name, outputs), seconds)
+
+
+def _to_host(name: str, outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence):
+        raise WorkloadFailedError(
+            f"workload {name!r} returned {type(outputs).__name__}, not a sequence of tensors"
+        )
+    host = []
+    for index, tensor in enumerate(outputs):
+        if not isinstance(tensor, torch.Tensor):
+            raise WorkloadFailedError(
+                f"workload {name!r} output {index} is a {type(tensor).__name__}, not a tensor"
+            )
+        if str(tensor.dtype).removeprefix("torch.") not in DTYPE_ITEMSIZE:
+            raise WorkloadFailedError(
+                f"workload {name!r} output {index} has dtype {tensor.dtype}, which the wire "
+                f"cannot carry"
+            )
+        # Lazy conjugate/negative views would otherwise be sent as their un-conjugated bytes.
+        resolved = tensor.detach().resolve_conj().resolve_neg()
+        host.append(resolved.to("cpu").contiguous())
+    return tuple(host)

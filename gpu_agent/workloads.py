@@ -1,25 +1,35 @@
 """Named workloads: the only code an agent runs. Nothing is ever unpickled from the network.
 
-Built-ins are registered here; operators add their own through the ``gpubroker.workloads``
-entry-point group (each entry point names a ``Workload`` callable).
+Built-ins are registered here with ``@register(name)``; operators add their own through the
+``gpubroker.workloads`` entry-point group (each entry point names a ``Workload`` callable).
+Every built-in validates its inputs and params first and raises ``WorkloadArgumentError``
+with the offending numbers, so a caller's mistake is reported as INVALID_ARGUMENT rather than
+as whatever torch raises deep inside a kernel.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from gpu_agent.errors import TaskCancelledError, UnknownWorkloadError, WorkloadArgumentError
+from gpu_agent.errors import (
+    TaskCancelledError,
+    UnknownWorkloadError,
+    WorkloadArgumentError,
+    WorkloadLoadError,
+)
+from gpu_agent.model import Param
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "MAX_SLEEP_S",
     "Param",
     "Workload",
     "WorkloadContext",
@@ -29,8 +39,15 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "gpubroker.workloads"
+"""Entry-point group operators install their own workloads under."""
 
-Param = int | float | str | bool
+MAX_SLEEP_S = 3600.0
+"""Longest ``sleep`` a task may ask for."""
+
+_SLEEP_STEP_S = 0.05  # how quickly ``sleep`` notices a cancel
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPLEX = (torch.complex64, torch.complex128)
+_FFT_NORMS = ("backward", "forward", "ortho")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,25 +55,30 @@ class WorkloadContext:
     """What a workload may know about where it runs."""
 
     device: torch.device
+    """Where the inputs are and where outputs should be computed."""
     cancelled: threading.Event
-    """Set when the attempt is revoked; long workloads should check it."""
+    """Set when the attempt is revoked or its deadline passed; long workloads should poll it."""
 
 
 class Workload(Protocol):
-    """A named computation over input tensors."""
+    """A named computation over input tensors; returns its outputs."""
 
     def __call__(
         self, inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
     ) -> Sequence[torch.Tensor]: ...
 
 
+W = TypeVar("W", bound=Workload)
+
 _BUILTINS: dict[str, Workload] = {}
 
 
-def register(name: str) -> Callable[[Workload], Workload]:
+def register(name: str) -> Callable[[W], W]:
     """Registers a built-in workload under ``name``."""
 
-    def decorate(fn: Workload) -> Workload:
+    def decorate(fn: W) -> W:
+        if name in _BUILTINS:
+            raise ValueError(f"a workload named {name!r} is already registered")
         _BUILTINS[name] = fn
         return fn
 
@@ -64,157 +86,308 @@ def register(name: str) -> Callable[[Workload], Workload]:
 
 
 def registry() -> dict[str, Workload]:
-    """Every workload: built-ins plus those installed as entry points."""
+    """Every workload: the built-ins plus those installed as ``gpubroker.workloads`` entry points.
+
+    Raises:
+        WorkloadLoadError: an entry point fails to import, is not callable, or reuses the name
+            of a built-in.
+    """
     found = dict(_BUILTINS)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        found[entry.name] = entry.load()
+        if entry.name in found:
+            raise WorkloadLoadError(
+                f"entry point {entry.value!r} reuses the workload name {entry.name!r}"
+            )
+        try:
+            loaded = entry.load()
+        except (ImportError, AttributeError) as exc:
+            raise WorkloadLoadError(f"entry point {entry.value!r} failed to load: {exc}") from exc
+        if not callable(loaded):
+            raise WorkloadLoadError(f"entry point {entry.value!r} is not callable")
+        found[entry.name] = loaded
     return found
 
 
-def lookup(name: str, workloads: Mapping[str, Workload]) -> Workload:
-    """The workload registered as ``name``."""
+def lookup(name: str, workloads: Mapping[str, Workload] | None = None) -> Workload:
+    """The workload registered as ``name`` (in ``workloads``, or in ``registry()``)."""
+    known = registry() if workloads is None else workloads
     try:
-        return workloads[name]
+        return known[name]
     except KeyError:
         raise UnknownWorkloadError(
-            f"unknown workload {name!r}; this agent runs: {', '.join(sorted(workloads))}"
+            f"unknown workload {name!r}; this agent runs: {', '.join(sorted(known))}"
         ) from None
 
 
-def _arity(name: str, inputs: Sequence[torch.Tensor], low: int, high: int | None = None) -> None:
+# -- validation helpers -----------------------------------------------------------------------
+
+
+class _Params:
+    """Typed access to a workload's params; ``_params`` has already refused unknown names."""
+
+    def __init__(self, workload: str, values: Mapping[str, Param]) -> None:
+        self._workload = workload
+        self._values = values
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.optional_integer(key)
+        return default if value is None else value
+
+    def optional_integer(self, key: str) -> int | None:
+        value = self._values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self._wrong_type(key, "an integer", value)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._values.get(key, default)
+        if not isinstance(value, bool):
+            raise self._wrong_type(key, "a boolean", value)
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._wrong_type(key, "a number", value)
+        return float(value)
+
+    def optional_choice(self, key: str, choices: Sequence[str]) -> str | None:
+        value = self._values.get(key)
+        if value is not None and value not in choices:
+            raise self._wrong_type(key, f"one of {', '.join(choices)}", value)
+        return value if isinstance(value, str) else None
+
+    def _wrong_type(self, key: str, expected: str, value: object) -> WorkloadArgumentError:
+        return WorkloadArgumentError(
+            f"{self._workload}: parameter {key!r} must be {expected}, got {value!r}"
+        )
+
+
+def _params(workload: str, params: Mapping[str, Param], allowed: Iterable[str] = ()) -> _Params:
+    allowed = sorted(allowed)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) if allowed else "no parameters"
+        raise WorkloadArgumentError(
+            f"{workload}: unknown parameter(s) {', '.join(unknown)}; it takes {takes}"
+        )
+    return _Params(workload, params)
+
+
+def _arity(
+    workload: str, inputs: Sequence[torch.Tensor], low: int, high: int | None = None
+) -> None:
     high = low if high is None else high
     if not low <= len(inputs) <= high:
         want = str(low) if low == high else f"{low} to {high}"
-        raise WorkloadArgumentError(f"{name} takes {want} input tensors, got {len(inputs)}")
+        raise WorkloadArgumentError(f"{workload} takes {want} input tensors, got {len(inputs)}")
 
 
-def _params(
-    name: str, params: Mapping[str, Param], spec: Mapping[str, tuple[type, Param | None]]
-) -> dict[str, Param | None]:
-    unknown = set(params) - set(spec)
-    if unknown:
+def _dtypes(workload: str, tensors: Sequence[torch.Tensor], allowed: Sequence[torch.dtype]) -> None:
+    names = [_dtype_name(t.dtype) for t in tensors]
+    if any(t.dtype not in allowed for t in tensors):
+        allowed_names = ", ".join(_dtype_name(d) for d in allowed)
         raise WorkloadArgumentError(
-            f"{name} has no parameter(s) {sorted(unknown)}; it takes {sorted(spec) or 'none'}"
+            f"{workload}: inputs must be {allowed_names}; got {', '.join(names)}"
         )
-    values: dict[str, Param | None] = {}
-    for key, (kind, default) in spec.items():
-        value = params.get(key, default)
-        if value is not None:
-            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value, ok = float(value), True
-            if not ok:
-                raise WorkloadArgumentError(
-                    f"{name}: parameter {key!r} must be {kind.__name__}, got {value!r}"
-                )
-        values[key] = value
-    return values
+    if len(set(names)) > 1:
+        raise WorkloadArgumentError(
+            f"{workload}: inputs must share a dtype; got {', '.join(names)}"
+        )
 
 
-def _int(value: Param | None) -> int:
-    assert isinstance(value, int)  # _params checked the type
-    return value
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _run(name: str, fn: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
-    # torch reports bad shapes as RuntimeError; they are the caller's fault, not ours.
+def _broadcast(workload: str, a: Sequence[int], b: Sequence[int], what: str = "shapes") -> None:
     try:
-        return [fn()]
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise WorkloadArgumentError(f"{name}: {exc}") from exc
+        torch.broadcast_shapes(torch.Size(a), torch.Size(b))  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        raise WorkloadArgumentError(
+            f"{workload}: {what} {list(a)} and {list(b)} do not broadcast"
+        ) from None
+
+
+def _dim(workload: str, dim: int, tensor: torch.Tensor) -> int:
+    rank = max(tensor.dim(), 1)  # torch lets a 0-d tensor use dim 0 or -1
+    if not -rank <= dim < rank:
+        raise WorkloadArgumentError(
+            f"{workload}: dim {dim} is out of range for a tensor of shape {list(tensor.shape)}"
+        )
+    return dim
+
+
+def _at_least(workload: str, **bounds: tuple[int, int]) -> None:
+    """Checks ``name=(value, minimum)`` pairs."""
+    for name, (value, minimum) in bounds.items():
+        if value < minimum:
+            raise WorkloadArgumentError(
+                f"{workload}: {name} must be at least {minimum}, got {value}"
+            )
+
+
+# -- built-ins --------------------------------------------------------------------------------
 
 
 @register("matmul")
 def matmul(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """``a @ b`` (torch.matmul broadcasting rules)."""
+    """``a @ b`` with ``torch.matmul``'s 1-d and batch broadcasting rules."""
     _arity("matmul", inputs, 2)
-    _params("matmul", params, {})
-    return _run("matmul", lambda: torch.matmul(inputs[0], inputs[1]))
+    _params("matmul", params)
+    a, b = inputs
+    _dtypes("matmul", inputs, _FLOATING + _COMPLEX)
+    if a.dim() == 0 or b.dim() == 0:
+        raise WorkloadArgumentError(
+            f"matmul: inputs need at least 1 dimension; got shapes {list(a.shape)} and "
+            f"{list(b.shape)}"
+        )
+    columns, rows = a.shape[-1], (b.shape[-2] if b.dim() >= 2 else b.shape[0])
+    if columns != rows:
+        raise WorkloadArgumentError(
+            f"matmul: a of shape {list(a.shape)} has {columns} columns but b of shape "
+            f"{list(b.shape)} has {rows} rows"
+        )
+    _broadcast("matmul", a.shape[:-2], b.shape[:-2], "batch dimensions")
+    return [torch.matmul(a, b)]
 
 
 @register("add")
 def add(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """``a + b`` with broadcasting."""
+    """``a + b`` with broadcasting and torch's type promotion."""
     _arity("add", inputs, 2)
-    _params("add", params, {})
-    return _run("add", lambda: torch.add(inputs[0], inputs[1]))
+    _params("add", params)
+    a, b = inputs
+    _broadcast("add", a.shape, b.shape)
+    return [torch.add(a, b)]
 
 
 @register("sum")
 def sum_(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """Sum of all elements, or along ``dim`` (with ``keepdim``)."""
+    """Sum of all elements, or along ``dim`` (int), keeping it when ``keepdim`` (bool)."""
     _arity("sum", inputs, 1)
-    p = _params("sum", params, {"dim": (int, None), "keepdim": (bool, False)})
-    x = inputs[0]
-    if p["dim"] is None:
-        return _run("sum", lambda: torch.sum(x))
-    dim, keepdim = _int(p["dim"]), bool(p["keepdim"])
-    return _run("sum", lambda: torch.sum(x, dim=dim, keepdim=keepdim))
+    p = _params("sum", params, ("dim", "keepdim"))
+    (x,) = inputs
+    dim, keepdim = p.optional_integer("dim"), p.boolean("keepdim", False)
+    if dim is None:
+        return [torch.sum(x, dim=None, keepdim=keepdim)]
+    return [torch.sum(x, dim=_dim("sum", dim, x), keepdim=keepdim)]
 
 
 @register("conv2d")
 def conv2d(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """``torch.nn.functional.conv2d(input, weight, bias?)`` with int stride/padding/dilation."""
+    """``torch.nn.functional.conv2d(input, weight, bias?)``; int stride/padding/dilation/groups."""
     _arity("conv2d", inputs, 2, 3)
-    spec: dict[str, tuple[type, Param | None]] = {
-        "stride": (int, 1), "padding": (int, 0), "dilation": (int, 1), "groups": (int, 1),
-    }  # fmt: skip
-    p = _params("conv2d", params, spec)
+    p = _params("conv2d", params, ("stride", "padding", "dilation", "groups"))
+    stride, padding = p.integer("stride", 1), p.integer("padding", 0)
+    dilation, groups = p.integer("dilation", 1), p.integer("groups", 1)
+    _at_least("conv2d", stride=(stride, 1), padding=(padding, 0), dilation=(dilation, 1))
+    _at_least("conv2d", groups=(groups, 1))
+    _dtypes("conv2d", inputs, _FLOATING + _COMPLEX)
+    x, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) == 3 else None
-    stride, padding, dilation, groups = (
-        _int(p[k]) for k in ("stride", "padding", "dilation", "groups")
-    )
-    return _run(
-        "conv2d",
-        lambda: F.conv2d(
-            inputs[0],
-            inputs[1],
-            bias,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-        ),
-    )
+    _conv2d_shapes(x, weight, bias, groups)
+    _conv2d_window(x, weight, padding, dilation)
+    return [
+        F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ]
+
+
+def _conv2d_shapes(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+) -> None:
+    if x.dim() not in (3, 4) or weight.dim() != 4:
+        raise WorkloadArgumentError(
+            f"conv2d: input must be 3-d or 4-d and weight 4-d; got shapes {list(x.shape)} "
+            f"and {list(weight.shape)}"
+        )
+    in_channels, out_channels = x.shape[-3], weight.shape[0]
+    if in_channels != weight.shape[1] * groups or out_channels % groups:
+        raise WorkloadArgumentError(
+            f"conv2d: input has {in_channels} channels and weight of shape "
+            f"{list(weight.shape)} with groups={groups} expects {weight.shape[1] * groups} "
+            f"input channels and a multiple of {groups} output channels"
+        )
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise WorkloadArgumentError(
+            f"conv2d: bias must have shape [{out_channels}], got {list(bias.shape)}"
+        )
+
+
+def _conv2d_window(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> None:
+    for size, kernel in zip(x.shape[-2:], weight.shape[-2:], strict=True):
+        span = dilation * (kernel - 1) + 1
+        if span > size + 2 * padding:
+            raise WorkloadArgumentError(
+                f"conv2d: kernel of shape {list(weight.shape[-2:])} with dilation {dilation} "
+                f"spans {span} but the padded input is {size + 2 * padding} wide "
+                f"(input shape {list(x.shape)}, padding {padding})"
+            )
 
 
 @register("fft")
 def fft(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """``torch.fft.fft`` along ``dim`` (default -1), optional ``n`` and ``norm``."""
+    """``torch.fft.fft`` along ``dim`` (default -1), optional ``n`` and ``norm``; complex output."""
     _arity("fft", inputs, 1)
-    p = _params("fft", params, {"n": (int, None), "dim": (int, -1), "norm": (str, None)})
-    n = None if p["n"] is None else _int(p["n"])
-    norm = None if p["norm"] is None else str(p["norm"])
-    dim = _int(p["dim"])
-    return _run("fft", lambda: torch.fft.fft(inputs[0], n=n, dim=dim, norm=norm))
+    p = _params("fft", params, ("dim", "n", "norm"))
+    (x,) = inputs
+    n, dim = p.optional_integer("n"), p.integer("dim", -1)
+    norm = p.optional_choice("norm", _FFT_NORMS)
+    if x.dim() == 0:
+        raise WorkloadArgumentError("fft: input must have at least 1 dimension, got a 0-d tensor")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise WorkloadArgumentError(f"fft: {_dtype_name(x.dtype)} input is not supported")
+    if n is not None:
+        _at_least("fft", n=(n, 1))
+    return [torch.fft.fft(x, n=n, dim=_dim("fft", dim, x), norm=norm)]
 
 
 @register("linalg.solve")
 def linalg_solve(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """``X`` such that ``A @ X = B``."""
+    """``X`` such that ``A @ X = B`` (``torch.linalg.solve``, batches broadcast)."""
     _arity("linalg.solve", inputs, 2)
-    _params("linalg.solve", params, {})
-    return _run("linalg.solve", lambda: torch.linalg.solve(inputs[0], inputs[1]))
+    _params("linalg.solve", params)
+    _dtypes("linalg.solve", inputs, (torch.float32, torch.float64, *_COMPLEX))
+    a, b = inputs
+    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        raise WorkloadArgumentError(
+            f"linalg.solve: A must be a (batch of) square matrices, got shape {list(a.shape)}"
+        )
+    # torch's rule: B is a (batch of) vector(s) when it is 1-d or has A's shape minus one dim.
+    is_vector = b.dim() == 1 or (b.dim() == a.dim() - 1 and b.shape == a.shape[:-1])
+    if b.dim() < 1 or (not is_vector and b.dim() < 2):
+        raise WorkloadArgumentError(f"linalg.solve: B must be at least 1-d, got {list(b.shape)}")
+    rows, batch = (b.shape[-1], b.shape[:-1]) if is_vector else (b.shape[-2], b.shape[:-2])
+    if rows != a.shape[-1]:
+        raise WorkloadArgumentError(
+            f"linalg.solve: A of shape {list(a.shape)} needs B with {a.shape[-1]} rows, "
+            f"got B of shape {list(b.shape)}"
+        )
+    _broadcast("linalg.solve", a.shape[:-2], batch, "batch dimensions")
+    try:
+        return [torch.linalg.solve(a, b)]
+    except torch.linalg.LinAlgError as exc:  # type: ignore[attr-defined]
+        raise WorkloadArgumentError(f"linalg.solve: {exc}") from exc
 
 
 @register("echo")
 def echo(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """Returns its inputs unchanged (for transport tests and benchmarks)."""
-    _params("echo", params, {})
+    """Returns its inputs unchanged, any number and any dtype (transport tests, benchmarks)."""
+    _params("echo", params)
     return list(inputs)
 
 
@@ -222,14 +395,15 @@ def echo(
 def sleep(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
-    """Waits ``seconds`` (at most an hour), honouring cancellation, then echoes its inputs."""
-    p = _params("sleep", params, {"seconds": (float, 0.0)})
-    seconds = p["seconds"]
-    assert isinstance(seconds, float)
-    if not 0 <= seconds <= 3600:
-        raise WorkloadArgumentError(f"sleep: seconds must be within 0..3600, got {seconds}")
+    """Waits ``seconds`` (at most an hour), stopping early when cancelled; returns its inputs."""
+    p = _params("sleep", params, ("seconds",))
+    seconds = p.number("seconds", 0.0)
+    if not 0 <= seconds <= MAX_SLEEP_S:  # also refuses NaN
+        raise WorkloadArgumentError(
+            f"sleep: seconds must be within 0..{MAX_SLEEP_S:g}, got {seconds}"
+        )
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        if ctx.cancelled.wait(min(left, 0.05)):
-            raise TaskCancelledError("sleep cancelled")
+        if ctx.cancelled.wait(min(left, _SLEEP_STEP_S)):
+            raise TaskCancelledError(f"sleep cancelled with {left:.3f} of {seconds} s left")
     return list(inputs)

@@ -1,0 +1,195 @@
+"""One assignment being worked on: fetch its inputs, run it, report its outcome.
+
+An attempt can be revoked at any point: cancelled by the broker, or lost with the control
+stream that brought it. A revoked attempt reports nothing. Its slot is only free once the
+workload has actually stopped, which ``Attempt.execute`` waits for before it returns: a worker
+thread cannot be interrupted, only asked (through ``WorkloadContext.cancelled``) to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from client.wire import ChecksumMismatchError, WireError
+from gpu_agent.errors import (
+    AgentError,
+    TaskCancelledError,
+    TaskDeadlineError,
+    UnknownWorkloadError,
+    WorkloadArgumentError,
+    WorkloadFailedError,
+)
+from gpu_agent.gateway import GatewayClient
+from gpu_agent.model import Assignment, AttemptRef
+from gpu_agent.runner import Runner, RunOutcome
+from gpu_agent.session import Session
+
+__all__ = ["ERROR_CODES", "Attempt", "Revocation"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ERROR_CODES: dict[type[AgentError], str] = {
+    UnknownWorkloadError: "INVALID_ARGUMENT",
+    WorkloadArgumentError: "INVALID_ARGUMENT",
+    WorkloadFailedError: "ABORTED",
+    TaskDeadlineError: "DEADLINE_EXCEEDED",
+    TaskCancelledError: "ABORTED",  # only reported when the workload cancelled itself
+}
+"""The gRPC status code name reported for each error that ends an attempt."""
+
+_STALE_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+
+
+class Revocation(enum.Enum):
+    """Why an attempt stopped counting."""
+
+    CANCELLED = "cancelled by the broker"
+    LOST = "lost with its control stream"
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: str
+    message: str
+
+
+class Attempt:
+    """An assignment from fetching its inputs to reporting its outcome."""
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        session: Session,
+        gateway: GatewayClient,
+        runner: Runner,
+        deadline: float | None,
+    ) -> None:
+        self.assignment = assignment
+        self.session = session
+        """The control stream that brought the assignment."""
+        self._gateway = gateway
+        self._runner = runner
+        self._deadline = deadline
+        self._cancelled = threading.Event()
+        self._revoked: asyncio.Future[Revocation] = asyncio.get_running_loop().create_future()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def ref(self) -> AttemptRef:
+        """Which attempt of which task."""
+        return self.assignment.ref
+
+    @property
+    def revocation(self) -> Revocation | None:
+        """Why the attempt was revoked; None while it still counts."""
+        return self._revoked.result() if self._revoked.done() else None
+
+    def revoke(self, why: Revocation) -> None:
+        """Stops the attempt: its workload is asked to stop and nothing will be reported."""
+        if not self._revoked.done():
+            self._revoked.set_result(why)
+        self._cancelled.set()
+
+    async def execute(self) -> None:
+        """Fetches, runs and reports; returns once the workload has actually stopped.
+
+        Failures end up reported to the broker or logged; nothing escapes but cancellation.
+        """
+        try:
+            outcome = await self._compute()
+            if self.revocation is not None:
+                logger.info("attempt %s stopped: %s", self.ref, self.revocation.value)
+                return
+            await self._report(outcome)
+        except grpc.aio.AioRpcError as exc:
+            self._log_refusal(exc)
+        except Exception:
+            # A bug of ours in one attempt must not take the agent (and its other slots) down.
+            logger.exception("attempt %s failed inside the agent", self.ref)
+        finally:
+            await self._settle()
+
+    async def _compute(self) -> RunOutcome | _Failure:
+        assignment = self.assignment
+        try:
+            fetch = self._spawn(self._gateway.fetch_inputs(assignment))
+            inputs = await self._bounded(fetch, abandon=True)
+            run = self._runner.run(assignment.workload, inputs, assignment.params, self._cancelled)
+            return await self._bounded(self._spawn(run), abandon=False)
+        except ChecksumMismatchError as exc:
+            return _Failure("DATA_LOSS", str(exc))
+        except WireError as exc:
+            return _Failure("INVALID_ARGUMENT", str(exc))
+        except AgentError as exc:
+            return _Failure(ERROR_CODES.get(type(exc), "INTERNAL"), str(exc))
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro, name=f"attempt-{self.ref}")
+        self._tasks.append(task)
+        return task
+
+    async def _bounded(self, work: asyncio.Task[T], *, abandon: bool) -> T:
+        """Waits for ``work`` until the deadline or a revocation, whichever comes first.
+
+        On the deadline or a revocation the workload is asked to stop; ``abandon`` also cancels
+        ``work`` itself (safe for a gRPC call, pointless for a worker thread).
+        """
+        loop = asyncio.get_running_loop()
+        timeout = None if self._deadline is None else max(self._deadline - loop.time(), 0.0)
+        waiters: set[asyncio.Future[Any]] = {work, self._revoked}
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        self._cancelled.set()
+        if abandon:
+            work.cancel()
+        if self.revocation is not None:
+            raise TaskCancelledError(f"attempt {self.ref} was {self.revocation.value}")
+        raise TaskDeadlineError(
+            f"task {self.ref.task_id} ran past its deadline of "
+            f"{self.assignment.timeout_s or 0:.3f} s"
+        )
+
+    async def _report(self, outcome: RunOutcome | _Failure) -> None:
+        if isinstance(outcome, _Failure):
+            logger.info("attempt %s failed: %s %s", self.ref, outcome.code, outcome.message)
+            await self._gateway.put_failure(self.ref, outcome.code, outcome.message)
+            return
+        state = await self._gateway.put_result(self.ref, outcome)
+        logger.info(
+            "attempt %s (%s) done in %.6f s of compute; task state %d",
+            self.ref,
+            self.assignment.workload,
+            outcome.compute_seconds,
+            state,
+        )
+
+    def _log_refusal(self, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() in _STALE_CODES:
+            logger.info(
+                "broker no longer holds attempt %s (%s): %s",
+                self.ref,
+                exc.code().name,
+                exc.details(),
+            )
+        else:
+            logger.warning("attempt %s dropped: %s %s", self.ref, exc.code().name, exc.details())
+
+    async def _settle(self) -> None:
+        """Waits for every task of this attempt (the worker thread's above all) to end."""
+        if not self._tasks:
+            return
+        await asyncio.wait(self._tasks)
+        for task in self._tasks:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                logger.debug("attempt %s: work ended with %r", self.ref, exc)

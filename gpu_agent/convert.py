@@ -1,0 +1,52 @@
+"""Conversions between the agent protocol's messages and the agent's dataclasses."""
+
+from __future__ import annotations
+
+from client.proto import meta_from_proto, meta_to_proto, params_from_proto
+from gpu_agent.model import Assignment, AttemptRef, Hello
+from protos import agent_pb2
+
+# The tensor-header and parameter conversions are shared with the client and the broker.
+__all__ = [
+    "assignment_from_proto",
+    "hello_to_proto",
+    "meta_from_proto",
+    "meta_to_proto",
+    "params_from_proto",
+    "ref_from_proto",
+    "ref_to_proto",
+]
+
+
+def ref_from_proto(msg: agent_pb2.TaskAttempt) -> AttemptRef:
+    """An attempt reference."""
+    return AttemptRef(task_id=msg.task_id, number=msg.attempt)
+
+
+def ref_to_proto(ref: AttemptRef) -> agent_pb2.TaskAttempt:
+    """A ``TaskAttempt`` message."""
+    return agent_pb2.TaskAttempt(task_id=ref.task_id, attempt=ref.number)
+
+
+def assignment_from_proto(msg: agent_pb2.TaskAssignment) -> Assignment:
+    """An assignment; its headers and params are checked later, by the attempt itself."""
+    return Assignment(
+        ref=AttemptRef(task_id=msg.task_id, number=msg.attempt),
+        workload=msg.workload,
+        inputs=tuple(meta_from_proto(h) for h in msg.inputs),
+        params=params_from_proto(msg.params),
+        timeout_s=msg.timeout_seconds if msg.timeout_seconds > 0 else None,
+        inline_inputs=msg.inline_inputs if msg.inputs_inline else None,
+    )
+
+
+def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
+    """The first message of a control stream."""
+    return agent_pb2.AgentHello(
+        agent_id=hello.agent_id,
+        gpu_type=hello.gpu_type,
+        gpu_memory_bytes=hello.gpu_memory_bytes,
+        slots=hello.slots,
+        workloads=hello.workloads,
+        version=hello.version,
+    )

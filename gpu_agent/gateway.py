@@ -1,0 +1,133 @@
+"""The agent's client of the broker's ``AgentGateway`` service: the channel and the data calls.
+
+Task data moves on per-attempt calls (``FetchInputs``, ``PutResult``), separate from the
+control stream, so one large tensor never holds up another task's control messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import torch
+
+from client.codec import decode, encode
+from client.wire import Assembler, TensorMeta, iter_chunks
+from gpu_agent.config import Settings
+from gpu_agent.convert import meta_to_proto, ref_to_proto
+from gpu_agent.model import Assignment, AttemptRef
+from gpu_agent.runner import RunOutcome
+from protos import agent_pb2, agent_pb2_grpc, task_pb2
+
+__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "GatewayClient", "open_channel"]
+
+MAX_MESSAGE_BYTES = 16 << 20
+"""Largest gRPC message either way; data chunks are about 1 MiB."""
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Pings find a dead broker (or NAT that dropped the idle connection) within ~30 s.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+"""Options of every channel the agent opens."""
+
+ControlCall = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.BrokerMessage]
+
+
+def open_channel(settings: Settings) -> grpc.aio.Channel:
+    """A channel to the broker, over TLS when ``settings.tls``.
+
+    The CA file is read here, once, at start-up, before any task runs.
+    """
+    if not settings.tls:
+        return grpc.aio.insecure_channel(settings.broker_address, options=CHANNEL_OPTIONS)
+    roots = Path(settings.ca_file).read_bytes() if settings.ca_file else None
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.aio.secure_channel(settings.broker_address, credentials, options=CHANNEL_OPTIONS)
+
+
+class GatewayClient:
+    """Calls the broker for one agent, with its join token on every call."""
+
+    def __init__(self, channel: grpc.aio.Channel, agent_id: str, join_token: str | None) -> None:
+        self._stub = agent_pb2_grpc.AgentGatewayStub(channel)
+        self._agent_id = agent_id
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {join_token}"),) if join_token else ()
+        )
+
+    def connect(self, messages: AsyncIterator[agent_pb2.AgentMessage]) -> ControlCall:
+        """Opens the control stream, sending ``messages``."""
+        return self._stub.Connect(messages, metadata=self._metadata)
+
+    async def fetch_inputs(self, assignment: Assignment) -> list[torch.Tensor]:
+        """The assignment's input tensors, checked against their sizes and checksums.
+
+        Raises:
+            client.wire.WireError: a header is malformed or the bytes do not match it.
+            grpc.aio.AioRpcError: the broker refused (e.g. a stale attempt) or is gone.
+        """
+        for meta in assignment.inputs:
+            meta.validate()
+        assembler = Assembler(assignment.inputs)
+        if assignment.inline_inputs is not None:
+            assembler.feed(assignment.inline_inputs)
+        else:
+            request = agent_pb2.FetchInputsRequest(
+                agent_id=self._agent_id, attempt=ref_to_proto(assignment.ref)
+            )
+            async for reply in self._stub.FetchInputs(request, metadata=self._metadata):
+                assembler.feed(reply.chunk.data)
+        buffers = assembler.finish()
+        return [
+            _decode(meta, buffer) for meta, buffer in zip(assignment.inputs, buffers, strict=True)
+        ]
+
+    async def put_result(
+        self, ref: AttemptRef, outcome: RunOutcome
+    ) -> task_pb2.TaskState.ValueType:
+        """Uploads a successful attempt's outputs; returns the task's new state."""
+        encoded = [encode(tensor) for tensor in outcome.outputs]
+        header = agent_pb2.ResultHeader(
+            agent_id=self._agent_id,
+            attempt=ref_to_proto(ref),
+            outputs=[meta_to_proto(meta) for meta, _ in encoded],
+            compute_seconds=outcome.compute_seconds,
+        )
+        requests = _result_requests(header, [data for _, data in encoded])
+        reply = await self._stub.PutResult(requests, metadata=self._metadata)
+        return reply.state
+
+    async def put_failure(
+        self, ref: AttemptRef, code: str, message: str
+    ) -> task_pb2.TaskState.ValueType:
+        """Reports a failed attempt: a header with ``error_code`` and no outputs."""
+        header = agent_pb2.ResultHeader(
+            agent_id=self._agent_id,
+            attempt=ref_to_proto(ref),
+            error_code=code,
+            error_message=message,
+        )
+        requests = iter([agent_pb2.PutResultRequest(header=header)])
+        reply = await self._stub.PutResult(requests, metadata=self._metadata)
+        return reply.state
+
+
+def _decode(meta: TensorMeta, buffer: bytearray) -> torch.Tensor:
+    tensor = decode(meta, buffer, "torch")
+    assert isinstance(tensor, torch.Tensor)  # decode returns torch for kind "torch"
+    return tensor
+
+
+def _result_requests(
+    header: agent_pb2.ResultHeader, buffers: Sequence[memoryview]
+) -> Iterator[agent_pb2.PutResultRequest]:
+    # A generator, so only one ~1 MiB chunk is copied out of the outputs at a time.
+    yield agent_pb2.PutResultRequest(header=header)
+    for chunk in iter_chunks(buffers):
+        yield agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=chunk))

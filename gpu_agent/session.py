@@ -1,0 +1,153 @@
+"""One connected control stream (``AgentGateway.Connect``): hello, welcome, then messages.
+
+The session sends what the agent tells it to (credits, releases, heartbeats) and hands what
+the broker sends (assignments, cancels) to a ``SessionHandler``. It knows nothing of slots or
+attempts: that bookkeeping belongs to the ``Agent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from gpu_agent.convert import assignment_from_proto, hello_to_proto, ref_from_proto, ref_to_proto
+from gpu_agent.errors import BrokerProtocolError
+from gpu_agent.gateway import ControlCall, GatewayClient
+from gpu_agent.model import Assignment, AttemptRef, Hello
+from protos import agent_pb2
+
+__all__ = ["DEFAULT_HEARTBEAT_S", "Session", "SessionHandler"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_S = 5.0
+"""Heartbeat interval when the welcome does not name one."""
+
+_CLOSE_GRACE_S = 5.0  # how long a closing session waits for the broker to end the stream
+_WELCOME_TIMEOUT_S = 30.0  # a broker that accepts the call but never answers is retried
+
+
+class SessionHandler(Protocol):
+    """What the agent does with the broker's messages on one session."""
+
+    def on_assignment(self, session: Session, assignment: Assignment) -> None:
+        """Starts work on an assignment."""
+
+    def on_cancel(self, session: Session, ref: AttemptRef, reason: str) -> None:
+        """Stops an attempt the broker revoked."""
+
+    def running(self, session: Session) -> list[AttemptRef]:
+        """The attempts of this session still in progress, for the heartbeat."""
+
+
+class Session:
+    """A welcomed control stream; ``open`` it, ``serve`` it until it ends."""
+
+    def __init__(
+        self,
+        call: ControlCall,
+        outbox: asyncio.Queue[agent_pb2.AgentMessage | None],
+        heartbeat_s: float,
+    ) -> None:
+        self._call = call
+        self._outbox = outbox
+        self.heartbeat_s = heartbeat_s
+        self._closing = asyncio.Event()
+
+    @classmethod
+    async def open(cls, gateway: GatewayClient, hello: Hello) -> Session:
+        """Says hello and waits for the welcome.
+
+        Raises:
+            grpc.aio.AioRpcError: the broker is unreachable or refused the agent.
+            BrokerProtocolError: the first reply was not a welcome, or none came in time.
+        """
+        # Unbounded: it holds at most a few credits, releases and heartbeats per slot.
+        outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        outbox.put_nowait(agent_pb2.AgentMessage(hello=hello_to_proto(hello)))
+        call = gateway.connect(_drain(outbox))
+        try:
+            async with asyncio.timeout(_WELCOME_TIMEOUT_S):
+                first = await call.read()
+        except TimeoutError:
+            call.cancel()
+            raise BrokerProtocolError(f"no welcome within {_WELCOME_TIMEOUT_S:g} s") from None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if not isinstance(first, agent_pb2.BrokerMessage) or not first.HasField("welcome"):
+            call.cancel()
+            got = "the end of the stream" if first is grpc.aio.EOF else str(first).strip()
+            raise BrokerProtocolError(f"expected a welcome from the broker, got {got}")
+        heartbeat_s = first.welcome.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_S
+        return cls(call, outbox, heartbeat_s)
+
+    def grant(self, slots: int) -> None:
+        """Lets the broker assign ``slots`` more tasks."""
+        if slots > 0 and not self._closing.is_set():
+            self._send(agent_pb2.AgentMessage(credit=agent_pb2.AgentCredit(slots=slots)))
+
+    def release(self, ref: AttemptRef) -> None:
+        """Tells the broker a cancelled attempt has stopped."""
+        released = agent_pb2.AgentReleased(attempt=ref_to_proto(ref))
+        self._send(agent_pb2.AgentMessage(released=released))
+
+    def close(self) -> None:
+        """Half-closes the stream; the broker then ends it (or is cut off after a grace)."""
+        if not self._closing.is_set():
+            self._closing.set()
+            self._outbox.put_nowait(None)
+
+    async def serve(self, handler: SessionHandler) -> None:
+        """Reads and sends until the stream ends.
+
+        Raises:
+            grpc.aio.AioRpcError: the stream broke.
+        """
+        reader = asyncio.create_task(self._read(handler), name="session-reader")
+        heartbeat = asyncio.create_task(self._beat(handler), name="session-heartbeat")
+        closing = asyncio.create_task(self._closing.wait(), name="session-closing")
+        try:
+            await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                await asyncio.wait({reader}, timeout=_CLOSE_GRACE_S)
+        finally:
+            for task in (heartbeat, closing, reader):
+                task.cancel()
+            await asyncio.wait({heartbeat, closing, reader})
+            self._call.cancel()
+        if not reader.cancelled():
+            reader.result()
+
+    def _send(self, message: agent_pb2.AgentMessage) -> None:
+        self._outbox.put_nowait(message)
+
+    async def _read(self, handler: SessionHandler) -> None:
+        while (message := await self._call.read()) is not grpc.aio.EOF:
+            assert isinstance(message, agent_pb2.BrokerMessage)
+            kind = message.WhichOneof("kind")
+            if kind == "assignment":
+                handler.on_assignment(self, assignment_from_proto(message.assignment))
+            elif kind == "cancel":
+                cancel = message.cancel
+                handler.on_cancel(self, ref_from_proto(cancel.attempt), cancel.reason)
+            else:
+                logger.warning("ignoring an unexpected %s message from the broker", kind)
+
+    async def _beat(self, handler: SessionHandler) -> None:
+        while not self._closing.is_set():
+            await asyncio.sleep(self.heartbeat_s)
+            running = [ref_to_proto(ref) for ref in handler.running(self)]
+            heartbeat = agent_pb2.AgentHeartbeat(running=running)
+            self._send(agent_pb2.AgentMessage(heartbeat=heartbeat))
+
+
+async def _drain(
+    outbox: asyncio.Queue[agent_pb2.AgentMessage | None],
+) -> AsyncIterator[agent_pb2.AgentMessage]:
+    while (message := await outbox.get()) is not None:
+        yield message
