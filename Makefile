@@ -6,7 +6,7 @@ PY := $(BIN)/python
 export PATH := $(abspath $(BIN)):$(PATH)
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: install protos check-protos lint format typecheck test test-fast run bench clean all
+.PHONY: install protos check-protos lint format typecheck test test-fast run bench migrate clean all
 
 all: check-protos lint test
 
@@ -48,6 +48,9 @@ run:
 
 bench:
 	$(PY) -m bench
+
+migrate:
+	$(PY) -m billing migrate
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info gpubroker-data

@@ -10,6 +10,7 @@ import click
 import sqlalchemy as sa
 
 from billing.ledger import tenant_summaries
+from billing.migrate import current_revision, downgrade, upgrade
 from billing.models import usage
 from billing.report import FORMATS, render
 
@@ -50,6 +51,23 @@ def report(database_url: str | None, since: str | None, until: str | None, fmt: 
     finally:
         engine.dispose()
     click.echo(render(summaries, fmt), nl=False)
+
+
+@cli.command()
+@click.option("--database-url", help="SQLAlchemy URL (default: as for report).")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--down", is_flag=True, help="Downgrade to --revision (e.g. base) instead.")
+def migrate(database_url: str | None, revision: str, down: bool) -> None:
+    """Upgrades (or downgrades) the broker's database schema."""
+    url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url)
+    try:
+        (downgrade if down else upgrade)(engine, revision)
+        click.echo(f"{url} is at revision {current_revision(engine) or 'base'}")
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from broker.config import Settings, parse_api_keys
+from broker.errors import SchemaOutdatedError
 from broker.server import create_server
 
 logger = logging.getLogger("broker")
@@ -25,6 +26,7 @@ logger = logging.getLogger("broker")
 @click.option("--join-token", help="Token agents must present.")
 @click.option("--heartbeat", type=float, help="Agent heartbeat interval, seconds.")
 @click.option("--lease-timeout", type=float, help="Seconds of agent silence before requeue.")
+@click.option("--migrate", is_flag=True, default=None, help="Upgrade the schema on start.")
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(
@@ -35,6 +37,7 @@ def main(
     join_token: str | None,
     heartbeat: float | None,
     lease_timeout: float | None,
+    migrate: bool | None,
     port_file: Path | None,
     log_level: str,
 ) -> None:
@@ -50,11 +53,15 @@ def main(
         "join_token": join_token,
         "heartbeat_interval_s": heartbeat,
         "lease_timeout_s": lease_timeout,
+        "migrate": migrate,
     }
     settings = dataclasses.replace(
         Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}
     )
-    asyncio.run(_serve(settings, port_file))
+    try:
+        asyncio.run(_serve(settings, port_file))
+    except SchemaOutdatedError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 async def _serve(settings: Settings, port_file: Path | None) -> None:

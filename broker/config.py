@@ -48,6 +48,8 @@ class Settings:
     """An agent silent for this long loses its tasks to the queue."""
     limits: Limits = field(default_factory=Limits)
     """Per-task limits."""
+    migrate: bool = False
+    """Upgrade the database schema on start; otherwise refuse to start on an outdated one."""
     billing: bool = True
     """Write usage rows. Off only to measure what billing costs (``make bench``)."""
 
@@ -66,6 +68,7 @@ class Settings:
                 get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
             ),
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
+            migrate=get("GPUBROKER_MIGRATE", "0").lower() in ("1", "true", "yes", "on"),
             billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
             limits=Limits(
                 max_tensor_bytes=int(

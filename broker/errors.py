@@ -9,6 +9,7 @@ BrokerError
 ├── UnauthenticatedError      UNAUTHENTICATED
 ├── StaleAttemptError         FAILED_PRECONDITION (a result or fetch from a lost lease)
 ├── AgentRefusedError         FAILED_PRECONDITION (an agent the broker cannot bill for)
+├── SchemaOutdatedError       (start-up)         the database needs `make migrate`
 └── TaskEndedError            the task ended without a result; carries its status code
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "InvalidTaskError",
     "LimitExceededError",
     "RequestConflictError",
+    "SchemaOutdatedError",
     "StaleAttemptError",
     "TaskEndedError",
     "TaskNotFoundError",
@@ -66,6 +68,10 @@ class StaleAttemptError(BrokerError):
 
 class AgentRefusedError(BrokerError):
     """An agent cannot join, e.g. because its GPU type has no price."""
+
+
+class SchemaOutdatedError(BrokerError):
+    """The database schema is not at the revision this broker needs."""
 
 
 class TaskEndedError(BrokerError):

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import Engine
 
+from billing.migrate import current_revision, head_revision, upgrade
 from billing.prices import PriceCatalog
 from broker.auth import Authenticator
 from broker.committer import AsyncTaskStore
 from broker.config import Settings
 from broker.dispatcher import Dispatcher
+from broker.errors import SchemaOutdatedError
 from broker.events import TaskEvents
 from broker.gateway import AgentGatewayServicer
 from broker.servicer import BrokerServicer
@@ -63,11 +66,22 @@ class BrokerServer:
         await self.store.close()
 
 
+def _prepare_schema(engine: Engine, migrate: bool) -> None:
+    if migrate:
+        upgrade(engine)
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaOutdatedError(
+            f"the database is at schema revision {current or 'none'} but this broker needs "
+            f"{head}: run `python -m billing migrate` (make migrate) or start with --migrate"
+        )
+
+
 async def create_server(settings: Settings, catalog: PriceCatalog | None = None) -> BrokerServer:
     """Opens storage, recovers queued tasks, binds the port and starts serving."""
     engine = create_engine(settings.database_url)
+    _prepare_schema(engine, settings.migrate)
     sync_store = TaskStore(engine, catalog or PriceCatalog.load(), billing=settings.billing)
-    sync_store.create_schema()
     store = AsyncTaskStore(sync_store)
     spool = Spool(settings.spool_dir)
     spool.open()

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from billing.errors import UnknownPriceError
 from billing.ledger import UsageRecord, record_usage
-from billing.models import metadata, tasks, workloads
+from billing.models import tasks, workloads
 from billing.prices import PriceCatalog
 from broker.errors import (
     AgentRefusedError,
@@ -102,10 +102,6 @@ class TaskStore:
             return [_run_alone(op) for op in ops]
         finally:
             self._batch = None
-
-    def create_schema(self) -> None:
-        """Creates missing tables."""
-        metadata.create_all(self._engine)
 
     def create(
         self,

@@ -33,7 +33,7 @@ def main() -> int:
     port_file.unlink(missing_ok=True)
     broker = _spawn(
         "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-        "--api-keys", f"{API_KEY}=demo", log=DATA / "broker.log",
+        "--api-keys", f"{API_KEY}=demo", "--migrate", log=DATA / "broker.log",
     )  # fmt: skip
     agent = None
     try:

@@ -111,6 +111,7 @@ class BrokerProcess(_Process):
         keys = ",".join(f"{k}={t}" for k, t in self._api_keys.items())
         args = ["-m", "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
         args += ["--database-url", self.database_url, "--spool-dir", str(self.root / "spool")]
+        args += ["--migrate"]
         args += [
             "--heartbeat",
             str(self._heartbeat_s),

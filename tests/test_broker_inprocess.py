@@ -33,6 +33,7 @@ async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
         join_token="join-me",
         heartbeat_interval_s=0.2,
         lease_timeout_s=1.0,
+        migrate=True,
     )
     server = await create_server(settings, PriceCatalog.load())
     try:
