@@ -26,6 +26,7 @@ logger = logging.getLogger("broker")
 @click.option("--join-token", help="Token agents must present.")
 @click.option("--heartbeat", type=float, help="Agent heartbeat interval, seconds.")
 @click.option("--lease-timeout", type=float, help="Seconds of agent silence before requeue.")
+@click.option("--metrics", "metrics_address", help="host:port for Prometheus /metrics.")
 @click.option("--migrate", is_flag=True, default=None, help="Upgrade the schema on start.")
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
@@ -37,6 +38,7 @@ def main(
     join_token: str | None,
     heartbeat: float | None,
     lease_timeout: float | None,
+    metrics_address: str | None,
     migrate: bool | None,
     port_file: Path | None,
     log_level: str,
@@ -54,6 +56,7 @@ def main(
         "heartbeat_interval_s": heartbeat,
         "lease_timeout_s": lease_timeout,
         "migrate": migrate,
+        "metrics_address": metrics_address,
     }
     settings = dataclasses.replace(
         Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}

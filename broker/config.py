@@ -48,6 +48,8 @@ class Settings:
     """An agent silent for this long loses its tasks to the queue."""
     limits: Limits = field(default_factory=Limits)
     """Per-task limits."""
+    metrics_address: str | None = None
+    """``host:port`` to serve Prometheus ``/metrics`` on; None serves none."""
     migrate: bool = False
     """Upgrade the database schema on start; otherwise refuse to start on an outdated one."""
     billing: bool = True
@@ -68,6 +70,7 @@ class Settings:
                 get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
             ),
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
+            metrics_address=get("GPUBROKER_METRICS") or None,
             migrate=get("GPUBROKER_MIGRATE", "0").lower() in ("1", "true", "yes", "on"),
             billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
             limits=Limits(

@@ -86,6 +86,7 @@ class Dispatcher:
     def enqueue(self, task: Task) -> None:
         """Queues a freshly submitted task."""
         self.queue.push(task.id, task.tenant, task.priority, task.seq)
+        self._events.publish(task)
         self._wake.set()
 
     async def cancel(self, task_id: str, tenant: str | None) -> Task:

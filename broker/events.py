@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from broker.model import Task
 
@@ -14,11 +14,14 @@ __all__ = ["TaskEvents"]
 class TaskEvents:
     """Fans each task snapshot out to the queues subscribed to that task."""
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: Iterable[Callable[[Task], None]] = ()) -> None:
         self._subscribers: dict[str, set[asyncio.Queue[Task]]] = {}
+        self._listeners = tuple(listeners)
 
     def publish(self, task: Task) -> None:
-        """Delivers a snapshot to every subscriber of the task."""
+        """Delivers a snapshot to the listeners and to every subscriber of the task."""
+        for listener in self._listeners:
+            listener(task)
         for queue in self._subscribers.get(task.id, ()):
             queue.put_nowait(task)
 

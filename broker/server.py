@@ -19,6 +19,7 @@ from broker.dispatcher import Dispatcher
 from broker.errors import SchemaOutdatedError
 from broker.events import TaskEvents
 from broker.gateway import AgentGatewayServicer
+from broker.metrics import Metrics
 from broker.servicer import BrokerServicer
 from broker.spool import Spool
 from broker.store import TaskStore, create_engine
@@ -57,10 +58,13 @@ class BrokerServer:
     dispatcher: Dispatcher
     store: AsyncTaskStore
     health: health.aio.HealthServicer
+    metrics: Metrics
+    metrics_port: int | None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Reports NOT_SERVING, stops the server and the dispatcher, closes the store."""
         await self.health.enter_graceful_shutdown()
+        self.metrics.close()
         await self.dispatcher.stop()
         await self.server.stop(grace)
         await self.store.close()
@@ -85,8 +89,14 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     store = AsyncTaskStore(sync_store)
     spool = Spool(settings.spool_dir)
     spool.open()
-    events = TaskEvents()
+    metrics = Metrics()
+    events = TaskEvents(listeners=[metrics.observe])
     dispatcher = Dispatcher(store, spool, events, settings.limits, settings.lease_timeout_s)
+    metrics.watch_state(
+        queued=lambda: len(dispatcher.queue),
+        agents=lambda: len(dispatcher.registry),
+        free_slots=lambda: sum(s.credits for s in dispatcher.registry.sessions()),
+    )
     auth = Authenticator(settings.api_keys, settings.join_token)
     if auth.is_open:
         logger.warning("no API keys configured: every caller is tenant 'default'")
@@ -112,5 +122,6 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     await server.start()
     for name in ("", *_SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("broker listening on port %d", port)
-    return BrokerServer(server, port, dispatcher, store, health_servicer)
+    metrics_port = metrics.serve(settings.metrics_address) if settings.metrics_address else None
+    logger.info("broker listening on port %d (metrics: %s)", port, metrics_port or "off")
+    return BrokerServer(server, port, dispatcher, store, health_servicer, metrics, metrics_port)

@@ -7,6 +7,7 @@ torch or subprocesses: a fake agent on real gRPC, in the test's event loop.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
         heartbeat_interval_s=0.2,
         lease_timeout_s=1.0,
         migrate=True,
+        metrics_address="127.0.0.1:0",
     )
     server = await create_server(settings, PriceCatalog.load())
     try:
@@ -297,3 +299,24 @@ async def test_large_payloads_are_spooled_files_fetched_separately(
     assert fetched == data
     assert (tmp_path / "spool" / "out" / f"{task_id}.1.bin").read_bytes() == data
     assert not (tmp_path / "spool" / "in" / f"{task_id}.bin").exists()
+
+
+async def test_metrics_count_tasks_and_show_live_state(
+    channel: grpc.aio.Channel, broker: BrokerServer
+) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    await _submit(channel, b"x")
+    assignment = (await agent.next()).assignment
+    await agent.put(assignment, b"result")
+    await _submit(channel, b"queued")
+
+    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+
+    assert 'gpubroker_tasks_submitted_total{workload="echo"} 2.0' in text
+    assert 'gpubroker_tasks_finished_total{state="succeeded",workload="echo"} 1.0' in text
+    assert "gpubroker_queue_depth 1.0" in text
+    assert "gpubroker_agents_connected 1.0" in text
+    assert 'gpubroker_payload_bytes_total{direction="out"} 6.0' in text

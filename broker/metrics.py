@@ -1,0 +1,93 @@
+"""Prometheus metrics of the broker, fed by task events and read from live state.
+
+Served over HTTP (``/metrics``) when the broker is started with ``--metrics HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from broker.model import Task, TaskState
+
+__all__ = ["Metrics"]
+
+_SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
+
+
+class Metrics:
+    """The broker's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.submitted = Counter(
+            "gpubroker_tasks_submitted", "Tasks accepted.", ["workload"], registry=r
+        )
+        self.finished = Counter(
+            "gpubroker_tasks_finished",
+            "Tasks that reached a final state.",
+            ["workload", "state"],
+            registry=r,
+        )
+        self.requeued = Counter(
+            "gpubroker_tasks_requeued", "Attempts given back to the queue.", registry=r
+        )
+        self.queue_wait = Histogram(
+            "gpubroker_queue_wait_seconds",
+            "Submission to start of an attempt.",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "gpubroker_compute_seconds", "Measured compute time of succeeded tasks.", ["workload"],
+            buckets=_SECONDS, registry=r,
+        )  # fmt: skip
+        self.bytes = Counter(
+            "gpubroker_payload_bytes", "Tensor bytes of finished tasks.", ["direction"], registry=r
+        )
+        self._server: WSGIServer | None = None
+
+    def watch_state(
+        self, queued: Callable[[], int], agents: Callable[[], int], free_slots: Callable[[], int]
+    ) -> None:
+        """Reports live gauges by calling these when scraped."""
+        r = self.registry
+        Gauge("gpubroker_queue_depth", "Tasks waiting for an agent.", registry=r).set_function(
+            queued
+        )
+        Gauge(
+            "gpubroker_agents_connected", "Agents with a control stream.", registry=r
+        ).set_function(agents)
+        Gauge(
+            "gpubroker_free_slots", "Slots agents have offered and not yet filled.", registry=r
+        ).set_function(free_slots)
+
+    def observe(self, task: Task) -> None:
+        """Counts one published task snapshot (a state change)."""
+        if task.state is TaskState.QUEUED and task.attempt:
+            self.requeued.inc()
+        elif task.state is TaskState.QUEUED:
+            self.submitted.labels(task.workload).inc()
+        elif task.state is TaskState.RUNNING and task.started_at is not None:
+            self.queue_wait.observe((task.started_at - task.created_at).total_seconds())
+        elif task.state.is_final:
+            self.finished.labels(task.workload, task.state.value).inc()
+            if task.state is TaskState.SUCCEEDED:
+                self.compute.labels(task.workload).observe(task.compute_seconds or 0.0)
+                self.bytes.labels("in").inc(task.input_bytes)
+                self.bytes.labels("out").inc(task.output_bytes)
+
+    def serve(self, address: str) -> int:
+        """Serves ``/metrics`` at ``host:port`` (port 0 picks one); returns the port."""
+        host, _, port = address.rpartition(":")
+        self._server, _ = start_http_server(int(port), host or "0.0.0.0", self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stops the HTTP server."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
