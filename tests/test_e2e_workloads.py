@@ -17,6 +17,7 @@ import torch
 from billing.models import usage
 from client import Client, InvalidArgumentError, TaskFailedError
 from tests.cluster import AgentProcess, BrokerProcess
+from tests.tensors import random_tensor
 
 DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -46,19 +47,9 @@ def client(cluster: BrokerProcess) -> Iterator[Client]:
         yield c
 
 
-def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool()
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(shape, generator=gen, dtype=dtype)
-    info = torch.iinfo(dtype)
-    return torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_echo_returns_every_dtype_bit_exact(client: Client, dtype: torch.dtype) -> None:
-    tensor = _random((3, 5, 2), dtype)
+    tensor = random_tensor((3, 5, 2), dtype)
 
     result = client.run("echo", [tensor])
 
@@ -104,7 +95,7 @@ def test_numpy_inputs_come_back_as_numpy_arrays(client: Client) -> None:
 
 
 def test_matmul_matches_torch(client: Client) -> None:
-    a, b = _random((64, 32), torch.float32, 1), _random((32, 16), torch.float32, 2)
+    a, b = random_tensor((64, 32), torch.float32, 1), random_tensor((32, 16), torch.float32, 2)
 
     result = client.run("matmul", [a, b])
 
@@ -114,7 +105,7 @@ def test_matmul_matches_torch(client: Client) -> None:
 
 
 def test_add_broadcasts_like_torch(client: Client) -> None:
-    a, b = _random((4, 1, 3), torch.float64, 3), _random((5, 3), torch.float64, 4)
+    a, b = random_tensor((4, 1, 3), torch.float64, 3), random_tensor((5, 3), torch.float64, 4)
 
     result = client.run("add", [a, b])
 
@@ -122,7 +113,7 @@ def test_add_broadcasts_like_torch(client: Client) -> None:
 
 
 def test_sum_takes_dim_and_keepdim_params(client: Client) -> None:
-    x = _random((4, 6), torch.float32, 5)
+    x = random_tensor((4, 6), torch.float32, 5)
 
     result = client.run("sum", [x], dim=1, keepdim=True)
 
@@ -131,9 +122,9 @@ def test_sum_takes_dim_and_keepdim_params(client: Client) -> None:
 
 def test_conv2d_matches_torch(client: Client) -> None:
     x, w, bias = (
-        _random((2, 3, 16, 16), torch.float32, 6),
-        _random((8, 3, 3, 3), torch.float32, 7),
-        _random((8,), torch.float32, 8),
+        random_tensor((2, 3, 16, 16), torch.float32, 6),
+        random_tensor((8, 3, 3, 3), torch.float32, 7),
+        random_tensor((8,), torch.float32, 8),
     )
 
     result = client.run("conv2d", [x, w, bias], stride=2, padding=1)
@@ -143,7 +134,7 @@ def test_conv2d_matches_torch(client: Client) -> None:
 
 
 def test_fft_returns_complex_output(client: Client) -> None:
-    x = _random((4, 32), torch.float32, 9)
+    x = random_tensor((4, 32), torch.float32, 9)
 
     result = client.run("fft", [x])
 
@@ -152,8 +143,8 @@ def test_fft_returns_complex_output(client: Client) -> None:
 
 
 def test_linalg_solve_matches_torch(client: Client) -> None:
-    a = _random((8, 8), torch.float64, 10) + 8 * torch.eye(8, dtype=torch.float64)
-    b = _random((8, 3), torch.float64, 11)
+    a = random_tensor((8, 8), torch.float64, 10) + 8 * torch.eye(8, dtype=torch.float64)
+    b = random_tensor((8, 3), torch.float64, 11)
 
     result = client.run("linalg.solve", [a, b])
 
@@ -205,7 +196,7 @@ async def test_the_async_client_submits_runs_watches_and_cancels(cluster: Broker
     from client import AsyncClient
 
     async with AsyncClient(cluster.address, "key-a") as aclient:
-        a, b = _random((8, 8), torch.float32, 12), _random((8, 8), torch.float32, 13)
+        a, b = random_tensor((8, 8), torch.float32, 12), random_tensor((8, 8), torch.float32, 13)
         handle = await aclient.submit("matmul", [a, b])
         result = await handle.result(timeout=60)
         ran = await aclient.run("add", [a, b], timeout=60)

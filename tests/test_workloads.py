@@ -19,6 +19,7 @@ from gpu_agent.errors import (
     WorkloadLoadError,
 )
 from gpu_agent.workloads import Param, WorkloadContext, lookup, register, registry
+from tests.tensors import random_tensor as rnd
 
 BUILTINS = {"matmul", "add", "sum", "conv2d", "fft", "linalg.solve", "echo", "sleep"}
 
@@ -37,16 +38,6 @@ def _call(
 ) -> list[torch.Tensor]:
     ctx = WorkloadContext(torch.device("cpu"), cancelled or threading.Event())
     return list(lookup(name)(inputs, params or {}, ctx))
-
-
-def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool()
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(shape, generator=gen, dtype=dtype)
-    info = torch.iinfo(dtype)
-    return torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype)
 
 
 def _custom_workload(
@@ -96,33 +87,36 @@ def test_a_broken_entry_point_is_reported_by_name(monkeypatch: pytest.MonkeyPatc
 
 
 def _conv_inputs() -> list[torch.Tensor]:
-    return [_random((2, 4, 9, 9), torch.float32, 1), _random((6, 2, 3, 3), torch.float32, 2)]
+    return [
+        rnd((2, 4, 9, 9), torch.float32, 1),
+        rnd((6, 2, 3, 3), torch.float32, 2),
+    ]
 
 
 MATCH_TORCH = [
-    ("matmul", [_random((5, 4), torch.float32, 1), _random((4, 3), torch.float32, 2)], {},
+    ("matmul", [rnd((5, 4), torch.float32, 1), rnd((4, 3), torch.float32, 2)], {},
      lambda a, b: a @ b),
-    ("matmul", [_random((2, 5, 4), torch.float64, 1), _random((4,), torch.float64, 2)], {},
+    ("matmul", [rnd((2, 5, 4), torch.float64, 1), rnd((4,), torch.float64, 2)], {},
      lambda a, b: a @ b),
-    ("add", [_random((4, 1, 3), torch.float64, 3), _random((5, 3), torch.float64, 4)], {},
+    ("add", [rnd((4, 1, 3), torch.float64, 3), rnd((5, 3), torch.float64, 4)], {},
      lambda a, b: a + b),
-    ("add", [_random((3,), torch.int32, 3), _random((3,), torch.float32, 4)], {},
+    ("add", [rnd((3,), torch.int32, 3), rnd((3,), torch.float32, 4)], {},
      lambda a, b: a + b),
-    ("sum", [_random((4, 6), torch.float32, 5)], {}, lambda x: x.sum()),
-    ("sum", [_random((4, 6), torch.float32, 5)], {"dim": 1, "keepdim": True},
+    ("sum", [rnd((4, 6), torch.float32, 5)], {}, lambda x: x.sum()),
+    ("sum", [rnd((4, 6), torch.float32, 5)], {"dim": 1, "keepdim": True},
      lambda x: x.sum(dim=1, keepdim=True)),
-    ("sum", [_random((4, 6), torch.int64, 5)], {"dim": -2}, lambda x: x.sum(dim=-2)),
-    ("conv2d", [*_conv_inputs(), _random((6,), torch.float32, 3)],
+    ("sum", [rnd((4, 6), torch.int64, 5)], {"dim": -2}, lambda x: x.sum(dim=-2)),
+    ("conv2d", [*_conv_inputs(), rnd((6,), torch.float32, 3)],
      {"stride": 2, "padding": 1, "dilation": 2, "groups": 2},
      lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, dilation=2, groups=2)),
-    ("fft", [_random((4, 32), torch.float32, 9)], {}, torch.fft.fft),
-    ("fft", [_random((4, 6), torch.complex128, 9)], {"n": 8, "dim": 0, "norm": "ortho"},
+    ("fft", [rnd((4, 32), torch.float32, 9)], {}, torch.fft.fft),
+    ("fft", [rnd((4, 6), torch.complex128, 9)], {"n": 8, "dim": 0, "norm": "ortho"},
      lambda x: torch.fft.fft(x, n=8, dim=0, norm="ortho")),
     ("linalg.solve",
-     [_random((8, 8), torch.float64, 10) + 8 * torch.eye(8, dtype=torch.float64),
-      _random((8, 3), torch.float64, 11)], {}, torch.linalg.solve),
+     [rnd((8, 8), torch.float64, 10) + 8 * torch.eye(8, dtype=torch.float64),
+      rnd((8, 3), torch.float64, 11)], {}, torch.linalg.solve),
     ("linalg.solve",
-     [_random((2, 4, 4), torch.float32, 10) + 4 * torch.eye(4), _random((2, 4), torch.float32, 11)],
+     [rnd((2, 4, 4), torch.float32, 10) + 4 * torch.eye(4), rnd((2, 4), torch.float32, 11)],
      {}, torch.linalg.solve),
 ]  # fmt: skip
 
@@ -152,7 +146,7 @@ def test_fft_returns_complex_output() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_echo_returns_every_dtype_bit_exact(dtype: torch.dtype) -> None:
-    tensor = _random((3, 5, 2), dtype)
+    tensor = rnd((3, 5, 2), dtype)
 
     (got,) = _call("echo", [tensor])
 
