@@ -87,6 +87,8 @@ tasks = Table(
     UniqueConstraint("tenant", "request_id", name="uq_tasks_tenant_request_id"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_tenant_seq", "tenant", "seq"),
+    # The deadline sweep runs every second; without this it scans every queued task.
+    Index("ix_tasks_deadline_at", "deadline_at"),
 )
 """One row per task; ``attempt`` fences results from agents that lost their lease.
 
