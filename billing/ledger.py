@@ -85,7 +85,11 @@ def _in_range(query: Any, since: datetime | None, until: datetime | None) -> Any
 
 
 def tenant_summaries(
-    conn: Connection, *, since: datetime | None = None, until: datetime | None = None
+    conn: Connection,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    tenant: str | None = None,
 ) -> list[TenantSummary]:
     """Per-tenant totals over ``[since, until)``, aggregated in SQL, sorted by tenant."""
     query = sa.select(
@@ -97,6 +101,8 @@ def tenant_summaries(
         sa.func.sum(usage.c.bytes_out),
         sa.func.sum(usage.c.cost_nanousd),
     ).group_by(usage.c.tenant)
+    if tenant is not None:
+        query = query.where(usage.c.tenant == tenant)
     rows = conn.execute(_in_range(query, since, until).order_by(usage.c.tenant)).all()
     return [
         TenantSummary(

@@ -55,7 +55,7 @@ def cost_nanousd(compute_seconds: float, price: Price) -> int:
 def format_usd(nanousd: int, places: int = 9) -> str:
     """Formats nano-dollars as dollars, e.g. ``$0.017750000``."""
     amount = (Decimal(nanousd) / NANO).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
-    return f"${amount}"
+    return f"${amount:f}"  # :f, or zero prints as "0E-9"
 
 
 class PriceCatalog:

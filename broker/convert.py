@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from billing.ledger import TenantSummary
+from billing.prices import format_usd
 from broker.errors import (
     AgentRefusedError,
     BrokerError,
@@ -38,6 +40,8 @@ __all__ = [
     "state_from_proto",
     "state_to_proto",
     "task_to_proto",
+    "time_from_proto",
+    "usage_to_proto",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +173,27 @@ def outcome_from_proto(msg: agent_pb2.ResultHeader) -> AttemptOutcome:
         compute_seconds=max(0.0, msg.compute_seconds),
         error_code=msg.error_code or None,
         error_message=msg.error_message,
+    )
+
+
+def time_from_proto(msg: Any, field: str) -> datetime | None:
+    """An optional timestamp field as an aware UTC datetime."""
+    if not msg.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(msg, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def usage_to_proto(summary: TenantSummary) -> broker_pb2.GetUsageResponse:
+    """A tenant's usage totals."""
+    return broker_pb2.GetUsageResponse(
+        tenant=summary.tenant,
+        tasks=summary.tasks,
+        compute_seconds=summary.compute_seconds,
+        bytes_in=summary.bytes_in,
+        bytes_out=summary.bytes_out,
+        cost_nanousd=summary.cost_nanousd,
+        cost_usd=format_usd(summary.cost_nanousd).removeprefix("$"),
     )
 
 

@@ -16,6 +16,8 @@ from broker.convert import (
     split_stream,
     state_from_proto,
     task_to_proto,
+    time_from_proto,
+    usage_to_proto,
 )
 from broker.tasks import TaskService
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
@@ -111,3 +113,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return broker_pb2.ListTasksResponse(
             tasks=[task_to_proto(t) for t in page], next_page_token=token
         )
+
+    async def GetUsage(
+        self, request: broker_pb2.GetUsageRequest, context: Context
+    ) -> broker_pb2.GetUsageResponse:
+        async with abort_on_broker_error(context):
+            tenant = self._auth.tenant(context.invocation_metadata())
+            summary = await self._tasks.usage(
+                tenant, time_from_proto(request, "since"), time_from_proto(request, "until")
+            )
+        return usage_to_proto(summary)

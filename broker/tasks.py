@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from billing.ledger import TenantSummary
 from broker.committer import AsyncTaskStore
 from broker.config import Limits
 from broker.dispatcher import Dispatcher
@@ -141,6 +142,12 @@ class TaskService:
                 task.error_message or f"task {task.id} is {task.state.value}",
             )
         return self._spool.outputs(task)
+
+    async def usage(
+        self, tenant: str, since: datetime | None, until: datetime | None
+    ) -> TenantSummary:
+        """The tenant's own billed usage; no tenant sees another's."""
+        return await self._store.call(self._store.sync.usage, tenant, since, until)
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Cancels one of the tenant's queued or running tasks."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from client._async import AsyncClient, AsyncTaskHandle
 from client._sync import Client, TaskHandle
-from client._types import TaskResult, TaskState, TaskStatus
+from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -53,4 +53,5 @@ __all__ = [
     "TaskStatus",
     "TensorMeta",
     "UnavailableError",
+    "Usage",
 ]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from client._types import TaskResult, TaskState, TaskStatus
+from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind, decode, encode, is_torch
 from client.proto import meta_from_proto, meta_to_proto, params_to_proto
 from client.wire import Assembler, iter_chunks
@@ -24,6 +25,8 @@ __all__ = [
     "resolve_output",
     "status_from_proto",
     "task_header",
+    "usage_from_proto",
+    "usage_request",
 ]
 
 _Request = TypeVar("_Request", broker_pb2.SubmitRequest, broker_pb2.RunRequest)
@@ -102,6 +105,28 @@ def _time(msg: task_pb2.TaskInfo, field: str) -> datetime | None:
         return None
     stamp: timestamp_pb2.Timestamp = getattr(msg, field)
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def usage_request(since: datetime | None, until: datetime | None) -> broker_pb2.GetUsageRequest:
+    """A usage query; naive datetimes are taken as UTC."""
+    request = broker_pb2.GetUsageRequest()
+    for field, value in (("since", since), ("until", until)):
+        if value is not None:
+            aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+            getattr(request, field).FromDatetime(aware)
+    return request
+
+
+def usage_from_proto(msg: broker_pb2.GetUsageResponse) -> Usage:
+    """Converts usage totals."""
+    return Usage(
+        tenant=msg.tenant,
+        tasks=msg.tasks,
+        compute_seconds=msg.compute_seconds,
+        bytes_in=msg.bytes_in,
+        bytes_out=msg.bytes_out,
+        cost_usd=Decimal(msg.cost_nanousd).scaleb(-9),
+    )
 
 
 def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:

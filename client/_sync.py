@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -18,8 +19,10 @@ from client._convert import (
     resolve_output,
     status_from_proto,
     task_header,
+    usage_from_proto,
+    usage_request,
 )
-from client._types import TaskResult, TaskState, TaskStatus
+from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind
 from client.errors import UnavailableError, translate_rpc_errors
 from client.wire import DEFAULT_CHUNK_BYTES
@@ -166,6 +169,12 @@ class Client:
         with translate_rpc_errors():
             for reply in self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout):
                 yield status_from_proto(reply.task)
+
+    def usage(self, since: datetime | None = None, until: datetime | None = None) -> Usage:
+        """Your billed usage over ``[since, until)``: measured compute time and its cost."""
+        with translate_rpc_errors():
+            reply = self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
+        return usage_from_proto(reply)
 
     # -- used by TaskHandle ----------------------------------------------------------------------
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from client.wire import TensorMeta
 
-__all__ = ["TaskResult", "TaskState", "TaskStatus"]
+__all__ = ["TaskResult", "TaskState", "TaskStatus", "Usage"]
 
 
 class TaskState(enum.Enum):
@@ -81,3 +82,17 @@ class TaskResult:
     def attempt(self) -> int:
         """Which attempt produced the result."""
         return self.status.attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the caller has been billed for over a time range: successful tasks only."""
+
+    tenant: str
+    tasks: int
+    compute_seconds: float
+    """Measured compute time billed."""
+    bytes_in: int
+    bytes_out: int
+    cost_usd: Decimal
+    """Exact, in US dollars."""

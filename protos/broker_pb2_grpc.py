@@ -72,6 +72,11 @@ class BrokerStub:
                 request_serializer=protos_dot_broker__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=protos_dot_broker__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/gpubroker.v1.Broker/GetUsage',
+                request_serializer=protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=protos_dot_broker__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -133,6 +138,13 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Returns the caller's billed usage over a time range (only the caller's own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +182,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=protos_dot_broker__pb2.ListTasksRequest.FromString,
                     response_serializer=protos_dot_broker__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=protos_dot_broker__pb2.GetUsageRequest.FromString,
+                    response_serializer=protos_dot_broker__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +381,33 @@ class Broker:
             '/gpubroker.v1.Broker/ListTasks',
             protos_dot_broker__pb2.ListTasksRequest.SerializeToString,
             protos_dot_broker__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpubroker.v1.Broker/GetUsage',
+            protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
+            protos_dot_broker__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,8 @@ class BrokerStub:
     """Returns one task."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListTasksRequest, _broker_pb2.ListTasksResponse]
     """Lists the caller's tasks, newest first, a page at a time."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetUsageRequest, _broker_pb2.GetUsageResponse]
+    """Returns the caller's billed usage over a time range (only the caller's own)."""
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -87,6 +89,8 @@ class BrokerAsyncStub(BrokerStub):
     """Returns one task."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListTasksRequest, _broker_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Lists the caller's tasks, newest first, a page at a time."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetUsageRequest, _broker_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Returns the caller's billed usage over a time range (only the caller's own)."""
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """Queues tensor work, runs it on GPU agents and streams results back.
@@ -156,5 +160,13 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ListTasksResponse, _abc.Awaitable[_broker_pb2.ListTasksResponse]]:
         """Lists the caller's tasks, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _broker_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetUsageResponse, _abc.Awaitable[_broker_pb2.GetUsageResponse]]:
+        """Returns the caller's billed usage over a time range (only the caller's own)."""
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

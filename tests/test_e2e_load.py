@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,28 @@ def test_a_300_megabyte_tensor_round_trips_bit_exact(cluster: BrokerProcess) -> 
     output = result.output
     assert output.dtype == torch.int32 and output.shape == tensor.shape
     assert torch.equal(output, tensor)
+
+
+def test_each_tenant_sees_only_its_own_usage_and_it_matches_the_ledger(
+    cluster: BrokerProcess,
+) -> None:
+    with Client(cluster.address, "key-a") as alpha, Client(cluster.address, "key-b") as beta:
+        for _ in range(3):
+            alpha.run("sum", [torch.ones(1000)], timeout=60)
+        beta.run("sum", [torch.ones(10)], timeout=60)
+
+        mine, theirs = alpha.usage(), beta.usage()
+        future = alpha.usage(since=datetime.now(UTC) + timedelta(days=1))
+
+    engine = sa.create_engine(cluster.database_url)
+    with engine.connect() as conn:
+        ledger = conn.execute(
+            sa.select(sa.func.sum(usage.c.cost_nanousd), sa.func.count()).where(
+                usage.c.tenant == "tenant-a"
+            )
+        ).one()
+    engine.dispose()
+    assert (mine.tenant, mine.tasks, theirs.tenant, theirs.tasks) == ("tenant-a", 3, "tenant-b", 1)
+    assert mine.cost_usd == Decimal(ledger[0]).scaleb(-9) and mine.tasks == ledger[1]
+    assert mine.bytes_in == 3 * 4000 and mine.compute_seconds > 0
+    assert future.tasks == 0 and future.cost_usd == 0

@@ -92,3 +92,20 @@ def test_grpcurl_without_an_api_key_is_unauthenticated(broker: BrokerProcess) ->
 
     assert done.returncode != 0
     assert "Unauthenticated" in done.stderr
+
+
+def test_grpcurl_reads_the_callers_usage(broker: BrokerProcess) -> None:
+    reply = json.loads(
+        _run(
+            "-plaintext",
+            "-H",
+            "authorization: Bearer key-c",
+            "-d",
+            "{}",
+            broker.address,
+            "gpubroker.v1.Broker/GetUsage",
+        )
+    )
+
+    assert reply["tenant"] == "tenant-c"
+    assert reply["cost_usd"] == "0.000000000"

@@ -34,6 +34,7 @@ def test_90_seconds_on_an_l4_cost_exactly_a_fortieth_of_its_hourly_price() -> No
     assert price.per_hour_nanousd == 710_000_000
     assert cost == 17_750_000
     assert format_usd(cost) == "$0.017750000"
+    assert format_usd(0) == "$0.000000000"
 
 
 def test_costs_round_half_up_to_a_whole_nanodollar() -> None:
