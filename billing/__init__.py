@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from billing.errors import BillingError, PriceCatalogError, UnknownPriceError
-from billing.ledger import TenantSummary, UsageRecord, record_usage, tenant_summaries, usage_rows
+from billing.ledger import UsageRecord, UsageSummary, record_usage, summaries, usage_rows
 from billing.prices import Price, PriceCatalog, cost_nanousd, format_usd
 
 __all__ = [
@@ -11,12 +11,12 @@ __all__ = [
     "Price",
     "PriceCatalog",
     "PriceCatalogError",
-    "TenantSummary",
     "UnknownPriceError",
     "UsageRecord",
+    "UsageSummary",
     "cost_nanousd",
     "format_usd",
     "record_usage",
-    "tenant_summaries",
+    "summaries",
     "usage_rows",
 ]

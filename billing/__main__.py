@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import sqlalchemy as sa
 
-from billing.ledger import tenant_summaries
+from billing.ledger import GROUPS, summaries
 from billing.migrate import current_revision, downgrade, upgrade
 from billing.models import usage
 from billing.report import FORMATS, render
@@ -36,9 +36,18 @@ def cli() -> None:
 )
 @click.option("--since", help="Start of the range, ISO 8601 (inclusive).")
 @click.option("--until", help="End of the range, ISO 8601 (exclusive).")
+@click.option("--by", type=click.Choice(GROUPS), default="tenant", show_default=True)
+@click.option("--tenant", help="Only this tenant's usage.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-def report(database_url: str | None, since: str | None, until: str | None, fmt: str) -> None:
-    """Prints billed usage per tenant."""
+def report(
+    database_url: str | None,
+    since: str | None,
+    until: str | None,
+    by: str,
+    tenant: str | None,
+    fmt: str,
+) -> None:
+    """Prints billed usage per tenant, workload, GPU type or UTC day."""
     url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise click.ClickException(f"no database at {url}; has the broker run yet?")
@@ -47,10 +56,10 @@ def report(database_url: str | None, since: str | None, until: str | None, fmt: 
         if not sa.inspect(engine).has_table(usage.name):
             raise click.ClickException(f"{url} has no usage table; is it the broker's database?")
         with engine.connect() as conn:
-            summaries = tenant_summaries(conn, since=_when(since), until=_when(until))
+            found = summaries(conn, by=by, since=_when(since), until=_when(until), tenant=tenant)
     finally:
         engine.dispose()
-    click.echo(render(summaries, fmt), nl=False)
+    click.echo(render(found, fmt, by), nl=False)
 
 
 @cli.command()

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from billing.models import usage
 from billing.prices import PriceCatalog, cost_nanousd
 
-__all__ = ["TenantSummary", "UsageRecord", "record_usage", "tenant_summaries", "usage_rows"]
+__all__ = ["GROUPS", "UsageRecord", "UsageSummary", "record_usage", "summaries", "usage_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +32,11 @@ class UsageRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class TenantSummary:
-    """One tenant's usage over a time range."""
+class UsageSummary:
+    """Usage totals of one group (a tenant, workload, GPU type or day) over a time range."""
 
-    tenant: str
+    key: str
+    """The group: a tenant, a workload, a GPU type, or a UTC day as YYYY-MM-DD."""
     tasks: int
     compute_seconds: float
     queue_wait_seconds: float
@@ -43,6 +44,10 @@ class TenantSummary:
     bytes_in: int
     bytes_out: int
     cost_nanousd: int
+
+
+GROUPS = ("tenant", "workload", "gpu_type", "day")
+"""What a summary can be grouped by."""
 
 
 def record_usage(
@@ -84,37 +89,52 @@ def _in_range(query: Any, since: datetime | None, until: datetime | None) -> Any
     return query
 
 
-def tenant_summaries(
+def summaries(
     conn: Connection,
     *,
+    by: str = "tenant",
     since: datetime | None = None,
     until: datetime | None = None,
     tenant: str | None = None,
-) -> list[TenantSummary]:
-    """Per-tenant totals over ``[since, until)``, aggregated in SQL, sorted by tenant."""
+) -> list[UsageSummary]:
+    """Totals over ``[since, until)`` grouped ``by`` one of ``GROUPS``, sorted by group.
+
+    Columns are summed in SQL; days are cut in Python (UTC), as SQL date functions differ
+    between SQLite and PostgreSQL. Money stays in integer nano-dollars, so totals are exact.
+    """
+    if by not in GROUPS:
+        raise ValueError(f"cannot group usage by {by!r}; choose one of {', '.join(GROUPS)}")
+    key = sa.func.min(usage.c.created_at) if by == "day" else usage.c[by]
+    group = usage.c.created_at if by == "day" else usage.c[by]
     query = sa.select(
-        usage.c.tenant,
+        key,
         sa.func.count(),
         sa.func.sum(usage.c.compute_seconds),
-        sa.func.avg(usage.c.queue_wait_seconds),
+        sa.func.sum(usage.c.queue_wait_seconds),
         sa.func.sum(usage.c.bytes_in),
         sa.func.sum(usage.c.bytes_out),
         sa.func.sum(usage.c.cost_nanousd),
-    ).group_by(usage.c.tenant)
+    ).group_by(group)
     if tenant is not None:
         query = query.where(usage.c.tenant == tenant)
-    rows = conn.execute(_in_range(query, since, until).order_by(usage.c.tenant)).all()
+    rows = conn.execute(_in_range(query, since, until)).all()
+    merged: dict[str, list[Any]] = {}
+    for row in rows:
+        name = row[0].date().isoformat() if by == "day" else str(row[0])
+        totals = merged.setdefault(name, [0, 0.0, 0.0, 0, 0, 0])
+        for i, value in enumerate(row[1:]):
+            totals[i] += value or 0
     return [
-        TenantSummary(
-            tenant=row[0],
-            tasks=int(row[1]),
-            compute_seconds=float(row[2] or 0.0),
-            queue_wait_seconds=float(row[3] or 0.0),
-            bytes_in=int(row[4] or 0),
-            bytes_out=int(row[5] or 0),
-            cost_nanousd=int(row[6] or 0),
+        UsageSummary(
+            key=name,
+            tasks=int(t[0]),
+            compute_seconds=float(t[1]),
+            queue_wait_seconds=float(t[2]) / t[0] if t[0] else 0.0,
+            bytes_in=int(t[3]),
+            bytes_out=int(t[4]),
+            cost_nanousd=int(t[5]),
         )
-        for row in rows
+        for name, t in sorted(merged.items())
     ]
 
 

@@ -1,4 +1,4 @@
-"""Renders tenant summaries as a table, CSV or JSON, with a totals row that adds up exactly."""
+"""Renders usage summaries as a table, CSV or JSON, with a totals row that adds up exactly."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from decimal import Decimal
 from rich.console import Console
 from rich.table import Table
 
-from billing.ledger import TenantSummary
+from billing.ledger import UsageSummary
 from billing.prices import NANO, format_usd
 
 __all__ = ["FORMATS", "render"]
@@ -19,7 +19,7 @@ __all__ = ["FORMATS", "render"]
 FORMATS = ("table", "csv", "json")
 
 _COLUMNS = (
-    "tenant",
+    "group",
     "tasks",
     "compute_s",
     "mean_queue_wait_s",
@@ -29,11 +29,11 @@ _COLUMNS = (
 )
 
 
-def _total(summaries: Sequence[TenantSummary]) -> TenantSummary:
+def _total(summaries: Sequence[UsageSummary]) -> UsageSummary:
     tasks = sum(s.tasks for s in summaries)
     waited = sum(s.queue_wait_seconds * s.tasks for s in summaries)
-    return TenantSummary(
-        tenant="TOTAL",
+    return UsageSummary(
+        key="TOTAL",
         tasks=tasks,
         compute_seconds=sum(s.compute_seconds for s in summaries),
         queue_wait_seconds=waited / tasks if tasks else 0.0,
@@ -43,9 +43,9 @@ def _total(summaries: Sequence[TenantSummary]) -> TenantSummary:
     )
 
 
-def _cells(s: TenantSummary) -> list[str]:
+def _cells(s: UsageSummary) -> list[str]:
     return [
-        s.tenant,
+        s.key,
         str(s.tasks),
         f"{s.compute_seconds:.6f}",
         f"{s.queue_wait_seconds:.3f}",
@@ -55,37 +55,39 @@ def _cells(s: TenantSummary) -> list[str]:
     ]
 
 
-def render(summaries: Sequence[TenantSummary], fmt: str) -> str:
-    """Returns the report in ``fmt`` (one of ``FORMATS``), totals last."""
+def render(summaries: Sequence[UsageSummary], fmt: str, by: str = "tenant") -> str:
+    """Returns the report in ``fmt`` (one of ``FORMATS``), one row per ``by`` group, totals last."""
     rows = [*summaries, _total(summaries)]
+    columns = (by, *_COLUMNS[1:])
     if fmt == "json":
         return json.dumps(
             {
-                "tenants": [dict(zip(_COLUMNS, _cells(s), strict=True)) for s in summaries],
-                "total": dict(zip(_COLUMNS, _cells(rows[-1]), strict=True)),
+                "by": by,
+                "groups": [dict(zip(columns, _cells(s), strict=True)) for s in summaries],
+                "total": dict(zip(columns, _cells(rows[-1]), strict=True)),
             },
             indent=2,
         )
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(_COLUMNS)
+        writer.writerow(columns)
         writer.writerows(_cells(s) for s in rows)
         return out.getvalue()
     table = Table(
-        "tenant",
+        by.replace("_", " "),
         "tasks",
         "compute s",
         "mean wait s",
         "bytes in",
         "bytes out",
         "cost",
-        title="Usage by tenant (billed compute time only)",
+        title=f"Usage by {by.replace('_', ' ')} (billed compute time only)",
     )
     for s in rows:
         cells = _cells(s)
         cells[-1] = format_usd(s.cost_nanousd)
-        table.add_row(*cells, style="bold" if s.tenant == "TOTAL" else None)
+        table.add_row(*cells, style="bold" if s.key == "TOTAL" else None)
     console = Console(file=io.StringIO(), width=120, force_terminal=False)
     console.print(table)
     assert isinstance(console.file, io.StringIO)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from billing.ledger import TenantSummary
+from billing.ledger import UsageSummary
 from billing.prices import format_usd
 from broker.errors import (
     AgentRefusedError,
@@ -184,10 +184,10 @@ def time_from_proto(msg: Any, field: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)
 
 
-def usage_to_proto(summary: TenantSummary) -> broker_pb2.GetUsageResponse:
+def usage_to_proto(summary: UsageSummary) -> broker_pb2.GetUsageResponse:
     """A tenant's usage totals."""
     return broker_pb2.GetUsageResponse(
-        tenant=summary.tenant,
+        tenant=summary.key,
         tasks=summary.tasks,
         compute_seconds=summary.compute_seconds,
         bytes_in=summary.bytes_in,

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
 from billing.errors import UnknownPriceError
-from billing.ledger import TenantSummary, UsageRecord, record_usage, tenant_summaries
+from billing.ledger import UsageRecord, UsageSummary, record_usage, summaries
 from billing.models import tasks, workloads
 from billing.prices import PriceCatalog
 from broker.errors import (
@@ -298,11 +298,11 @@ class TaskStore:
             )
             return [_task_from_row(row) for row in rows]
 
-    def usage(self, tenant: str, since: datetime | None, until: datetime | None) -> TenantSummary:
+    def usage(self, tenant: str, since: datetime | None, until: datetime | None) -> UsageSummary:
         """A tenant's billed usage over ``[since, until)`` (zeros when there is none)."""
         with self._transaction() as conn:
-            found = tenant_summaries(conn, since=since, until=until, tenant=tenant)
-        return found[0] if found else TenantSummary(tenant, 0, 0.0, 0.0, 0, 0, 0)
+            found = summaries(conn, since=since, until=until, tenant=tenant)
+        return found[0] if found else UsageSummary(tenant, 0, 0.0, 0.0, 0, 0, 0)
 
     def add_workloads(self, names: Iterable[str], now: datetime) -> None:
         """Remembers workload names an agent advertised."""

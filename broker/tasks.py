@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from billing.ledger import TenantSummary
+from billing.ledger import UsageSummary
 from broker.committer import AsyncTaskStore
 from broker.config import Limits
 from broker.dispatcher import Dispatcher
@@ -145,7 +145,7 @@ class TaskService:
 
     async def usage(
         self, tenant: str, since: datetime | None, until: datetime | None
-    ) -> TenantSummary:
+    ) -> UsageSummary:
         """The tenant's own billed usage; no tenant sees another's."""
         return await self._store.call(self._store.sync.usage, tenant, since, until)
 

@@ -42,6 +42,15 @@ def test_the_report_prints_each_tenant_and_an_exact_total(tmp_path: Path) -> Non
     assert "alpha" in table.output and "$0.023666667" in table.output
     rows = list(csv.DictReader(io.StringIO(as_csv.output)))
     assert [r["tenant"] for r in rows] == ["alpha", "beta", "TOTAL"]
+    by_gpu = CliRunner().invoke(
+        cli, ["report", "--database-url", url, "--by", "gpu_type", "--format", "csv"]
+    )
+    assert [r.split(",")[0] for r in by_gpu.output.splitlines()] == [
+        "gpu_type",
+        "cpu",
+        "nvidia-l4",
+        "TOTAL",
+    ]
     assert rows[-1]["cost_usd"] == "0.023766667"  # 0.017750000 + 0.005916667 + 0.000100000
     report = json.loads(as_json.output)
     assert report["total"]["tasks"] == "3"

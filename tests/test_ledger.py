@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing.errors import PriceCatalogError, UnknownPriceError
-from billing.ledger import UsageRecord, record_usage, tenant_summaries, usage_rows
+from billing.ledger import UsageRecord, record_usage, summaries, usage_rows
 from billing.models import usage
 from billing.prices import Price, PriceCatalog, cost_nanousd, format_usd
 
@@ -103,13 +103,13 @@ def test_tenant_summaries_add_up_exactly(engine: sa.Engine) -> None:
         record_usage(conn, _record("b0", "beta", 7.2, gpu="cpu"), catalog, NOW)
 
     with engine.connect() as conn:
-        alpha, beta = tenant_summaries(conn)
+        alpha, beta = summaries(conn)
 
     # 3720 s of L4 at $0.71/h = $0.733666666...; per row: 17,750,000 + 5,916,667 + 710,000,000
-    assert (alpha.tenant, alpha.tasks, alpha.cost_nanousd) == ("alpha", 3, 733_666_667)
+    assert (alpha.key, alpha.tasks, alpha.cost_nanousd) == ("alpha", 3, 733_666_667)
     assert alpha.compute_seconds == pytest.approx(3720.0)
     # 7.2 s of CPU at $0.05/h = exactly $0.0001
-    assert (beta.tenant, beta.cost_nanousd) == ("beta", 100_000)
+    assert (beta.key, beta.cost_nanousd) == ("beta", 100_000)
     assert Decimal(beta.cost_nanousd) / Decimal(10**9) == Decimal("0.0001")
 
 
@@ -120,8 +120,27 @@ def test_summaries_respect_the_time_range(engine: sa.Engine) -> None:
         record_usage(conn, _record("new"), catalog, NOW)
 
     with engine.connect() as conn:
-        (summary,) = tenant_summaries(conn, since=NOW - timedelta(hours=1))
+        (summary,) = summaries(conn, since=NOW - timedelta(hours=1))
         count = conn.execute(sa.select(sa.func.count()).select_from(usage)).scalar_one()
 
     assert summary.tasks == 1
     assert count == 2
+
+
+def test_usage_groups_by_workload_gpu_type_and_utc_day(engine: sa.Engine) -> None:
+    catalog = PriceCatalog.load()
+    with engine.begin() as conn:
+        record_usage(conn, _record("a", "t1", 90.0), catalog, NOW)
+        record_usage(conn, _record("b", "t2", 7.2, gpu="cpu"), catalog, NOW + timedelta(hours=1))
+        record_usage(conn, _record("c", "t1", 30.0), catalog, NOW + timedelta(days=1))
+
+    with engine.connect() as conn:
+        by_gpu = {s.key: s.cost_nanousd for s in summaries(conn, by="gpu_type")}
+        by_day = {s.key: s.tasks for s in summaries(conn, by="day")}
+        by_workload = summaries(conn, by="workload", tenant="t1")
+
+    assert by_gpu == {"cpu": 100_000, "nvidia-l4": 17_750_000 + 5_916_667}
+    assert by_day == {"2026-11-24": 2, "2026-11-25": 1}
+    assert [(s.key, s.tasks) for s in by_workload] == [("matmul", 2)]
+    with pytest.raises(ValueError, match="cannot group"), engine.connect() as conn:
+        summaries(conn, by="color")
