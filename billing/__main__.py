@@ -9,9 +9,12 @@ from pathlib import Path
 import click
 import sqlalchemy as sa
 
+from billing.budget import budget_status, remove_budget, set_budget
+from billing.errors import PriceCatalogError
 from billing.ledger import GROUPS, summaries
 from billing.migrate import current_revision, downgrade, upgrade
 from billing.models import usage
+from billing.prices import format_usd, to_nanousd
 from billing.report import FORMATS, render
 
 DEFAULT_DATABASE_URL = "sqlite:///gpubroker-data/broker.db"
@@ -77,6 +80,57 @@ def migrate(database_url: str | None, revision: str, down: bool) -> None:
         click.echo(f"{url} is at revision {current_revision(engine) or 'base'}")
     finally:
         engine.dispose()
+
+
+@cli.group()
+def budget() -> None:
+    """Per-tenant monthly budgets (calendar months, UTC)."""
+
+
+@budget.command("set")
+@click.argument("tenant")
+@click.argument("amount_usd")
+@click.option("--database-url", help="SQLAlchemy URL (default: as for report).")
+def budget_set(tenant: str, amount_usd: str, database_url: str | None) -> None:
+    """Sets TENANT's monthly limit to AMOUNT_USD (a decimal, e.g. 25.00)."""
+    try:
+        limit = to_nanousd(amount_usd)
+    except PriceCatalogError as exc:
+        raise click.BadParameter(str(exc), param_hint="AMOUNT_USD") from exc
+    with _engine(database_url).begin() as conn:
+        set_budget(conn, tenant, limit, datetime.now(UTC))
+    click.echo(f"{tenant}: monthly budget {format_usd(limit)}")
+
+
+@budget.command("show")
+@click.argument("tenant")
+@click.option("--database-url", help="SQLAlchemy URL (default: as for report).")
+def budget_show(tenant: str, database_url: str | None) -> None:
+    """Prints TENANT's budget and what it has spent this month."""
+    with _engine(database_url).connect() as conn:
+        status = budget_status(conn, tenant, datetime.now(UTC))
+    limit = "none" if status.limit_nanousd is None else format_usd(status.limit_nanousd)
+    click.echo(
+        f"{tenant}: spent {format_usd(status.spent_nanousd)} since "
+        f"{status.month_start:%Y-%m-%d}; monthly budget {limit}"
+    )
+
+
+@budget.command("remove")
+@click.argument("tenant")
+@click.option("--database-url", help="SQLAlchemy URL (default: as for report).")
+def budget_remove(tenant: str, database_url: str | None) -> None:
+    """Removes TENANT's limit."""
+    with _engine(database_url).begin() as conn:
+        removed = remove_budget(conn, tenant)
+    click.echo(f"{tenant}: {'budget removed' if removed else 'had no budget'}")
+
+
+def _engine(database_url: str | None) -> sa.Engine:
+    url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise click.ClickException(f"no database at {url}; run `python -m billing migrate` first")
+    return sa.create_engine(url)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["UtcDateTime", "metadata", "tasks", "usage", "workloads"]
+__all__ = ["UtcDateTime", "budgets", "metadata", "tasks", "usage", "workloads"]
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -128,3 +128,12 @@ workloads = Table(
     Column("first_seen_at", UtcDateTime, nullable=False),
 )
 """Workload names that some agent has advertised; submits of other names are refused."""
+
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("monthly_limit_nanousd", BigInteger, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+"""A tenant's monthly spending limit; submits are refused once the month's spend reaches it."""

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from billing.budget import BudgetStatus
 from billing.ledger import UsageSummary
 from billing.prices import format_usd
 from broker.errors import (
@@ -184,9 +185,12 @@ def time_from_proto(msg: Any, field: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)
 
 
-def usage_to_proto(summary: UsageSummary) -> broker_pb2.GetUsageResponse:
-    """A tenant's usage totals."""
+def usage_to_proto(summary: UsageSummary, budget: BudgetStatus) -> broker_pb2.GetUsageResponse:
+    """A tenant's usage totals and its month against its budget."""
     return broker_pb2.GetUsageResponse(
+        month_to_date_nanousd=budget.spent_nanousd,
+        monthly_budget_nanousd=budget.limit_nanousd or 0,
+        has_budget=budget.limit_nanousd is not None,
         tenant=summary.key,
         tasks=summary.tasks,
         compute_seconds=summary.compute_seconds,

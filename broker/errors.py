@@ -4,6 +4,7 @@ BrokerError
 ├── InvalidTaskError          INVALID_ARGUMENT  (malformed header, bytes, params)
 │   └── UnknownWorkloadError  INVALID_ARGUMENT
 ├── LimitExceededError        RESOURCE_EXHAUSTED (a size or count limit)
+│   └── BudgetExceededError   RESOURCE_EXHAUSTED (the month's budget is spent)
 ├── TaskNotFoundError         NOT_FOUND          (also another tenant's task)
 ├── RequestConflictError      ALREADY_EXISTS     (request_id reused for other work)
 ├── UnauthenticatedError      UNAUTHENTICATED
@@ -18,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "AgentRefusedError",
     "BrokerError",
+    "BudgetExceededError",
     "InvalidTaskError",
     "LimitExceededError",
     "RequestConflictError",
@@ -44,6 +46,10 @@ class UnknownWorkloadError(InvalidTaskError):
 
 class LimitExceededError(BrokerError):
     """A task is larger than the broker accepts."""
+
+
+class BudgetExceededError(LimitExceededError):
+    """The tenant has spent its monthly budget."""
 
 
 class TaskNotFoundError(BrokerError):

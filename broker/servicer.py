@@ -119,7 +119,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.GetUsageResponse:
         async with abort_on_broker_error(context):
             tenant = self._auth.tenant(context.invocation_metadata())
-            summary = await self._tasks.usage(
+            summary, budget = await self._tasks.usage(
                 tenant, time_from_proto(request, "since"), time_from_proto(request, "until")
             )
-        return usage_to_proto(summary)
+        return usage_to_proto(summary, budget)

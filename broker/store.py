@@ -17,13 +17,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
+from billing.budget import BudgetStatus, budget_status, next_month
 from billing.errors import UnknownPriceError
 from billing.ledger import UsageRecord, UsageSummary, record_usage, summaries
 from billing.models import tasks, workloads
-from billing.prices import PriceCatalog
+from billing.prices import PriceCatalog, format_usd
 from broker.errors import (
     AgentRefusedError,
     BrokerError,
+    BudgetExceededError,
     RequestConflictError,
     StaleAttemptError,
     TaskNotFoundError,
@@ -116,6 +118,7 @@ class TaskStore:
         with self._transaction() as conn:
             if existing := _find_request(conn, tenant, spec):
                 return existing, True
+            _check_budget(conn, tenant, now)
             row = conn.execute(
                 tasks.insert()
                 .values(
@@ -298,11 +301,14 @@ class TaskStore:
             )
             return [_task_from_row(row) for row in rows]
 
-    def usage(self, tenant: str, since: datetime | None, until: datetime | None) -> UsageSummary:
-        """A tenant's billed usage over ``[since, until)`` (zeros when there is none)."""
+    def usage(
+        self, tenant: str, since: datetime | None, until: datetime | None, now: datetime
+    ) -> tuple[UsageSummary, BudgetStatus]:
+        """A tenant's billed usage over ``[since, until)``, and its month against its budget."""
         with self._transaction() as conn:
             found = summaries(conn, since=since, until=until, tenant=tenant)
-        return found[0] if found else UsageSummary(tenant, 0, 0.0, 0.0, 0, 0, 0)
+            budget = budget_status(conn, tenant, now)
+        return (found[0] if found else UsageSummary(tenant, 0, 0.0, 0.0, 0, 0, 0)), budget
 
     def add_workloads(self, names: Iterable[str], now: datetime) -> None:
         """Remembers workload names an agent advertised."""
@@ -323,6 +329,18 @@ class TaskStore:
         """Every workload name any agent has advertised."""
         with self._transaction() as conn:
             return frozenset(conn.execute(sa.select(workloads.c.name)).scalars())
+
+
+def _check_budget(conn: Connection, tenant: str, now: datetime) -> None:
+    status = budget_status(conn, tenant, now)
+    if status.is_exhausted:
+        assert status.limit_nanousd is not None
+        raise BudgetExceededError(
+            f"tenant {tenant!r} has spent {format_usd(status.spent_nanousd)} of its monthly "
+            f"budget of {format_usd(status.limit_nanousd)} since "
+            f"{status.month_start:%Y-%m-%d}; new tasks are refused until "
+            f"{next_month(now):%Y-%m-%d} or until the budget is raised"
+        )
 
 
 def _run_alone(op: Callable[[], object]) -> object:

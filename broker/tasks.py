@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from billing.budget import BudgetStatus
 from billing.ledger import UsageSummary
 from broker.committer import AsyncTaskStore
 from broker.config import Limits
@@ -145,9 +146,10 @@ class TaskService:
 
     async def usage(
         self, tenant: str, since: datetime | None, until: datetime | None
-    ) -> UsageSummary:
-        """The tenant's own billed usage; no tenant sees another's."""
-        return await self._store.call(self._store.sync.usage, tenant, since, until)
+    ) -> tuple[UsageSummary, BudgetStatus]:
+        """The tenant's own billed usage and budget; no tenant sees another's."""
+        now = datetime.now(UTC)
+        return await self._store.call(self._store.sync.usage, tenant, since, until, now)
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Cancels one of the tenant's queued or running tasks."""

@@ -126,6 +126,10 @@ def usage_from_proto(msg: broker_pb2.GetUsageResponse) -> Usage:
         bytes_in=msg.bytes_in,
         bytes_out=msg.bytes_out,
         cost_usd=Decimal(msg.cost_nanousd).scaleb(-9),
+        month_to_date_usd=Decimal(msg.month_to_date_nanousd).scaleb(-9),
+        monthly_budget_usd=Decimal(msg.monthly_budget_nanousd).scaleb(-9)
+        if msg.has_budget
+        else None,
     )
 
 

@@ -96,3 +96,7 @@ class Usage:
     bytes_out: int
     cost_usd: Decimal
     """Exact, in US dollars."""
+    month_to_date_usd: Decimal
+    """Spent since the start of this calendar month (UTC)."""
+    monthly_budget_usd: Decimal | None
+    """The monthly budget; None when there is none."""

@@ -504,6 +504,9 @@ class GetUsageResponse(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _builtins.int
     COST_NANOUSD_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    MONTH_TO_DATE_NANOUSD_FIELD_NUMBER: _builtins.int
+    MONTHLY_BUDGET_NANOUSD_FIELD_NUMBER: _builtins.int
+    HAS_BUDGET_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The caller's tenant."""
     tasks: _builtins.int
@@ -518,6 +521,12 @@ class GetUsageResponse(_message.Message):
     """What those tasks cost, in nano-dollars (1e-9 USD)."""
     cost_usd: _builtins.str
     """The same cost as a decimal string of US dollars, e.g. "0.017750000"."""
+    month_to_date_nanousd: _builtins.int
+    """Spent since the start of this calendar month (UTC), in nano-dollars, whatever the range."""
+    monthly_budget_nanousd: _builtins.int
+    """The tenant's monthly budget in nano-dollars, when has_budget."""
+    has_budget: _builtins.bool
+    """True when the tenant has a monthly budget; submits are refused once it is spent."""
     def __init__(
         self,
         *,
@@ -528,10 +537,13 @@ class GetUsageResponse(_message.Message):
         bytes_out: _builtins.int = ...,
         cost_nanousd: _builtins.int = ...,
         cost_usd: _builtins.str = ...,
+        month_to_date_nanousd: _builtins.int = ...,
+        monthly_budget_nanousd: _builtins.int = ...,
+        has_budget: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "compute_seconds", b"compute_seconds", "cost_nanousd", b"cost_nanousd", "cost_usd", b"cost_usd", "tasks", b"tasks", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "compute_seconds", b"compute_seconds", "cost_nanousd", b"cost_nanousd", "cost_usd", b"cost_usd", "has_budget", b"has_budget", "month_to_date_nanousd", b"month_to_date_nanousd", "monthly_budget_nanousd", b"monthly_budget_nanousd", "tasks", b"tasks", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

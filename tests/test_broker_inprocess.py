@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
+from billing.budget import set_budget
 from billing.prices import PriceCatalog
 from broker.config import Settings
 from broker.server import BrokerServer, create_server
@@ -320,3 +323,27 @@ async def test_metrics_count_tasks_and_show_live_state(
     assert "gpubroker_queue_depth 1.0" in text
     assert "gpubroker_agents_connected 1.0" in text
     assert 'gpubroker_payload_bytes_total{direction="out"} 6.0' in text
+
+
+async def test_a_tenant_over_budget_is_refused_and_sees_its_spend(
+    channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    await _submit(channel, b"x")
+    await agent.put((await agent.next()).assignment, b"y")  # 0.25 s at $0.05/h = 3,472 nano-USD
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'broker.db'}")
+    with engine.begin() as conn:
+        set_budget(conn, "tenant-a", 3_000, datetime.now(UTC))
+    engine.dispose()
+    stub = broker_pb2_grpc.BrokerStub(channel)
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await _submit(channel, b"more")
+    usage = await stub.GetUsage(broker_pb2.GetUsageRequest(), metadata=AUTH)
+
+    assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "monthly budget of $0.000003000" in (excinfo.value.details() or "")
+    assert (usage.month_to_date_nanousd, usage.monthly_budget_nanousd) == (3_472, 3_000)
+    assert usage.has_budget and usage.tasks == 1

@@ -112,3 +112,5 @@ def test_each_tenant_sees_only_its_own_usage_and_it_matches_the_ledger(
     assert mine.cost_usd == Decimal(ledger[0]).scaleb(-9) and mine.tasks == ledger[1]
     assert mine.bytes_in == 3 * 4000 and mine.compute_seconds > 0
     assert future.tasks == 0 and future.cost_usd == 0
+    assert mine.monthly_budget_usd is None and mine.month_to_date_usd == mine.cost_usd
+    assert future.month_to_date_usd == mine.cost_usd  # the month, whatever the range
