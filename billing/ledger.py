@@ -59,7 +59,7 @@ def record_usage(
     second row for the same task raises ``IntegrityError`` and rolls the whole transaction back.
     """
     price = catalog.price_for(record.gpu_type)
-    cost = cost_nanousd(record.compute_seconds, price)
+    cost = cost_nanousd(record.compute_seconds, price, catalog.policy)
     conn.execute(
         usage.insert().values(
             task_id=record.task_id,

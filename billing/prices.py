@@ -9,14 +9,22 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from billing.errors import PriceCatalogError, UnknownPriceError
 
-__all__ = ["NANO", "Price", "PriceCatalog", "cost_nanousd", "format_usd", "to_nanousd"]
+__all__ = [
+    "NANO",
+    "BillingPolicy",
+    "Price",
+    "PriceCatalog",
+    "cost_nanousd",
+    "format_usd",
+    "to_nanousd",
+]
 
 NANO = Decimal(1_000_000_000)
 """Nano-dollars per dollar."""
@@ -45,11 +53,26 @@ def to_nanousd(amount: str | Decimal) -> int:
     return int(value)
 
 
-def cost_nanousd(compute_seconds: float, price: Price) -> int:
-    """Cost of ``compute_seconds`` at ``price``, rounded half-up to a whole nano-dollar."""
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    """How measured compute time becomes a charge."""
+
+    granularity_seconds: Decimal = Decimal(0)
+    """Time is billed per started increment of this; 0 bills it exactly."""
+    minimum_nanousd: int = 0
+    """The least a successful task costs."""
+
+
+def cost_nanousd(
+    compute_seconds: float, price: Price, policy: BillingPolicy = BillingPolicy()
+) -> int:
+    """Cost of ``compute_seconds`` at ``price`` under ``policy``, half-up to a nano-dollar."""
     seconds = Decimal(repr(compute_seconds))
+    step = policy.granularity_seconds
+    if step > 0:
+        seconds = (seconds / step).to_integral_value(rounding=ROUND_CEILING) * step
     cost = seconds * Decimal(price.per_hour_nanousd) / Decimal(3600)
-    return int(cost.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return max(int(cost.quantize(Decimal(1), rounding=ROUND_HALF_UP)), policy.minimum_nanousd)
 
 
 def format_usd(nanousd: int, places: int = 9) -> str:
@@ -61,9 +84,15 @@ def format_usd(nanousd: int, places: int = 9) -> str:
 class PriceCatalog:
     """Prices by GPU type, loaded from a TOML file."""
 
-    def __init__(self, version: str, prices: Mapping[tuple[str, bool], Price]) -> None:
+    def __init__(
+        self,
+        version: str,
+        prices: Mapping[tuple[str, bool], Price],
+        policy: BillingPolicy = BillingPolicy(),
+    ) -> None:
         self._version = version
         self._prices = dict(prices)
+        self.policy = policy
 
     @classmethod
     def load(cls, path: Path | None = None) -> PriceCatalog:
@@ -94,7 +123,7 @@ class PriceCatalog:
                         f"not {amount!r} (floats lose cents)"
                     )
                 prices[gpu_type, spot] = Price(gpu_type, to_nanousd(amount), spot, version)
-        return cls(version, prices)
+        return cls(version, prices, _policy(dict(data.get("policy", {}))))
 
     @property
     def version(self) -> str:
@@ -111,3 +140,21 @@ class PriceCatalog:
                 f"no {'spot' if spot else 'on-demand'} price for GPU type {gpu_type!r}; "
                 f"the catalog (version {self._version}) knows: {known}"
             ) from None
+
+
+def _policy(data: Mapping[str, Any]) -> BillingPolicy:
+    if data.get("charge_lost_attempts", False) is not False:
+        raise PriceCatalogError("policy.charge_lost_attempts must be false: lost attempts are free")
+    granularity = data.get("granularity_seconds", "0")
+    minimum = data.get("minimum_charge_usd", "0")
+    if not isinstance(granularity, str) or not isinstance(minimum, str):
+        raise PriceCatalogError('policy amounts must be decimal strings like "0.001"')
+    try:
+        step = Decimal(granularity)
+    except InvalidOperation as exc:
+        raise PriceCatalogError(
+            f"policy.granularity_seconds {granularity!r} is not a decimal"
+        ) from exc
+    if step < 0:
+        raise PriceCatalogError(f"policy.granularity_seconds {granularity!r} is negative")
+    return BillingPolicy(granularity_seconds=step, minimum_nanousd=to_nanousd(minimum))

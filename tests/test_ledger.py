@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from billing.errors import PriceCatalogError, UnknownPriceError
 from billing.ledger import UsageRecord, record_usage, summaries, usage_rows
 from billing.models import usage
-from billing.prices import Price, PriceCatalog, cost_nanousd, format_usd
+from billing.prices import BillingPolicy, Price, PriceCatalog, cost_nanousd, format_usd
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -144,3 +144,28 @@ def test_usage_groups_by_workload_gpu_type_and_utc_day(engine: sa.Engine) -> Non
     assert [(s.key, s.tasks) for s in by_workload] == [("matmul", 2)]
     with pytest.raises(ValueError, match="cannot group"), engine.connect() as conn:
         summaries(conn, by="color")
+
+
+def test_the_policy_bills_started_increments_with_a_minimum() -> None:
+    l4 = PriceCatalog.load().price_for("nvidia-l4")  # 710,000,000 nano-USD per hour
+    per_second = BillingPolicy(granularity_seconds=Decimal(1))
+    with_minimum = BillingPolicy(minimum_nanousd=1_000_000)
+
+    assert cost_nanousd(90.2, l4, per_second) == cost_nanousd(91.0, l4) == 17_947_222
+    assert cost_nanousd(0.001, l4, with_minimum) == 1_000_000
+    assert cost_nanousd(90.0, l4, with_minimum) == 17_750_000
+
+
+def test_the_packaged_policy_bills_per_millisecond_with_no_minimum() -> None:
+    catalog = PriceCatalog.load()
+    l4 = catalog.price_for("nvidia-l4")
+
+    assert catalog.policy == BillingPolicy(granularity_seconds=Decimal("0.001"))
+    assert cost_nanousd(0.0001, l4, catalog.policy) == cost_nanousd(0.001, l4)
+
+
+def test_a_catalog_that_charges_lost_attempts_is_refused() -> None:
+    data = {"version": "1", "policy": {"charge_lost_attempts": True}, "gpu": {}}
+
+    with pytest.raises(PriceCatalogError, match="lost attempts are free"):
+        PriceCatalog.from_mapping(data)
