@@ -52,6 +52,8 @@ class Settings:
     """``host:port`` to serve Prometheus ``/metrics`` on; None serves none."""
     migrate: bool = False
     """Upgrade the database schema on start; otherwise refuse to start on an outdated one."""
+    failpoint: str | None = None
+    """Fault injection for tests: the name of a point where the process kills itself."""
     billing: bool = True
     """Write usage rows. Off only to measure what billing costs (``make bench``)."""
 
@@ -72,6 +74,7 @@ class Settings:
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
             metrics_address=get("GPUBROKER_METRICS") or None,
             migrate=get("GPUBROKER_MIGRATE", "0").lower() in ("1", "true", "yes", "on"),
+            failpoint=get("GPUBROKER_FAILPOINT") or None,
             billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
             limits=Limits(
                 max_tensor_bytes=int(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -32,6 +33,9 @@ __all__ = ["Dispatcher"]
 
 logger = logging.getLogger(__name__)
 
+FAILPOINT_EXIT_CODE = 86
+"""Exit code of a process killed by an armed failpoint."""
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -47,7 +51,9 @@ class Dispatcher:
         events: TaskEvents,
         limits: Limits,
         lease_timeout_s: float,
+        failpoint: str | None = None,
     ) -> None:
+        self._failpoint = failpoint
         self._store = store
         self._spool = spool
         self._events = events
@@ -179,6 +185,7 @@ class Dispatcher:
             except StaleAttemptError:
                 self._spool.delete_outputs(outcome.attempt.task_id, outcome.attempt.number)
                 raise
+            self._crash_if_armed("after-success-commit")
         self._release(outcome.agent_id, outcome.attempt)
         self._finished(task)
         return task
@@ -227,6 +234,12 @@ class Dispatcher:
         return writer.inline
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _crash_if_armed(self, point: str) -> None:
+        """Dies on the spot, like a power cut, when tests armed this point."""
+        if self._failpoint == point:
+            logger.critical("failpoint %s: exiting without cleanup", point)
+            os._exit(FAILPOINT_EXIT_CODE)
 
     async def _dispatch_loop(self) -> None:
         while True:

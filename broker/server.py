@@ -91,7 +91,9 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     spool.open()
     metrics = Metrics()
     events = TaskEvents(listeners=[metrics.observe])
-    dispatcher = Dispatcher(store, spool, events, settings.limits, settings.lease_timeout_s)
+    dispatcher = Dispatcher(
+        store, spool, events, settings.limits, settings.lease_timeout_s, settings.failpoint
+    )
     metrics.watch_state(
         queued=lambda: len(dispatcher.queue),
         agents=lambda: len(dispatcher.registry),

@@ -104,8 +104,13 @@ class BrokerProcess(_Process):
         """host:port of the running broker."""
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> BrokerProcess:
-        """Starts the broker and waits until its health check says SERVING."""
+    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None) -> BrokerProcess:
+        """Starts the broker and waits until its health check says SERVING.
+
+        ``env`` replaces the environment given at construction for this start (and later ones).
+        """
+        if env is not None:
+            self._env = env
         port_file = self.root / "broker.port"
         port_file.unlink(missing_ok=True)
         keys = ",".join(f"{k}={t}" for k, t in self._api_keys.items())

@@ -188,3 +188,30 @@ def test_a_retried_submit_with_the_same_request_id_returns_the_same_task(
         count = conn.execute(sa.select(sa.func.count()).select_from(tasks)).scalar_one()
     engine.dispose()
     assert count == 1
+
+
+def test_a_broker_crash_between_commit_and_reply_bills_the_task_once(tmp_path: Path) -> None:
+    # Given a broker that dies right after committing a success, before answering the agent
+    broker = BrokerProcess(tmp_path, env={"GPUBROKER_FAILPOINT": "after-success-commit"}).start()
+    agent = AgentProcess(tmp_path, broker.address, "crash-witness", slots=1).start()
+    try:
+        with Client(broker.address, "key-a") as client:
+            handle = client.submit("echo", [torch.arange(5.0)])
+        assert broker.proc is not None
+        assert broker.proc.wait(60) == 86
+
+        # When it comes back (unarmed), and the agent reconnects to it
+        broker.start(env={})
+        agent.stop()
+        agent = AgentProcess(tmp_path, broker.address, "after-restart", slots=1).start()
+
+        # Then the task is done, with its result, billed exactly once, and never run again
+        with Client(broker.address, "key-a") as client:
+            result = client.task(handle.task_id).result(timeout=60)
+            status = client.task(handle.task_id).status()
+        assert torch.equal(result.output, torch.arange(5.0))
+        assert (status.state, status.attempt) == (TaskState.SUCCEEDED, 1)
+        assert len(_usage_rows(broker.database_url, handle.task_id)) == 1
+    finally:
+        agent.stop()
+        broker.stop()
