@@ -347,3 +347,32 @@ async def test_a_tenant_over_budget_is_refused_and_sees_its_spend(
     assert "monthly budget of $0.000003000" in (excinfo.value.details() or "")
     assert (usage.month_to_date_nanousd, usage.monthly_budget_nanousd) == (3_472, 3_000)
     assert usage.has_budget and usage.tasks == 1
+
+
+async def test_a_corrupt_result_upload_is_refused_and_the_task_runs_again(
+    channel: grpc.aio.Channel,
+) -> None:
+    agent = FakeAgent(channel, "a1")
+    await agent.next()
+    agent.credit()
+    task_id = await _submit(channel, b"x")
+    assignment = (await agent.next()).assignment
+    attempt = agent_pb2.TaskAttempt(task_id=task_id, attempt=assignment.attempt)
+    bad = _header(b"result")
+    bad.crc32c ^= 1
+    messages = [
+        agent_pb2.PutResultRequest(
+            header=agent_pb2.ResultHeader(agent_id="a1", attempt=attempt, outputs=[bad])
+        ),
+        agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=b"result")),
+    ]
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await agent.stub.PutResult(iter(messages), metadata=AGENT_AUTH)
+    agent.credit()
+    retry = (await agent.next()).assignment
+
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "crc32c" in (excinfo.value.details() or "")
+    assert (retry.task_id, retry.attempt) == (task_id, 2)
+    assert await agent.put(retry, b"result") == task_pb2.TASK_STATE_SUCCEEDED
