@@ -62,8 +62,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 async for data in self._tasks.result_chunks(task):
                     yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=data))
             except asyncio.CancelledError:
-                # The caller hung up: Run ties the task's life to the call.
-                await asyncio.shield(self._tasks.cancel_quietly(submitted.id))
+                remaining = context.time_remaining()
+                if remaining is None or remaining > 0:
+                    # The caller hung up: Run ties the task's life to the call. (At the
+                    # deadline the sweep fails the task with DEADLINE_EXCEEDED instead.)
+                    await asyncio.shield(self._tasks.cancel_quietly(submitted.id))
                 raise
 
     async def WatchTask(

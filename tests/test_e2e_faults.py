@@ -14,6 +14,9 @@ import torch
 
 from billing.models import tasks, usage
 from client import Client, DeadlineExceededError, TaskCancelledError, TaskState
+from client.codec import encode
+from client.proto import meta_to_proto
+from protos import broker_pb2, task_pb2
 from tests.cluster import AgentProcess, BrokerProcess, wait_until
 
 
@@ -161,7 +164,31 @@ def test_a_run_deadline_becomes_the_tasks_deadline(broker: BrokerProcess) -> Non
         wait_until(
             lambda: client.task(status.task_id).status().state.is_final, 10, "the task to end"
         )
-        assert client.task(status.task_id).status().state in {TaskState.FAILED, TaskState.CANCELLED}
+        final = client.task(status.task_id).status()
+        assert (final.state, final.error_code) == (TaskState.FAILED, "DEADLINE_EXCEEDED")
+
+
+def test_hanging_up_a_run_call_cancels_its_task(broker: BrokerProcess) -> None:
+    with Client(broker.address, "key-a") as client:
+        calls = client._stub.Run(  # the raw call, so the test can hang up mid-stream
+            iter(_run_messages(torch.ones(1))), metadata=(("authorization", "Bearer key-a"),)
+        )
+        first = next(calls)
+        calls.cancel()
+
+        wait_until(
+            lambda: client.task(first.task.task_id).status().state.is_final, 10, "the cancel"
+        )
+        assert client.task(first.task.task_id).status().state is TaskState.CANCELLED
+
+
+def _run_messages(tensor: torch.Tensor) -> list[broker_pb2.RunRequest]:
+    meta, data = encode(tensor)
+    header = broker_pb2.TaskHeader(workload="echo", inputs=[meta_to_proto(meta)])
+    return [
+        broker_pb2.RunRequest(header=header),
+        broker_pb2.RunRequest(chunk=task_pb2.DataChunk(data=bytes(data))),
+    ]
 
 
 def test_a_submit_deadline_fails_a_task_that_waits_too_long(broker: BrokerProcess) -> None:
