@@ -1,12 +1,16 @@
-"""Python SDK of the GPU broker.
+"""Python SDK of the GPU broker: send PyTorch tensors or numpy arrays, get results back.
 
-import torch
-from client import Client
+Example::
 
-with Client("localhost:50051", api_key="...") as client:
-    product = client.run("matmul", [torch.randn(64, 32), torch.randn(32, 8)]).output
-    handle = client.submit("fft", [torch.randn(1024)])
-    spectrum = handle.result(timeout=60).output
+    import torch
+    from client import Client
+
+    with Client("localhost:50051", api_key="...") as client:
+        product = client.run("matmul", [torch.randn(64, 32), torch.randn(32, 8)]).output
+        spectrum = client.submit("fft", torch.randn(1024)).result(timeout=60).output
+
+``AsyncClient`` offers the same methods as coroutines. Every failed call raises a subclass of
+``GpuBrokerError`` named after its gRPC status (see ``client.errors``).
 """
 
 from __future__ import annotations

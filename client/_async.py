@@ -11,18 +11,17 @@ from typing import Any
 import grpc
 
 from client._convert import (
-    STATE_TO_PROTO,
+    CHANNEL_OPTIONS,
+    SUBMIT_BACKOFF_S,
+    PreparedTask,
     ResultCollector,
+    TaskPager,
     metadata,
-    new_request_id,
-    request_stream,
-    resolve_output,
+    prepare_task,
     status_from_proto,
-    task_header,
     usage_from_proto,
     usage_request,
 )
-from client._sync import CHANNEL_OPTIONS, SUBMIT_ATTEMPTS
 from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind
 from client.errors import UnavailableError, translate_rpc_errors
@@ -33,7 +32,10 @@ __all__ = ["AsyncClient", "AsyncTaskHandle"]
 
 
 class AsyncClient:
-    """Talks to a broker from asyncio code. Use with ``async with``, or ``await close()``."""
+    """Talks to a broker from asyncio code; see ``Client`` for the arguments.
+
+    Use with ``async with``, or ``await close()``. Create it inside the running event loop.
+    """
 
     def __init__(
         self,
@@ -77,26 +79,22 @@ class AsyncClient:
         output: OutputKind | None = None,
         **params: Any,
     ) -> AsyncTaskHandle:
-        """Queues a task; see ``Client.submit``."""
-        request_id = request_id or new_request_id()
-        header, buffers, all_numpy = task_header(
-            workload, inputs, params, priority=priority, request_id=request_id, timeout=timeout
+        """Queues a task and returns a handle once it is stored; see ``Client.submit``."""
+        task = prepare_task(
+            workload,
+            inputs,
+            params,
+            priority=priority,
+            request_id=request_id,
+            timeout=timeout,
+            output=output,
         )
-        for attempt in range(SUBMIT_ATTEMPTS):
+        for delay in SUBMIT_BACKOFF_S:
             try:
-                with translate_rpc_errors():
-                    reply = await self._stub.Submit(
-                        request_stream(
-                            broker_pb2.SubmitRequest, header, buffers, self._chunk_bytes
-                        ),
-                        metadata=self._metadata,
-                    )
-                break
+                return await self._submit_once(task)
             except UnavailableError:
-                if attempt == SUBMIT_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(0.2 * 2**attempt)
-        return AsyncTaskHandle(self, reply.task_id, resolve_output(output, all_numpy))
+                await asyncio.sleep(delay)
+        return await self._submit_once(task)
 
     async def run(
         self,
@@ -109,60 +107,50 @@ class AsyncClient:
         **params: Any,
     ) -> TaskResult:
         """Submits a task and waits for its result on one call; see ``Client.run``."""
-        header, buffers, all_numpy = task_header(
+        task = prepare_task(
             workload,
             inputs,
             params,
             priority=priority,
-            request_id=new_request_id(),
+            request_id=None,
             timeout=timeout,
+            output=output,
         )
-        collector = ResultCollector(resolve_output(output, all_numpy))
-        call = self._stub.Run(
-            request_stream(broker_pb2.RunRequest, header, buffers, self._chunk_bytes),
-            metadata=self._metadata,
-            timeout=timeout,
-        )
-        with translate_rpc_errors():
-            async for reply in call:
-                if reply.WhichOneof("kind") == "task":
-                    collector.header(reply.task)
-                else:
-                    collector.chunk(reply.chunk.data)
+        collector = ResultCollector(task.output)
+        requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
+        call = self._stub.Run(requests, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                async for reply in call:
+                    collector.add(reply)
+        finally:
+            call.cancel()  # A no-op once the call ended; stops the task if decoding failed.
         return collector.result()
 
     def task(self, task_id: str, *, output: OutputKind = "torch") -> AsyncTaskHandle:
-        """A handle to an existing task."""
+        """A handle to an existing task, returning ``output`` kind results."""
         return AsyncTaskHandle(self, task_id, output)
 
     async def list_tasks(
         self, states: Sequence[TaskState] | None = None, limit: int = 100
     ) -> list[TaskStatus]:
-        """The caller's tasks, newest first, following pages up to ``limit``."""
-        found: list[TaskStatus] = []
-        token = ""
-        while len(found) < limit:
-            request = broker_pb2.ListTasksRequest(
-                states=[STATE_TO_PROTO[s] for s in states or ()],
-                page_size=min(limit - len(found), 1000),
-                page_token=token,
-            )
+        """Your tasks, newest first, only those in ``states`` if given, following pages."""
+        pager = TaskPager(states, limit)
+        while (request := pager.next_request()) is not None:
             with translate_rpc_errors():
-                reply = await self._stub.ListTasks(request, metadata=self._metadata)
-            found += [status_from_proto(t) for t in reply.tasks]
-            token = reply.next_page_token
-            if not token:
-                break
-        return found
+                pager.add(await self._stub.ListTasks(request, metadata=self._metadata))
+        return pager.tasks
 
     async def watch(self, task_id: str, timeout: float | None = None) -> AsyncIterator[TaskStatus]:
-        """Yields the task's status at each change until it is final."""
+        """Yields the task's status at each change until it is final; see ``Client.watch``."""
         request = broker_pb2.WatchTaskRequest(task_id=task_id)
-        with translate_rpc_errors():
-            async for reply in self._stub.WatchTask(
-                request, metadata=self._metadata, timeout=timeout
-            ):
-                yield status_from_proto(reply.task)
+        call = self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                async for reply in call:
+                    yield status_from_proto(reply.task)
+        finally:
+            call.cancel()
 
     async def usage(self, since: datetime | None = None, until: datetime | None = None) -> Usage:
         """Your billed usage over ``[since, until)``: measured compute time and its cost."""
@@ -170,36 +158,41 @@ class AsyncClient:
             reply = await self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
         return usage_from_proto(reply)
 
-    async def _status(self, task_id: str) -> TaskStatus:
+    async def _submit_once(self, task: PreparedTask) -> AsyncTaskHandle:
+        requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
         with translate_rpc_errors():
-            reply = await self._stub.GetTask(
-                broker_pb2.GetTaskRequest(task_id=task_id), metadata=self._metadata
-            )
+            reply = await self._stub.Submit(requests, metadata=self._metadata)
+        return AsyncTaskHandle(self, reply.task_id, task.output)
+
+    # -- used by AsyncTaskHandle -----------------------------------------------------------------
+
+    async def _status(self, task_id: str) -> TaskStatus:
+        request = broker_pb2.GetTaskRequest(task_id=task_id)
+        with translate_rpc_errors():
+            reply = await self._stub.GetTask(request, metadata=self._metadata)
         return status_from_proto(reply.task)
 
     async def _cancel(self, task_id: str) -> TaskStatus:
+        request = broker_pb2.CancelTaskRequest(task_id=task_id)
         with translate_rpc_errors():
-            reply = await self._stub.CancelTask(
-                broker_pb2.CancelTaskRequest(task_id=task_id), metadata=self._metadata
-            )
+            reply = await self._stub.CancelTask(request, metadata=self._metadata)
         return status_from_proto(reply.task)
 
     async def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
         collector = ResultCollector(output)
         request = broker_pb2.GetResultRequest(task_id=task_id)
-        with translate_rpc_errors():
-            async for reply in self._stub.GetResult(
-                request, metadata=self._metadata, timeout=timeout
-            ):
-                if reply.WhichOneof("kind") == "header":
-                    collector.header(reply.header)
-                else:
-                    collector.chunk(reply.chunk.data)
+        call = self._stub.GetResult(request, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                async for reply in call:
+                    collector.add(reply)
+        finally:
+            call.cancel()
         return collector.result()
 
 
 class AsyncTaskHandle:
-    """A submitted task, awaitable-style; see ``TaskHandle``."""
+    """A submitted task with awaitable methods; see ``TaskHandle``."""
 
     def __init__(self, client: AsyncClient, task_id: str, output: OutputKind) -> None:
         self._client = client
@@ -214,7 +207,7 @@ class AsyncTaskHandle:
         return await self._client._status(self.task_id)
 
     async def done(self) -> bool:
-        """True once the task is final."""
+        """True once the task is final (succeeded, failed or cancelled)."""
         return (await self.status()).state.is_final
 
     async def result(
@@ -224,12 +217,12 @@ class AsyncTaskHandle:
         return await self._client._result(self.task_id, output or self._output, timeout)
 
     async def wait(self, timeout: float | None = None) -> TaskStatus:
-        """Waits until the task is final and returns its status."""
+        """Waits until the task is final and returns its status; see ``TaskHandle.wait``."""
         final = None
         async for status in self._client.watch(self.task_id, timeout):
             final = status
         return final if final is not None else await self.status()
 
     async def cancel(self) -> TaskStatus:
-        """Cancels the task if it is still queued or running."""
+        """Cancels the task if it is still queued or running; returns its status after."""
         return await self._client._cancel(self.task_id)

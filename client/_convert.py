@@ -1,33 +1,61 @@
-"""Pure helpers shared by ``Client`` and ``AsyncClient``: requests out, results in."""
+"""Pure helpers shared by ``Client`` and ``AsyncClient``: requests out, results in.
+
+Everything here is free of I/O, so the two clients differ only in how they wait on the network.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
+import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
 from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind, decode, encode, is_torch
+from client.errors import InternalError, error_from_code
 from client.proto import meta_from_proto, meta_to_proto, params_to_proto
-from client.wire import Assembler, iter_chunks
+from client.wire import Assembler, TensorMeta, iter_chunks
 from protos import broker_pb2, task_pb2
 
 __all__ = [
+    "CHANNEL_OPTIONS",
+    "MAX_PAGE_SIZE",
+    "STATE_TO_PROTO",
+    "SUBMIT_BACKOFF_S",
+    "PreparedTask",
     "ResultCollector",
+    "TaskPager",
+    "encode_inputs",
     "metadata",
     "new_request_id",
+    "prepare_task",
     "request_stream",
     "resolve_output",
     "status_from_proto",
-    "task_header",
     "usage_from_proto",
     "usage_request",
 ]
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.max_receive_message_length", 16 << 20),
+)
+"""Room for a 1 MiB chunk plus headers with a wide margin; the broker sets the same limits."""
+
+SUBMIT_BACKOFF_S = (0.2, 0.4)
+"""Pauses before each retry of a Submit that failed with UNAVAILABLE (so three attempts in all).
+
+Retrying is safe because every Submit carries a request_id: the broker returns the same task.
+"""
+
+MAX_PAGE_SIZE = 1000
+"""The broker's largest ListTasks page."""
 
 _Request = TypeVar("_Request", broker_pb2.SubmitRequest, broker_pb2.RunRequest)
 
@@ -54,31 +82,66 @@ def new_request_id() -> str:
 def _as_list(inputs: ArrayLike | Sequence[ArrayLike]) -> list[ArrayLike]:
     if is_torch(inputs) or isinstance(inputs, np.ndarray | np.generic):
         return [cast("ArrayLike", inputs)]
+    if isinstance(inputs, str | bytes | Mapping):
+        raise TypeError(
+            f"inputs must be a tensor, an array or a sequence of them, not {type(inputs).__name__}"
+        )
     return list(cast("Sequence[ArrayLike]", inputs))
 
 
-def task_header(
+def encode_inputs(
+    inputs: ArrayLike | Sequence[ArrayLike],
+) -> tuple[list[TensorMeta], list[memoryview], bool]:
+    """Encodes one tensor or a sequence; returns headers, buffers and whether all were numpy."""
+    values = _as_list(inputs)
+    encoded = [encode(v) for v in values]
+    all_numpy = bool(values) and not any(is_torch(v) for v in values)
+    return [meta for meta, _ in encoded], [data for _, data in encoded], all_numpy
+
+
+def resolve_output(output: OutputKind | None, all_numpy: bool) -> OutputKind:
+    """numpy when asked, or when every input was a numpy array; torch otherwise."""
+    if output not in (None, "torch", "numpy"):
+        raise ValueError(f"output must be 'torch', 'numpy' or None, not {output!r}")
+    if output is not None:
+        return output
+    return "numpy" if all_numpy else "torch"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTask:
+    """A task encoded for sending: its header, its input bytes and the output kind to return."""
+
+    header: broker_pb2.TaskHeader
+    buffers: tuple[memoryview, ...]
+    output: OutputKind
+
+    def requests(self, cls: type[_Request], chunk_bytes: int) -> Iterator[_Request]:
+        """A fresh Submit or Run request stream (each retry needs its own)."""
+        return request_stream(cls, self.header, self.buffers, chunk_bytes)
+
+
+def prepare_task(
     workload: str,
     inputs: ArrayLike | Sequence[ArrayLike],
     params: Mapping[str, Any],
     *,
     priority: int,
-    request_id: str,
+    request_id: str | None,
     timeout: float | None,
-) -> tuple[broker_pb2.TaskHeader, list[memoryview], bool]:
-    """Encodes the inputs; returns the header, their buffers, and whether all were numpy."""
-    values = _as_list(inputs)
-    encoded = [encode(v) for v in values]
+    output: OutputKind | None,
+) -> PreparedTask:
+    """Encodes a task; raises ``TypeError`` or ``WireError`` before anything is sent."""
+    metas, buffers, all_numpy = encode_inputs(inputs)
     header = broker_pb2.TaskHeader(
         workload=workload,
-        inputs=[meta_to_proto(meta) for meta, _ in encoded],
+        inputs=[meta_to_proto(meta) for meta in metas],
         params=params_to_proto(params),
         priority=priority,
-        request_id=request_id,
+        request_id=request_id or new_request_id(),
         timeout_seconds=timeout or 0.0,
     )
-    all_numpy = bool(values) and not any(is_torch(v) for v in values)
-    return header, [data for _, data in encoded], all_numpy
+    return PreparedTask(header, tuple(buffers), resolve_output(output, all_numpy))
 
 
 def request_stream(
@@ -87,17 +150,10 @@ def request_stream(
     buffers: Sequence[memoryview],
     chunk_bytes: int,
 ) -> Iterator[_Request]:
-    """The header message, then the inputs' bytes in chunks."""
+    """The header message, then the inputs' bytes back to back in chunks."""
     yield cls(header=header)
     for chunk in iter_chunks(buffers, chunk_bytes):
         yield cls(chunk=task_pb2.DataChunk(data=chunk))
-
-
-def resolve_output(output: OutputKind | None, all_numpy: bool) -> OutputKind:
-    """numpy when asked, or when every input was a numpy array; torch otherwise."""
-    if output is not None:
-        return output
-    return "numpy" if all_numpy else "torch"
 
 
 def _time(msg: task_pb2.TaskInfo, field: str) -> datetime | None:
@@ -105,6 +161,29 @@ def _time(msg: task_pb2.TaskInfo, field: str) -> datetime | None:
         return None
     stamp: timestamp_pb2.Timestamp = getattr(msg, field)
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
+    """Converts a task snapshot."""
+    return TaskStatus(
+        task_id=msg.task_id,
+        tenant=msg.tenant,
+        workload=msg.workload,
+        state=_STATE.get(msg.state, TaskState.QUEUED),
+        attempt=msg.attempt,
+        priority=msg.priority,
+        request_id=msg.request_id,
+        error_code=msg.error_code,
+        error_message=msg.error_message,
+        created_at=_time(msg, "created_at"),
+        started_at=_time(msg, "started_at"),
+        finished_at=_time(msg, "finished_at"),
+        deadline=_time(msg, "deadline"),
+        compute_seconds=msg.compute_seconds,
+        gpu_type=msg.gpu_type,
+        inputs=tuple(meta_from_proto(h) for h in msg.inputs),
+        outputs=tuple(meta_from_proto(h) for h in msg.outputs),
+    )
 
 
 def usage_request(since: datetime | None, until: datetime | None) -> broker_pb2.GetUsageRequest:
@@ -133,58 +212,77 @@ def usage_from_proto(msg: broker_pb2.GetUsageResponse) -> Usage:
     )
 
 
-def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
-    """Converts a task snapshot."""
-    return TaskStatus(
-        task_id=msg.task_id,
-        tenant=msg.tenant,
-        workload=msg.workload,
-        state=_STATE.get(msg.state, TaskState.QUEUED),
-        attempt=msg.attempt,
-        priority=msg.priority,
-        request_id=msg.request_id,
-        error_code=msg.error_code,
-        error_message=msg.error_message,
-        created_at=_time(msg, "created_at"),
-        started_at=_time(msg, "started_at"),
-        finished_at=_time(msg, "finished_at"),
-        deadline=_time(msg, "deadline"),
-        compute_seconds=msg.compute_seconds,
-        gpu_type=msg.gpu_type,
-        inputs=tuple(meta_from_proto(h) for h in msg.inputs),
-        outputs=tuple(meta_from_proto(h) for h in msg.outputs),
-    )
+class TaskPager:
+    """Follows ListTasks pages until ``limit`` tasks or the last page."""
+
+    def __init__(self, states: Sequence[TaskState] | None, limit: int) -> None:
+        self._states = [STATE_TO_PROTO[TaskState(s)] for s in states or ()]
+        self._limit = limit
+        self._token = ""
+        self._done = limit <= 0
+        self.tasks: list[TaskStatus] = []
+
+    def next_request(self) -> broker_pb2.ListTasksRequest | None:
+        """The next page's request, or None once there is nothing more to fetch."""
+        if self._done:
+            return None
+        return broker_pb2.ListTasksRequest(
+            states=self._states,
+            page_size=min(self._limit - len(self.tasks), MAX_PAGE_SIZE),
+            page_token=self._token,
+        )
+
+    def add(self, reply: broker_pb2.ListTasksResponse) -> None:
+        """Takes one page."""
+        room = self._limit - len(self.tasks)
+        self.tasks += [status_from_proto(t) for t in reply.tasks[:room]]
+        self._token = reply.next_page_token
+        self._done = not self._token or len(self.tasks) >= self._limit
 
 
 class ResultCollector:
-    """Reassembles a result stream: a succeeded task's snapshot, then its output chunks."""
+    """Reassembles a Run or GetResult stream: snapshots, then a succeeded task's output bytes."""
 
     def __init__(self, output: OutputKind) -> None:
         self._output = output
-        self._status: TaskStatus | None = None
+        self._last: TaskStatus | None = None
         self._assembler: Assembler | None = None
 
-    def header(self, info: task_pb2.TaskInfo) -> TaskStatus:
-        """Takes a snapshot; once SUCCEEDED it fixes the outputs to expect."""
-        status = status_from_proto(info)
-        if status.state is TaskState.SUCCEEDED:
-            self._status = status
-            self._assembler = Assembler(status.outputs)
-        return status
+    def add(self, reply: broker_pb2.RunResponse | broker_pb2.GetResultResponse) -> None:
+        """Takes one message of either stream."""
+        if reply.HasField("chunk"):
+            self._chunk(reply.chunk.data)
+        elif isinstance(reply, broker_pb2.RunResponse):
+            self._header(reply.task)
+        else:
+            self._header(reply.header)
 
-    def chunk(self, data: bytes) -> None:
-        """Takes output bytes."""
+    def _header(self, info: task_pb2.TaskInfo) -> None:
+        self._last = status_from_proto(info)
+        if self._last.state is TaskState.SUCCEEDED:
+            self._assembler = Assembler(self._last.outputs)
+
+    def _chunk(self, data: bytes) -> None:
         if self._assembler is None:
-            raise RuntimeError("result bytes arrived before the result header")
+            raise InternalError(
+                grpc.StatusCode.INTERNAL, "result bytes arrived before the result header"
+            )
         self._assembler.feed(data)
 
     def result(self) -> TaskResult:
-        """The decoded result once the stream ended."""
-        if self._status is None or self._assembler is None:
-            raise RuntimeError("the result stream ended without a result")
+        """The decoded result once the stream ended without an error status."""
+        status = self._last
+        if status is not None and status.state in (TaskState.FAILED, TaskState.CANCELLED):
+            # The broker ends such calls with an error status; this covers one that did not.
+            code = "CANCELLED" if status.state is TaskState.CANCELLED else status.error_code
+            raise error_from_code(code, status.error_message)
+        if status is None or self._assembler is None:
+            raise InternalError(
+                grpc.StatusCode.INTERNAL, "the result stream ended without a result"
+            )
         buffers = self._assembler.finish()
         outputs = tuple(
             decode(meta, buf, self._output)
-            for meta, buf in zip(self._status.outputs, buffers, strict=True)
+            for meta, buf in zip(status.outputs, buffers, strict=True)
         )
-        return TaskResult(task_id=self._status.task_id, outputs=outputs, status=self._status)
+        return TaskResult(task_id=status.task_id, outputs=outputs, status=status)

@@ -11,14 +11,14 @@ from typing import Any
 import grpc
 
 from client._convert import (
-    STATE_TO_PROTO,
+    CHANNEL_OPTIONS,
+    SUBMIT_BACKOFF_S,
+    PreparedTask,
     ResultCollector,
+    TaskPager,
     metadata,
-    new_request_id,
-    request_stream,
-    resolve_output,
+    prepare_task,
     status_from_proto,
-    task_header,
     usage_from_proto,
     usage_request,
 )
@@ -28,18 +28,18 @@ from client.errors import UnavailableError, translate_rpc_errors
 from client.wire import DEFAULT_CHUNK_BYTES
 from protos import broker_pb2, broker_pb2_grpc
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "TaskHandle"]
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.max_receive_message_length", 16 << 20),
-]
-SUBMIT_ATTEMPTS = 3
-"""Submit is retried on UNAVAILABLE; the request_id makes the retry return the same task."""
+__all__ = ["Client", "TaskHandle"]
 
 
 class Client:
-    """Talks to a broker. Use as a context manager, or call ``close()``."""
+    """Talks to a broker over one blocking channel. Use as a context manager, or ``close()``.
+
+    Args:
+        address: ``host:port`` of the broker.
+        api_key: Sent as ``authorization: Bearer <key>`` on every call.
+        credentials: TLS credentials (``grpc.ssl_channel_credentials()``); plaintext if None.
+        chunk_bytes: Size of the chunks the inputs are cut into.
+    """
 
     def __init__(
         self,
@@ -83,29 +83,39 @@ class Client:
         output: OutputKind | None = None,
         **params: Any,
     ) -> TaskHandle:
-        """Queues a task and returns a handle to it once the broker has stored it durably.
+        """Queues a task and returns a handle once the broker has stored it durably.
 
-        ``timeout`` is the task's deadline in seconds from now; ``params`` go to the workload.
+        Args:
+            workload: Registered workload name, e.g. ``"matmul"``.
+            inputs: A torch tensor or numpy array, or a sequence of them.
+            priority: -100..100; higher runs first among your own tasks.
+            request_id: Idempotency key; a fresh one when None. Resubmitting with the same key
+                returns the same task.
+            timeout: The task's deadline, in seconds from now.
+            output: ``"torch"`` or ``"numpy"`` for the result; None means numpy when every
+                input was a numpy array, torch otherwise.
+            **params: Workload parameters: int, float, str or bool.
+
+        Raises:
+            TypeError: A parameter or input is of an unsupported type.
+            GpuBrokerError: The broker refused the task (see ``client.errors``); UNAVAILABLE
+                only after three attempts.
         """
-        request_id = request_id or new_request_id()
-        header, buffers, all_numpy = task_header(
-            workload, inputs, params, priority=priority, request_id=request_id, timeout=timeout
+        task = prepare_task(
+            workload,
+            inputs,
+            params,
+            priority=priority,
+            request_id=request_id,
+            timeout=timeout,
+            output=output,
         )
-        for attempt in range(SUBMIT_ATTEMPTS):
+        for delay in SUBMIT_BACKOFF_S:
             try:
-                with translate_rpc_errors():
-                    reply = self._stub.Submit(
-                        request_stream(
-                            broker_pb2.SubmitRequest, header, buffers, self._chunk_bytes
-                        ),
-                        metadata=self._metadata,
-                    )
-                break
+                return self._submit_once(task)
             except UnavailableError:
-                if attempt == SUBMIT_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.2 * 2**attempt)
-        return TaskHandle(self, reply.task_id, resolve_output(output, all_numpy))
+                time.sleep(delay)
+        return self._submit_once(task)
 
     def run(
         self,
@@ -117,58 +127,63 @@ class Client:
         output: OutputKind | None = None,
         **params: Any,
     ) -> TaskResult:
-        """Submits a task and waits for its result on one call; ``timeout`` bounds both."""
-        header, buffers, all_numpy = task_header(
+        """Submits a task and waits for its result on one call; see ``submit`` for the arguments.
+
+        ``timeout`` is the call's deadline, which the broker makes the task's deadline too.
+
+        Raises:
+            DeadlineExceededError: The task did not finish within ``timeout`` seconds.
+            TaskFailedError: The workload raised.
+            GpuBrokerError: The broker refused or failed the task otherwise.
+        """
+        task = prepare_task(
             workload,
             inputs,
             params,
             priority=priority,
-            request_id=new_request_id(),
+            request_id=None,
             timeout=timeout,
+            output=output,
         )
-        collector = ResultCollector(resolve_output(output, all_numpy))
-        with translate_rpc_errors():
-            for reply in self._stub.Run(
-                request_stream(broker_pb2.RunRequest, header, buffers, self._chunk_bytes),
-                metadata=self._metadata,
-                timeout=timeout,
-            ):
-                if reply.WhichOneof("kind") == "task":
-                    collector.header(reply.task)
-                else:
-                    collector.chunk(reply.chunk.data)
+        collector = ResultCollector(task.output)
+        requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
+        call = self._stub.Run(requests, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                for reply in call:
+                    collector.add(reply)
+        finally:
+            call.cancel()  # A no-op once the call ended; stops the task if decoding failed.
         return collector.result()
 
     def task(self, task_id: str, *, output: OutputKind = "torch") -> TaskHandle:
-        """A handle to an existing task."""
+        """A handle to an existing task, returning ``output`` kind results."""
         return TaskHandle(self, task_id, output)
 
     def list_tasks(
         self, states: Sequence[TaskState] | None = None, limit: int = 100
     ) -> list[TaskStatus]:
-        """The caller's tasks, newest first, following pages up to ``limit``."""
-        found: list[TaskStatus] = []
-        token = ""
-        while len(found) < limit:
-            request = broker_pb2.ListTasksRequest(
-                states=[STATE_TO_PROTO[s] for s in states or ()],
-                page_size=min(limit - len(found), 1000),
-                page_token=token,
-            )
+        """Your tasks, newest first, only those in ``states`` if given, following pages."""
+        pager = TaskPager(states, limit)
+        while (request := pager.next_request()) is not None:
             with translate_rpc_errors():
-                reply = self._stub.ListTasks(request, metadata=self._metadata)
-            found += [status_from_proto(t) for t in reply.tasks]
-            token = reply.next_page_token
-            if not token:
-                break
-        return found
+                pager.add(self._stub.ListTasks(request, metadata=self._metadata))
+        return pager.tasks
 
     def watch(self, task_id: str, timeout: float | None = None) -> Iterator[TaskStatus]:
-        """Yields the task's status at each change until it is final."""
+        """Yields the task's status at each change, ending at a final state.
+
+        Raises:
+            DeadlineExceededError: ``timeout`` seconds passed first.
+        """
         request = broker_pb2.WatchTaskRequest(task_id=task_id)
-        with translate_rpc_errors():
-            for reply in self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout):
-                yield status_from_proto(reply.task)
+        call = self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                for reply in call:
+                    yield status_from_proto(reply.task)
+        finally:
+            call.cancel()
 
     def usage(self, since: datetime | None = None, until: datetime | None = None) -> Usage:
         """Your billed usage over ``[since, until)``: measured compute time and its cost."""
@@ -176,36 +191,41 @@ class Client:
             reply = self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
         return usage_from_proto(reply)
 
+    def _submit_once(self, task: PreparedTask) -> TaskHandle:
+        requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
+        with translate_rpc_errors():
+            reply = self._stub.Submit(requests, metadata=self._metadata)
+        return TaskHandle(self, reply.task_id, task.output)
+
     # -- used by TaskHandle ----------------------------------------------------------------------
 
     def _status(self, task_id: str) -> TaskStatus:
+        request = broker_pb2.GetTaskRequest(task_id=task_id)
         with translate_rpc_errors():
-            reply = self._stub.GetTask(
-                broker_pb2.GetTaskRequest(task_id=task_id), metadata=self._metadata
-            )
+            reply = self._stub.GetTask(request, metadata=self._metadata)
         return status_from_proto(reply.task)
 
     def _cancel(self, task_id: str) -> TaskStatus:
+        request = broker_pb2.CancelTaskRequest(task_id=task_id)
         with translate_rpc_errors():
-            reply = self._stub.CancelTask(
-                broker_pb2.CancelTaskRequest(task_id=task_id), metadata=self._metadata
-            )
+            reply = self._stub.CancelTask(request, metadata=self._metadata)
         return status_from_proto(reply.task)
 
     def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
         collector = ResultCollector(output)
         request = broker_pb2.GetResultRequest(task_id=task_id)
-        with translate_rpc_errors():
-            for reply in self._stub.GetResult(request, metadata=self._metadata, timeout=timeout):
-                if reply.WhichOneof("kind") == "header":
-                    collector.header(reply.header)
-                else:
-                    collector.chunk(reply.chunk.data)
+        call = self._stub.GetResult(request, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                for reply in call:
+                    collector.add(reply)
+        finally:
+            call.cancel()
         return collector.result()
 
 
 class TaskHandle:
-    """A submitted task, future-style."""
+    """A submitted task, future-style: poll it, wait for it, fetch its result or cancel it."""
 
     def __init__(self, client: Client, task_id: str, output: OutputKind) -> None:
         self._client = client
@@ -220,26 +240,33 @@ class TaskHandle:
         return self._client._status(self.task_id)
 
     def done(self) -> bool:
-        """True once the task is final."""
+        """True once the task is final (succeeded, failed or cancelled)."""
         return self.status().state.is_final
 
     def result(
         self, timeout: float | None = None, *, output: OutputKind | None = None
     ) -> TaskResult:
-        """Waits for the task and returns its outputs.
+        """Waits for the task and returns its outputs, as ``output`` kind if given.
 
-        Raises ``DeadlineExceededError`` after ``timeout`` seconds, ``TaskFailedError`` (or the
-        task's own error class) if it failed, ``TaskCancelledError`` if it was cancelled.
+        Raises:
+            DeadlineExceededError: ``timeout`` seconds passed first (the task goes on).
+            TaskFailedError: The workload raised (or the task's own error class, e.g.
+                ``InvalidArgumentError``).
+            TaskCancelledError: The task was cancelled.
         """
         return self._client._result(self.task_id, output or self._output, timeout)
 
     def wait(self, timeout: float | None = None) -> TaskStatus:
-        """Waits until the task is final and returns its status (never raises for failure)."""
+        """Waits until the task is final and returns its status, whether it succeeded or not.
+
+        Raises:
+            DeadlineExceededError: ``timeout`` seconds passed first (the task goes on).
+        """
         final = None
         for status in self._client.watch(self.task_id, timeout):
             final = status
         return final if final is not None else self.status()
 
     def cancel(self) -> TaskStatus:
-        """Cancels the task if it is still queued or running."""
+        """Cancels the task if it is still queued or running; returns its status after."""
         return self._client._cancel(self.task_id)

@@ -33,23 +33,39 @@ class TaskStatus:
     """A snapshot of a task."""
 
     task_id: str
+    """Broker-assigned id."""
     tenant: str
+    """The tenant that owns the task (the API key's)."""
     workload: str
+    """The workload name, e.g. ``"matmul"``."""
     state: TaskState
+    """Where the task stands."""
     attempt: int
+    """0 before the first assignment; grows each time the task is (re)assigned to an agent."""
     priority: int
+    """Higher runs first among the tenant's own tasks."""
     request_id: str
+    """The idempotency key it was submitted with."""
     error_code: str
+    """gRPC status code name of a failed task (e.g. ``"ABORTED"``); empty otherwise."""
     error_message: str
+    """Why the task failed or was cancelled; empty otherwise."""
     created_at: datetime | None
+    """When the broker acknowledged the task (UTC)."""
     started_at: datetime | None
+    """When the current attempt started (UTC); None while queued."""
     finished_at: datetime | None
+    """When the task reached a final state (UTC)."""
     deadline: datetime | None
+    """When the task fails with DEADLINE_EXCEEDED if not done (UTC); None for no deadline."""
     compute_seconds: float
     """Measured compute time of the successful attempt: what the task is billed for."""
     gpu_type: str
+    """GPU type of the agent that ran the successful attempt (``"cpu"`` for CPU agents)."""
     inputs: tuple[TensorMeta, ...]
+    """The input tensors' headers."""
     outputs: tuple[TensorMeta, ...]
+    """The output tensors' headers, once succeeded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +73,15 @@ class TaskResult:
     """A finished task's outputs."""
 
     task_id: str
+    """The task's id."""
     outputs: tuple[Any, ...]
-    """torch tensors or numpy arrays (see ``output=``), in the workload's order."""
+    """torch tensors or numpy arrays (see ``output=``), in the workload's order.
+
+    Typed ``Any`` rather than a union so ``torch.equal(result.output, x)`` type-checks: which
+    kind comes back is chosen at run time.
+    """
     status: TaskStatus
+    """The finished task's snapshot."""
 
     @property
     def output(self) -> Any:
@@ -89,11 +111,15 @@ class Usage:
     """What the caller has been billed for over a time range: successful tasks only."""
 
     tenant: str
+    """The caller's tenant."""
     tasks: int
+    """Successful tasks billed."""
     compute_seconds: float
     """Measured compute time billed."""
     bytes_in: int
+    """Bytes of those tasks' inputs."""
     bytes_out: int
+    """Bytes of those tasks' outputs."""
     cost_usd: Decimal
     """Exact, in US dollars."""
     month_to_date_usd: Decimal

@@ -36,6 +36,7 @@ __all__ = [
     "TaskCancelledError",
     "TaskFailedError",
     "UnavailableError",
+    "error_from_code",
     "error_from_rpc",
     "translate_rpc_errors",
 ]
@@ -44,10 +45,19 @@ __all__ = [
 class GpuBrokerError(Exception):
     """A call to the broker failed; ``code`` is the gRPC status, ``details`` its message."""
 
+    code: grpc.StatusCode
+    """The call's gRPC status code."""
+    details: str
+    """The broker's explanation, e.g. the workload's own error message."""
+
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+    def __reduce__(self) -> tuple[type[GpuBrokerError], tuple[grpc.StatusCode, str]]:
+        # Exception pickles its str() args by default, which this __init__ does not take.
+        return type(self), (self.code, self.details)
 
 
 class InvalidArgumentError(GpuBrokerError):
@@ -114,11 +124,18 @@ _ERROR_FOR: dict[grpc.StatusCode, type[GpuBrokerError]] = {
 }
 
 
+def error_from_code(code: grpc.StatusCode | str, details: str) -> GpuBrokerError:
+    """The typed error for a status code, given as a ``grpc.StatusCode`` or its name."""
+    if isinstance(code, str):
+        code = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+    return _ERROR_FOR.get(code, InternalError)(code, details)
+
+
 def error_from_rpc(exc: grpc.RpcError) -> GpuBrokerError:
     """The typed error for a failed call."""
     code: grpc.StatusCode = exc.code()
-    details: str = exc.details() or ""
-    return _ERROR_FOR.get(code, InternalError)(code, details)
+    details: str | None = exc.details()
+    return error_from_code(code, details or "")
 
 
 @contextlib.contextmanager
