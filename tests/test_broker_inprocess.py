@@ -115,6 +115,14 @@ class FakeAgent:
         return int(reply.state)
 
 
+async def _ready_agent(channel: grpc.aio.Channel, agent_id: str) -> FakeAgent:
+    """An agent that was welcomed and granted one slot."""
+    agent = FakeAgent(channel, agent_id)
+    await agent.next()
+    agent.credit()
+    return agent
+
+
 async def test_an_agent_gets_work_only_after_granting_credit(channel: grpc.aio.Channel) -> None:
     agent = FakeAgent(channel, "a1")
     welcome = await agent.next()
@@ -136,9 +144,7 @@ async def test_an_agent_gets_work_only_after_granting_credit(channel: grpc.aio.C
 async def test_an_echo_round_trip_is_billed_with_the_reported_compute_time(
     channel: grpc.aio.Channel, broker: BrokerServer
 ) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     task_id = await _submit(channel, b"payload")
     assignment = (await agent.next()).assignment
 
@@ -156,15 +162,11 @@ async def test_an_echo_round_trip_is_billed_with_the_reported_compute_time(
 
 
 async def test_a_result_from_a_lost_attempt_is_refused(channel: grpc.aio.Channel) -> None:
-    first = FakeAgent(channel, "first")
-    await first.next()
-    first.credit()
+    first = await _ready_agent(channel, "first")
     await _submit(channel, b"x")
     stale = (await first.next()).assignment
     first.call.cancel()
-    second = FakeAgent(channel, "second")
-    await second.next()
-    second.credit()
+    second = await _ready_agent(channel, "second")
     current = (await second.next()).assignment
 
     with pytest.raises(grpc.aio.AioRpcError) as excinfo:
@@ -176,9 +178,7 @@ async def test_a_result_from_a_lost_attempt_is_refused(channel: grpc.aio.Channel
 
 
 async def test_cancelling_a_running_task_revokes_it_on_the_agent(channel: grpc.aio.Channel) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     task_id = await _submit(channel, b"x")
     assignment = (await agent.next()).assignment
 
@@ -230,9 +230,7 @@ async def test_an_agent_whose_gpu_has_no_price_is_refused(channel: grpc.aio.Chan
 
 
 async def test_an_attempt_the_agent_stops_reporting_is_requeued(channel: grpc.aio.Channel) -> None:
-    agent = FakeAgent(channel, "forgetful")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "forgetful")
     task_id = await _submit(channel, b"x")
     assignment = (await agent.next()).assignment
     stub = broker_pb2_grpc.BrokerStub(channel)
@@ -252,9 +250,7 @@ async def test_an_attempt_the_agent_stops_reporting_is_requeued(channel: grpc.ai
 async def test_an_attempt_the_agent_keeps_reporting_is_never_rescued(
     channel: grpc.aio.Channel,
 ) -> None:
-    agent = FakeAgent(channel, "steady")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "steady")
     task_id = await _submit(channel, b"x")
     assignment = (await agent.next()).assignment
     running = agent_pb2.AgentHeartbeat(
@@ -271,9 +267,7 @@ async def test_an_attempt_the_agent_keeps_reporting_is_never_rescued(
 async def test_small_payloads_ride_in_the_row_and_the_assignment(
     channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     await _submit(channel, b"small")
 
     assignment = (await agent.next()).assignment
@@ -287,9 +281,7 @@ async def test_small_payloads_ride_in_the_row_and_the_assignment(
 async def test_large_payloads_are_spooled_files_fetched_separately(
     channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     data = bytes(range(256)) * 1024  # 256 KiB
     task_id = await _submit(channel, data)
 
@@ -307,9 +299,7 @@ async def test_large_payloads_are_spooled_files_fetched_separately(
 async def test_metrics_count_tasks_and_show_live_state(
     channel: grpc.aio.Channel, broker: BrokerServer
 ) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     await _submit(channel, b"x")
     assignment = (await agent.next()).assignment
     await agent.put(assignment, b"result")
@@ -328,9 +318,7 @@ async def test_metrics_count_tasks_and_show_live_state(
 async def test_a_tenant_over_budget_is_refused_and_sees_its_spend(
     channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     await _submit(channel, b"x")
     await agent.put((await agent.next()).assignment, b"y")  # 0.25 s at $0.05/h = 3,472 nano-USD
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'broker.db'}")
@@ -352,9 +340,7 @@ async def test_a_tenant_over_budget_is_refused_and_sees_its_spend(
 async def test_a_corrupt_result_upload_is_refused_and_the_task_runs_again(
     channel: grpc.aio.Channel,
 ) -> None:
-    agent = FakeAgent(channel, "a1")
-    await agent.next()
-    agent.credit()
+    agent = await _ready_agent(channel, "a1")
     task_id = await _submit(channel, b"x")
     assignment = (await agent.next()).assignment
     attempt = agent_pb2.TaskAttempt(task_id=task_id, attempt=assignment.attempt)
