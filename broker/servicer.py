@@ -37,7 +37,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def Submit(
         self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Context
     ) -> broker_pb2.SubmitResponse:
-        async with abort_on_broker_error(context):
+        async with abort_on_broker_error(context, request_iterator):
             tenant = self._auth.tenant(context.invocation_metadata())
             header, chunks = await split_stream(request_iterator)
             task, deduplicated = await self._tasks.submit(tenant, spec_from_proto(header), chunks)
@@ -46,7 +46,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def Run(
         self, request_iterator: AsyncIterator[broker_pb2.RunRequest], context: Context
     ) -> AsyncIterator[broker_pb2.RunResponse]:
-        async with abort_on_broker_error(context):
+        async with abort_on_broker_error(context, request_iterator):
             tenant = self._auth.tenant(context.invocation_metadata())
             header, chunks = await split_stream(request_iterator)
             spec = spec_from_proto(header)

@@ -247,3 +247,23 @@ def test_another_tenants_task_looks_like_it_does_not_exist(broker: BrokerProcess
         with pytest.raises(NotFoundError):
             other.task(handle.task_id).cancel()
         assert handle.task_id not in {t.task_id for t in other.list_tasks()}
+
+
+async def test_the_async_client_always_gets_the_real_status_of_a_refused_stream(
+    broker: BrokerProcess,
+) -> None:
+    from client import AsyncClient, AuthenticationError, InvalidArgumentError
+
+    codes = set()
+    for _ in range(20):  # the race this guards against lost the status about 1 time in 3
+        async with (
+            AsyncClient(broker.address, "wrong-key") as bad,
+            AsyncClient(broker.address, "key-a") as good,
+        ):
+            for call in (bad.run("echo", [TENSOR]), good.run("no-such-workload", [TENSOR])):
+                try:
+                    await call
+                except (AuthenticationError, InvalidArgumentError) as exc:
+                    codes.add(type(exc).__name__)
+
+    assert codes == {"AuthenticationError", "InvalidArgumentError"}
