@@ -1,4 +1,4 @@
-"""``python -m billing report``: per-tenant usage from the broker's database."""
+"""``python -m billing``: usage reports, schema migrations and budgets on the broker's database."""
 
 from __future__ import annotations
 
@@ -20,11 +20,29 @@ from billing.report import FORMATS, render
 DEFAULT_DATABASE_URL = "sqlite:///gpubroker-data/broker.db"
 
 
-def _when(value: str | None) -> datetime | None:
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """Parses an ISO 8601 option; a time without a zone is UTC."""
     if value is None:
         return None
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or time") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _database_url(database_url: str | None) -> str:
+    """The URL given, else ``$GPUBROKER_DATABASE_URL``, else the broker's default SQLite file."""
+    return database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    """True for a SQLite file URL whose file does not exist (connecting would create it)."""
+    parsed = sa.engine.make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return False
+    return not Path(database).exists()
 
 
 @click.group()
@@ -37,29 +55,37 @@ def cli() -> None:
     "--database-url",
     help="SQLAlchemy URL (default: $GPUBROKER_DATABASE_URL or the broker's SQLite file).",
 )
-@click.option("--since", help="Start of the range, ISO 8601 (inclusive).")
-@click.option("--until", help="End of the range, ISO 8601 (exclusive).")
+@click.option("--since", callback=_when, help="Start of the range, ISO 8601 (inclusive).")
+@click.option("--until", callback=_when, help="End of the range, ISO 8601 (exclusive).")
 @click.option("--by", type=click.Choice(GROUPS), default="tenant", show_default=True)
 @click.option("--tenant", help="Only this tenant's usage.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 def report(
     database_url: str | None,
-    since: str | None,
-    until: str | None,
+    since: datetime | None,
+    until: datetime | None,
     by: str,
     tenant: str | None,
     fmt: str,
 ) -> None:
     """Prints billed usage per tenant, workload, GPU type or UTC day."""
-    url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise click.ClickException(f"no database at {url}; has the broker run yet?")
+    url = _database_url(database_url)
+    try:
+        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError as exc:
+        raise click.BadParameter(str(exc), param_hint="--database-url") from exc
+    if _missing_sqlite_file(url):
+        raise click.ClickException(f"no database at {shown}; has the broker run yet?")
     engine = sa.create_engine(url)
     try:
-        if not sa.inspect(engine).has_table(usage.name):
-            raise click.ClickException(f"{url} has no usage table; is it the broker's database?")
         with engine.connect() as conn:
-            found = summaries(conn, by=by, since=_when(since), until=_when(until), tenant=tenant)
+            if not sa.inspect(conn).has_table(usage.name):
+                raise click.ClickException(
+                    f"{shown} has no usage table; is it the broker's database?"
+                )
+            found = summaries(conn, by=by, since=since, until=until, tenant=tenant)
+    except sa.exc.OperationalError as exc:
+        raise click.ClickException(f"cannot read {shown}: {exc.orig}") from exc
     finally:
         engine.dispose()
     click.echo(render(found, fmt, by), nl=False)
@@ -71,7 +97,7 @@ def report(
 @click.option("--down", is_flag=True, help="Downgrade to --revision (e.g. base) instead.")
 def migrate(database_url: str | None, revision: str, down: bool) -> None:
     """Upgrades (or downgrades) the broker's database schema."""
-    url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    url = _database_url(database_url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url)
@@ -127,8 +153,8 @@ def budget_remove(tenant: str, database_url: str | None) -> None:
 
 
 def _engine(database_url: str | None) -> sa.Engine:
-    url = database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    url = _database_url(database_url)
+    if _missing_sqlite_file(url):
         raise click.ClickException(f"no database at {url}; run `python -m billing migrate` first")
     return sa.create_engine(url)
 

@@ -17,6 +17,8 @@ from typing import Any
 from billing.errors import PriceCatalogError, UnknownPriceError
 
 __all__ = [
+    "CURRENCY",
+    "DEFAULT_GPU_TYPE",
     "NANO",
     "BillingPolicy",
     "Price",
@@ -28,6 +30,12 @@ __all__ = [
 
 NANO = Decimal(1_000_000_000)
 """Nano-dollars per dollar."""
+
+CURRENCY = "USD"
+"""The only currency a catalog may be in: every amount in the ledger is nano-USD."""
+
+DEFAULT_GPU_TYPE = "default"
+"""The catalog entry, if any, that prices GPU types the catalog does not list."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,8 @@ def to_nanousd(amount: str | Decimal) -> int:
         value = Decimal(amount) * NANO
     except InvalidOperation as exc:
         raise PriceCatalogError(f"{amount!r} is not a decimal amount") from exc
+    if not value.is_finite():
+        raise PriceCatalogError(f"{amount!r} is not a finite amount")
     if value != value.to_integral_value() or value < 0:
         raise PriceCatalogError(f"{amount!r} is negative or finer than a nano-dollar")
     return int(value)
@@ -113,16 +123,12 @@ class PriceCatalog:
         version = data.get("version")
         if not isinstance(version, str) or not version:
             raise PriceCatalogError("price catalog needs a string 'version'")
+        currency = data.get("currency", CURRENCY)
+        if currency != CURRENCY:
+            raise PriceCatalogError(f"price catalog currency {currency!r} is not {CURRENCY}")
         prices: dict[tuple[str, bool], Price] = {}
         for gpu_type, entry in dict(data.get("gpu", {})).items():
-            for spot, key in ((False, "on_demand_per_hour"), (True, "spot_per_hour")):
-                amount = entry.get(key)
-                if not isinstance(amount, str):
-                    raise PriceCatalogError(
-                        f'gpu.{gpu_type}.{key} must be a decimal string like "0.35", '
-                        f"not {amount!r} (floats lose cents)"
-                    )
-                prices[gpu_type, spot] = Price(gpu_type, to_nanousd(amount), spot, version)
+            prices.update(_offering(gpu_type, entry, version))
         return cls(version, prices, _policy(dict(data.get("policy", {}))))
 
     @property
@@ -131,15 +137,38 @@ class PriceCatalog:
         return self._version
 
     def price_for(self, gpu_type: str, *, spot: bool = False) -> Price:
-        """The hourly price of a GPU type; an unknown type is an error."""
-        try:
-            return self._prices[gpu_type, spot]
-        except KeyError:
+        """The hourly price of a GPU type.
+
+        A type the catalog does not list gets the catalog's ``default`` entry when it has one
+        (the returned ``Price`` then says ``gpu_type="default"``); otherwise it is an error.
+
+        Raises:
+            UnknownPriceError: neither ``gpu_type`` nor ``default`` is in the catalog.
+        """
+        found = self._prices.get((gpu_type, spot)) or self._prices.get((DEFAULT_GPU_TYPE, spot))
+        if found is None:
             known = ", ".join(sorted({g for g, _ in self._prices}))
             raise UnknownPriceError(
                 f"no {'spot' if spot else 'on-demand'} price for GPU type {gpu_type!r}; "
                 f"the catalog (version {self._version}) knows: {known}"
-            ) from None
+            )
+        return found
+
+
+def _offering(gpu_type: str, entry: Any, version: str) -> dict[tuple[str, bool], Price]:
+    """The on-demand and Spot prices of one ``[gpu.<type>]`` table."""
+    if not isinstance(entry, Mapping):
+        raise PriceCatalogError(f"gpu.{gpu_type} must be a table, not {entry!r}")
+    prices: dict[tuple[str, bool], Price] = {}
+    for spot, key in ((False, "on_demand_per_hour"), (True, "spot_per_hour")):
+        amount = entry.get(key)
+        if not isinstance(amount, str):
+            raise PriceCatalogError(
+                f'gpu.{gpu_type}.{key} must be a decimal string like "0.35", '
+                f"not {amount!r} (floats lose cents)"
+            )
+        prices[gpu_type, spot] = Price(gpu_type, to_nanousd(amount), spot, version)
+    return prices
 
 
 def _policy(data: Mapping[str, Any]) -> BillingPolicy:

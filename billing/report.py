@@ -6,13 +6,13 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from decimal import Decimal
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from billing.ledger import UsageSummary
-from billing.prices import NANO, format_usd
+from billing.prices import format_usd
 
 __all__ = ["FORMATS", "render"]
 
@@ -43,6 +43,11 @@ def _total(summaries: Sequence[UsageSummary]) -> UsageSummary:
     )
 
 
+def _usd(nanousd: int) -> str:
+    """Dollars as a plain fixed-point decimal string, e.g. ``0.017750000`` (never ``1E-9``)."""
+    return format_usd(nanousd).removeprefix("$")
+
+
 def _cells(s: UsageSummary) -> list[str]:
     return [
         s.key,
@@ -51,43 +56,67 @@ def _cells(s: UsageSummary) -> list[str]:
         f"{s.queue_wait_seconds:.3f}",
         str(s.bytes_in),
         str(s.bytes_out),
-        str(Decimal(s.cost_nanousd) / NANO),
+        _usd(s.cost_nanousd),
     ]
 
 
+def _json_row(by: str, s: UsageSummary) -> dict[str, Any]:
+    """Counts as JSON integers, seconds as JSON numbers, money as an exact decimal string."""
+    return {
+        by: s.key,
+        "tasks": s.tasks,
+        "compute_s": s.compute_seconds,
+        "mean_queue_wait_s": s.queue_wait_seconds,
+        "bytes_in": s.bytes_in,
+        "bytes_out": s.bytes_out,
+        "cost_usd": _usd(s.cost_nanousd),
+        "cost_nanousd": s.cost_nanousd,
+    }
+
+
 def render(summaries: Sequence[UsageSummary], fmt: str, by: str = "tenant") -> str:
-    """Returns the report in ``fmt`` (one of ``FORMATS``), one row per ``by`` group, totals last."""
-    rows = [*summaries, _total(summaries)]
-    columns = (by, *_COLUMNS[1:])
+    """Returns the report in ``fmt`` (one of ``FORMATS``), one row per ``by`` group, totals last.
+
+    Raises:
+        ValueError: ``fmt`` is not one of ``FORMATS``.
+    """
+    total = _total(summaries)
     if fmt == "json":
-        return json.dumps(
-            {
-                "by": by,
-                "groups": [dict(zip(columns, _cells(s), strict=True)) for s in summaries],
-                "total": dict(zip(columns, _cells(rows[-1]), strict=True)),
-            },
-            indent=2,
-        )
+        return _json(summaries, total, by)
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(_cells(s) for s in rows)
-        return out.getvalue()
-    table = Table(
-        by.replace("_", " "),
-        "tasks",
-        "compute s",
-        "mean wait s",
-        "bytes in",
-        "bytes out",
-        "cost",
-        title=f"Usage by {by.replace('_', ' ')} (billed compute time only)",
-    )
-    for s in rows:
-        cells = _cells(s)
-        cells[-1] = format_usd(s.cost_nanousd)
-        table.add_row(*cells, style="bold" if s.key == "TOTAL" else None)
+        return _csv([*summaries, total], by)
+    if fmt == "table":
+        return _table(summaries, total, by)
+    raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _json(summaries: Sequence[UsageSummary], total: UsageSummary, by: str) -> str:
+    report = {
+        "by": by,
+        "groups": [_json_row(by, s) for s in summaries],
+        "total": _json_row(by, total),
+    }
+    return json.dumps(report, indent=2) + "\n"
+
+
+def _csv(rows: Sequence[UsageSummary], by: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((by, *_COLUMNS[1:]))
+    writer.writerows(_cells(s) for s in rows)
+    return out.getvalue()
+
+
+def _table(summaries: Sequence[UsageSummary], total: UsageSummary, by: str) -> str:
+    label = by.replace("_", " ")
+    table = Table(title=f"Usage by {label} (billed compute time only)")
+    table.add_column(label)
+    for heading in ("tasks", "compute s", "mean wait s", "bytes in", "bytes out", "cost"):
+        table.add_column(heading, justify="right")
+    for s in summaries:
+        table.add_row(*_cells(s)[:-1], format_usd(s.cost_nanousd))
+    table.add_section()
+    table.add_row(*_cells(total)[:-1], format_usd(total.cost_nanousd), style="bold")
     console = Console(file=io.StringIO(), width=120, force_terminal=False)
     console.print(table)
     assert isinstance(console.file, io.StringIO)

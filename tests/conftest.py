@@ -1,8 +1,4 @@
-"""Shared fixtures: databases. Every store and ledger test runs on SQLite and PostgreSQL.
-
-PostgreSQL is the real server on 127.0.0.1:5432 (trust auth); each test session creates its
-own database and drops it at the end.
-"""
+"""Shared fixtures, one marked section per concern; add new ones in a section of their own."""
 
 from __future__ import annotations
 
@@ -15,6 +11,14 @@ import sqlalchemy as sa
 
 from billing.models import metadata
 
+# ---------------------------------------------------------------------------------------------
+# Databases. Every store and ledger test runs on SQLite and on PostgreSQL.
+#
+# PostgreSQL is the real server on 127.0.0.1:5432 (trust auth, psycopg 3); each test session
+# creates its own database and drops it at the end. Its tests are skipped only when the server
+# cannot be reached.
+# ---------------------------------------------------------------------------------------------
+
 PG_ADMIN_URL = os.environ.get(
     "GPUBROKER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -22,7 +26,7 @@ PG_ADMIN_URL = os.environ.get(
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session."""
+    """A fresh, empty PostgreSQL database for this test session; dropped at the end."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"gpubroker_test_{uuid.uuid4().hex[:12]}"
     try:
@@ -35,20 +39,27 @@ def postgres_url() -> Iterator[str]:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with admin.connect() as conn:
+            # FORCE (PostgreSQL 13+) terminates connections a test left open.
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[sa.Engine]:
-    """An engine with the schema created, on a SQLite file or the PostgreSQL test database."""
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database URL, once for a fresh SQLite file and once for the PostgreSQL test database.
+
+    The PostgreSQL database is shared by the session: use ``engine`` for a clean schema.
+    """
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = sa.create_engine(url)
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on ``db_url`` with the schema freshly created, and dropped afterwards."""
+    engine = sa.create_engine(db_url)
     metadata.drop_all(engine)
     metadata.create_all(engine)
     try:
