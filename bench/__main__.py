@@ -71,6 +71,7 @@ def _run(name: str, quick: bool, queue_tasks: int | None, work_dir: Path) -> lis
             per_client=25 if quick else 100,
             clients=8,
             reps=2 if quick else 3,
+            mapped=250 if quick else 1000,
         )
     if name == "queue":
         return queue_depth(work_dir, queue_tasks or (2_000 if quick else 50_000), concurrency=32)

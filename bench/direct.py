@@ -31,7 +31,8 @@ MAX_MESSAGE_BYTES = 16 << 20
 class DirectServicer(broker_pb2_grpc.BrokerServicer):
     """Runs each ``Run`` call's workload at once and streams the result back.
 
-    Only ``Run`` is served; the other RPCs keep the generated UNIMPLEMENTED answers.
+    Only ``Run`` and ``RunMany`` are served; the other RPCs keep the generated UNIMPLEMENTED
+    answers.
     """
 
     def __init__(self, runner: Runner) -> None:
@@ -67,6 +68,69 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
         )
         for chunk in iter_chunks([d for _, d in encoded]):
             yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=chunk))
+
+    async def RunMany(
+        self,
+        request_iterator: AsyncIterator[broker_pb2.RunManyRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[broker_pb2.RunManyResponse]:
+        done: asyncio.Queue[broker_pb2.InlineOutcome | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(task: broker_pb2.InlineTask) -> None:
+            done.put_nowait(await self._run_inline(task))
+
+        async def read() -> None:
+            async for request in request_iterator:
+                for task in request.tasks:
+                    job = asyncio.create_task(one(task))
+                    running.add(job)
+                    job.add_done_callback(running.discard)
+            while running:
+                await asyncio.wait(set(running))
+            done.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            finished = False
+            while not finished:
+                item = await done.get()
+                outcomes = []
+                while item is not None:
+                    outcomes.append(item)
+                    if done.empty():
+                        break
+                    item = done.get_nowait()
+                finished = item is None
+                if outcomes:
+                    yield broker_pb2.RunManyResponse(outcomes=outcomes)
+        finally:
+            reader.cancel()
+
+    async def _run_inline(self, task: broker_pb2.InlineTask) -> broker_pb2.InlineOutcome:
+        header = task.header
+        metas = [meta_from_proto(h) for h in header.inputs]
+        assembler = Assembler(metas)
+        assembler.feed(task.data)
+        buffers = assembler.finish()
+        inputs = [cast(torch.Tensor, decode(m, b)) for m, b in zip(metas, buffers, strict=True)]
+        params = params_from_proto(header.params)
+        outcome = await self._runner.run(header.workload, inputs, params, threading.Event())
+        encoded = [encode(t) for t in outcome.outputs]
+        return broker_pb2.InlineOutcome(
+            index=task.index,
+            task=task_pb2.TaskInfo(
+                task_id=uuid.uuid4().hex,
+                workload=header.workload,
+                state=task_pb2.TASK_STATE_SUCCEEDED,
+                attempt=1,
+                outputs=[meta_to_proto(m) for m, _ in encoded],
+                compute_seconds=outcome.compute_seconds,
+                gpu_type=self._runner.device.gpu_type,
+            ),
+            data=b"".join(d for _, d in encoded),
+            data_inline=True,
+        )
 
 
 async def _serve(port_file: Path, slots: int) -> None:

@@ -108,8 +108,11 @@ def _round_trip(
     return m.wall_s, m.cpu_s
 
 
-def tiny_tasks(root: Path, sequential: int, per_client: int, clients: int, reps: int) -> list[Row]:
-    """(b) echo of a few bytes: sequential latency, and throughput with 1 and N clients."""
+def tiny_tasks(
+    root: Path, sequential: int, per_client: int, clients: int, reps: int, mapped: int
+) -> list[Row]:
+    """(b) echo of a few bytes: sequential latency, and throughput with 1 and N clients, task
+    by task (``run``) and batched on one call per client (``map``, ``mapped`` tasks each)."""
     payload = torch.arange(4, dtype=torch.float32)
     with stack(root / "tiny") as s:
         seq = {
@@ -117,8 +120,11 @@ def tiny_tasks(root: Path, sequential: int, per_client: int, clients: int, reps:
             for t, r in _alternate(1, lambda t: _latencies(s, t, payload, sequential)).items()
         }
         many = _alternate(reps, lambda t: _throughput(s, t, payload, clients, per_client))
+        batched = _alternate(reps, lambda t: _map_throughput(s, t, payload, clients, mapped))
     tput = {t: median([rate for rate, _ in r]) for t, r in many.items()}
     cpu = {t: median([ms for _, ms in r]) for t, r in many.items()}
+    map_tput = {t: median([rate for rate, _ in r]) for t, r in batched.items()}
+    map_cpu = {t: median([ms for _, ms in r]) for t, r in batched.items()}
     return [
         Row("tiny task", "1 client: latency p50", "ms", seq["broker"][0], seq["direct"][0], False),
         Row("tiny task", "1 client: latency p99", "ms", seq["broker"][1], seq["direct"][1], False),
@@ -138,6 +144,21 @@ def tiny_tasks(root: Path, sequential: int, per_client: int, clients: int, reps:
             "CPU ms/task",
             cpu["broker"],
             cpu["direct"],
+            False,
+        ),
+        Row(
+            "tiny task",
+            f"{clients} clients, map: throughput",
+            "tasks/s",
+            map_tput["broker"],
+            map_tput["direct"],
+        ),
+        Row(
+            "tiny task",
+            f"{clients} clients, map: CPU",
+            "CPU ms/task",
+            map_cpu["broker"],
+            map_cpu["direct"],
             False,
         ),
     ]
@@ -171,6 +192,31 @@ def _throughput(
             barrier.wait()
             for _ in range(per_client):
                 client.run("echo", [payload], timeout=60)
+
+    threads = [threading.Thread(target=work) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    with s.measure(target) as m:
+        for thread in threads:
+            thread.join()
+    total = clients * per_client
+    return total / m.wall_s, m.cpu_s / total * 1e3
+
+
+def _map_throughput(
+    s: Stack, target: str, payload: torch.Tensor, clients: int, per_client: int
+) -> tuple[float, float]:
+    """Like ``_throughput``, but each client sends its tasks with ``Client.map`` on one call."""
+    address = s.address(target)
+    barrier = threading.Barrier(clients + 1)
+
+    def work() -> None:
+        with Client(address, "key-a") as client:
+            list(client.map("echo", [payload] * 10))
+            barrier.wait()
+            results = list(client.map("echo", [payload] * per_client))
+        assert len(results) == per_client
 
     threads = [threading.Thread(target=work) for _ in range(clients)]
     for thread in threads:

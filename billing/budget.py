@@ -17,6 +17,7 @@ __all__ = [
     "BudgetStatus",
     "budget_status",
     "month_start",
+    "monthly_limit",
     "next_month",
     "remove_budget",
     "set_budget",
@@ -66,6 +67,17 @@ def set_budget(conn: Connection, tenant: str, limit_nanousd: int, now: datetime)
 def remove_budget(conn: Connection, tenant: str) -> bool:
     """Removes a tenant's limit; returns whether it had one."""
     return conn.execute(sa.delete(budgets).where(budgets.c.tenant == tenant)).rowcount > 0
+
+
+_LIMIT = sa.select(budgets.c.monthly_limit_nanousd).where(
+    budgets.c.tenant == sa.bindparam("tenant")
+)
+
+
+def monthly_limit(conn: Connection, tenant: str) -> int | None:
+    """The tenant's monthly limit in nano-USD, or None when it has none (a cheap lookup)."""
+    limit = conn.execute(_LIMIT, {"tenant": tenant}).scalar_one_or_none()
+    return None if limit is None else int(limit)
 
 
 def budget_status(conn: Connection, tenant: str, now: datetime) -> BudgetStatus:

@@ -50,6 +50,9 @@ GROUPS = ("tenant", "workload", "gpu_type", "day")
 """What a summary can be grouped by."""
 
 
+_INSERT_USAGE = usage.insert()  # built once: it runs for every task
+
+
 def record_usage(
     conn: Connection, record: UsageRecord, catalog: PriceCatalog, now: datetime
 ) -> int:
@@ -61,22 +64,23 @@ def record_usage(
     price = catalog.price_for(record.gpu_type)
     cost = cost_nanousd(record.compute_seconds, price, catalog.policy)
     conn.execute(
-        usage.insert().values(
-            task_id=record.task_id,
-            tenant=record.tenant,
-            workload=record.workload,
-            agent_id=record.agent_id,
-            gpu_type=record.gpu_type,
-            attempt=record.attempt,
-            queue_wait_seconds=record.queue_wait_seconds,
-            compute_seconds=record.compute_seconds,
-            bytes_in=record.bytes_in,
-            bytes_out=record.bytes_out,
-            price_per_hour_nanousd=price.per_hour_nanousd,
-            cost_nanousd=cost,
-            price_version=price.version,
-            created_at=now,
-        )
+        _INSERT_USAGE,
+        {
+            "task_id": record.task_id,
+            "tenant": record.tenant,
+            "workload": record.workload,
+            "agent_id": record.agent_id,
+            "gpu_type": record.gpu_type,
+            "attempt": record.attempt,
+            "queue_wait_seconds": record.queue_wait_seconds,
+            "compute_seconds": record.compute_seconds,
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "price_per_hour_nanousd": price.per_hour_nanousd,
+            "cost_nanousd": cost,
+            "price_version": price.version,
+            "created_at": now,
+        },
     )
     return cost
 

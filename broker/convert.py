@@ -18,6 +18,7 @@ from google.protobuf import timestamp_pb2
 from billing.budget import BudgetStatus
 from billing.ledger import UsageSummary
 from billing.prices import format_usd
+from broker.batch import BatchOutcome
 from broker.errors import (
     AgentRefusedError,
     BrokerError,
@@ -145,6 +146,24 @@ def spec_from_proto(msg: broker_pb2.TaskHeader) -> TaskSpec:
         priority=msg.priority,
         request_id=msg.request_id or None,
         timeout_s=msg.timeout_seconds or None,
+    )
+
+
+def outcome_to_proto(outcome: BatchOutcome) -> broker_pb2.InlineOutcome:
+    """One ``RunMany`` answer: the final task and its small outputs, or why it was refused."""
+    if outcome.task is None:
+        assert outcome.error is not None
+        return broker_pb2.InlineOutcome(
+            index=outcome.index,
+            error_code=status_for(outcome.error).name,
+            error_message=str(outcome.error),
+        )
+    data = outcome.task.inline_outputs
+    return broker_pb2.InlineOutcome(
+        index=outcome.index,
+        task=task_to_proto(outcome.task),
+        data=data or b"",
+        data_inline=data is not None,
     )
 
 

@@ -127,8 +127,27 @@ class Dispatcher:
     def grant(self, session: AgentSession, slots: int) -> None:
         """Adds credit: the agent can take ``slots`` more tasks."""
         session.touch()
+        if session.draining:
+            return
         session.credits = min(session.credits + max(slots, 0), session.info.slots)
         self._wake.set()
+
+    async def drain(self, session: AgentSession, reason: str) -> None:
+        """The agent is going away (e.g. Spot preemption): no more work, and its attempts go
+        back to the queue now rather than after a lease timeout.
+
+        The lost attempts are never billed (only a success writes a usage row), and the agent
+        is told to stop them so a late result cannot race the rerun.
+        """
+        session.touch()
+        session.draining = True
+        session.credits = 0
+        logger.warning("agent %s is draining (%s): requeueing its work", session.agent_id, reason)
+        for task_id, lease in list(session.leases.items()):
+            attempt = Attempt(task_id, lease.attempt)
+            session.revoked.add(attempt)
+            session.outbox.put_nowait(Revoke(attempt, f"agent draining: {reason}"))
+        await self._lose_leases(session, f"agent draining: {reason}")
 
     async def heartbeat(self, session: AgentSession, running: set[Attempt]) -> None:
         """Notes a sign of life; requeues attempts the agent has stopped reporting.
@@ -245,22 +264,41 @@ class Dispatcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # Every free slot is matched first, then all claims are awaited together: they
+            # share one transaction instead of one commit (and one round trip) each.
+            claims = []
             while (session := self.registry.pick()) is not None and (item := self.queue.pop()):
-                await self._assign(session, *item)
+                session.credits -= 1
+                self.queue.started(item[1])
+                claims.append(self._assign(session, *item))
+            if claims:
+                await asyncio.gather(*claims)
 
     async def _assign(self, session: AgentSession, task_id: str, tenant: str) -> None:
-        task = await self._store.call(self._store.sync.claim, task_id, session.info, _now())
-        if task is None:
-            return  # cancelled or expired while queued
-        if session.closed:
+        """Claims a popped task for a slot already taken from ``session``'s credit."""
+        try:
+            task = await self._store.call(self._store.sync.claim, task_id, session.info, _now())
+        except BaseException:
+            self._unclaimed(session, tenant)
+            raise
+        if task is None:  # cancelled or expired while queued
+            self._unclaimed(session, tenant)
+            return
+        if session.closed or session.draining:
+            self.queue.finished(tenant)
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
             return
-        session.credits -= 1
         session.leases[task.id] = Lease(task.attempt, tenant)
-        self.queue.started(tenant)
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
         logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)
+
+    def _unclaimed(self, session: AgentSession, tenant: str) -> None:
+        """Gives back the slot and the running count of a claim that did not happen."""
+        self.queue.finished(tenant)
+        if not (session.closed or session.draining):
+            session.credits += 1
+            self._wake.set()
 
     async def _lose_leases(self, session: AgentSession, reason: str) -> None:
         leases, session.leases = session.leases, {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from broker.convert import (
     state_to_proto,
 )
 from broker.dispatcher import Dispatcher
-from broker.errors import InvalidTaskError
+from broker.errors import BrokerError, InvalidTaskError
 from broker.model import AgentInfo
 from broker.registry import AgentSession, Assign, Close, Outgoing, Revoke
 from broker.spool import Spool
@@ -43,6 +44,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         self._spool = spool
         self._auth = auth
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._completing: set[asyncio.Task[None]] = set()
 
     async def Connect(
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Context
@@ -103,8 +105,39 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                 elif kind == "heartbeat":
                     running = {attempt_from_proto(a) for a in message.heartbeat.running}
                     await self._dispatcher.heartbeat(session, running)
+                elif kind == "result":
+                    self._complete_later(session, message.result)
+                elif kind == "draining":
+                    reason = message.draining.reason or "agent draining"
+                    await self._dispatcher.drain(session, reason)
         finally:
             session.outbox.put_nowait(Close("agent closed the control stream"))
+
+    def _complete_later(self, session: AgentSession, result: agent_pb2.AgentResult) -> None:
+        """Takes a small result off the control stream without holding up the next message.
+
+        Concurrent completions share one database transaction (group commit), which is why
+        each runs in its own task instead of being awaited in turn.
+        """
+        task = asyncio.create_task(self._complete(session, result))
+        self._completing.add(task)
+        task.add_done_callback(self._completing.discard)
+
+    async def _complete(self, session: AgentSession, result: agent_pb2.AgentResult) -> None:
+        try:
+            # The session, not the message, says which agent reports: no one speaks for another.
+            outcome = dataclasses.replace(
+                outcome_from_proto(result.header), agent_id=session.agent_id
+            )
+            await self._dispatcher.complete(outcome, _once(result.data))
+        except BrokerError as exc:
+            logger.info("result from %s not taken: %s", session.agent_id, exc)
+        except Exception:
+            logger.exception("result from %s failed", session.agent_id)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:

@@ -59,6 +59,8 @@ class AgentSession:
     """Cancelled attempts the agent has not yet released; they still occupy a slot."""
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
+    draining: bool = False
+    """The agent said it is going away: it gets no more work."""
 
     @property
     def agent_id(self) -> str:

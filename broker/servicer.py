@@ -10,8 +10,10 @@ from typing import Any
 import grpc
 
 from broker.auth import Authenticator
+from broker.batch import InlineTask, TaskBatch
 from broker.convert import (
     abort_on_broker_error,
+    outcome_to_proto,
     spec_from_proto,
     split_stream,
     state_from_proto,
@@ -19,12 +21,16 @@ from broker.convert import (
     time_from_proto,
     usage_to_proto,
 )
+from broker.errors import BrokerError
 from broker.tasks import TaskService
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
 
 __all__ = ["BrokerServicer"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+DEADLINE_SLACK_S = 0.25
+"""A Run call cancelled with less than this left of its deadline is taken to have timed out."""
 
 
 class BrokerServicer(broker_pb2_grpc.BrokerServicer):
@@ -63,11 +69,30 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                     yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=data))
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                if remaining is None or remaining > 0:
+                if remaining is None or remaining > DEADLINE_SLACK_S:
                     # The caller hung up: Run ties the task's life to the call. (At the
-                    # deadline the sweep fails the task with DEADLINE_EXCEEDED instead.)
+                    # deadline the sweep fails the task with DEADLINE_EXCEEDED instead; the
+                    # caller's clock runs out a little before ours, hence the slack.)
                     await asyncio.shield(self._tasks.cancel_quietly(submitted.id))
                 raise
+
+    async def RunMany(
+        self, request_iterator: AsyncIterator[broker_pb2.RunManyRequest], context: Context
+    ) -> AsyncIterator[broker_pb2.RunManyResponse]:
+        async with abort_on_broker_error(context, request_iterator):
+            tenant = self._auth.tenant(context.invocation_metadata())
+        batch = TaskBatch(self._tasks, tenant)
+        feeder = asyncio.create_task(_feed(batch, request_iterator))
+        try:
+            async for outcomes in batch.outcomes():
+                yield broker_pb2.RunManyResponse(outcomes=[outcome_to_proto(o) for o in outcomes])
+            await feeder
+        except asyncio.CancelledError:
+            await asyncio.shield(batch.cancel_live())  # the caller hung up
+            raise
+        finally:
+            feeder.cancel()
+            batch.close()
 
     async def WatchTask(
         self, request: broker_pb2.WatchTaskRequest, context: Context
@@ -126,3 +151,18 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 tenant, time_from_proto(request, "since"), time_from_proto(request, "until")
             )
         return usage_to_proto(summary, budget)
+
+
+async def _feed(batch: TaskBatch, requests: AsyncIterator[broker_pb2.RunManyRequest]) -> None:
+    """Hands each request's tasks to the batch; a malformed header refuses only its task."""
+    try:
+        async for request in requests:
+            items = []
+            for task in request.tasks:
+                try:
+                    items.append(InlineTask(task.index, spec_from_proto(task.header), task.data))
+                except BrokerError as exc:
+                    batch.refuse(task.index, exc)
+            await batch.submit(items)
+    finally:
+        batch.end_of_input()

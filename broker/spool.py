@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from broker.model import Task
-from client.wire import DEFAULT_CHUNK_BYTES
+from client.wire import DEFAULT_CHUNK_BYTES, INLINE_MAX_BYTES
 
 __all__ = ["INLINE_MAX_BYTES", "InlineWriter", "Spool", "SpoolWriter", "read_chunks"]
-
-INLINE_MAX_BYTES = 64 << 10
-"""Payloads up to this size are stored in the database row instead of a file."""
 
 
 class InlineWriter:

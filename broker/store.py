@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
-from billing.budget import BudgetStatus, budget_status, next_month
+from billing.budget import BudgetStatus, budget_status, monthly_limit, next_month
 from billing.errors import UnknownPriceError
 from billing.ledger import UsageRecord, UsageSummary, record_usage, summaries
 from billing.models import tasks, workloads
@@ -37,6 +37,45 @@ __all__ = ["TaskStore", "create_engine"]
 
 
 _LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
+
+
+def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"b_{name}", type_=column.type)
+
+
+# The hot statements are built once: building one per call (and its cache key) cost more than
+# running it. Bind names carry a ``b_`` prefix because UPDATE reserves the column names.
+_INSERT_TASK = tasks.insert().returning(*tasks.c)
+_CLAIM = (
+    tasks.update()
+    .where(tasks.c.id == _bind("id", tasks.c.id), tasks.c.state == TaskState.QUEUED.value)
+    .values(
+        state=TaskState.RUNNING.value,
+        attempt=tasks.c.attempt + 1,
+        agent_id=_bind("agent_id", tasks.c.agent_id),
+        gpu_type=_bind("gpu_type", tasks.c.gpu_type),
+        started_at=_bind("now", tasks.c.started_at),
+    )
+    .returning(*tasks.c)
+)
+_SUCCEED = (
+    tasks.update()
+    .where(
+        tasks.c.id == _bind("id", tasks.c.id),
+        tasks.c.state == TaskState.RUNNING.value,
+        tasks.c.attempt == _bind("attempt", tasks.c.attempt),
+        tasks.c.agent_id == _bind("agent_id", tasks.c.agent_id),
+    )
+    .values(
+        state=TaskState.SUCCEEDED.value,
+        outputs=_bind("outputs", tasks.c.outputs),
+        output_bytes=_bind("output_bytes", tasks.c.output_bytes),
+        inline_outputs=_bind("inline_outputs", tasks.c.inline_outputs),
+        compute_seconds=_bind("compute_seconds", tasks.c.compute_seconds),
+        finished_at=_bind("now", tasks.c.finished_at),
+    )
+    .returning(*tasks.c)
+)
 
 
 def create_engine(url: str) -> Engine:
@@ -69,6 +108,7 @@ class TaskStore:
         self._catalog = catalog
         self._billing = billing
         self._batch: Connection | None = None
+        self._budget_checked: set[str] = set()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -76,6 +116,7 @@ class TaskStore:
         if self._batch is not None:
             yield self._batch
         else:
+            self._budget_checked.clear()
             with self._engine.begin() as conn:
                 yield conn
 
@@ -89,6 +130,7 @@ class TaskStore:
         try:
             with self._engine.begin() as conn:
                 self._batch = conn
+                self._budget_checked.clear()
                 results: list[object] = []
                 for op in ops:
                     try:
@@ -118,28 +160,35 @@ class TaskStore:
         with self._transaction() as conn:
             if existing := _find_request(conn, tenant, spec):
                 return existing, True
-            _check_budget(conn, tenant, now)
+            self._check_budget(conn, tenant, now)
             row = conn.execute(
-                tasks.insert()
-                .values(
-                    id=task_id,
-                    tenant=tenant,
-                    request_id=spec.request_id,
-                    workload=spec.workload,
-                    params=dict(spec.params),
-                    priority=spec.priority,
-                    state=TaskState.QUEUED.value,
-                    attempt=0,
-                    inputs=[_meta_to_json(m) for m in spec.inputs],
-                    input_bytes=spec.input_bytes,
-                    inline_inputs=inline_inputs,
-                    output_bytes=0,
-                    created_at=now,
-                    deadline_at=deadline,
-                )
-                .returning(*tasks.c)
+                _INSERT_TASK,
+                {
+                    "id": task_id,
+                    "tenant": tenant,
+                    "request_id": spec.request_id,
+                    "workload": spec.workload,
+                    "params": dict(spec.params),
+                    "priority": spec.priority,
+                    "state": TaskState.QUEUED.value,
+                    "attempt": 0,
+                    "inputs": [_meta_to_json(m) for m in spec.inputs],
+                    "input_bytes": spec.input_bytes,
+                    "inline_inputs": inline_inputs,
+                    "output_bytes": 0,
+                    "created_at": now,
+                    "deadline_at": deadline,
+                },
             ).one()
             return _task_from_row(row), False
+
+    def _check_budget(self, conn: Connection, tenant: str, now: datetime) -> None:
+        """Refuses a tenant over its monthly budget; checked once per tenant per transaction
+        (no spend can be committed between the checks of one batch)."""
+        if tenant in self._budget_checked:
+            return
+        _check_budget(conn, tenant, now)
+        self._budget_checked.add(tenant)
 
     def find_request(self, tenant: str, spec: TaskSpec) -> Task | None:
         """Returns the task an earlier submit with the spec's request_id created, if any."""
@@ -170,19 +219,15 @@ class TaskStore:
     def claim(self, task_id: str, agent: AgentInfo, now: datetime) -> Task | None:
         """Moves a queued task to running on ``agent`` with the next attempt number."""
         with self._transaction() as conn:
-            result = conn.execute(
-                tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.state == TaskState.QUEUED.value)
-                .values(
-                    state=TaskState.RUNNING.value,
-                    attempt=tasks.c.attempt + 1,
-                    agent_id=agent.agent_id,
-                    gpu_type=agent.gpu_type,
-                    started_at=now,
-                )
-                .returning(*tasks.c)
-            )
-            row = result.first()
+            row = conn.execute(
+                _CLAIM,
+                {
+                    "b_id": task_id,
+                    "b_agent_id": agent.agent_id,
+                    "b_gpu_type": agent.gpu_type,
+                    "b_now": now,
+                },
+            ).first()
             return _task_from_row(row) if row is not None else None
 
     def requeue(self, attempt: Attempt, max_attempts: int, now: datetime, reason: str) -> Task:
@@ -208,22 +253,17 @@ class TaskStore:
         with self._transaction() as conn:
             # One guarded UPDATE both checks the lease and writes; RETURNING saves a re-read.
             row = conn.execute(
-                tasks.update()
-                .where(
-                    tasks.c.id == attempt.task_id,
-                    tasks.c.state == TaskState.RUNNING.value,
-                    tasks.c.attempt == attempt.number,
-                    tasks.c.agent_id == outcome.agent_id,
-                )
-                .values(
-                    state=TaskState.SUCCEEDED.value,
-                    outputs=[_meta_to_json(m) for m in outcome.outputs],
-                    output_bytes=output_bytes,
-                    inline_outputs=inline_outputs,
-                    compute_seconds=outcome.compute_seconds,
-                    finished_at=now,
-                )
-                .returning(*tasks.c)
+                _SUCCEED,
+                {
+                    "b_id": attempt.task_id,
+                    "b_attempt": attempt.number,
+                    "b_agent_id": outcome.agent_id,
+                    "b_outputs": [_meta_to_json(m) for m in outcome.outputs],
+                    "b_output_bytes": output_bytes,
+                    "b_inline_outputs": inline_outputs,
+                    "b_compute_seconds": outcome.compute_seconds,
+                    "b_now": now,
+                },
             ).first()
             if row is None:
                 _running_attempt(conn, attempt, outcome.agent_id)  # raises, naming the state
@@ -332,6 +372,8 @@ class TaskStore:
 
 
 def _check_budget(conn: Connection, tenant: str, now: datetime) -> None:
+    if monthly_limit(conn, tenant) is None:
+        return  # no budget: no need to add up the month's spend
     status = budget_status(conn, tenant, now)
     if status.is_exhausted:
         assert status.limit_nanousd is not None

@@ -20,7 +20,7 @@ from broker.errors import (
     TaskEndedError,
     UnknownWorkloadError,
 )
-from broker.events import TaskEvents
+from broker.events import Subscription, TaskEvents, TaskSink
 from broker.model import Task, TaskSpec, TaskState
 from broker.spool import INLINE_MAX_BYTES, Spool
 from client.wire import PayloadTooLargeError, TensorStream, WireError
@@ -89,6 +89,10 @@ class TaskService:
         else:
             self._dispatcher.enqueue(task)
         return task, deduplicated
+
+    def follow(self, sink: TaskSink) -> Subscription:
+        """Delivers the snapshots of the tasks added to the subscription to ``sink``."""
+        return self._events.subscription(sink)
 
     async def get(self, tenant: str, task_id: str) -> Task:
         """Returns one of the tenant's tasks."""

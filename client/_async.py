@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 import grpc
 
+from client._batch import (
+    DEFAULT_BATCH,
+    DEFAULT_WINDOW,
+    Encoder,
+    Packer,
+    Reorder,
+    encode_item,
+    failed_input,
+)
 from client._convert import (
     CHANNEL_OPTIONS,
     SUBMIT_BACKOFF_S,
@@ -24,7 +34,7 @@ from client._convert import (
 )
 from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind
-from client.errors import UnavailableError, translate_rpc_errors
+from client.errors import InternalError, UnavailableError, translate_rpc_errors
 from client.wire import DEFAULT_CHUNK_BYTES
 from protos import broker_pb2, broker_pb2_grpc
 
@@ -127,6 +137,52 @@ class AsyncClient:
             call.cancel()  # A no-op once the call ended; stops the task if decoding failed.
         return collector.result()
 
+    async def map(
+        self,
+        workload: str,
+        inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        output: OutputKind | None = None,
+        window: int = DEFAULT_WINDOW,
+        batch: int = DEFAULT_BATCH,
+        **params: Any,
+    ) -> AsyncGenerator[TaskResult, None]:
+        """Runs ``workload`` once per item on one call, yielding results in input order; see
+        ``Client.map``."""
+        if window < 1 or batch < 1:
+            raise ValueError(f"window and batch must be at least 1, got {window} and {batch}")
+        encoder = functools.partial(
+            encode_item,
+            workload=workload,
+            params=params,
+            priority=priority,
+            timeout=timeout,
+            output=output,
+        )
+        reorder = Reorder()
+        room = asyncio.Semaphore(window)
+        requests = _map_requests(encoder, inputs, batch, room, reorder)
+        call = self._stub.RunMany(requests, metadata=self._metadata)
+        try:
+            with translate_rpc_errors():
+                async for reply in call:
+                    for outcome in reply.outcomes:
+                        reorder.add(outcome)
+                        room.release()
+                    for value, kind in reorder.pop_ready():
+                        yield await self._map_result(value, kind)
+            for value, kind in reorder.pop_ready():
+                yield await self._map_result(value, kind)
+            if reorder.pending:
+                raise InternalError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the broker ended map with {reorder.pending} tasks unanswered",
+                )
+        finally:
+            call.cancel()  # a no-op once the call ended; stops the rest if the caller quit
+
     def task(self, task_id: str, *, output: OutputKind = "torch") -> AsyncTaskHandle:
         """A handle to an existing task, returning ``output`` kind results."""
         return AsyncTaskHandle(self, task_id, output)
@@ -166,6 +222,15 @@ class AsyncClient:
 
     # -- used by AsyncTaskHandle -----------------------------------------------------------------
 
+    async def _map_result(
+        self, value: TaskResult | Exception | str, output: OutputKind
+    ) -> TaskResult:
+        if isinstance(value, Exception):
+            raise value
+        if isinstance(value, str):  # outputs too large to ride along: fetch them
+            return await self._result(value, output, None)
+        return value
+
     async def _status(self, task_id: str) -> TaskStatus:
         request = broker_pb2.GetTaskRequest(task_id=task_id)
         with translate_rpc_errors():
@@ -189,6 +254,33 @@ class AsyncClient:
         finally:
             call.cancel()
         return collector.result()
+
+
+async def _map_requests(
+    encoder: Encoder,
+    inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
+    batch: int,
+    room: asyncio.Semaphore,
+    reorder: Reorder,
+) -> AsyncIterator[broker_pb2.RunManyRequest]:
+    """Encodes and packs the items of a ``map`` call, never more than its window in flight."""
+    packer = Packer(batch)
+    count = 0
+    try:
+        for item_inputs in inputs:
+            item = encoder(count, item_inputs)
+            count += 1
+            if item.task is not None:
+                if room.locked() and (message := packer.flush()) is not None:
+                    yield message  # send what is packed before waiting for room
+                await room.acquire()
+            reorder.sent(item)
+            if (message := packer.add(item)) is not None:
+                yield message
+    except Exception as exc:  # the caller's iterator raised: its error ends the results
+        reorder.sent(failed_input(count, exc))
+    if (message := packer.flush()) is not None:
+        yield message
 
 
 class AsyncTaskHandle:

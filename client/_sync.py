@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 import grpc
 
+from client._batch import (
+    DEFAULT_BATCH,
+    DEFAULT_WINDOW,
+    Encoder,
+    MapItem,
+    Packer,
+    Reorder,
+    encode_item,
+    failed_input,
+)
 from client._convert import (
     CHANNEL_OPTIONS,
     SUBMIT_BACKOFF_S,
@@ -24,7 +36,7 @@ from client._convert import (
 )
 from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind
-from client.errors import UnavailableError, translate_rpc_errors
+from client.errors import InternalError, UnavailableError, translate_rpc_errors
 from client.wire import DEFAULT_CHUNK_BYTES
 from protos import broker_pb2, broker_pb2_grpc
 
@@ -156,6 +168,54 @@ class Client:
             call.cancel()  # A no-op once the call ended; stops the task if decoding failed.
         return collector.result()
 
+    def map(
+        self,
+        workload: str,
+        inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        output: OutputKind | None = None,
+        window: int = DEFAULT_WINDOW,
+        batch: int = DEFAULT_BATCH,
+        **params: Any,
+    ) -> Generator[TaskResult, None, None]:
+        """Runs ``workload`` once per item of ``inputs`` on one call; yields results in order.
+
+        For many small tasks (inputs up to 64 KiB each): tasks travel in batches of ``batch``
+        with their bytes inline, at most ``window`` are in flight, and each comes back once,
+        finished, so the per-task cost is a fraction of ``run``'s. Each task is still a full,
+        billed task. ``timeout`` is each task's own deadline. Stopping the iteration early
+        cancels the tasks still queued or running.
+
+        Raises:
+            TaskFailedError: (when its turn comes) a task's workload raised; likewise the
+                other ``GpuBrokerError`` classes for a task the broker refused or cancelled.
+            TypeError: an item is not a tensor or array (when its turn comes).
+        """
+        if window < 1 or batch < 1:
+            raise ValueError(f"window and batch must be at least 1, got {window} and {batch}")
+        encoder = functools.partial(
+            encode_item,
+            workload=workload,
+            params=params,
+            priority=priority,
+            timeout=timeout,
+            output=output,
+        )
+        run = _MapRun(encoder, inputs, window, batch)
+        call = self._stub.RunMany(run.requests(), metadata=self._metadata)
+        try:
+            with translate_rpc_errors():
+                for reply in call:
+                    for value, kind in run.take(reply.outcomes):
+                        yield self._map_result(value, kind)
+            for value, kind in run.take([]):
+                yield self._map_result(value, kind)
+            run.check_complete()
+        finally:
+            call.cancel()  # a no-op once the call ended; stops the rest if the caller quit
+
     def task(self, task_id: str, *, output: OutputKind = "torch") -> TaskHandle:
         """A handle to an existing task, returning ``output`` kind results."""
         return TaskHandle(self, task_id, output)
@@ -211,6 +271,13 @@ class Client:
             reply = self._stub.CancelTask(request, metadata=self._metadata)
         return status_from_proto(reply.task)
 
+    def _map_result(self, value: TaskResult | Exception | str, output: OutputKind) -> TaskResult:
+        if isinstance(value, Exception):
+            raise value
+        if isinstance(value, str):  # outputs too large to ride along: fetch them
+            return self._result(value, output, None)
+        return value
+
     def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
         collector = ResultCollector(output)
         request = broker_pb2.GetResultRequest(task_id=task_id)
@@ -222,6 +289,66 @@ class Client:
         finally:
             call.cancel()
         return collector.result()
+
+
+class _MapRun:
+    """One ``map`` call's two sides: requests (sent from gRPC's thread) and outcomes."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
+        window: int,
+        batch: int,
+    ) -> None:
+        self._encoder = encoder
+        self._inputs = inputs
+        self._batch = batch
+        self._room = threading.Semaphore(window)
+        self._lock = threading.Lock()
+        self._reorder = Reorder()
+
+    def requests(self) -> Iterator[broker_pb2.RunManyRequest]:
+        """Encodes and packs the items, never more than ``window`` in flight."""
+        packer = Packer(self._batch)
+        count = 0
+        try:
+            for inputs in self._inputs:
+                item = self._encoder(count, inputs)
+                count += 1
+                if item.task is not None and not self._room.acquire(blocking=False):
+                    if (message := packer.flush()) is not None:
+                        yield message  # send what is packed before waiting for room
+                    self._room.acquire()
+                self._note(item)
+                if (message := packer.add(item)) is not None:
+                    yield message
+        except Exception as exc:  # the caller's iterator raised: its error ends the results
+            self._note(failed_input(count, exc))
+        if (message := packer.flush()) is not None:
+            yield message
+
+    def take(
+        self, outcomes: Iterable[broker_pb2.InlineOutcome]
+    ) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
+        """Records outcomes; returns the items now ready, in input order."""
+        with self._lock:
+            for outcome in outcomes:
+                self._reorder.add(outcome)
+                self._room.release()
+            return self._reorder.pop_ready()
+
+    def check_complete(self) -> None:
+        """Raises if the call ended with items unanswered."""
+        if self._reorder.pending:
+            raise InternalError(
+                grpc.StatusCode.INTERNAL,
+                f"the broker ended map with {self._reorder.pending} tasks unanswered",
+            )
+
+    def _note(self, item: MapItem) -> None:
+        with self._lock:
+            self._reorder.sent(item)
 
 
 class TaskHandle:

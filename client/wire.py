@@ -17,6 +17,7 @@ import crc32c as _crc32c
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_ITEMSIZE",
+    "INLINE_MAX_BYTES",
     "MAX_RANK",
     "Assembler",
     "ChecksumMismatchError",
@@ -30,6 +31,10 @@ __all__ = [
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 """Chunk size: large enough to amortise Python's per-message cost, far below the 4 MiB cap."""
+
+INLINE_MAX_BYTES = 64 << 10
+"""Payloads up to this size ride inside control messages (task rows, assignments, results,
+``RunMany`` batches) instead of being chunked onto a stream or a spool file of their own."""
 
 MAX_RANK = 32
 """Most dimensions a tensor may have (torch's own limit is 64; nothing real needs more)."""

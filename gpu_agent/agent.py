@@ -95,7 +95,7 @@ class Agent:
         if ref in self._attempts or self._gateway is None:
             logger.warning("ignoring a second assignment of attempt %s", ref)
             return
-        logger.info("assigned %s: %s", ref, assignment.workload)
+        logger.debug("assigned %s: %s", ref, assignment.workload)
         loop = asyncio.get_running_loop()
         deadline = None if assignment.timeout_s is None else loop.time() + assignment.timeout_s
         attempt = Attempt(assignment, session, self._gateway, self._runner, deadline)

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from client.wire import ChecksumMismatchError, WireError
+from client.codec import encode
+from client.wire import INLINE_MAX_BYTES, ChecksumMismatchError, WireError
 from gpu_agent.errors import (
     AgentError,
     TaskCancelledError,
@@ -31,6 +32,7 @@ from gpu_agent.gateway import GatewayClient
 from gpu_agent.model import Assignment, AttemptRef
 from gpu_agent.runner import Runner, RunOutcome
 from gpu_agent.session import Session
+from protos import agent_pb2, task_pb2
 
 __all__ = ["ERROR_CODES", "Attempt", "Revocation"]
 
@@ -163,11 +165,20 @@ class Attempt:
     async def _report(self, outcome: RunOutcome | _Failure) -> None:
         if isinstance(outcome, _Failure):
             logger.info("attempt %s failed: %s %s", self.ref, outcome.code, outcome.message)
-            await self._gateway.put_failure(self.ref, outcome.code, outcome.message)
+            header = self._gateway.failure_header(self.ref, outcome.code, outcome.message)
+            self.session.report(agent_pb2.AgentResult(header=header))
             return
-        state = await self._gateway.put_result(self.ref, outcome)
-        logger.info(
-            "attempt %s (%s) done in %.6f s of compute; task state %d",
+        encoded = [encode(tensor) for tensor in outcome.outputs]
+        header = self._gateway.result_header(self.ref, outcome, [meta for meta, _ in encoded])
+        buffers = [data for _, data in encoded]
+        if sum(len(b) for b in buffers) <= INLINE_MAX_BYTES:
+            data = b"".join(buffers)
+            self.session.report(agent_pb2.AgentResult(header=header, data=data))
+            state = "reported"
+        else:
+            state = task_pb2.TaskState.Name(await self._gateway.put_result(header, buffers))
+        logger.debug(
+            "attempt %s (%s) done in %.6f s of compute; task %s",
             self.ref,
             self.assignment.workload,
             outcome.compute_seconds,

@@ -1,7 +1,9 @@
 """The agent's client of the broker's ``AgentGateway`` service: the channel and the data calls.
 
-Task data moves on per-attempt calls (``FetchInputs``, ``PutResult``), separate from the
-control stream, so one large tensor never holds up another task's control messages.
+Large task data moves on per-attempt calls (``FetchInputs``, ``PutResult``), separate from the
+control stream, so one large tensor never holds up another task's control messages. Small
+inputs ride in the assignment and small results on the control stream (``INLINE_MAX_BYTES``):
+for a tiny task a second RPC would cost more than the task.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from client.codec import decode, encode
+from client.codec import decode
 from client.wire import Assembler, TensorMeta, iter_chunks
 from gpu_agent.config import Settings
 from gpu_agent.convert import meta_to_proto, ref_to_proto
@@ -88,32 +90,31 @@ class GatewayClient:
             _decode(meta, buffer) for meta, buffer in zip(assignment.inputs, buffers, strict=True)
         ]
 
-    async def put_result(
-        self, ref: AttemptRef, outcome: RunOutcome
-    ) -> task_pb2.TaskState.ValueType:
-        """Uploads a successful attempt's outputs; returns the task's new state."""
-        encoded = [encode(tensor) for tensor in outcome.outputs]
-        header = agent_pb2.ResultHeader(
+    def result_header(
+        self, ref: AttemptRef, outcome: RunOutcome, metas: Sequence[TensorMeta]
+    ) -> agent_pb2.ResultHeader:
+        """The header reporting a successful attempt with outputs ``metas``."""
+        return agent_pb2.ResultHeader(
             agent_id=self._agent_id,
             attempt=ref_to_proto(ref),
-            outputs=[meta_to_proto(meta) for meta, _ in encoded],
+            outputs=[meta_to_proto(meta) for meta in metas],
             compute_seconds=outcome.compute_seconds,
         )
-        requests = _result_requests(header, [data for _, data in encoded])
-        reply = await self._stub.PutResult(requests, metadata=self._metadata)
-        return reply.state
 
-    async def put_failure(
-        self, ref: AttemptRef, code: str, message: str
-    ) -> task_pb2.TaskState.ValueType:
-        """Reports a failed attempt: a header with ``error_code`` and no outputs."""
-        header = agent_pb2.ResultHeader(
+    def failure_header(self, ref: AttemptRef, code: str, message: str) -> agent_pb2.ResultHeader:
+        """The header reporting a failed attempt: ``error_code`` and no outputs."""
+        return agent_pb2.ResultHeader(
             agent_id=self._agent_id,
             attempt=ref_to_proto(ref),
             error_code=code,
             error_message=message,
         )
-        requests = iter([agent_pb2.PutResultRequest(header=header)])
+
+    async def put_result(
+        self, header: agent_pb2.ResultHeader, buffers: Sequence[memoryview] = ()
+    ) -> task_pb2.TaskState.ValueType:
+        """Uploads an attempt's outcome with its output bytes; returns the task's new state."""
+        requests = _result_requests(header, buffers)
         reply = await self._stub.PutResult(requests, metadata=self._metadata)
         return reply.state
 

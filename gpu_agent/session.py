@@ -96,6 +96,14 @@ class Session:
         released = agent_pb2.AgentReleased(attempt=ref_to_proto(ref))
         self._send(agent_pb2.AgentMessage(released=released))
 
+    def report(self, result: agent_pb2.AgentResult) -> None:
+        """Sends a finished attempt's small outcome on the control stream."""
+        self._send(agent_pb2.AgentMessage(result=result))
+
+    def drain(self, reason: str) -> None:
+        """Tells the broker this agent is going away and should get no more work."""
+        self._send(agent_pb2.AgentMessage(draining=agent_pb2.AgentDraining(reason=reason)))
+
     def close(self) -> None:
         """Half-closes the stream; the broker then ends it (or is cut off after a grace)."""
         if not self._closing.is_set():

@@ -169,6 +169,8 @@ class AgentMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___AgentHello:
         """First message."""
@@ -185,6 +187,18 @@ class AgentMessage(_message.Message):
     def released(self) -> Global___AgentReleased:
         """After a cancelled attempt stops."""
 
+    @_builtins.property
+    def result(self) -> Global___AgentResult:
+        """A finished attempt whose outputs are small enough to ride on the control stream
+        (instead of a PutResult call).
+        """
+
+    @_builtins.property
+    def draining(self) -> Global___AgentDraining:
+        """The agent is going away (e.g. its Spot VM is being preempted): take no more work from
+        it and requeue what it holds now.
+        """
+
     def __init__(
         self,
         *,
@@ -192,16 +206,70 @@ class AgentMessage(_message.Message):
         heartbeat: Global___AgentHeartbeat | None = ...,
         credit: Global___AgentCredit | None = ...,
         released: Global___AgentReleased | None = ...,
+        result: Global___AgentResult | None = ...,
+        draining: Global___AgentDraining | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "released"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "released", "result", "draining"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class AgentResult(_message.Message):
+    """A finished attempt reported on the control stream: the header and all output bytes at once.
+    Only for outputs of at most 64 KiB in all; larger ones go through PutResult.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The outputs' bytes, concatenated in the order of `header.outputs`."""
+    @_builtins.property
+    def header(self) -> Global___ResultHeader:
+        """The outcome, exactly as PutResult's header would carry it."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ResultHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentResult: _TypeAlias = AgentResult  # noqa: Y015
+
+@_typing.final
+class AgentDraining(_message.Message):
+    """The agent will stop soon and cannot finish its work."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, e.g. "preempted" or "TERMINATE_ON_HOST_MAINTENANCE"."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentDraining: _TypeAlias = AgentDraining  # noqa: Y015
 
 @_typing.final
 class AgentWelcome(_message.Message):

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos import task_pb2 as protos_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0cgpubroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x11protos/task.proto\"\x88\x02\n\nTaskHeader\x12\x10\n\x08workload\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x34\n\x06params\x18\x03 \x03(\x0b\x32$.gpubroker.v1.TaskHeader.ParamsEntry\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x1aG\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gpubroker.v1.ParamValue:\x02\x38\x01\"m\n\rSubmitRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gpubroker.v1.TaskHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"7\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"j\n\nRunRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gpubroker.v1.TaskHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"g\n\x0bRunResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfoH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x11WatchTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\"#\n\x10GetResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"o\n\x11GetResultResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfoH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\":\n\x12\x43\x61ncelTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"7\n\x0fGetTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\"b\n\x10ListTasksRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.gpubroker.v1.TaskState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x11ListTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.gpubroker.v1.TaskInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x0fGetUsageRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\x10GetUsageResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x04 \x01(\x03\x12\x11\n\tbytes_out\x18\x05 \x01(\x03\x12\x14\n\x0c\x63ost_nanousd\x18\x06 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\t\x12\x1d\n\x15month_to_date_nanousd\x18\x08 \x01(\x03\x12\x1e\n\x16monthly_budget_nanousd\x18\t \x01(\x03\x12\x12\n\nhas_budget\x18\n \x01(\x08\x32\xe1\x04\n\x06\x42roker\x12\x45\n\x06Submit\x12\x1b.gpubroker.v1.SubmitRequest\x1a\x1c.gpubroker.v1.SubmitResponse(\x01\x12>\n\x03Run\x12\x18.gpubroker.v1.RunRequest\x1a\x19.gpubroker.v1.RunResponse(\x01\x30\x01\x12N\n\tWatchTask\x12\x1e.gpubroker.v1.WatchTaskRequest\x1a\x1f.gpubroker.v1.WatchTaskResponse0\x01\x12N\n\tGetResult\x12\x1e.gpubroker.v1.GetResultRequest\x1a\x1f.gpubroker.v1.GetResultResponse0\x01\x12O\n\nCancelTask\x12\x1f.gpubroker.v1.CancelTaskRequest\x1a .gpubroker.v1.CancelTaskResponse\x12\x46\n\x07GetTask\x12\x1c.gpubroker.v1.GetTaskRequest\x1a\x1d.gpubroker.v1.GetTaskResponse\x12L\n\tListTasks\x12\x1e.gpubroker.v1.ListTasksRequest\x1a\x1f.gpubroker.v1.ListTasksResponse\x12I\n\x08GetUsage\x12\x1d.gpubroker.v1.GetUsageRequest\x1a\x1e.gpubroker.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0cgpubroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x11protos/task.proto\"\x88\x02\n\nTaskHeader\x12\x10\n\x08workload\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x34\n\x06params\x18\x03 \x03(\x0b\x32$.gpubroker.v1.TaskHeader.ParamsEntry\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x1aG\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gpubroker.v1.ParamValue:\x02\x38\x01\"m\n\rSubmitRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gpubroker.v1.TaskHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"7\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"j\n\nRunRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gpubroker.v1.TaskHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"g\n\x0bRunResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfoH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"S\n\nInlineTask\x12\r\n\x05index\x18\x01 \x01(\x04\x12(\n\x06header\x18\x02 \x01(\x0b\x32\x18.gpubroker.v1.TaskHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"9\n\x0eRunManyRequest\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.gpubroker.v1.InlineTask\"\x92\x01\n\rInlineOutcome\x12\r\n\x05index\x18\x01 \x01(\x04\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64\x61ta_inline\x18\x04 \x01(\x08\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\"@\n\x0fRunManyResponse\x12-\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1b.gpubroker.v1.InlineOutcome\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x11WatchTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\"#\n\x10GetResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"o\n\x11GetResultResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfoH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\":\n\x12\x43\x61ncelTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"7\n\x0fGetTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.gpubroker.v1.TaskInfo\"b\n\x10ListTasksRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.gpubroker.v1.TaskState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x11ListTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.gpubroker.v1.TaskInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x0fGetUsageRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\x10GetUsageResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x04 \x01(\x03\x12\x11\n\tbytes_out\x18\x05 \x01(\x03\x12\x14\n\x0c\x63ost_nanousd\x18\x06 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\t\x12\x1d\n\x15month_to_date_nanousd\x18\x08 \x01(\x03\x12\x1e\n\x16monthly_budget_nanousd\x18\t \x01(\x03\x12\x12\n\nhas_budget\x18\n \x01(\x08\x32\xad\x05\n\x06\x42roker\x12\x45\n\x06Submit\x12\x1b.gpubroker.v1.SubmitRequest\x1a\x1c.gpubroker.v1.SubmitResponse(\x01\x12>\n\x03Run\x12\x18.gpubroker.v1.RunRequest\x1a\x19.gpubroker.v1.RunResponse(\x01\x30\x01\x12J\n\x07RunMany\x12\x1c.gpubroker.v1.RunManyRequest\x1a\x1d.gpubroker.v1.RunManyResponse(\x01\x30\x01\x12N\n\tWatchTask\x12\x1e.gpubroker.v1.WatchTaskRequest\x1a\x1f.gpubroker.v1.WatchTaskResponse0\x01\x12N\n\tGetResult\x12\x1e.gpubroker.v1.GetResultRequest\x1a\x1f.gpubroker.v1.GetResultResponse0\x01\x12O\n\nCancelTask\x12\x1f.gpubroker.v1.CancelTaskRequest\x1a .gpubroker.v1.CancelTaskResponse\x12\x46\n\x07GetTask\x12\x1c.gpubroker.v1.GetTaskRequest\x1a\x1d.gpubroker.v1.GetTaskResponse\x12L\n\tListTasks\x12\x1e.gpubroker.v1.ListTasksRequest\x1a\x1f.gpubroker.v1.ListTasksResponse\x12I\n\x08GetUsage\x12\x1d.gpubroker.v1.GetUsageRequest\x1a\x1e.gpubroker.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,30 +47,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNREQUEST']._serialized_end=630
   _globals['_RUNRESPONSE']._serialized_start=632
   _globals['_RUNRESPONSE']._serialized_end=735
-  _globals['_WATCHTASKREQUEST']._serialized_start=737
-  _globals['_WATCHTASKREQUEST']._serialized_end=772
-  _globals['_WATCHTASKRESPONSE']._serialized_start=774
-  _globals['_WATCHTASKRESPONSE']._serialized_end=831
-  _globals['_GETRESULTREQUEST']._serialized_start=833
-  _globals['_GETRESULTREQUEST']._serialized_end=868
-  _globals['_GETRESULTRESPONSE']._serialized_start=870
-  _globals['_GETRESULTRESPONSE']._serialized_end=981
-  _globals['_CANCELTASKREQUEST']._serialized_start=983
-  _globals['_CANCELTASKREQUEST']._serialized_end=1019
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1021
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1079
-  _globals['_GETTASKREQUEST']._serialized_start=1081
-  _globals['_GETTASKREQUEST']._serialized_end=1114
-  _globals['_GETTASKRESPONSE']._serialized_start=1116
-  _globals['_GETTASKRESPONSE']._serialized_end=1171
-  _globals['_LISTTASKSREQUEST']._serialized_start=1173
-  _globals['_LISTTASKSREQUEST']._serialized_end=1271
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1273
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1356
-  _globals['_GETUSAGEREQUEST']._serialized_start=1358
-  _globals['_GETUSAGEREQUEST']._serialized_end=1461
-  _globals['_GETUSAGERESPONSE']._serialized_start=1464
-  _globals['_GETUSAGERESPONSE']._serialized_end=1698
-  _globals['_BROKER']._serialized_start=1701
-  _globals['_BROKER']._serialized_end=2310
+  _globals['_INLINETASK']._serialized_start=737
+  _globals['_INLINETASK']._serialized_end=820
+  _globals['_RUNMANYREQUEST']._serialized_start=822
+  _globals['_RUNMANYREQUEST']._serialized_end=879
+  _globals['_INLINEOUTCOME']._serialized_start=882
+  _globals['_INLINEOUTCOME']._serialized_end=1028
+  _globals['_RUNMANYRESPONSE']._serialized_start=1030
+  _globals['_RUNMANYRESPONSE']._serialized_end=1094
+  _globals['_WATCHTASKREQUEST']._serialized_start=1096
+  _globals['_WATCHTASKREQUEST']._serialized_end=1131
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1133
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1190
+  _globals['_GETRESULTREQUEST']._serialized_start=1192
+  _globals['_GETRESULTREQUEST']._serialized_end=1227
+  _globals['_GETRESULTRESPONSE']._serialized_start=1229
+  _globals['_GETRESULTRESPONSE']._serialized_end=1340
+  _globals['_CANCELTASKREQUEST']._serialized_start=1342
+  _globals['_CANCELTASKREQUEST']._serialized_end=1378
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1380
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1438
+  _globals['_GETTASKREQUEST']._serialized_start=1440
+  _globals['_GETTASKREQUEST']._serialized_end=1473
+  _globals['_GETTASKRESPONSE']._serialized_start=1475
+  _globals['_GETTASKRESPONSE']._serialized_end=1530
+  _globals['_LISTTASKSREQUEST']._serialized_start=1532
+  _globals['_LISTTASKSREQUEST']._serialized_end=1630
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1632
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1715
+  _globals['_GETUSAGEREQUEST']._serialized_start=1717
+  _globals['_GETUSAGEREQUEST']._serialized_end=1820
+  _globals['_GETUSAGERESPONSE']._serialized_start=1823
+  _globals['_GETUSAGERESPONSE']._serialized_end=2057
+  _globals['_BROKER']._serialized_start=2060
+  _globals['_BROKER']._serialized_end=2745
 # @@protoc_insertion_point(module_scope)

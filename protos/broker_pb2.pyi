@@ -210,6 +210,132 @@ class RunResponse(_message.Message):
 Global___RunResponse: _TypeAlias = RunResponse  # noqa: Y015
 
 @_typing.final
+class InlineTask(_message.Message):
+    """One small task of a RunMany call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The caller's number for the task, unique within the call; outcomes quote it."""
+    data: _builtins.bytes
+    """The inputs' bytes, concatenated in the order of `header.inputs`."""
+    @_builtins.property
+    def header(self) -> Global___TaskHeader:
+        """The task, as in Submit."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        header: Global___TaskHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InlineTask: _TypeAlias = InlineTask  # noqa: Y015
+
+@_typing.final
+class RunManyRequest(_message.Message):
+    """A batch of tasks on a RunMany call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___InlineTask]:
+        """The tasks, each run independently."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___InlineTask] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunManyRequest: _TypeAlias = RunManyRequest  # noqa: Y015
+
+@_typing.final
+class InlineOutcome(_message.Message):
+    """What became of one task of a RunMany call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    DATA_INLINE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The caller's number for the task."""
+    data: _builtins.bytes
+    """The outputs' bytes when `data_inline`; otherwise fetch them with GetResult."""
+    data_inline: _builtins.bool
+    """True when `data` holds all output bytes."""
+    error_code: _builtins.str
+    """gRPC status code name when the task was refused before it was created (e.g.
+    "INVALID_ARGUMENT"); a task that ran and failed reports its error in `task`.
+    """
+    error_message: _builtins.str
+    """Why it was refused."""
+    @_builtins.property
+    def task(self) -> _task_pb2.TaskInfo:
+        """The task in its final state; unset when the broker refused the task (see error_code)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        task: _task_pb2.TaskInfo | None = ...,
+        data: _builtins.bytes = ...,
+        data_inline: _builtins.bool = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_inline", b"data_inline", "error_code", b"error_code", "error_message", b"error_message", "index", b"index", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InlineOutcome: _TypeAlias = InlineOutcome  # noqa: Y015
+
+@_typing.final
+class RunManyResponse(_message.Message):
+    """Outcomes of tasks of a RunMany call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___InlineOutcome]:
+        """Tasks that finished (or were refused) since the last message."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___InlineOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunManyResponse: _TypeAlias = RunManyResponse  # noqa: Y015
+
+@_typing.final
 class WatchTaskRequest(_message.Message):
     """Which task to watch."""
 

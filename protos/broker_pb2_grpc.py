@@ -47,6 +47,11 @@ class BrokerStub:
                 request_serializer=protos_dot_broker__pb2.RunRequest.SerializeToString,
                 response_deserializer=protos_dot_broker__pb2.RunResponse.FromString,
                 _registered_method=True)
+        self.RunMany = channel.stream_stream(
+                '/gpubroker.v1.Broker/RunMany',
+                request_serializer=protos_dot_broker__pb2.RunManyRequest.SerializeToString,
+                response_deserializer=protos_dot_broker__pb2.RunManyResponse.FromString,
+                _registered_method=True)
         self.WatchTask = channel.unary_stream(
                 '/gpubroker.v1.Broker/WatchTask',
                 request_serializer=protos_dot_broker__pb2.WatchTaskRequest.SerializeToString,
@@ -97,6 +102,17 @@ class BrokerServicer:
     def Run(self, request_iterator, context):
         """Submits a task and streams its state changes and result back on the same call. The call's
         deadline becomes the task's deadline; cancelling the call cancels the task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunMany(self, request_iterator, context):
+        """Runs many small tasks on one call: each request message carries a batch of tasks with
+        their input bytes inline (at most 64 KiB per task); each response message carries the
+        outcomes of tasks that have finished, in completion order. Cancelling the call cancels
+        the tasks still live. Tasks with larger outputs come back without data: fetch those with
+        GetResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +173,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=protos_dot_broker__pb2.RunRequest.FromString,
                     response_serializer=protos_dot_broker__pb2.RunResponse.SerializeToString,
+            ),
+            'RunMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunMany,
+                    request_deserializer=protos_dot_broker__pb2.RunManyRequest.FromString,
+                    response_serializer=protos_dot_broker__pb2.RunManyResponse.SerializeToString,
             ),
             'WatchTask': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTask,
@@ -246,6 +267,33 @@ class Broker:
             '/gpubroker.v1.Broker/Run',
             protos_dot_broker__pb2.RunRequest.SerializeToString,
             protos_dot_broker__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gpubroker.v1.Broker/RunMany',
+            protos_dot_broker__pb2.RunManyRequest.SerializeToString,
+            protos_dot_broker__pb2.RunManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

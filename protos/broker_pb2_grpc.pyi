@@ -45,6 +45,13 @@ class BrokerStub:
     """Submits a task and streams its state changes and result back on the same call. The call's
     deadline becomes the task's deadline; cancelling the call cancels the task.
     """
+    RunMany: _grpc.StreamStreamMultiCallable[_broker_pb2.RunManyRequest, _broker_pb2.RunManyResponse]
+    """Runs many small tasks on one call: each request message carries a batch of tasks with
+    their input bytes inline (at most 64 KiB per task); each response message carries the
+    outcomes of tasks that have finished, in completion order. Cancelling the call cancels
+    the tasks still live. Tasks with larger outputs come back without data: fetch those with
+    GetResult.
+    """
     WatchTask: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchTaskRequest, _broker_pb2.WatchTaskResponse]
     """Streams the task's state each time it changes, ending at a final state."""
     GetResult: _grpc.UnaryStreamMultiCallable[_broker_pb2.GetResultRequest, _broker_pb2.GetResultResponse]
@@ -76,6 +83,13 @@ class BrokerAsyncStub(BrokerStub):
     Run: _aio.StreamStreamMultiCallable[_broker_pb2.RunRequest, _broker_pb2.RunResponse]  # type: ignore[assignment]
     """Submits a task and streams its state changes and result back on the same call. The call's
     deadline becomes the task's deadline; cancelling the call cancels the task.
+    """
+    RunMany: _aio.StreamStreamMultiCallable[_broker_pb2.RunManyRequest, _broker_pb2.RunManyResponse]  # type: ignore[assignment]
+    """Runs many small tasks on one call: each request message carries a batch of tasks with
+    their input bytes inline (at most 64 KiB per task); each response message carries the
+    outcomes of tasks that have finished, in completion order. Cancelling the call cancels
+    the tasks still live. Tasks with larger outputs come back without data: fetch those with
+    GetResult.
     """
     WatchTask: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchTaskRequest, _broker_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """Streams the task's state each time it changes, ending at a final state."""
@@ -117,6 +131,19 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.RunResponse], _abc.AsyncIterator[_broker_pb2.RunResponse]]:
         """Submits a task and streams its state changes and result back on the same call. The call's
         deadline becomes the task's deadline; cancelling the call cancels the task.
+        """
+
+    @_abc_1.abstractmethod
+    def RunMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.RunManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.RunManyResponse], _abc.AsyncIterator[_broker_pb2.RunManyResponse]]:
+        """Runs many small tasks on one call: each request message carries a batch of tasks with
+        their input bytes inline (at most 64 KiB per task); each response message carries the
+        outcomes of tasks that have finished, in completion order. Cancelling the call cancels
+        the tasks still live. Tasks with larger outputs come back without data: fetch those with
+        GetResult.
         """
 
     @_abc_1.abstractmethod

@@ -35,7 +35,7 @@ WAIT_S = 10.0
 
 @dataclass
 class Upload:
-    """One PutResult call as the fake broker saw it."""
+    """One result (a PutResult call or a control-stream result) as the fake broker saw it."""
 
     header: agent_pb2.ResultHeader
     data: bytes
@@ -100,6 +100,8 @@ class FakeGateway(agent_pb2_grpc.AgentGatewayServicer):
     ) -> None:
         async for message in messages:
             self.messages.put_nowait(message)
+            if message.HasField("result"):  # a small result, on the control stream
+                self.uploads.put_nowait(Upload(message.result.header, message.result.data))
             self._credit += message.credit.slots
             self._dispatch()
         outbox.put_nowait(None)  # the agent half-closed: end the stream, as the broker does
@@ -418,7 +420,8 @@ async def test_a_refused_stale_result_does_not_stop_the_agent(
     agent = start_agent(slots=1)
     await _next(broker.gateway, "credit")
 
-    broker.gateway.submit(*_assignment("t-stale", "echo", [torch.ones(2)]))
+    # 128 KiB of output: too large for the control stream, so it goes through PutResult.
+    broker.gateway.submit(*_assignment("t-stale", "echo", [torch.ones(32 << 10)]))
     credit = await _next(broker.gateway, "credit")
     broker.gateway.refuse_results = None
     broker.gateway.submit(*_assignment("t-next", "echo", [torch.full((2,), 7.0)]))

@@ -23,6 +23,7 @@ from client import (
     AuthenticationError,
     Client,
     DeadlineExceededError,
+    InvalidArgumentError,
     NotFoundError,
     TaskCancelledError,
     TaskFailedError,
@@ -50,6 +51,7 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         self.request_ids: list[str] = []
         self.time_remaining: list[float | None] = []
         self.unavailable_submits = 0
+        self.map_batches: list[int] = []
         """How many Submits to answer UNAVAILABLE after storing the task (a lost reply)."""
 
     async def Submit(
@@ -72,6 +74,40 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         yield broker_pb2.RunResponse(task=info)
         for chunk in chunks:
             yield broker_pb2.RunResponse(chunk=chunk)
+
+    async def RunMany(
+        self, request_iterator: AsyncIterator[broker_pb2.RunManyRequest], context: Context
+    ) -> AsyncIterator[broker_pb2.RunManyResponse]:
+        """Answers each request's tasks in reverse order; ``fetch`` ones leave the bytes behind
+        (as the broker does for large outputs), ``refuse`` ones are refused."""
+        await self._authorize(context)
+        async for request in request_iterator:
+            self.map_batches.append(len(request.tasks))
+            outcomes = [self._run_inline(task) for task in reversed(request.tasks)]
+            yield broker_pb2.RunManyResponse(outcomes=outcomes)
+
+    def _run_inline(self, task: broker_pb2.InlineTask) -> broker_pb2.InlineOutcome:
+        header = task.header
+        self.request_ids.append(header.request_id)
+        if header.workload == "refuse":
+            return broker_pb2.InlineOutcome(
+                index=task.index, error_code="INVALID_ARGUMENT", error_message="refused"
+            )
+        info = task_pb2.TaskInfo(task_id=uuid.uuid4().hex, workload=header.workload)
+        info.inputs.extend(header.inputs)
+        if header.workload == "fail":
+            info.state, info.error_code = task_pb2.TASK_STATE_FAILED, "ABORTED"
+            info.error_message = "ValueError: boom"
+            return broker_pb2.InlineOutcome(index=task.index, task=info)
+        info.state = task_pb2.TASK_STATE_SUCCEEDED
+        info.outputs.extend(header.inputs)
+        self.tasks[info.task_id] = info
+        self.payloads[info.task_id] = task.data
+        if header.workload == "fetch":
+            return broker_pb2.InlineOutcome(index=task.index, task=info)
+        return broker_pb2.InlineOutcome(
+            index=task.index, task=info, data=task.data, data_inline=True
+        )
 
     async def GetResult(
         self, request: broker_pb2.GetResultRequest, context: Context
@@ -472,3 +508,56 @@ async def test_usage_is_reported_in_exact_dollars(client: Any) -> None:
 
     assert (usage.tenant, usage.tasks, usage.cost_usd) == ("a", 2, Decimal("0.017750000"))
     assert usage.monthly_budget_usd is None
+
+
+async def _map(client: Any, workload: str, items: list[Any], **kwargs: Any) -> list[Any]:
+    """Runs ``map`` to the end with either client flavour."""
+    if isinstance(client, AsyncClient):
+        return [r async for r in client.map(workload, items, **kwargs)]
+    sync = client._target
+    return await asyncio.to_thread(lambda: list(sync.map(workload, items, **kwargs)))
+
+
+async def test_map_returns_results_in_input_order_in_batches_bit_exact(
+    client: Any, fake: FakeBroker
+) -> None:
+    items = [[t, t] for t in _torch_inputs()] * 3  # 27 items, answered in reverse per batch
+
+    results = await _map(client, "echo", items, batch=4, window=6)
+
+    assert len(results) == len(items)
+    for sent, result in zip(items, results, strict=True):
+        _assert_same_tensors(sent, result.outputs)
+    assert max(fake.map_batches) <= 4
+    assert sum(fake.map_batches) == len(items)
+    assert set(fake.request_ids) == {""}  # a map task carries no idempotency key
+
+
+async def test_map_fetches_results_that_did_not_ride_along(client: Any) -> None:
+    items = [np.arange(5, dtype=np.int16), np.ones((2, 2))]
+
+    results = await _map(client, "fetch", items)
+
+    assert [r.output.tolist() for r in results] == [list(range(5)), [[1.0, 1.0], [1.0, 1.0]]]
+    assert all(isinstance(r.output, np.ndarray) for r in results)
+
+
+@pytest.mark.parametrize(
+    ("workload", "error"), [("fail", TaskFailedError), ("refuse", InvalidArgumentError)]
+)
+async def test_map_raises_a_tasks_error_in_its_turn(
+    client: Any, workload: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await _map(client, workload, [torch.ones(1)])
+
+
+async def test_map_raises_a_bad_item_in_its_turn_and_sends_nothing_for_it(
+    client: Any, fake: FakeBroker
+) -> None:
+    with pytest.raises(TypeError):
+        await _map(client, "echo", [torch.ones(1), "not a tensor", torch.ones(1)])
+
+
+async def test_map_of_nothing_is_empty(client: Any) -> None:
+    assert await _map(client, "echo", []) == []

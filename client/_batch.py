@@ -1,0 +1,178 @@
+"""Pure helpers for ``map`` (the ``RunMany`` call), shared by ``Client`` and ``AsyncClient``.
+
+``map`` runs one small task per input item on a single call: items are encoded and packed
+into batches (``pack``), at most ``window`` tasks are in flight, and outcomes, which arrive in
+completion order, are handed back in input order (``Reorder``). No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client._convert import prepare_task, status_from_proto
+from client._types import TaskResult, TaskState
+from client.codec import ArrayLike, OutputKind, decode
+from client.errors import error_from_code
+from client.wire import INLINE_MAX_BYTES, Assembler
+from protos import broker_pb2
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_WINDOW",
+    "Encoder",
+    "MapItem",
+    "Packer",
+    "Reorder",
+    "encode_item",
+    "failed_input",
+    "pack",
+]
+
+DEFAULT_WINDOW = 1024
+"""Tasks of one ``map`` call in flight at once."""
+
+DEFAULT_BATCH = 64
+"""Tasks per request message."""
+
+
+@dataclass(frozen=True, slots=True)
+class MapItem:
+    """One encoded task of a ``map`` call, or the error its input raised while encoding."""
+
+    index: int
+    task: broker_pb2.InlineTask | None
+    output: OutputKind
+    error: Exception | None = None
+
+
+def encode_item(
+    index: int,
+    inputs: ArrayLike | Sequence[ArrayLike],
+    *,
+    workload: str,
+    params: Mapping[str, Any],
+    priority: int,
+    timeout: float | None,
+    output: OutputKind | None,
+) -> MapItem:
+    """Encodes one item; a bad input becomes the item's error, raised when its turn comes."""
+    try:
+        prepared = prepare_task(
+            workload,
+            inputs,
+            params,
+            priority=priority,
+            request_id=None,
+            timeout=timeout,
+            output=output,
+        )
+    except (TypeError, ValueError) as exc:
+        return MapItem(index, None, output or "torch", exc)
+    prepared.header.request_id = ""  # a map call is never retried as a whole: no dedup needed
+    data = b"".join(prepared.buffers)
+    if len(data) > INLINE_MAX_BYTES:
+        error = error_from_code(
+            "INVALID_ARGUMENT",
+            f"map item {index} has {len(data)} bytes of inputs; map takes at most "
+            f"{INLINE_MAX_BYTES} per task (use run or submit for larger ones)",
+        )
+        return MapItem(index, None, prepared.output, error)
+    task = broker_pb2.InlineTask(index=index, header=prepared.header, data=data)
+    return MapItem(index, task, prepared.output)
+
+
+Encoder = Callable[[int, "ArrayLike | Sequence[ArrayLike]"], MapItem]
+"""``encode_item`` with everything but the index and the inputs bound."""
+
+
+def pack(items: Sequence[MapItem]) -> broker_pb2.RunManyRequest:
+    """One request message carrying the items that encoded cleanly."""
+    return broker_pb2.RunManyRequest(tasks=[i.task for i in items if i.task is not None])
+
+
+class Packer:
+    """Collects encoded items into request messages of at most ``batch`` tasks."""
+
+    def __init__(self, batch: int) -> None:
+        self._batch = batch
+        self._pending: list[MapItem] = []
+
+    def add(self, item: MapItem) -> broker_pb2.RunManyRequest | None:
+        """Adds an item; returns a full message to send, if one is full now."""
+        if item.task is not None:
+            self._pending.append(item)
+        return self.flush() if len(self._pending) >= self._batch else None
+
+    def flush(self) -> broker_pb2.RunManyRequest | None:
+        """The message of the items collected so far, if any."""
+        if not self._pending:
+            return None
+        message = pack(self._pending)
+        self._pending = []
+        return message
+
+
+@dataclass
+class Reorder:
+    """Outcomes in, results out in input order. An item whose result is not inline is returned
+    as its task id, for the caller to fetch with ``GetResult``."""
+
+    outputs: dict[int, OutputKind] = field(default_factory=dict)
+    """Output kind of every item sent and not yet handed out."""
+    _ready: dict[int, TaskResult | Exception | str] = field(default_factory=dict)
+    _next: int = 0
+
+    def sent(self, item: MapItem) -> None:
+        """Notes an item; an item that failed to encode is ready at once (as its error)."""
+        self.outputs[item.index] = item.output
+        if item.error is not None:
+            self._ready[item.index] = item.error
+
+    def add(self, outcome: broker_pb2.InlineOutcome) -> None:
+        """Takes one outcome from the broker."""
+        index = outcome.index
+        if index not in self.outputs or index in self._ready:
+            raise error_from_code("INTERNAL", f"the broker answered for unknown item {index}")
+        self._ready[index] = _result(outcome, self.outputs[index])
+
+    def pop_ready(self) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
+        """The next items in input order, as long as they are ready, with their output kinds."""
+        ready = []
+        while self._next in self._ready:
+            index = self._next
+            self._next += 1
+            ready.append((self._ready.pop(index), self.outputs.pop(index)))
+        return ready
+
+    @property
+    def pending(self) -> int:
+        """Items sent and not yet handed out."""
+        return len(self.outputs)
+
+
+def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult | Exception | str:
+    if not outcome.HasField("task"):
+        return error_from_code(outcome.error_code or "INTERNAL", outcome.error_message)
+    status = status_from_proto(outcome.task)
+    if status.state is not TaskState.SUCCEEDED:
+        code = "CANCELLED" if status.state is TaskState.CANCELLED else status.error_code
+        return error_from_code(code or "UNKNOWN", status.error_message)
+    if not outcome.data_inline:
+        return status.task_id  # large outputs: fetched by the caller
+    try:
+        assembler = Assembler(status.outputs)
+        assembler.feed(outcome.data)
+        buffers = assembler.finish()
+    except ValueError as exc:
+        return error_from_code("DATA_LOSS", f"result of task {status.task_id}: {exc}")
+    outputs = tuple(
+        decode(meta, buf, output) for meta, buf in zip(status.outputs, buffers, strict=True)
+    )
+    return TaskResult(task_id=status.task_id, outputs=outputs, status=status)
+
+
+def failed_input(index: int, exc: Exception) -> MapItem:
+    """The item standing for an input iterator that raised: its error ends the results."""
+    return MapItem(index, None, "torch", exc)
