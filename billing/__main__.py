@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import sqlalchemy as sa
@@ -13,11 +15,14 @@ from billing.budget import budget_status, remove_budget, set_budget
 from billing.errors import PriceCatalogError
 from billing.ledger import GROUPS, summaries
 from billing.migrate import current_revision, downgrade, upgrade
-from billing.models import usage
+from billing.models import usage, vm_instances
 from billing.prices import format_usd, to_nanousd
-from billing.report import FORMATS, render
+from billing.report import FORMATS, render, render_overhead
+from billing.vms import idle_overhead
 
 DEFAULT_DATABASE_URL = "sqlite:///gpubroker-data/broker.db"
+
+_T = TypeVar("_T")
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -69,6 +74,40 @@ def report(
     fmt: str,
 ) -> None:
     """Prints billed usage per tenant, workload, GPU type or UTC day."""
+    found = _read(
+        database_url,
+        (usage,),
+        lambda conn: summaries(conn, by=by, since=since, until=until, tenant=tenant),
+    )
+    click.echo(render(found, fmt, by), nl=False)
+
+
+@cli.command()
+@click.option("--database-url", help="SQLAlchemy URL (default: as for report).")
+@click.option("--since", callback=_when, help="Start of the range, ISO 8601 (inclusive).")
+@click.option("--until", callback=_when, help="End of the range, ISO 8601 (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+def overhead(
+    database_url: str | None, since: datetime | None, until: datetime | None, fmt: str
+) -> None:
+    """Prints VM cost, billed compute and idle overhead per GPU type.
+
+    VM cost is per second with a one-minute minimum per VM, clipped to the range; VMs still
+    running count up to now. Idle overhead is VM cost less billed compute.
+    """
+    now = datetime.now(UTC)
+    lines = _read(
+        database_url,
+        (usage, vm_instances),
+        lambda conn: idle_overhead(conn, since, until, now=now),
+    )
+    click.echo(render_overhead(lines, fmt), nl=False)
+
+
+def _read(
+    database_url: str | None, tables: tuple[sa.Table, ...], query: Callable[[sa.Connection], _T]
+) -> _T:
+    """Runs ``query`` on the broker's database, after checking that ``tables`` exist."""
     url = _database_url(database_url)
     try:
         shown = sa.engine.make_url(url).render_as_string(hide_password=True)
@@ -79,16 +118,17 @@ def report(
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            if not sa.inspect(conn).has_table(usage.name):
-                raise click.ClickException(
-                    f"{shown} has no usage table; is it the broker's database?"
-                )
-            found = summaries(conn, by=by, since=since, until=until, tenant=tenant)
+            for table in tables:
+                if not sa.inspect(conn).has_table(table.name):
+                    raise click.ClickException(
+                        f"{shown} has no {table.name} table; is it the broker's database, "
+                        "migrated (python -m billing migrate)?"
+                    )
+            return query(conn)
     except sa.exc.OperationalError as exc:
         raise click.ClickException(f"cannot read {shown}: {exc.orig}") from exc
     finally:
         engine.dispose()
-    click.echo(render(found, fmt, by), nl=False)
 
 
 @cli.command()

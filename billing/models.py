@@ -1,8 +1,8 @@
-"""The SQL schema: the durable task queue and the usage ledger, in one ``MetaData``.
+"""The SQL schema: the durable task queue, the usage ledger and VM uptime, in one ``MetaData``.
 
-Both live in one database so that marking a task succeeded and writing its usage row happen
-in one transaction (exactly-once billing). SQLAlchemy Core tables, not ORM classes: the queue
-is a hot path and Core statements cost a fraction of an ORM flush.
+The queue and the ledger live in one database so that marking a task succeeded and writing its
+usage row happen in one transaction (exactly-once billing). SQLAlchemy Core tables, not ORM
+classes: the queue is a hot path and Core statements cost a fraction of an ORM flush.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["UtcDateTime", "budgets", "metadata", "tasks", "usage", "workloads"]
+__all__ = ["UtcDateTime", "budgets", "metadata", "tasks", "usage", "vm_instances", "workloads"]
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -137,3 +138,26 @@ budgets = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 """A tenant's monthly spending limit; submits are refused once the month's spend reaches it."""
+
+vm_instances = Table(
+    "vm_instances",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("provider", String(16), nullable=False),
+    Column("zone", String(64), nullable=False),
+    Column("gpu_type", String(64), nullable=False),
+    Column("machine_type", String(64), nullable=False),
+    Column("spot", Boolean, nullable=False),
+    Column("price_per_hour_nanousd", BigInteger, nullable=False),
+    Column("price_version", String(32), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("running_at", UtcDateTime, nullable=True),
+    Column("deleted_at", UtcDateTime, nullable=True),
+    Column("end_reason", String(32), nullable=True),
+)
+"""One row per agent machine a provider started (``local`` or ``gce``), for its uptime cost.
+
+``name`` is the instance name, unique among the machines this broker ever started. The price
+is the whole machine's (GPU plus host) when it was created, so later catalog changes do not
+reprice it. ``deleted_at`` and ``end_reason`` stay NULL while the machine lives.
+"""

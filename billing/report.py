@@ -1,4 +1,7 @@
-"""Renders usage summaries as a table, CSV or JSON, with a totals row that adds up exactly."""
+"""Renders usage summaries, and VM cost beside billed compute, as a table, CSV or JSON.
+
+Every report ends with a totals row that adds up exactly.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from rich.console import Console
@@ -13,8 +17,9 @@ from rich.table import Table
 
 from billing.ledger import UsageSummary
 from billing.prices import format_usd
+from billing.vms import OverheadLine, overhead_total
 
-__all__ = ["FORMATS", "render"]
+__all__ = ["FORMATS", "render", "render_overhead"]
 
 FORMATS = ("table", "csv", "json")
 
@@ -118,6 +123,120 @@ def _table(summaries: Sequence[UsageSummary], total: UsageSummary, by: str) -> s
     table.add_section()
     table.add_row(*_cells(total)[:-1], format_usd(total.cost_nanousd), style="bold")
     console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    console.print(table)
+    assert isinstance(console.file, io.StringIO)
+    return console.file.getvalue()
+
+
+_OVERHEAD_COLUMNS = (
+    "gpu_type",
+    "vms",
+    "vm_s",
+    "vm_cost_usd",
+    "tasks",
+    "compute_s",
+    "billed_usd",
+    "idle_overhead_usd",
+    "idle_overhead_pct",
+)
+
+
+def _percent(line: OverheadLine) -> str | None:
+    """Idle overhead % to two places, half-up; None without machine cost."""
+    percent = line.idle_percent
+    if percent is None:
+        return None
+    return f"{percent.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):f}"
+
+
+def _overhead_cells(line: OverheadLine) -> list[str]:
+    return [
+        line.gpu_type,
+        str(line.vms),
+        f"{line.vm_seconds:.6f}",
+        _usd(line.vm_cost_nanousd),
+        str(line.tasks),
+        f"{line.compute_seconds:.6f}",
+        _usd(line.billed_nanousd),
+        _usd(line.idle_nanousd),
+        _percent(line) or "",
+    ]
+
+
+def _overhead_json_row(line: OverheadLine) -> dict[str, Any]:
+    """As ``_json_row``: counts and seconds as numbers, money and percentages as exact strings."""
+    return {
+        "gpu_type": line.gpu_type,
+        "vms": line.vms,
+        "vm_s": float(line.vm_seconds),
+        "vm_cost_usd": _usd(line.vm_cost_nanousd),
+        "vm_cost_nanousd": line.vm_cost_nanousd,
+        "tasks": line.tasks,
+        "compute_s": line.compute_seconds,
+        "billed_usd": _usd(line.billed_nanousd),
+        "billed_nanousd": line.billed_nanousd,
+        "idle_overhead_usd": _usd(line.idle_nanousd),
+        "idle_overhead_nanousd": line.idle_nanousd,
+        "idle_overhead_pct": _percent(line),
+    }
+
+
+def render_overhead(lines: Sequence[OverheadLine], fmt: str) -> str:
+    """Returns VM cost beside billed compute in ``fmt``, one row per GPU type, totals last.
+
+    Raises:
+        ValueError: ``fmt`` is not one of ``FORMATS``.
+    """
+    total = overhead_total(lines)
+    if fmt == "json":
+        report = {
+            "by": "gpu_type",
+            "groups": [_overhead_json_row(line) for line in lines],
+            "total": _overhead_json_row(total),
+        }
+        return json.dumps(report, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(_OVERHEAD_COLUMNS)
+        writer.writerows(_overhead_cells(line) for line in [*lines, total])
+        return out.getvalue()
+    if fmt == "table":
+        return _overhead_table(lines, total)
+    raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _overhead_table(lines: Sequence[OverheadLine], total: OverheadLine) -> str:
+    table = Table(
+        title="VM cost beside billed compute by GPU type",
+        caption="idle overhead = VM cost - billed compute (billed at tenant prices)",
+    )
+    table.add_column("gpu type")
+    for heading in ("VMs", "VM s", "VM cost", "tasks", "compute s", "billed", "idle", "idle %"):
+        table.add_column(heading, justify="right")
+    for line in lines:
+        table.add_row(*_overhead_table_cells(line))
+    table.add_section()
+    table.add_row(*_overhead_table_cells(total), style="bold")
+    return _printed(table)
+
+
+def _overhead_table_cells(line: OverheadLine) -> list[str]:
+    return [
+        line.gpu_type,
+        str(line.vms),
+        f"{line.vm_seconds:.6f}",
+        format_usd(line.vm_cost_nanousd),
+        str(line.tasks),
+        f"{line.compute_seconds:.6f}",
+        format_usd(line.billed_nanousd),
+        format_usd(line.idle_nanousd),
+        _percent(line) or "n/a",
+    ]
+
+
+def _printed(table: Table) -> str:
+    console = Console(file=io.StringIO(), width=140, force_terminal=False)
     console.print(table)
     assert isinstance(console.file, io.StringIO)
     return console.file.getvalue()

@@ -1,0 +1,334 @@
+"""VM uptime: when each agent machine was created, ran and was deleted, and what it cost.
+
+The cost rule is Compute Engine's (NOTES.md G.4): a machine is charged per second, in whole
+seconds rounded up, from when it starts running until it is deleted, and at least one minute
+per life. Each machine's charge is laid out as an interval, ``[begin, begin + charged)`` with
+``charged = max(ceil(life), 60 s)``, and a report over ``[start, end)`` counts the part of that
+interval inside the range. So a machine that lived 20 s is charged 60 s (whichever range holds
+them), and adjacent ranges add up to the machine's whole charge, up to a nano-dollar of rounding
+per machine and range. ``begin`` is ``running_at``, or ``created_at`` when running was never
+recorded: the report then errs towards more VM cost, never hiding idle overhead. A machine not
+yet deleted is charged up to ``now``, and at least its first minute, which it already owes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from billing.ledger import UsageSummary, summaries
+from billing.models import vm_instances
+
+__all__ = [
+    "MINIMUM_CHARGE",
+    "EndReason",
+    "OverheadLine",
+    "VmCost",
+    "VmCostLine",
+    "VmLaunch",
+    "idle_overhead",
+    "overhead_total",
+    "record_created",
+    "record_deleted",
+    "record_running",
+    "vm_cost",
+]
+
+MINIMUM_CHARGE = timedelta(seconds=60)
+"""The least a machine's life is charged, as on Compute Engine."""
+
+_TOTAL = "TOTAL"
+_MICROS_PER_HOUR = 3_600_000_000
+
+
+class EndReason(enum.StrEnum):
+    """Why a machine was deleted."""
+
+    IDLE = "idle"
+    """No work for it: the autoscaler scaled down."""
+    PREEMPTED = "preempted"
+    """GCE reclaimed the Spot machine."""
+    STUCK = "stuck"
+    """Its agent never joined, or stopped answering."""
+    SHUTDOWN = "shutdown"
+    """The broker shut down and took its machines with it."""
+    ORPHAN = "orphan"
+    """Found running with no owner (e.g. after a broker restart) and deleted."""
+    FAILED = "failed"
+    """The machine failed on its own (GCE reported it terminated)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmLaunch:
+    """What a provider knows about a machine once it has created it."""
+
+    name: str
+    """Instance name, unique among this broker's machines; also its agent's id."""
+    provider: str
+    """``local`` or ``gce``."""
+    zone: str
+    gpu_type: str
+    machine_type: str
+    spot: bool
+    price_per_hour_nanousd: int
+    """The whole machine's price (GPU and host), in whole nano-dollars per hour."""
+    price_version: str
+    """The price catalog version the price came from."""
+
+    def __post_init__(self) -> None:
+        if self.price_per_hour_nanousd < 0:
+            raise ValueError(f"price of {self.price_per_hour_nanousd} nano-USD/h is negative")
+
+
+@dataclass(frozen=True, slots=True)
+class VmCostLine:
+    """Machine cost of one GPU type (or ``TOTAL``) over a time range."""
+
+    gpu_type: str
+    vms: int
+    """Machines charged for some time in the range."""
+    charged_seconds: Decimal
+    """Machine-seconds charged in the range, minimum included; exact to the microsecond."""
+    cost_nanousd: int
+
+
+@dataclass(frozen=True, slots=True)
+class VmCost:
+    """Machine cost over a time range: per GPU type, and the grand total."""
+
+    lines: tuple[VmCostLine, ...]
+    """One per GPU type, sorted by it."""
+    total: VmCostLine
+    """Every machine; its ``gpu_type`` is ``TOTAL``. The cost is the lines' exact sum."""
+
+
+@dataclass(frozen=True, slots=True)
+class OverheadLine:
+    """Machine cost beside billed compute, for one GPU type (or ``TOTAL``) over a time range.
+
+    Billed compute is priced at tenant prices, so the overhead is what the machines cost beyond
+    what tenants were charged: idle and boot time, lost attempts, less any margin.
+    """
+
+    gpu_type: str
+    vms: int
+    vm_seconds: Decimal
+    vm_cost_nanousd: int
+    tasks: int
+    compute_seconds: float
+    billed_nanousd: int
+
+    @property
+    def idle_nanousd(self) -> int:
+        """Idle overhead: machine cost less billed compute (negative when billing exceeds it)."""
+        return self.vm_cost_nanousd - self.billed_nanousd
+
+    @property
+    def idle_percent(self) -> Decimal | None:
+        """Idle overhead as a percentage of machine cost; None when there was no machine cost."""
+        if self.vm_cost_nanousd == 0:
+            return None
+        return Decimal(self.idle_nanousd * 100) / Decimal(self.vm_cost_nanousd)
+
+
+@contextlib.contextmanager
+def _connection(target: Connection | Engine) -> Iterator[Connection]:
+    """The caller's connection, in its transaction; or a new transaction committed on exit."""
+    if isinstance(target, Engine):
+        with target.begin() as conn:
+            yield conn
+    else:
+        yield target
+
+
+def record_created(target: Connection | Engine, vm: VmLaunch, created_at: datetime) -> bool:
+    """Records a machine the provider created; False, changing nothing, if already recorded."""
+    values = {**asdict(vm), "created_at": created_at}
+    with _connection(target) as conn:
+        return _insert_new(conn, values)
+
+
+def _insert_new(conn: Connection, values: Mapping[str, Any]) -> bool:
+    # RETURNING says whether a row went in; rowcount is -1 for INSERT under psycopg 3.
+    insert: sa.Insert
+    if conn.dialect.name == "postgresql":
+        pg_insert = postgresql.insert(vm_instances).values(values)
+        insert = pg_insert.on_conflict_do_nothing(index_elements=["name"])
+    elif conn.dialect.name == "sqlite":
+        sqlite_insert = sqlite.insert(vm_instances).values(values)
+        insert = sqlite_insert.on_conflict_do_nothing(index_elements=["name"])
+    else:
+        return _insert_if_absent(conn, values)
+    return conn.execute(insert.returning(vm_instances.c.name)).first() is not None
+
+
+def _insert_if_absent(conn: Connection, values: Mapping[str, Any]) -> bool:
+    known = sa.select(vm_instances.c.name).where(vm_instances.c.name == values["name"])
+    if conn.execute(known).first() is not None:
+        return False
+    conn.execute(vm_instances.insert().values(values))
+    return True
+
+
+def record_running(target: Connection | Engine, name: str, running_at: datetime) -> bool:
+    """Records when a machine started running (its charge starts); only the first time counts.
+
+    Returns False, changing nothing, for a machine not recorded, already running, or deleted.
+    """
+    update = (
+        vm_instances.update()
+        .where(vm_instances.c.name == name)
+        .where(vm_instances.c.running_at.is_(None), vm_instances.c.deleted_at.is_(None))
+        .values(running_at=running_at)
+    )
+    with _connection(target) as conn:
+        return conn.execute(update).rowcount == 1
+
+
+def record_deleted(
+    target: Connection | Engine, name: str, deleted_at: datetime, reason: EndReason
+) -> bool:
+    """Records when and why a machine was deleted (its charge ends); only the first time counts.
+
+    Returns False, changing nothing, for a machine not recorded or already deleted.
+    """
+    update = (
+        vm_instances.update()
+        .where(vm_instances.c.name == name, vm_instances.c.deleted_at.is_(None))
+        .values(deleted_at=deleted_at, end_reason=EndReason(reason).value)
+    )
+    with _connection(target) as conn:
+        return conn.execute(update).rowcount == 1
+
+
+def _micros(delta: timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _charged(row: Any, now: datetime) -> tuple[datetime, datetime]:
+    """The interval a machine's life is charged for (see the module docstring)."""
+    begin = max(row.created_at, row.running_at) if row.running_at else row.created_at
+    finish = max(row.deleted_at or now, begin)
+    whole_seconds = -(-_micros(finish - begin) // 1_000_000)
+    return begin, begin + max(timedelta(seconds=whole_seconds), MINIMUM_CHARGE)
+
+
+def _overlap_micros(
+    interval: tuple[datetime, datetime], start: datetime | None, end: datetime | None
+) -> int:
+    low = interval[0] if start is None else max(interval[0], start)
+    high = interval[1] if end is None else min(interval[1], end)
+    return max(_micros(high - low), 0)
+
+
+def _candidates(start: datetime | None, end: datetime | None) -> sa.Select[Any]:
+    """Machines whose charge may fall in the range; exact clipping happens in Python."""
+    c = vm_instances.c
+    query = sa.select(c.gpu_type, c.price_per_hour_nanousd, c.created_at, c.running_at)
+    query = query.add_columns(c.deleted_at)
+    if end is not None:
+        query = query.where(c.created_at < end)
+    if start is not None:
+        # A charge ends at most a minimum charge after the later of deletion and its start.
+        horizon = start - MINIMUM_CHARGE
+        query = query.where(
+            sa.or_(
+                c.deleted_at.is_(None),
+                c.deleted_at > horizon,
+                c.created_at > horizon,
+                c.running_at > horizon,
+            )
+        )
+    return query
+
+
+def vm_cost(
+    target: Connection | Engine,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    *,
+    now: datetime | None = None,
+) -> VmCost:
+    """Machine cost over ``[start, end)`` (None: unbounded), per GPU type and in total.
+
+    Each machine's cost in the range is its charged microseconds there times its price,
+    rounded half-up to a nano-dollar; totals are exact sums of those. Machines not yet deleted
+    are charged up to ``now`` (default: the current time).
+    """
+    now = now or datetime.now(UTC)
+    with _connection(target) as conn:
+        rows = conn.execute(_candidates(start, end)).all()
+    # Per GPU type: [machines, charged microseconds, nano-dollars], all exact integers.
+    sums: dict[str, list[int]] = {}
+    for row in rows:
+        micros = _overlap_micros(_charged(row, now), start, end)
+        if micros > 0:
+            cost = _cost_nanousd(micros, row.price_per_hour_nanousd)
+            for i, value in enumerate((1, micros, cost)):
+                sums.setdefault(row.gpu_type, [0, 0, 0])[i] += value
+    lines = tuple(_cost_line(gpu, sums[gpu]) for gpu in sorted(sums))
+    return VmCost(lines, _cost_line(_TOTAL, [sum(s[i] for s in sums.values()) for i in range(3)]))
+
+
+def _cost_nanousd(micros: int, price_per_hour_nanousd: int) -> int:
+    """``micros`` at the hourly price, rounded half-up to a nano-dollar, in exact integers."""
+    return (2 * micros * price_per_hour_nanousd + _MICROS_PER_HOUR) // (2 * _MICROS_PER_HOUR)
+
+
+def _cost_line(gpu_type: str, sums: Sequence[int]) -> VmCostLine:
+    vms, micros, cost = sums
+    return VmCostLine(gpu_type, vms, Decimal(micros).scaleb(-6), cost)
+
+
+def idle_overhead(
+    target: Connection | Engine,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    *,
+    now: datetime | None = None,
+) -> list[OverheadLine]:
+    """Machine cost beside billed compute (the ledger's usage rows) per GPU type, sorted.
+
+    Both cover ``[start, end)``; a GPU type appears if it has either.
+    """
+    with _connection(target) as conn:
+        machines = {line.gpu_type: line for line in vm_cost(conn, start, end, now=now).lines}
+        billed = {s.key: s for s in summaries(conn, by="gpu_type", since=start, until=end)}
+    gpu_types = sorted(machines.keys() | billed.keys())
+    return [_overhead_line(gpu, machines.get(gpu), billed.get(gpu)) for gpu in gpu_types]
+
+
+def _overhead_line(
+    gpu_type: str, machines: VmCostLine | None, usage: UsageSummary | None
+) -> OverheadLine:
+    return OverheadLine(
+        gpu_type=gpu_type,
+        vms=machines.vms if machines else 0,
+        vm_seconds=machines.charged_seconds if machines else Decimal(0),
+        vm_cost_nanousd=machines.cost_nanousd if machines else 0,
+        tasks=usage.tasks if usage else 0,
+        compute_seconds=usage.compute_seconds if usage else 0.0,
+        billed_nanousd=usage.cost_nanousd if usage else 0,
+    )
+
+
+def overhead_total(lines: Sequence[OverheadLine]) -> OverheadLine:
+    """The ``TOTAL`` line: exact sums of ``lines``."""
+    return OverheadLine(
+        gpu_type=_TOTAL,
+        vms=sum(line.vms for line in lines),
+        vm_seconds=sum((line.vm_seconds for line in lines), Decimal(0)),
+        vm_cost_nanousd=sum(line.vm_cost_nanousd for line in lines),
+        tasks=sum(line.tasks for line in lines),
+        compute_seconds=sum(line.compute_seconds for line in lines),
+        billed_nanousd=sum(line.billed_nanousd for line in lines),
+    )
