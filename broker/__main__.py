@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from broker.config import Settings, parse_api_keys
-from broker.errors import SchemaOutdatedError
+from broker.errors import ConfigError, SchemaOutdatedError
+from broker.scaling import PROVIDERS
 from broker.server import create_server
 
 logger = logging.getLogger("broker")
@@ -28,6 +29,16 @@ logger = logging.getLogger("broker")
 @click.option("--lease-timeout", type=float, help="Seconds of agent silence before requeue.")
 @click.option("--metrics", "metrics_address", help="host:port for Prometheus /metrics.")
 @click.option("--migrate", is_flag=True, default=None, help="Upgrade the schema on start.")
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDERS),
+    help="Where agents come from: local processes (default), GCE VMs, or none (by hand).",
+)
+@click.option(
+    "--scaling-config",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="TOML file: autoscaling [policy] and the provider's [local] or [gce] table.",
+)
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(
@@ -40,6 +51,8 @@ def main(
     lease_timeout: float | None,
     metrics_address: str | None,
     migrate: bool | None,
+    provider: str | None,
+    scaling_config: Path | None,
     port_file: Path | None,
     log_level: str,
 ) -> None:
@@ -57,13 +70,15 @@ def main(
         "lease_timeout_s": lease_timeout,
         "migrate": migrate,
         "metrics_address": metrics_address,
+        "provider": provider,
+        "scaling_config": scaling_config,
     }
     settings = dataclasses.replace(
         Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}
     )
     try:
         asyncio.run(_serve(settings, port_file))
-    except SchemaOutdatedError as exc:
+    except (SchemaOutdatedError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -56,6 +56,11 @@ class Settings:
     """Fault injection for tests: the name of a point where the process kills itself."""
     billing: bool = True
     """Write usage rows. Off only to measure what billing costs (``make bench``)."""
+    provider: str = "local"
+    """Where agents come from: ``local`` (agent processes on this machine, started on demand),
+    ``gce`` (Google Cloud GPU VMs) or ``none`` (agents are started by hand and join)."""
+    scaling_config: Path | None = None
+    """TOML file with the autoscaling policy and the provider's settings (docs/deploy.md)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -76,6 +81,8 @@ class Settings:
             migrate=get("GPUBROKER_MIGRATE", "0").lower() in ("1", "true", "yes", "on"),
             failpoint=get("GPUBROKER_FAILPOINT") or None,
             billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
+            provider=get("GPUBROKER_PROVIDER", defaults.provider),
+            scaling_config=Path(p) if (p := get("GPUBROKER_SCALING_CONFIG")) else None,
             limits=Limits(
                 max_tensor_bytes=int(
                     get("GPUBROKER_MAX_TENSOR_BYTES", str(defaults.limits.max_tensor_bytes))

@@ -65,6 +65,11 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def store(self) -> AsyncTaskStore:
+        """The task store the dispatcher writes through."""
+        return self._store
+
     async def start(self) -> None:
         """Loads queued work from the store and starts the dispatch and watchdog loops."""
         self.known_workloads = await self._store.call(self._store.sync.known_workloads)

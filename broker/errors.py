@@ -20,6 +20,7 @@ __all__ = [
     "AgentRefusedError",
     "BrokerError",
     "BudgetExceededError",
+    "ConfigError",
     "InvalidTaskError",
     "LimitExceededError",
     "RequestConflictError",
@@ -74,6 +75,10 @@ class StaleAttemptError(BrokerError):
 
 class AgentRefusedError(BrokerError):
     """An agent cannot join, e.g. because its GPU type has no price."""
+
+
+class ConfigError(BrokerError):
+    """The broker's configuration is invalid (refused at start-up)."""
 
 
 class SchemaOutdatedError(BrokerError):

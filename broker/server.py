@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,10 +19,13 @@ from broker.auth import Authenticator
 from broker.committer import AsyncTaskStore
 from broker.config import Settings
 from broker.dispatcher import Dispatcher
-from broker.errors import SchemaOutdatedError
+from broker.errors import ConfigError, SchemaOutdatedError
 from broker.events import TaskEvents
 from broker.gateway import AgentGatewayServicer
 from broker.metrics import Metrics
+from broker.providers.base import Provider
+from broker.providers.local import LocalProvider, LocalSettings
+from broker.scaling import PROVIDERS, ScalingLoop, load_scaling_config
 from broker.servicer import BrokerServicer
 from broker.spool import Spool
 from broker.store import TaskStore, create_engine
@@ -60,10 +66,17 @@ class BrokerServer:
     health: health.aio.HealthServicer
     metrics: Metrics
     metrics_port: int | None
+    scaling: ScalingLoop | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Reports NOT_SERVING, stops the server and the dispatcher, closes the store."""
+        """Reports NOT_SERVING, stops the server and the dispatcher, closes the store.
+
+        Local agent processes are stopped with the broker; GCE VMs are left for the next
+        broker to adopt (their max run duration bounds what a broker that never returns costs).
+        """
         await self.health.enter_graceful_shutdown()
+        if self.scaling is not None:
+            await self.scaling.stop(release=self.scaling.provider.name == "local")
         self.metrics.close()
         await self.dispatcher.stop()
         await self.server.stop(grace)
@@ -85,7 +98,8 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     """Opens storage, recovers queued tasks, binds the port and starts serving."""
     engine = create_engine(settings.database_url)
     _prepare_schema(engine, settings.migrate)
-    sync_store = TaskStore(engine, catalog or PriceCatalog.load(), billing=settings.billing)
+    catalog = catalog or PriceCatalog.load()
+    sync_store = TaskStore(engine, catalog, billing=settings.billing)
     store = AsyncTaskStore(sync_store)
     spool = Spool(settings.spool_dir)
     spool.open()
@@ -120,10 +134,55 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         server,
     )
     port = server.add_insecure_port(settings.listen_address)
+    scaling = _scaling(settings, port, dispatcher, sync_store.engine, catalog)
     await dispatcher.start()
     await server.start()
     for name in ("", *_SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_address) if settings.metrics_address else None
-    logger.info("broker listening on port %d (metrics: %s)", port, metrics_port or "off")
-    return BrokerServer(server, port, dispatcher, store, health_servicer, metrics, metrics_port)
+    if scaling is not None:
+        scaling.start()
+    logger.info(
+        "broker listening on port %d (metrics: %s, agents: %s)",
+        port,
+        metrics_port or "off",
+        settings.provider,
+    )
+    return BrokerServer(
+        server, port, dispatcher, store, health_servicer, metrics, metrics_port, scaling
+    )
+
+
+def _scaling(
+    settings: Settings, port: int, dispatcher: Dispatcher, engine: Engine, catalog: PriceCatalog
+) -> ScalingLoop | None:
+    """The autoscaling loop over the configured provider; None when agents join by hand."""
+    if settings.provider == "none":
+        return None
+    try:
+        config = load_scaling_config(settings.scaling_config, settings.provider, catalog)
+        provider = _provider(settings, port, config.provider_table)
+    except (ValueError, TypeError, OSError) as exc:
+        raise ConfigError(f"autoscaling configuration: {exc}") from exc
+    return ScalingLoop(provider, config, dispatcher, engine, catalog)
+
+
+def _provider(settings: Settings, port: int, table: Mapping[str, Any]) -> Provider:
+    if settings.provider == "local":
+        values: dict[str, Any] = {
+            "broker_address": f"127.0.0.1:{port}",
+            "join_token": settings.join_token,
+        }
+        values |= {"state_dir": settings.spool_dir.parent / "agents"} | dict(table)
+        values["state_dir"] = Path(values["state_dir"])
+        return LocalProvider(LocalSettings(**values))
+    if settings.provider == "gce":
+        # The GCE client takes a second to import: only when it is used.
+        from broker.providers.gce import GceProvider, GceSettings, GpuOffering
+
+        gce: dict[str, Any] = {"join_token": settings.join_token} | dict(table)
+        gce["zones"] = tuple(gce.get("zones", ()))
+        if "offerings" in gce:
+            gce["offerings"] = {k: GpuOffering(**v) for k, v in gce["offerings"].items()}
+        return GceProvider(GceSettings(**gce))
+    raise ValueError(f"unknown provider {settings.provider!r}; choose one of {PROVIDERS}")

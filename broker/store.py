@@ -190,6 +190,21 @@ class TaskStore:
         _check_budget(conn, tenant, now)
         self._budget_checked.add(tenant)
 
+    def oldest_queued(self) -> datetime | None:
+        """When the longest-waiting queued task was created; None when nothing is queued."""
+        with self._transaction() as conn:
+            oldest: datetime | None = conn.execute(
+                sa.select(sa.func.min(tasks.c.created_at)).where(
+                    tasks.c.state == TaskState.QUEUED.value
+                )
+            ).scalar_one()
+            return oldest
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the store writes through (for the billing side's own records)."""
+        return self._engine
+
     def find_request(self, tenant: str, spec: TaskSpec) -> Task | None:
         """Returns the task an earlier submit with the spec's request_id created, if any."""
         with self._transaction() as conn:

@@ -1,8 +1,10 @@
-"""`make run`: a broker on SQLite, a local agent process, a real job through the client.
+"""`make run`: a broker on SQLite that starts local agents on demand, and a real job.
 
-Starts ``python -m broker`` and ``python -m gpu_agent`` as child processes (as you would run
-them on two machines), submits several workloads and one large tensor, prints the results and
-the billing report, then shuts both down. Data lives in ./gpubroker-data.
+Starts ``python -m broker`` as a child process with its default ``local`` provider: no agent
+runs until work arrives, then the autoscaler starts ``gpu_agent`` processes (as it would start
+GPU VMs on Google Cloud) and stops them when they are idle. Submits several workloads, one
+large tensor and a thousand tiny tasks through ``Client.map``, prints the results, the billing
+report and the machine-cost report, then shuts the broker down. Data lives in ./gpubroker-data.
 """
 
 from __future__ import annotations
@@ -35,24 +37,30 @@ def main() -> int:
         "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
         "--api-keys", f"{API_KEY}=demo", "--migrate", log=DATA / "broker.log",
     )  # fmt: skip
-    agent = None
     try:
         address = f"127.0.0.1:{_wait_for_port(port_file, broker)}"
         console.print(f"broker listening on [bold]{address}[/] (log: {DATA / 'broker.log'})")
-        agent = _spawn(
-            "gpu_agent", "--broker", address, "--agent-id", "local-agent", "--slots", "2",
-            log=DATA / "agent.log",
-        )  # fmt: skip
+        console.print("no agent runs yet: the broker starts local agents when work arrives")
         with Client(address, API_KEY) as client:
             _run_job(client)
+            _run_many(client)
     finally:
-        for name, process in (("agent", agent), ("broker", broker)):
-            if process is not None:
-                code = _stop(process)
-                console.print(f"{name} stopped (exit code {code})")
+        console.print(f"broker stopped (exit code {_stop(broker)}); its agents with it")
     console.rule("billing report")
     subprocess.run([sys.executable, "-m", "billing", "report"], check=True)
+    console.rule("machine cost vs billed compute")
+    subprocess.run([sys.executable, "-m", "billing", "overhead"], check=True)
     return 0
+
+
+def _run_many(client: Client) -> None:
+    """A thousand tiny tasks on one call: each is a full, billed task."""
+    started = time.perf_counter()
+    items = [[torch.tensor([float(i)]), torch.tensor([0.5])] for i in range(1000)]
+    total = sum(r.output.item() for r in client.map("add", items))
+    elapsed = time.perf_counter() - started
+    assert total == sum(i + 0.5 for i in range(1000))
+    console.print(f"map: 1,000 tiny tasks in {elapsed:.2f} s ({1000 / elapsed:,.0f} tasks/s)")
 
 
 def _run_job(client: Client) -> None:

@@ -17,6 +17,8 @@ import click
 from gpu_agent.agent import Agent
 from gpu_agent.config import DEVICE_CHOICES, Settings
 from gpu_agent.errors import WorkloadLoadError
+from gpu_agent.preemption import PREEMPTED, PreemptionWatcher
+from gpu_agent.preemption import metadata_url as default_metadata_url
 from gpu_agent.runner import Runner, detect_device
 
 __all__ = ["main"]
@@ -31,6 +33,11 @@ logger = logging.getLogger("gpu_agent")
 @click.option("--agent-id", help="Stable agent id [default: hostname-<random>].")
 @click.option("--join-token", help="The broker's agent join token.")
 @click.option(
+    "--metadata-url",
+    help="GCE metadata server to watch for preemption; 'off' disables "
+    "[default: $GCE_METADATA_HOST or metadata.google.internal, if it answers].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -42,6 +49,7 @@ def main(
     device: str | None,
     agent_id: str | None,
     join_token: str | None,
+    metadata_url: str | None,
     log_level: str,
 ) -> None:
     """Runs a GPU agent. Flags override the GPUBROKER_AGENT_* environment variables."""
@@ -65,12 +73,13 @@ def main(
     except (ValueError, WorkloadLoadError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        asyncio.run(_serve(settings, runner))
+        watch = None if metadata_url == "off" else (metadata_url or default_metadata_url())
+        asyncio.run(_serve(settings, runner, watch))
     finally:
         runner.close()
 
 
-async def _serve(settings: Settings, runner: Runner) -> None:
+async def _serve(settings: Settings, runner: Runner, metadata_url: str | None) -> None:
     info = runner.device
     logger.info(
         "agent %s: %s (%s, %d bytes), %d slots, workloads %s",
@@ -86,13 +95,20 @@ async def _serve(settings: Settings, runner: Runner) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, signum, agent, stopping)
+    watcher = PreemptionWatcher(metadata_url, lambda kind, value: _on_notice(agent, kind, value))
+    watcher.start()
     try:
         await agent.run()
         await asyncio.gather(*stopping)
     finally:
+        await watcher.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     logger.info("agent stopped")
+
+
+async def _on_notice(agent: Agent, kind: str, value: str) -> None:
+    await agent.leave("preempted" if kind == PREEMPTED else f"host maintenance: {value}")
 
 
 def _on_signal(signum: int, agent: Agent, stopping: list[asyncio.Task[None]]) -> None:

@@ -50,6 +50,7 @@ class Agent:
         self._session: Session | None = None
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._leaving: str | None = None
 
     @property
     def is_connected(self) -> bool:
@@ -86,6 +87,16 @@ class Agent:
             self._session.close()
         if self._gateway is not None:
             await self._stopped.wait()
+
+    async def leave(self, reason: str) -> None:
+        """The machine is going away (a Spot preemption, a host maintenance stop): tells the
+        broker at once, so it requeues this agent's work now, then stops like ``stop``."""
+        if self._leaving is None:
+            logger.warning("%s: telling the broker and taking no more work", reason)
+            self._leaving = reason
+            if self._session is not None:
+                self._session.drain(reason)
+        await self.stop()
 
     # -- SessionHandler -------------------------------------------------------------------------
 
@@ -146,6 +157,8 @@ class Agent:
 
     async def _serve(self, session: Session) -> None:
         self._session = session
+        if self._leaving is not None:
+            session.drain(self._leaving)
         if not self._stopping.is_set():
             session.grant(self.free_slots)
         elif not self._attempts:

@@ -89,8 +89,10 @@ class BrokerProcess(_Process):
         heartbeat_s: float = 0.3,
         lease_timeout_s: float = 1.5,
         env: Mapping[str, str] | None = None,
+        provider: str = "none",
     ) -> None:
         super().__init__(root / "broker.log")
+        self._provider = provider
         self.root = root
         self.database_url = f"sqlite:///{root / 'broker.db'}"
         self._api_keys = api_keys
@@ -116,7 +118,7 @@ class BrokerProcess(_Process):
         keys = ",".join(f"{k}={t}" for k, t in self._api_keys.items())
         args = ["-m", "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
         args += ["--database-url", self.database_url, "--spool-dir", str(self.root / "spool")]
-        args += ["--migrate"]
+        args += ["--migrate", "--provider", self._provider]
         args += [
             "--heartbeat",
             str(self._heartbeat_s),
@@ -150,11 +152,19 @@ class BrokerProcess(_Process):
 class AgentProcess(_Process):
     """``python -m gpu_agent`` dialling out to a broker."""
 
-    def __init__(self, root: Path, broker_address: str, agent_id: str, slots: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        broker_address: str,
+        agent_id: str,
+        slots: int = 2,
+        metadata_url: str = "off",
+    ) -> None:
         super().__init__(root / f"agent-{agent_id}.log")
         self.broker_address = broker_address
         self.agent_id = agent_id
         self.slots = slots
+        self.metadata_url = metadata_url
 
     def start(self) -> AgentProcess:
         """Starts the agent (it connects on its own, retrying until the broker answers)."""
@@ -170,6 +180,8 @@ class AgentProcess(_Process):
                 str(self.slots),
                 "--device",
                 "cpu",
+                "--metadata-url",
+                self.metadata_url,
             ]
         )
         return self

@@ -134,7 +134,7 @@ class LocalProvider:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         args = [settings.python, "-m", "gpu_agent", "--broker", settings.broker_address]
         args += ["--agent-id", name, "--slots", str(settings.slots), "--device", settings.device]
-        args += ["--log-level", settings.log_level]
+        args += ["--log-level", settings.log_level, "--metadata-url", "off"]  # not on GCE
         try:
             with open(settings.state_dir / f"{name}.log", "ab") as log:
                 return subprocess.Popen(
