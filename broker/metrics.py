@@ -48,6 +48,12 @@ class Metrics:
         self.bytes = Counter(
             "gpubroker_payload_bytes", "Tensor bytes of finished tasks.", ["direction"], registry=r
         )
+        self.fallbacks = Counter(
+            "gpubroker_provider_fallbacks",
+            "Launches moved on to another zone (stockout, quota) or from Spot to on-demand.",
+            ["reason", "zone", "gpu_type"],
+            registry=r,
+        )
         self._server: WSGIServer | None = None
 
     def watch_state(
@@ -64,6 +70,10 @@ class Metrics:
         Gauge(
             "gpubroker_free_slots", "Slots agents have offered and not yet filled.", registry=r
         ).set_function(free_slots)
+
+    def fallback(self, reason: str, zone: str, gpu_type: str) -> None:
+        """Counts one provider fallback."""
+        self.fallbacks.labels(reason, zone, gpu_type).inc()
 
     def observe(self, task: Task) -> None:
         """Counts one published task snapshot (a state change)."""

@@ -134,7 +134,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         server,
     )
     port = server.add_insecure_port(settings.listen_address)
-    scaling = _scaling(settings, port, dispatcher, sync_store.engine, catalog)
+    scaling = _scaling(settings, port, dispatcher, sync_store.engine, catalog, metrics)
     await dispatcher.start()
     await server.start()
     for name in ("", *_SERVICE_NAMES):
@@ -154,20 +154,27 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
 
 
 def _scaling(
-    settings: Settings, port: int, dispatcher: Dispatcher, engine: Engine, catalog: PriceCatalog
+    settings: Settings,
+    port: int,
+    dispatcher: Dispatcher,
+    engine: Engine,
+    catalog: PriceCatalog,
+    metrics: Metrics,
 ) -> ScalingLoop | None:
     """The autoscaling loop over the configured provider; None when agents join by hand."""
     if settings.provider == "none":
         return None
     try:
         config = load_scaling_config(settings.scaling_config, settings.provider, catalog)
-        provider = _provider(settings, port, config.provider_table)
+        provider = _provider(settings, port, config.provider_table, metrics)
     except (ValueError, TypeError, OSError) as exc:
         raise ConfigError(f"autoscaling configuration: {exc}") from exc
     return ScalingLoop(provider, config, dispatcher, engine, catalog)
 
 
-def _provider(settings: Settings, port: int, table: Mapping[str, Any]) -> Provider:
+def _provider(
+    settings: Settings, port: int, table: Mapping[str, Any], metrics: Metrics
+) -> Provider:
     if settings.provider == "local":
         values: dict[str, Any] = {
             "broker_address": f"127.0.0.1:{port}",
@@ -184,5 +191,5 @@ def _provider(settings: Settings, port: int, table: Mapping[str, Any]) -> Provid
         gce["zones"] = tuple(gce.get("zones", ()))
         if "offerings" in gce:
             gce["offerings"] = {k: GpuOffering(**v) for k, v in gce["offerings"].items()}
-        return GceProvider(GceSettings(**gce))
+        return GceProvider(GceSettings(**gce), on_fallback=metrics.fallback)
     raise ValueError(f"unknown provider {settings.provider!r}; choose one of {PROVIDERS}")
