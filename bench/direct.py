@@ -45,28 +45,12 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
     ) -> AsyncIterator[broker_pb2.RunResponse]:
         messages = aiter(request_iterator)
         first = await anext(messages)
-        header = first.header
-        metas = [meta_from_proto(h) for h in header.inputs]
-        assembler = Assembler(metas)
-        async for message in messages:
+        assembler = Assembler([meta_from_proto(h) for h in first.header.inputs])
+        async for message in messages:  # assembled as it streams in, as the agent does
             assembler.feed(message.chunk.data)
-        buffers = assembler.finish()
-        inputs = [cast(torch.Tensor, decode(m, b)) for m, b in zip(metas, buffers, strict=True)]
-        params = params_from_proto(header.params)
-        outcome = await self._runner.run(header.workload, inputs, params, threading.Event())
-        encoded = [encode(t) for t in outcome.outputs]
-        yield broker_pb2.RunResponse(
-            task=task_pb2.TaskInfo(
-                task_id=uuid.uuid4().hex,
-                workload=header.workload,
-                state=task_pb2.TASK_STATE_SUCCEEDED,
-                attempt=1,
-                outputs=[meta_to_proto(m) for m, _ in encoded],
-                compute_seconds=outcome.compute_seconds,
-                gpu_type=self._runner.device.gpu_type,
-            )
-        )
-        for chunk in iter_chunks([d for _, d in encoded]):
+        info, outputs = await self._execute(first.header, assembler)
+        yield broker_pb2.RunResponse(task=info)
+        for chunk in iter_chunks(outputs):
             yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=chunk))
 
     async def RunMany(
@@ -108,29 +92,33 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
             reader.cancel()
 
     async def _run_inline(self, task: broker_pb2.InlineTask) -> broker_pb2.InlineOutcome:
-        header = task.header
-        metas = [meta_from_proto(h) for h in header.inputs]
-        assembler = Assembler(metas)
+        assembler = Assembler([meta_from_proto(h) for h in task.header.inputs])
         assembler.feed(task.data)
+        info, outputs = await self._execute(task.header, assembler)
+        return broker_pb2.InlineOutcome(
+            index=task.index, task=info, data=b"".join(outputs), data_inline=True
+        )
+
+    async def _execute(
+        self, header: broker_pb2.TaskHeader, assembler: Assembler
+    ) -> tuple[task_pb2.TaskInfo, list[memoryview]]:
+        """Decodes the fed inputs, runs the workload, encodes the outputs."""
+        metas = [meta_from_proto(h) for h in header.inputs]
         buffers = assembler.finish()
         inputs = [cast(torch.Tensor, decode(m, b)) for m, b in zip(metas, buffers, strict=True)]
         params = params_from_proto(header.params)
         outcome = await self._runner.run(header.workload, inputs, params, threading.Event())
         encoded = [encode(t) for t in outcome.outputs]
-        return broker_pb2.InlineOutcome(
-            index=task.index,
-            task=task_pb2.TaskInfo(
-                task_id=uuid.uuid4().hex,
-                workload=header.workload,
-                state=task_pb2.TASK_STATE_SUCCEEDED,
-                attempt=1,
-                outputs=[meta_to_proto(m) for m, _ in encoded],
-                compute_seconds=outcome.compute_seconds,
-                gpu_type=self._runner.device.gpu_type,
-            ),
-            data=b"".join(d for _, d in encoded),
-            data_inline=True,
+        info = task_pb2.TaskInfo(
+            task_id=uuid.uuid4().hex,
+            workload=header.workload,
+            state=task_pb2.TASK_STATE_SUCCEEDED,
+            attempt=1,
+            outputs=[meta_to_proto(m) for m, _ in encoded],
+            compute_seconds=outcome.compute_seconds,
+            gpu_type=self._runner.device.gpu_type,
         )
+        return info, [data for _, data in encoded]
 
 
 async def _serve(port_file: Path, slots: int) -> None:

@@ -323,7 +323,7 @@ class Dispatcher:
             self.queue.push(task.id, task.tenant, task.priority, task.seq)
             self._wake.set()
         else:
-            self._spool.delete_inputs(task.id)
+            self._spool.release_inputs(task)
         self._events.publish(task)
 
     def _release(self, agent_id: str, attempt: Attempt) -> None:
@@ -345,7 +345,7 @@ class Dispatcher:
         self._finished(after)
 
     def _finished(self, task: Task) -> None:
-        self._spool.delete_inputs(task.id)
+        self._spool.release_inputs(task)
         self._events.publish(task)
 
     async def _watchdog_loop(self) -> None:

@@ -62,11 +62,19 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                 welcome=agent_pb2.AgentWelcome(
                     agent_id=session.agent_id,
                     heartbeat_interval_seconds=self._heartbeat_interval_s,
+                    protocol=min(session.info.protocol, PROTOCOL),
                 )
             )
-            while not isinstance(item := await session.outbox.get(), Close):
-                yield _outgoing_to_proto(item)
-            logger.info("closing control stream of %s: %s", session.agent_id, item.reason)
+            while True:
+                items, close = _take_pending(session.outbox, await session.outbox.get())
+                if items and session.info.protocol >= 2:
+                    yield _batch([_outgoing_to_proto(item) for item in items])
+                else:  # an older agent: one message per write
+                    for item in items:
+                        yield _outgoing_to_proto(item)
+                if close is not None:
+                    break
+            logger.info("closing control stream of %s: %s", session.agent_id, close.reason)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -97,21 +105,29 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
     ) -> None:
         try:
             async for message in messages:
-                kind = message.WhichOneof("kind")
-                if kind == "credit":
-                    self._dispatcher.grant(session, message.credit.slots)
-                elif kind == "released":
-                    self._dispatcher.released(session, attempt_from_proto(message.released.attempt))
-                elif kind == "heartbeat":
-                    running = {attempt_from_proto(a) for a in message.heartbeat.running}
-                    await self._dispatcher.heartbeat(session, running)
-                elif kind == "result":
-                    self._complete_later(session, message.result)
-                elif kind == "draining":
-                    reason = message.draining.reason or "agent draining"
-                    await self._dispatcher.drain(session, reason)
+                if message.WhichOneof("kind") == "batch":
+                    for inner in message.batch.messages:
+                        await self._handle(session, inner)
+                else:
+                    await self._handle(session, message)
         finally:
             session.outbox.put_nowait(Close("agent closed the control stream"))
+
+    async def _handle(self, session: AgentSession, message: agent_pb2.AgentMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "credit":
+            self._dispatcher.grant(session, message.credit.slots)
+        elif kind == "released":
+            self._dispatcher.released(session, attempt_from_proto(message.released.attempt))
+        elif kind == "heartbeat":
+            running = {attempt_from_proto(a) for a in message.heartbeat.running}
+            await self._dispatcher.heartbeat(session, running)
+        elif kind == "result":
+            self._complete_later(session, message.result)
+        elif kind == "draining":
+            await self._dispatcher.drain(session, message.draining.reason or "agent draining")
+        else:  # a newer agent's message kind, or a second hello: not fatal
+            logger.warning("ignoring a %s message from %s", kind or "empty", session.agent_id)
 
     def _complete_later(self, session: AgentSession, result: agent_pb2.AgentResult) -> None:
         """Takes a small result off the control stream without holding up the next message.
@@ -152,7 +168,36 @@ def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
         slots=hello.slots,
         workloads=frozenset(hello.workloads),
         version=hello.version,
+        protocol=max(hello.protocol, 1),
     )
+
+
+PROTOCOL = 2
+"""The control-stream protocol this broker speaks: 2 adds batches, and results and draining
+notices on the stream; an agent that announces 1 (or nothing) gets one message per write."""
+
+MAX_BATCH = 64
+"""Most messages sent together on a control stream."""
+
+
+def _take_pending(
+    outbox: asyncio.Queue[Outgoing], first: Outgoing
+) -> tuple[list[Assign | Revoke], Close | None]:
+    """``first`` and whatever else is already waiting, up to ``MAX_BATCH``, stopping at a Close."""
+    items: list[Assign | Revoke] = []
+    item: Outgoing | None = first
+    while item is not None:
+        if isinstance(item, Close):
+            return items, item
+        items.append(item)
+        item = outbox.get_nowait() if not outbox.empty() and len(items) < MAX_BATCH else None
+    return items, None
+
+
+def _batch(messages: list[agent_pb2.BrokerMessage]) -> agent_pb2.BrokerMessage:
+    if len(messages) == 1:
+        return messages[0]
+    return agent_pb2.BrokerMessage(batch=agent_pb2.BrokerBatch(messages=messages))
 
 
 def _outgoing_to_proto(item: Outgoing) -> agent_pb2.BrokerMessage:

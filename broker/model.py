@@ -91,6 +91,8 @@ class AgentInfo:
     slots: int
     workloads: frozenset[str]
     version: str = ""
+    protocol: int = 1
+    """Control-stream protocol the agent speaks (2: batches, results on the stream)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,8 +126,13 @@ class Spool:
         return read_chunks(self.output_path(task.id, task.attempt))
 
     def delete_inputs(self, task_id: str) -> None:
-        """Removes a finished task's inputs."""
+        """Removes a finished task's input file, if it has one."""
         self.input_path(task_id).unlink(missing_ok=True)
+
+    def release_inputs(self, task: Task) -> None:
+        """Removes a finished task's input file; a task whose inputs live in its row has none."""
+        if task.inline_inputs is None:
+            self.delete_inputs(task.id)
 
     def delete_outputs(self, task_id: str, attempt: int) -> None:
         """Removes an attempt's outputs."""

@@ -166,12 +166,15 @@ class Attempt:
         if isinstance(outcome, _Failure):
             logger.info("attempt %s failed: %s %s", self.ref, outcome.code, outcome.message)
             header = self._gateway.failure_header(self.ref, outcome.code, outcome.message)
-            self.session.report(agent_pb2.AgentResult(header=header))
+            if self.session.protocol >= 2:
+                self.session.report(agent_pb2.AgentResult(header=header))
+            else:
+                await self._gateway.put_result(header)
             return
         encoded = [encode(tensor) for tensor in outcome.outputs]
         header = self._gateway.result_header(self.ref, outcome, [meta for meta, _ in encoded])
         buffers = [data for _, data in encoded]
-        if sum(len(b) for b in buffers) <= INLINE_MAX_BYTES:
+        if self.session.protocol >= 2 and sum(len(b) for b in buffers) <= INLINE_MAX_BYTES:
             data = b"".join(buffers)
             self.session.report(agent_pb2.AgentResult(header=header, data=data))
             state = "reported"

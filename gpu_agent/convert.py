@@ -6,8 +6,14 @@ from client.proto import meta_from_proto, meta_to_proto, params_from_proto
 from gpu_agent.model import Assignment, AttemptRef, Hello
 from protos import agent_pb2
 
+PROTOCOL = 2
+"""The control-stream protocol this agent speaks: batches, and results and draining notices on
+the control stream. Against a broker that speaks only 1, it falls back to one message per write
+and PutResult for every result."""
+
 # The tensor-header and parameter conversions are shared with the client and the broker.
 __all__ = [
+    "PROTOCOL",
     "assignment_from_proto",
     "hello_to_proto",
     "meta_from_proto",
@@ -49,4 +55,5 @@ def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
         slots=hello.slots,
         workloads=hello.workloads,
         version=hello.version,
+        protocol=PROTOCOL,
     )

@@ -14,13 +14,19 @@ from typing import Protocol
 
 import grpc
 
-from gpu_agent.convert import assignment_from_proto, hello_to_proto, ref_from_proto, ref_to_proto
+from gpu_agent.convert import (
+    PROTOCOL,
+    assignment_from_proto,
+    hello_to_proto,
+    ref_from_proto,
+    ref_to_proto,
+)
 from gpu_agent.errors import BrokerProtocolError
 from gpu_agent.gateway import ControlCall, GatewayClient
 from gpu_agent.model import Assignment, AttemptRef, Hello
 from protos import agent_pb2
 
-__all__ = ["DEFAULT_HEARTBEAT_S", "Session", "SessionHandler"]
+__all__ = ["DEFAULT_HEARTBEAT_S", "PROTOCOL", "Session", "SessionHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +53,16 @@ class SessionHandler(Protocol):
 class Session:
     """A welcomed control stream; ``open`` it, ``serve`` it until it ends."""
 
-    def __init__(
-        self,
-        call: ControlCall,
-        outbox: asyncio.Queue[agent_pb2.AgentMessage | None],
-        heartbeat_s: float,
-    ) -> None:
+    def __init__(self, call: ControlCall, outbox: _Outbox, heartbeat_s: float) -> None:
         self._call = call
         self._outbox = outbox
         self.heartbeat_s = heartbeat_s
         self._closing = asyncio.Event()
+
+    @property
+    def protocol(self) -> int:
+        """The control-stream protocol agreed with the broker (see ``PROTOCOL``)."""
+        return self._outbox.protocol
 
     @classmethod
     async def open(cls, gateway: GatewayClient, hello: Hello) -> Session:
@@ -66,10 +72,9 @@ class Session:
             grpc.aio.AioRpcError: the broker is unreachable or refused the agent.
             BrokerProtocolError: the first reply was not a welcome, or none came in time.
         """
-        # Unbounded: it holds at most a few credits, releases and heartbeats per slot.
-        outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
-        outbox.put_nowait(agent_pb2.AgentMessage(hello=hello_to_proto(hello)))
-        call = gateway.connect(_drain(outbox))
+        outbox = _Outbox()
+        outbox.put(agent_pb2.AgentMessage(hello=hello_to_proto(hello)))
+        call = gateway.connect(outbox.drain())
         try:
             async with asyncio.timeout(_WELCOME_TIMEOUT_S):
                 first = await call.read()
@@ -84,6 +89,7 @@ class Session:
             got = "the end of the stream" if first is grpc.aio.EOF else str(first).strip()
             raise BrokerProtocolError(f"expected a welcome from the broker, got {got}")
         heartbeat_s = first.welcome.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_S
+        outbox.protocol = min(max(first.welcome.protocol, 1), PROTOCOL)
         return cls(call, outbox, heartbeat_s)
 
     def grant(self, slots: int) -> None:
@@ -97,18 +103,22 @@ class Session:
         self._send(agent_pb2.AgentMessage(released=released))
 
     def report(self, result: agent_pb2.AgentResult) -> None:
-        """Sends a finished attempt's small outcome on the control stream."""
+        """Sends a finished attempt's small outcome on the control stream (protocol 2)."""
+        assert self.protocol >= 2, "results go through PutResult on protocol 1"
         self._send(agent_pb2.AgentMessage(result=result))
 
     def drain(self, reason: str) -> None:
         """Tells the broker this agent is going away and should get no more work."""
+        if self.protocol < 2:
+            logger.warning("this broker cannot be told the agent is leaving: it will time out")
+            return
         self._send(agent_pb2.AgentMessage(draining=agent_pb2.AgentDraining(reason=reason)))
 
     def close(self) -> None:
         """Half-closes the stream; the broker then ends it (or is cut off after a grace)."""
         if not self._closing.is_set():
             self._closing.set()
-            self._outbox.put_nowait(None)
+            self._outbox.put(None)
 
     async def serve(self, handler: SessionHandler) -> None:
         """Reads and sends until the stream ends.
@@ -132,19 +142,26 @@ class Session:
             reader.result()
 
     def _send(self, message: agent_pb2.AgentMessage) -> None:
-        self._outbox.put_nowait(message)
+        self._outbox.put(message)
 
     async def _read(self, handler: SessionHandler) -> None:
         while (message := await self._call.read()) is not grpc.aio.EOF:
             assert isinstance(message, agent_pb2.BrokerMessage)
-            kind = message.WhichOneof("kind")
-            if kind == "assignment":
-                handler.on_assignment(self, assignment_from_proto(message.assignment))
-            elif kind == "cancel":
-                cancel = message.cancel
-                handler.on_cancel(self, ref_from_proto(cancel.attempt), cancel.reason)
+            if message.WhichOneof("kind") == "batch":
+                for inner in message.batch.messages:
+                    self._handle(handler, inner)
             else:
-                logger.warning("ignoring an unexpected %s message from the broker", kind)
+                self._handle(handler, message)
+
+    def _handle(self, handler: SessionHandler, message: agent_pb2.BrokerMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "assignment":
+            handler.on_assignment(self, assignment_from_proto(message.assignment))
+        elif kind == "cancel":
+            cancel = message.cancel
+            handler.on_cancel(self, ref_from_proto(cancel.attempt), cancel.reason)
+        else:
+            logger.warning("ignoring an unexpected %s message from the broker", kind)
 
     async def _beat(self, handler: SessionHandler) -> None:
         while not self._closing.is_set():
@@ -154,8 +171,38 @@ class Session:
             self._send(agent_pb2.AgentMessage(heartbeat=heartbeat))
 
 
-async def _drain(
-    outbox: asyncio.Queue[agent_pb2.AgentMessage | None],
-) -> AsyncIterator[agent_pb2.AgentMessage]:
-    while (message := await outbox.get()) is not None:
-        yield message
+MAX_BATCH = 64
+"""Most messages sent together on the control stream."""
+
+
+class _Outbox:
+    """What the agent queued for the broker, written in order by ``drain``.
+
+    Unbounded: it holds at most a few credits, releases, results and heartbeats per slot.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        self.protocol = 1
+        """Set from the welcome: from 2 on, what piles up during a write goes out as one batch."""
+
+    def put(self, message: agent_pb2.AgentMessage | None) -> None:
+        """Queues a message; None ends the stream after what is queued before it."""
+        self._queue.put_nowait(message)
+
+    async def drain(self) -> AsyncIterator[agent_pb2.AgentMessage]:
+        """The request stream of the call."""
+        queue = self._queue
+        closing = False
+        while not closing and (message := await queue.get()) is not None:
+            batch = [message]
+            while self.protocol >= 2 and not queue.empty() and len(batch) < MAX_BATCH:
+                queued = queue.get_nowait()
+                if queued is None:
+                    closing = True
+                    break
+                batch.append(queued)
+            if len(batch) == 1:
+                yield message
+            else:
+                yield agent_pb2.AgentMessage(batch=agent_pb2.AgentBatch(messages=batch))

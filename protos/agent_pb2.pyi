@@ -31,6 +31,7 @@ class AgentHello(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     WORKLOADS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Stable id chosen by the agent (e.g. its VM name); reconnecting reuses it."""
     gpu_type: _builtins.str
@@ -41,6 +42,8 @@ class AgentHello(_message.Message):
     """How many tasks the agent runs at once."""
     version: _builtins.str
     """Agent software version."""
+    protocol: _builtins.int
+    """The highest control-stream protocol the agent speaks (see AgentWelcome.protocol)."""
     @_builtins.property
     def workloads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Workload names the agent can run."""
@@ -54,10 +57,11 @@ class AgentHello(_message.Message):
         slots: _builtins.int = ...,
         workloads: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.str = ...,
+        protocol: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "protocol", b"protocol", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,6 +175,7 @@ class AgentMessage(_message.Message):
     RELEASED_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___AgentHello:
         """First message."""
@@ -199,6 +204,12 @@ class AgentMessage(_message.Message):
         it and requeue what it holds now.
         """
 
+    @_builtins.property
+    def batch(self) -> Global___AgentBatch:
+        """Several of the above, to be handled in order (never a batch in a batch): a busy agent
+        sends what has piled up in one message instead of one write each.
+        """
+
     def __init__(
         self,
         *,
@@ -208,16 +219,41 @@ class AgentMessage(_message.Message):
         released: Global___AgentReleased | None = ...,
         result: Global___AgentResult | None = ...,
         draining: Global___AgentDraining | None = ...,
+        batch: Global___AgentBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "credit", b"credit", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "credit", b"credit", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "released", b"released", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "released", "result", "draining"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "released", "result", "draining", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class AgentBatch(_message.Message):
+    """Messages sent together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentMessage]:
+        """In the order they were produced."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___AgentMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentBatch: _TypeAlias = AgentBatch  # noqa: Y015
 
 @_typing.final
 class AgentResult(_message.Message):
@@ -279,19 +315,26 @@ class AgentWelcome(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent id the broker registered."""
     heartbeat_interval_seconds: _builtins.float
     """How often to send heartbeats, in seconds."""
+    protocol: _builtins.int
+    """The control-stream protocol both sides use: the lower of the two. 1 (or 0, from a
+    broker that predates the field): one message per write, results through PutResult.
+    2: batches, results and draining notices on the control stream.
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         heartbeat_interval_seconds: _builtins.float = ...,
+        protocol: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "heartbeat_interval_seconds", b"heartbeat_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "protocol", b"protocol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -409,6 +452,7 @@ class BrokerMessage(_message.Message):
     WELCOME_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___AgentWelcome:
         """Reply to hello."""
@@ -421,22 +465,51 @@ class BrokerMessage(_message.Message):
     def cancel(self) -> Global___TaskCancel:
         """A task to stop."""
 
+    @_builtins.property
+    def batch(self) -> Global___BrokerBatch:
+        """Several of the above, to be handled in order (never a batch in a batch)."""
+
     def __init__(
         self,
         *,
         welcome: Global___AgentWelcome | None = ...,
         assignment: Global___TaskAssignment | None = ...,
         cancel: Global___TaskCancel | None = ...,
+        batch: Global___BrokerBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel", b"cancel", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel", b"cancel", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___BrokerMessage: _TypeAlias = BrokerMessage  # noqa: Y015
+
+@_typing.final
+class BrokerBatch(_message.Message):
+    """Messages sent together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___BrokerMessage]:
+        """In the order they were produced."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___BrokerMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BrokerBatch: _TypeAlias = BrokerBatch  # noqa: Y015
 
 @_typing.final
 class FetchInputsRequest(_message.Message):

@@ -98,11 +98,13 @@ class FakeGateway(agent_pb2_grpc.AgentGatewayServicer):
         messages: AsyncIterator[agent_pb2.AgentMessage],
         outbox: asyncio.Queue[agent_pb2.BrokerMessage | None],
     ) -> None:
-        async for message in messages:
-            self.messages.put_nowait(message)
-            if message.HasField("result"):  # a small result, on the control stream
-                self.uploads.put_nowait(Upload(message.result.header, message.result.data))
-            self._credit += message.credit.slots
+        async for received in messages:
+            batch = received.batch.messages if received.HasField("batch") else [received]
+            for message in batch:
+                self.messages.put_nowait(message)
+                if message.HasField("result"):  # a small result, on the control stream
+                    self.uploads.put_nowait(Upload(message.result.header, message.result.data))
+                self._credit += message.credit.slots
             self._dispatch()
         outbox.put_nowait(None)  # the agent half-closed: end the stream, as the broker does
 
