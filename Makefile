@@ -6,7 +6,7 @@ PY := $(BIN)/python
 export PATH := $(abspath $(BIN)):$(PATH)
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: install protos check-protos lint format typecheck test test-fast run bench migrate clean all
+.PHONY: install protos check-protos lint format typecheck test test-fast run bench migrate certs clean all
 
 all: check-protos lint test
 
@@ -51,6 +51,12 @@ bench:
 
 migrate:
 	$(PY) -m billing migrate
+
+# Development CA, broker and client/agent certificates (broker/certs.py). The server
+# certificate covers CERT_HOSTS: `make certs CERT_HOSTS=localhost,127.0.0.1,10.0.0.5`.
+CERT_HOSTS ?= localhost,127.0.0.1,::1
+certs:
+	$(PY) -m broker.certs --out certs/ --hosts $(CERT_HOSTS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info gpubroker-data

@@ -1,4 +1,4 @@
-"""The SQL schema: the durable task queue, the usage ledger and VM uptime, in one ``MetaData``.
+"""The SQL schema: the task queue, the usage ledger, VM uptime and API keys, in one ``MetaData``.
 
 The queue and the ledger live in one database so that marking a task succeeded and writing its
 usage row happen in one transaction (exactly-once billing). SQLAlchemy Core tables, not ORM
@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -29,7 +30,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["UtcDateTime", "budgets", "metadata", "tasks", "usage", "vm_instances", "workloads"]
+__all__ = [
+    "UtcDateTime",
+    "api_keys",
+    "budgets",
+    "metadata",
+    "tasks",
+    "tenants",
+    "usage",
+    "vm_instances",
+    "workloads",
+]
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -160,4 +171,33 @@ vm_instances = Table(
 ``name`` is the instance name, unique among the machines this broker ever started. The price
 is the whole machine's (GPU plus host) when it was created, so later catalog changes do not
 reprice it. ``deleted_at`` and ``end_reason`` stay NULL while the machine lives.
+"""
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("disabled_at", UtcDateTime, nullable=True),
+)
+"""Tenants made with ``python -m broker.admin``; a disabled tenant's keys are all refused.
+
+Tenants named only in the broker's settings (``--api-keys``) need no row here.
+"""
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("tenant", String(64), ForeignKey("tenants.name"), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("label", String(128), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    Index("ix_api_keys_tenant", "tenant"),
+)
+"""One row per API key ``gpb_<key_id>_<secret>``: the key's id and the SHA-256 of its secret.
+
+The key itself is never stored. ``revoked_at`` may lie in the future: a rotated key keeps
+working until its grace period ends. Rows are never deleted, so a revoked key id is never reused.
 """

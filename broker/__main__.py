@@ -39,6 +39,25 @@ logger = logging.getLogger("broker")
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="TOML file: autoscaling [policy] and the provider's [local] or [gce] table.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="PEM certificate chain: serve TLS (see `make certs`).",
+)
+@click.option(
+    "--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Its PEM key."
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="PEM CA: require every caller (clients and agents) to present a certificate it signed.",
+)
+@click.option(
+    "--plaintext",
+    is_flag=True,
+    default=None,
+    help="Allow plaintext on a non-loopback address (loopback needs no flag).",
+)
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(
@@ -53,6 +72,10 @@ def main(
     migrate: bool | None,
     provider: str | None,
     scaling_config: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    plaintext: bool | None,
     port_file: Path | None,
     log_level: str,
 ) -> None:
@@ -72,6 +95,10 @@ def main(
         "metrics_address": metrics_address,
         "provider": provider,
         "scaling_config": scaling_config,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
+        "tls_client_ca_file": tls_client_ca,
+        "plaintext": plaintext,
     }
     settings = dataclasses.replace(
         Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}

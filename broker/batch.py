@@ -73,6 +73,7 @@ class TaskBatch:
         """Creates and queues the tasks once there is room for them; refusals become outcomes."""
         async with self._room:
             await self._room.wait_for(lambda: len(self._live) < self._max_live)
+        await self._tasks.pace(self._tenant, len(items))  # slowed to the rate, not refused
         await asyncio.gather(*(self._submit(item) for item in items))
 
     def refuse(self, index: int, error: BrokerError) -> None:
@@ -110,7 +111,9 @@ class TaskBatch:
                     f"{INLINE_MAX_BYTES} per task (use Submit or Run for larger inputs)"
                 )
             self._indexes.add(item.index)
-            task, _ = await self._tasks.submit(self._tenant, item.spec, _once(item.data))
+            task, _ = await self._tasks.submit(
+                self._tenant, item.spec, _once(item.data), paced=True
+            )
         except BrokerError as exc:
             self._inbox.put_nowait(BatchOutcome(item.index, error=exc))
             return

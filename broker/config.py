@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.wire import DTYPE_ITEMSIZE, MAX_RANK
+
 __all__ = ["Limits", "Settings", "parse_api_keys"]
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What a single task may ask for."""
+    """What a single task may ask for, and how fast and how far ahead each tenant may submit."""
 
     max_tensor_bytes: int = 4 << 30
     """Largest single tensor accepted."""
@@ -26,6 +28,57 @@ class Limits:
     """Priorities run from ``-max_priority`` to ``max_priority``."""
     max_attempts: int = 3
     """A task whose agent is lost this many times fails instead of being requeued again."""
+    max_rank: int = MAX_RANK
+    """Most dimensions per tensor; at most the wire format's ``MAX_RANK``."""
+    max_dim: int = 4 << 30
+    """Largest single dimension. Bounds even empty tensors, whose bytes a zero dimension hides."""
+    allowed_dtypes: frozenset[str] = frozenset(DTYPE_ITEMSIZE)
+    """Dtypes tasks may carry; by default every dtype the wire format knows."""
+    max_timeout_s: float = 365 * 24 * 3600.0
+    """Longest ``timeout_seconds`` a task may ask for."""
+    max_queued_per_tenant: int = 100_000
+    """Most tasks one tenant may have queued (or being submitted) at once."""
+    submit_rate_per_s: float = 2_000.0
+    """Tasks per second each tenant may submit, sustained (a token bucket's refill rate);
+    every task of a ``RunMany`` batch counts."""
+    submit_burst: int = 4_000
+    """Tasks a tenant may submit at once above its sustained rate (the bucket's size)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_rank <= MAX_RANK:
+            raise ValueError(f"max_rank {self.max_rank} is outside 0..{MAX_RANK}")
+        if unknown := sorted(self.allowed_dtypes - DTYPE_ITEMSIZE.keys()):
+            raise ValueError(f"allowed_dtypes names unknown dtypes: {', '.join(unknown)}")
+        if not (self.submit_rate_per_s > 0 and self.submit_burst >= 1):
+            raise ValueError(
+                f"submit_rate_per_s {self.submit_rate_per_s} must be positive and "
+                f"submit_burst {self.submit_burst} at least 1"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Limits:
+        """Reads the ``GPUBROKER_MAX_*``, ``GPUBROKER_ALLOWED_DTYPES`` and
+        ``GPUBROKER_SUBMIT_*`` variables; unset ones keep their defaults."""
+        d = cls()
+        get = environ.get
+        dtypes = get("GPUBROKER_ALLOWED_DTYPES")
+        return cls(
+            max_tensor_bytes=int(get("GPUBROKER_MAX_TENSOR_BYTES", d.max_tensor_bytes)),
+            max_task_bytes=int(get("GPUBROKER_MAX_TASK_BYTES", d.max_task_bytes)),
+            max_rank=int(get("GPUBROKER_MAX_RANK", d.max_rank)),
+            max_dim=int(get("GPUBROKER_MAX_DIM", d.max_dim)),
+            allowed_dtypes=(
+                frozenset(filter(None, (t.strip() for t in dtypes.split(","))))
+                if dtypes
+                else d.allowed_dtypes
+            ),
+            max_timeout_s=float(get("GPUBROKER_MAX_TIMEOUT_S", d.max_timeout_s)),
+            max_queued_per_tenant=int(
+                get("GPUBROKER_MAX_QUEUED_PER_TENANT", d.max_queued_per_tenant)
+            ),
+            submit_rate_per_s=float(get("GPUBROKER_SUBMIT_RATE", d.submit_rate_per_s)),
+            submit_burst=int(get("GPUBROKER_SUBMIT_BURST", d.submit_burst)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +114,14 @@ class Settings:
     ``gce`` (Google Cloud GPU VMs) or ``none`` (agents are started by hand and join)."""
     scaling_config: Path | None = None
     """TOML file with the autoscaling policy and the provider's settings (docs/deploy.md)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain the port serves TLS with (``broker.tls``); None means plaintext."""
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA that must have signed every caller's certificate (mutual TLS); None asks for none."""
+    plaintext: bool = False
+    """Allow plaintext on a non-loopback ``listen_address``; without it the broker refuses."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -83,14 +144,11 @@ class Settings:
             billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
             provider=get("GPUBROKER_PROVIDER", defaults.provider),
             scaling_config=Path(p) if (p := get("GPUBROKER_SCALING_CONFIG")) else None,
-            limits=Limits(
-                max_tensor_bytes=int(
-                    get("GPUBROKER_MAX_TENSOR_BYTES", str(defaults.limits.max_tensor_bytes))
-                ),
-                max_task_bytes=int(
-                    get("GPUBROKER_MAX_TASK_BYTES", str(defaults.limits.max_task_bytes))
-                ),
-            ),
+            tls_cert_file=Path(p) if (p := get("GPUBROKER_TLS_CERT")) else None,
+            tls_key_file=Path(p) if (p := get("GPUBROKER_TLS_KEY")) else None,
+            tls_client_ca_file=Path(p) if (p := get("GPUBROKER_TLS_CLIENT_CA")) else None,
+            plaintext=get("GPUBROKER_PLAINTEXT", "0").lower() in ("1", "true", "yes", "on"),
+            limits=Limits.from_env(environ),
         )
 
 

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.auth.exceptions import GoogleAuthError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import Engine
 
+from billing.errors import BillingError
 from billing.migrate import current_revision, head_revision, upgrade
 from billing.prices import PriceCatalog
-from broker.auth import Authenticator
+from broker.auth import Authenticator, database_keys
 from broker.committer import AsyncTaskStore
 from broker.config import Settings
 from broker.dispatcher import Dispatcher
@@ -30,6 +32,7 @@ from broker.servicer import BrokerServicer
 from broker.spool import Spool
 from broker.store import TaskStore, create_engine
 from broker.tasks import TaskService
+from broker.tls import bind_port
 from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 __all__ = ["CHANNEL_OPTIONS", "BrokerServer", "create_server"]
@@ -67,6 +70,7 @@ class BrokerServer:
     metrics: Metrics
     metrics_port: int | None
     scaling: ScalingLoop | None = None
+    auth: Authenticator | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Reports NOT_SERVING, stops the server and the dispatcher, closes the store.
@@ -80,6 +84,8 @@ class BrokerServer:
         self.metrics.close()
         await self.dispatcher.stop()
         await self.server.stop(grace)
+        if self.auth is not None:
+            await self.auth.stop()
         await self.store.close()
 
 
@@ -113,7 +119,8 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         agents=lambda: len(dispatcher.registry),
         free_slots=lambda: sum(s.credits for s in dispatcher.registry.sessions()),
     )
-    auth = Authenticator(settings.api_keys, settings.join_token)
+    auth = Authenticator(settings.api_keys, settings.join_token, database_keys(engine))
+    await auth.refresh()
     if auth.is_open:
         logger.warning("no API keys configured: every caller is tenant 'default'")
     tasks = TaskService(store, spool, dispatcher, events, settings.limits)
@@ -133,10 +140,11 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         ),
         server,
     )
-    port = server.add_insecure_port(settings.listen_address)
+    port = bind_port(server, settings)
     scaling = _scaling(settings, port, dispatcher, sync_store.engine, catalog, metrics)
     await dispatcher.start()
     await server.start()
+    auth.start()
     for name in ("", *_SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_address) if settings.metrics_address else None
@@ -149,7 +157,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         settings.provider,
     )
     return BrokerServer(
-        server, port, dispatcher, store, health_servicer, metrics, metrics_port, scaling
+        server, port, dispatcher, store, health_servicer, metrics, metrics_port, scaling, auth
     )
 
 
@@ -167,7 +175,7 @@ def _scaling(
     try:
         config = load_scaling_config(settings.scaling_config, settings.provider, catalog)
         provider = _provider(settings, port, config.provider_table, metrics)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, BillingError, GoogleAuthError) as exc:
         raise ConfigError(f"autoscaling configuration: {exc}") from exc
     return ScalingLoop(provider, config, dispatcher, engine, catalog)
 

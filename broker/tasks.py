@@ -22,8 +22,9 @@ from broker.errors import (
 )
 from broker.events import Subscription, TaskEvents, TaskSink
 from broker.model import Task, TaskSpec, TaskState
+from broker.quota import SubmitQuota
 from broker.spool import INLINE_MAX_BYTES, Spool
-from client.wire import PayloadTooLargeError, TensorStream, WireError
+from client.wire import TensorMeta, TensorStream, WireError
 
 __all__ = ["TaskService", "check_spec"]
 
@@ -46,14 +47,25 @@ class TaskService:
         self._dispatcher = dispatcher
         self._events = events
         self._limits = limits
+        self._quota = SubmitQuota(
+            limits.submit_rate_per_s,
+            limits.submit_burst,
+            limits.max_queued_per_tenant,
+            dispatcher.queue.queued,
+        )
+
+    async def pace(self, tenant: str, tasks: int) -> None:
+        """Waits until the tenant's submit rate allows ``tasks`` more (see ``SubmitQuota``)."""
+        await self._quota.pace(tenant, tasks)
 
     async def submit(
-        self, tenant: str, spec: TaskSpec, chunks: AsyncIterator[bytes]
+        self, tenant: str, spec: TaskSpec, chunks: AsyncIterator[bytes], *, paced: bool = False
     ) -> tuple[Task, bool]:
         """Checks the spec, spools and checks the bytes, commits the task and queues it.
 
         Returns the task and whether an earlier submit with the same request_id created it.
-        Nothing is queued unless every declared byte arrived with a matching checksum.
+        Nothing is queued unless every declared byte arrived with a matching checksum, and
+        nothing is spooled for a tenant over its queue or rate quota.
         """
         check_spec(spec, self._limits, self._dispatcher.known_workloads)
         if spec.request_id and spec.input_bytes > INLINE_MAX_BYTES:
@@ -62,32 +74,33 @@ class TaskService:
             existing = await self._store.call(self._store.sync.find_request, tenant, spec)
             if existing is not None:
                 return existing, True
-        task_id = uuid.uuid4().hex
-        writer = self._spool.write_inputs(task_id, spec.input_bytes)
-        try:
-            await _spool(writer.write, spec, chunks)
-            await writer.commit()
-        except WireError as exc:
-            writer.abort()
-            if isinstance(exc, PayloadTooLargeError):
-                raise LimitExceededError(str(exc)) from exc
-            raise InvalidTaskError(str(exc)) from exc
-        except BaseException:
-            writer.abort()
-            raise
-        now = datetime.now(UTC)
-        deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
-        try:
-            task, deduplicated = await self._store.call(
-                self._store.sync.create, task_id, tenant, spec, now, deadline, writer.inline
-            )
-        except BaseException:
-            self._spool.delete_inputs(task_id)
-            raise
-        if deduplicated:
-            self._spool.delete_inputs(task_id)
-        else:
-            self._dispatcher.enqueue(task)
+        # Admission after the header checks, so a malformed header costs no token; before the
+        # bytes, so a tenant over quota costs no disk or SQL. The place is held until queued.
+        with self._quota.admit(tenant, paid=paced):
+            task_id = uuid.uuid4().hex
+            writer = self._spool.write_inputs(task_id, spec.input_bytes)
+            try:
+                await _spool(writer.write, spec, chunks)
+                await writer.commit()
+            except WireError as exc:
+                writer.abort()
+                raise InvalidTaskError(str(exc)) from exc
+            except BaseException:
+                writer.abort()
+                raise
+            now = datetime.now(UTC)
+            deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
+            try:
+                task, deduplicated = await self._store.call(
+                    self._store.sync.create, task_id, tenant, spec, now, deadline, writer.inline
+                )
+            except BaseException:
+                self._spool.delete_inputs(task_id)
+                raise
+            if deduplicated:
+                self._spool.delete_inputs(task_id)
+            else:
+                self._dispatcher.enqueue(task)
         return task, deduplicated
 
     def follow(self, sink: TaskSink) -> Subscription:
@@ -172,16 +185,41 @@ def check_spec(spec: TaskSpec, limits: Limits, known_workloads: frozenset[str]) 
         known = ", ".join(sorted(known_workloads))
         raise UnknownWorkloadError(f"unknown workload {spec.workload!r}; known: {known}")
     _check_counts(spec, limits)
-    try:
-        for meta in spec.inputs:
-            meta.validate(limits.max_tensor_bytes)
-    except PayloadTooLargeError as exc:
-        raise LimitExceededError(str(exc)) from exc
-    except WireError as exc:
-        raise InvalidTaskError(str(exc)) from exc
+    for index, meta in enumerate(spec.inputs):
+        _check_tensor(index, meta, limits)
     if spec.input_bytes > limits.max_task_bytes:
         raise LimitExceededError(
             f"inputs of {spec.input_bytes} bytes exceed the limit of {limits.max_task_bytes} bytes"
+            " (max_task_bytes)"
+        )
+
+
+def _check_tensor(index: int, meta: TensorMeta, limits: Limits) -> None:
+    """Malformed headers are INVALID_ARGUMENT; well-formed ones over a limit RESOURCE_EXHAUSTED."""
+    try:
+        meta.validate()
+    except WireError as exc:
+        raise InvalidTaskError(f"input {index}: {exc}") from exc
+    if meta.dtype not in limits.allowed_dtypes:
+        allowed = ", ".join(sorted(limits.allowed_dtypes))
+        raise InvalidTaskError(
+            f"input {index}: dtype {meta.dtype!r} is not accepted by this broker; "
+            f"allowed dtypes: {allowed}"
+        )
+    if len(meta.shape) > limits.max_rank:
+        raise LimitExceededError(
+            f"input {index}: rank {len(meta.shape)} exceeds the limit of {limits.max_rank} "
+            "(max_rank)"
+        )
+    if meta.shape and max(meta.shape) > limits.max_dim:
+        raise LimitExceededError(
+            f"input {index}: dimension {max(meta.shape)} exceeds the limit of {limits.max_dim} "
+            "(max_dim)"
+        )
+    if meta.nbytes > limits.max_tensor_bytes:
+        raise LimitExceededError(
+            f"input {index} of {meta.nbytes} bytes exceeds the limit of "
+            f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)"
         )
 
 
@@ -198,8 +236,11 @@ def _check_counts(spec: TaskSpec, limits: Limits) -> None:
         raise InvalidTaskError(
             f"priority {spec.priority} is outside -{limits.max_priority}..{limits.max_priority}"
         )
-    if spec.timeout_s is not None and spec.timeout_s < 0:
-        raise InvalidTaskError(f"timeout_seconds {spec.timeout_s} is negative")
+    timeout_s = spec.timeout_s
+    if timeout_s is not None and not 0 <= timeout_s <= limits.max_timeout_s:  # refuses NaN
+        raise InvalidTaskError(
+            f"timeout_seconds {timeout_s} is outside 0..{limits.max_timeout_s:g} (max_timeout_s)"
+        )
 
 
 async def _spool(

@@ -29,9 +29,18 @@ logger = logging.getLogger("gpu_agent")
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--broker", "broker_address", metavar="HOST:PORT", help="The broker's address.")
 @click.option("--slots", type=click.IntRange(min=1), help="Tasks to run at once [default: 2].")
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=0),
+    help="Tasks queued here beyond --slots, so a slot never waits on the broker [default: 2].",
+)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), help="Where to run [default: auto].")
 @click.option("--agent-id", help="Stable agent id [default: hostname-<random>].")
 @click.option("--join-token", help="The broker's agent join token.")
+@click.option("--tls", is_flag=True, default=None, help="Dial the broker over TLS.")
+@click.option("--ca-file", help="PEM CA that signed the broker's certificate [default: system].")
+@click.option("--cert-file", help="PEM client certificate, for a broker that requires one (mTLS).")
+@click.option("--key-file", help="PEM private key of --cert-file.")
 @click.option(
     "--metadata-url",
     help="GCE metadata server to watch for preemption; 'off' disables "
@@ -46,9 +55,14 @@ logger = logging.getLogger("gpu_agent")
 def main(
     broker_address: str | None,
     slots: int | None,
+    prefetch: int | None,
     device: str | None,
     agent_id: str | None,
     join_token: str | None,
+    tls: bool | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
     metadata_url: str | None,
     log_level: str,
 ) -> None:
@@ -62,9 +76,14 @@ def main(
         settings = Settings.from_env(os.environ).with_overrides(
             broker_address=broker_address,
             slots=slots,
+            prefetch=prefetch,
             device=device,
             agent_id=agent_id,
             join_token=join_token,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

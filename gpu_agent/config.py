@@ -67,6 +67,10 @@ class Settings:
     """Stable id (a VM's name is a good choice); reconnects reuse it."""
     slots: int = 2
     """How many tasks run at once."""
+    prefetch: int = 2
+    """Tasks taken beyond ``slots`` and queued here, so a freed slot starts its next task at
+    once instead of after a round trip to the broker. Tiny tasks want a few; long ones want 0
+    (a prefetched task waits for this agent even when another is idle)."""
     device: str = "auto"
     """One of ``DEVICE_CHOICES``."""
     join_token: str | None = None
@@ -75,18 +79,28 @@ class Settings:
     """Dial the broker over TLS."""
     ca_file: str | None = None
     """PEM file of the CA that signed the broker's certificate; system roots when None."""
+    cert_file: str | None = None
+    """PEM client certificate for a broker that requires one (mutual TLS); needs ``tls``."""
+    key_file: str | None = None
+    """PEM private key of ``cert_file``."""
     backoff: Backoff = field(default_factory=Backoff)
     """How long to wait between reconnects."""
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"slots must be at least 1, got {self.slots}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be at least 0, got {self.prefetch}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(
                 f"device must be one of {', '.join(DEVICE_CHOICES)}, not {self.device!r}"
             )
         if not self.broker_address:
             raise ValueError("broker_address must not be empty")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key: set both cert_file and key_file")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError("a client certificate (cert_file) is only sent over TLS: set tls")
 
     def with_overrides(self, **values: Any) -> Settings:
         """A copy with the given fields replaced; None values (flags not given) are skipped."""
@@ -96,9 +110,10 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Reads ``GPUBROKER_AGENT_*`` variables; unset ones keep their defaults.
 
-        ``BROKER``, ``ID``, ``SLOTS``, ``DEVICE``, ``JOIN_TOKEN`` (falling back to the broker's
-        ``GPUBROKER_JOIN_TOKEN``), ``TLS``, ``CA_FILE``, ``RECONNECT_INITIAL_S`` and
-        ``RECONNECT_MAX_S``, each after the ``GPUBROKER_AGENT_`` prefix.
+        ``BROKER``, ``ID``, ``SLOTS``, ``PREFETCH``, ``DEVICE``, ``JOIN_TOKEN`` (falling back
+        to the broker's ``GPUBROKER_JOIN_TOKEN``), ``TLS``, ``CA_FILE``, ``CERT_FILE``,
+        ``KEY_FILE``, ``RECONNECT_INITIAL_S`` and ``RECONNECT_MAX_S``, each after the
+        ``GPUBROKER_AGENT_`` prefix.
 
         Raises:
             ValueError: a variable does not parse; the message names it.
@@ -116,10 +131,13 @@ class Settings:
             broker_address=env.get("BROKER", defaults.broker_address),
             agent_id=env.get("ID") or _default_agent_id(),
             slots=int(_number(env, "SLOTS", defaults.slots)),
+            prefetch=int(_number(env, "PREFETCH", defaults.prefetch)),
             device=env.get("DEVICE", defaults.device),
             join_token=token,
             tls=_flag(env, "TLS"),
             ca_file=env.get("CA_FILE") or None,
+            cert_file=env.get("CERT_FILE") or None,
+            key_file=env.get("KEY_FILE") or None,
             backoff=backoff,
         )
 

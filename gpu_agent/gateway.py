@@ -42,14 +42,18 @@ ControlCall = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.Broker
 
 
 def open_channel(settings: Settings) -> grpc.aio.Channel:
-    """A channel to the broker, over TLS when ``settings.tls``.
+    """A channel to the broker, over TLS when ``settings.tls``, presenting ``cert_file`` when set.
 
-    The CA file is read here, once, at start-up, before any task runs.
+    The CA, certificate and key files are read here, once, at start-up, before any task runs.
     """
     if not settings.tls:
         return grpc.aio.insecure_channel(settings.broker_address, options=CHANNEL_OPTIONS)
     roots = Path(settings.ca_file).read_bytes() if settings.ca_file else None
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    key = Path(settings.key_file).read_bytes() if settings.key_file else None
+    chain = Path(settings.cert_file).read_bytes() if settings.cert_file else None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=roots, private_key=key, certificate_chain=chain
+    )
     return grpc.aio.secure_channel(settings.broker_address, credentials, options=CHANNEL_OPTIONS)
 
 

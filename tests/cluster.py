@@ -159,12 +159,22 @@ class AgentProcess(_Process):
         agent_id: str,
         slots: int = 2,
         metadata_url: str = "off",
+        *,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
     ) -> None:
         super().__init__(root / f"agent-{agent_id}.log")
         self.broker_address = broker_address
         self.agent_id = agent_id
         self.slots = slots
         self.metadata_url = metadata_url
+        # TLS when ca_file is given; mutual TLS with cert_file and key_file as well.
+        self.tls_args: list[str] = []
+        if ca_file is not None:
+            self.tls_args = ["--tls", "--ca-file", str(ca_file)]
+        if cert_file is not None and key_file is not None:
+            self.tls_args += ["--cert-file", str(cert_file), "--key-file", str(key_file)]
 
     def start(self) -> AgentProcess:
         """Starts the agent (it connects on its own, retrying until the broker answers)."""
@@ -182,6 +192,7 @@ class AgentProcess(_Process):
                 "cpu",
                 "--metadata-url",
                 self.metadata_url,
+                *self.tls_args,
             ]
         )
         return self

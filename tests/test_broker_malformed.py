@@ -60,17 +60,23 @@ def _header(tensor: torch.Tensor, **overrides: object) -> task_pb2.TensorHeader:
     return task_pb2.TensorHeader(**fields)
 
 
+def submit_requests(
+    header: broker_pb2.TaskHeader, chunks: list[bytes]
+) -> list[broker_pb2.SubmitRequest]:
+    """A Submit stream: the header, then one message per chunk (shared with test_hostile)."""
+    messages = [broker_pb2.SubmitRequest(header=header)]
+    messages += [broker_pb2.SubmitRequest(chunk=task_pb2.DataChunk(data=c)) for c in chunks]
+    return messages
+
+
 def _submit(
     stub: broker_pb2_grpc.BrokerStub,
     headers: list[task_pb2.TensorHeader],
     chunks: list[bytes],
     workload: str = "echo",
 ) -> broker_pb2.SubmitResponse:
-    messages = [
-        broker_pb2.SubmitRequest(header=broker_pb2.TaskHeader(workload=workload, inputs=headers))
-    ]
-    messages += [broker_pb2.SubmitRequest(chunk=task_pb2.DataChunk(data=c)) for c in chunks]
-    return stub.Submit(iter(messages), metadata=AUTH, timeout=30)
+    header = broker_pb2.TaskHeader(workload=workload, inputs=headers)
+    return stub.Submit(iter(submit_requests(header, chunks)), metadata=AUTH, timeout=30)
 
 
 def _bytes(tensor: torch.Tensor) -> list[bytes]:
