@@ -134,7 +134,8 @@ class Dispatcher:
         session.touch()
         if session.draining:
             return
-        session.credits = min(session.credits + max(slots, 0), session.info.slots)
+        cap = session.info.slots + session.info.prefetch
+        session.credits = min(session.credits + max(slots, 0), cap)
         self._wake.set()
 
     async def drain(self, session: AgentSession, reason: str) -> None:

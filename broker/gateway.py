@@ -169,8 +169,12 @@ def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
         workloads=frozenset(hello.workloads),
         version=hello.version,
         protocol=max(hello.protocol, 1),
+        prefetch=min(max(hello.prefetch, 0), MAX_PREFETCH),
     )
 
+
+MAX_PREFETCH = 1024
+"""An agent asking to queue more than this beyond its slots gets this much."""
 
 PROTOCOL = 2
 """The control-stream protocol this broker speaks: 2 adds batches, and results and draining

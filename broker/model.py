@@ -92,6 +92,8 @@ class AgentInfo:
     workloads: frozenset[str]
     version: str = ""
     protocol: int = 1
+    prefetch: int = 0
+    """Tasks the agent queues beyond ``slots``: its credit is capped at slots + prefetch."""
     """Control-stream protocol the agent speaks (2: batches, results on the stream)."""
 
 

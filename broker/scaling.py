@@ -60,7 +60,8 @@ class ScalingConfig:
     """Seconds between decisions."""
 
 
-_POLICY_RENAMES = {"gpu_types", "spot", "max_run_seconds", "max_hourly_spend_usd", "interval_s"}
+_COMPUTED = {"launch_request", "launch_price_nanousd", "max_hourly_spend_nanousd"}
+"""ScalingPolicy fields the loader derives (from gpu_types, spot, max_hourly_spend_usd...)."""
 
 
 def load_scaling_config(path: Path | None, provider: str, catalog: PriceCatalog) -> ScalingConfig:
@@ -77,7 +78,7 @@ def load_scaling_config(path: Path | None, provider: str, catalog: PriceCatalog)
         max_run_seconds=table.pop("max_run_seconds", 24 * 3600 if provider == "gce" else None),
     )
     spend = table.pop("max_hourly_spend_usd", None)
-    names = {f.name for f in dataclasses.fields(ScalingPolicy)}
+    names = {f.name for f in dataclasses.fields(ScalingPolicy)} - _COMPUTED
     if bad := set(table) - names:
         raise ValueError(f"{path}: unknown [policy] keys {sorted(bad)}")
     defaults: dict[str, Any] = {"launch_request": request}
@@ -101,6 +102,9 @@ class _Tracked:
     """What the loop remembers of one instance between ticks."""
 
     created_s: float
+    launched: bool = False
+    """Started by this loop (so its time to connect is a boot time worth learning from)."""
+    running_recorded: bool = False
     connected_s: float | None = None
     idle_since_s: float | None = None
     last_seen_s: float | None = None
@@ -125,6 +129,7 @@ class ScalingLoop:
         self.autoscaler = Autoscaler(config.policy)
         self._tracked: dict[str, _Tracked] = {}
         self._pending = 0
+        self._terminating: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -198,12 +203,16 @@ class ScalingLoop:
                 await asyncio.to_thread(
                     record_created, self._engine, self._vm(instance), instance.created_at
                 )
-            self._observe_agent(instance.name, tracked, now_s, wall)
-        for name in set(self._tracked) - listed:  # gone without us (e.g. Spot DELETE)
+            if instance.status is InstanceStatus.RUNNING and not tracked.running_recorded:
+                # The provider bills from RUNNING (boot included), not from the agent's hello.
+                tracked.running_recorded = True
+                await asyncio.to_thread(record_running, self._engine, instance.name, wall)
+            self._observe_agent(instance.name, tracked, now_s)
+        for name in set(self._tracked) - listed - self._terminating:  # gone without us
             del self._tracked[name]
             await asyncio.to_thread(record_deleted, self._engine, name, wall, EndReason.PREEMPTED)
 
-    def _observe_agent(self, name: str, tracked: _Tracked, now_s: float, wall: datetime) -> None:
+    def _observe_agent(self, name: str, tracked: _Tracked, now_s: float) -> None:
         session = self._dispatcher.registry.get(name)
         if session is None:
             tracked.idle_since_s = None
@@ -211,8 +220,8 @@ class ScalingLoop:
         tracked.last_seen_s = now_s
         if tracked.connected_s is None:
             tracked.connected_s = now_s
-            self.autoscaler.observe_boot(now_s - tracked.created_s)
-            self._spawn(asyncio.to_thread(record_running, self._engine, name, wall))
+            if tracked.launched:  # an adopted machine's age says nothing about boot times
+                self.autoscaler.observe_boot(now_s - tracked.created_s)
         if session.leases:
             tracked.idle_since_s = None
         elif tracked.idle_since_s is None:
@@ -267,18 +276,25 @@ class ScalingLoop:
         finally:
             self._pending -= 1
         logger.info("launched %s (%s, %s)", instance.name, instance.gpu_type, instance.zone)
-        if instance.name not in self._tracked:
-            self._tracked[instance.name] = _Tracked(created_s=time.monotonic())
-            await asyncio.to_thread(
-                record_created, self._engine, self._vm(instance), instance.created_at
-            )
+        if (tracked := self._tracked.get(instance.name)) is not None:
+            tracked.launched = True  # a tick listed it while the launch call was returning
+            return
+        self._tracked[instance.name] = _Tracked(created_s=time.monotonic(), launched=True)
+        await asyncio.to_thread(
+            record_created, self._engine, self._vm(instance), instance.created_at
+        )
 
     async def _terminate(self, name: str, reason: EndReason) -> None:
+        if name in self._terminating:
+            return  # still stopping from an earlier tick
+        self._terminating.add(name)
         try:
             await asyncio.to_thread(self.provider.terminate, name)
         except Exception as exc:
             logger.warning("could not stop %s: %s", name, exc)
             return
+        finally:
+            self._terminating.discard(name)
         self._tracked.pop(name, None)
         await asyncio.to_thread(record_deleted, self._engine, name, datetime.now(UTC), reason)
 

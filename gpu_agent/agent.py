@@ -59,8 +59,10 @@ class Agent:
 
     @property
     def free_slots(self) -> int:
-        """Slots with no attempt on them (work that has not yet stopped counts as busy)."""
-        return max(self._runner.slots - len(self._attempts), 0)
+        """Room for more attempts: slots plus prefetch, less the attempts held (work that has
+        not yet stopped counts as held)."""
+        capacity = self._runner.slots + self._settings.prefetch
+        return max(capacity - len(self._attempts), 0)
 
     async def run(self) -> None:
         """Connects and serves, reconnecting with backoff, until ``stop`` has drained the work."""
@@ -194,6 +196,7 @@ class Agent:
             slots=self._runner.slots,
             workloads=tuple(sorted(self._runner.workloads)),
             version=agent_version(),
+            prefetch=self._settings.prefetch,
         )
 
     # -- attempts -------------------------------------------------------------------------------

@@ -56,4 +56,5 @@ def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
         workloads=hello.workloads,
         version=hello.version,
         protocol=PROTOCOL,
+        prefetch=hello.prefetch,
     )

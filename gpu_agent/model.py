@@ -55,3 +55,5 @@ class Hello:
     """Names of the workloads it can run."""
     version: str
     """Agent software version."""
+    prefetch: int = 0
+    """Tasks it queues beyond ``slots``."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import task_pb2 as protos_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/agent.proto\x12\x0cgpubroker.v1\x1a\x11protos/task.proto\"\x8f\x01\n\nAgentHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x03 \x01(\x03\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x11\n\tworkloads\x18\x05 \x03(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x10\n\x08protocol\x18\x07 \x01(\x05\"<\n\x0e\x41gentHeartbeat\x12*\n\x07running\x18\x01 \x03(\x0b\x32\x19.gpubroker.v1.TaskAttempt\"/\n\x0bTaskAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\x1c\n\x0b\x41gentCredit\x12\r\n\x05slots\x18\x01 \x01(\x05\";\n\rAgentReleased\x12*\n\x07\x61ttempt\x18\x01 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\"\xdb\x02\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.gpubroker.v1.AgentHelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.gpubroker.v1.AgentHeartbeatH\x00\x12+\n\x06\x63redit\x18\x03 \x01(\x0b\x32\x19.gpubroker.v1.AgentCreditH\x00\x12/\n\x08released\x18\x04 \x01(\x0b\x32\x1b.gpubroker.v1.AgentReleasedH\x00\x12+\n\x06result\x18\x05 \x01(\x0b\x32\x19.gpubroker.v1.AgentResultH\x00\x12/\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1b.gpubroker.v1.AgentDrainingH\x00\x12)\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x18.gpubroker.v1.AgentBatchH\x00\x42\x06\n\x04kind\":\n\nAgentBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.gpubroker.v1.AgentMessage\"G\n\x0b\x41gentResult\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gpubroker.v1.ResultHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1f\n\rAgentDraining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x0c\x41gentWelcome\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12\x10\n\x08protocol\x18\x03 \x01(\x05\"\xba\x02\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08workload\x18\x03 \x01(\t\x12*\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x38\n\x06params\x18\x05 \x03(\x0b\x32(.gpubroker.v1.TaskAssignment.ParamsEntry\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x15\n\rinline_inputs\x18\x07 \x01(\x0c\x12\x15\n\rinputs_inline\x18\x08 \x01(\x08\x1aG\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gpubroker.v1.ParamValue:\x02\x38\x01\"H\n\nTaskCancel\x12*\n\x07\x61ttempt\x18\x01 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd2\x01\n\rBrokerMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.gpubroker.v1.AgentWelcomeH\x00\x12\x32\n\nassignment\x18\x02 \x01(\x0b\x32\x1c.gpubroker.v1.TaskAssignmentH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.gpubroker.v1.TaskCancelH\x00\x12*\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x19.gpubroker.v1.BrokerBatchH\x00\x42\x06\n\x04kind\"<\n\x0b\x42rokerBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.gpubroker.v1.BrokerMessage\"R\n\x12\x46\x65tchInputsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12*\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\"=\n\x13\x46\x65tchInputsResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.gpubroker.v1.DataChunk\"\xbd\x01\n\x0cResultHeader\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12*\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\"r\n\x10PutResultRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gpubroker.v1.ResultHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\";\n\x11PutResultResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.gpubroker.v1.TaskState2\xfc\x01\n\x0c\x41gentGateway\x12\x46\n\x07\x43onnect\x12\x1a.gpubroker.v1.AgentMessage\x1a\x1b.gpubroker.v1.BrokerMessage(\x01\x30\x01\x12T\n\x0b\x46\x65tchInputs\x12 .gpubroker.v1.FetchInputsRequest\x1a!.gpubroker.v1.FetchInputsResponse0\x01\x12N\n\tPutResult\x12\x1e.gpubroker.v1.PutResultRequest\x1a\x1f.gpubroker.v1.PutResultResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/agent.proto\x12\x0cgpubroker.v1\x1a\x11protos/task.proto\"\xa1\x01\n\nAgentHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x03 \x01(\x03\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x11\n\tworkloads\x18\x05 \x03(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x10\n\x08protocol\x18\x07 \x01(\x05\x12\x10\n\x08prefetch\x18\x08 \x01(\x05\"<\n\x0e\x41gentHeartbeat\x12*\n\x07running\x18\x01 \x03(\x0b\x32\x19.gpubroker.v1.TaskAttempt\"/\n\x0bTaskAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\x1c\n\x0b\x41gentCredit\x12\r\n\x05slots\x18\x01 \x01(\x05\";\n\rAgentReleased\x12*\n\x07\x61ttempt\x18\x01 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\"\xdb\x02\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.gpubroker.v1.AgentHelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.gpubroker.v1.AgentHeartbeatH\x00\x12+\n\x06\x63redit\x18\x03 \x01(\x0b\x32\x19.gpubroker.v1.AgentCreditH\x00\x12/\n\x08released\x18\x04 \x01(\x0b\x32\x1b.gpubroker.v1.AgentReleasedH\x00\x12+\n\x06result\x18\x05 \x01(\x0b\x32\x19.gpubroker.v1.AgentResultH\x00\x12/\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1b.gpubroker.v1.AgentDrainingH\x00\x12)\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x18.gpubroker.v1.AgentBatchH\x00\x42\x06\n\x04kind\":\n\nAgentBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.gpubroker.v1.AgentMessage\"G\n\x0b\x41gentResult\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gpubroker.v1.ResultHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1f\n\rAgentDraining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x0c\x41gentWelcome\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12\x10\n\x08protocol\x18\x03 \x01(\x05\"\xba\x02\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08workload\x18\x03 \x01(\t\x12*\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x38\n\x06params\x18\x05 \x03(\x0b\x32(.gpubroker.v1.TaskAssignment.ParamsEntry\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x15\n\rinline_inputs\x18\x07 \x01(\x0c\x12\x15\n\rinputs_inline\x18\x08 \x01(\x08\x1aG\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gpubroker.v1.ParamValue:\x02\x38\x01\"H\n\nTaskCancel\x12*\n\x07\x61ttempt\x18\x01 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd2\x01\n\rBrokerMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.gpubroker.v1.AgentWelcomeH\x00\x12\x32\n\nassignment\x18\x02 \x01(\x0b\x32\x1c.gpubroker.v1.TaskAssignmentH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.gpubroker.v1.TaskCancelH\x00\x12*\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x19.gpubroker.v1.BrokerBatchH\x00\x42\x06\n\x04kind\"<\n\x0b\x42rokerBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.gpubroker.v1.BrokerMessage\"R\n\x12\x46\x65tchInputsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12*\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\"=\n\x13\x46\x65tchInputsResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.gpubroker.v1.DataChunk\"\xbd\x01\n\x0cResultHeader\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12*\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x19.gpubroker.v1.TaskAttempt\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\"r\n\x10PutResultRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gpubroker.v1.ResultHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.gpubroker.v1.DataChunkH\x00\x42\x06\n\x04kind\";\n\x11PutResultResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.gpubroker.v1.TaskState2\xfc\x01\n\x0c\x41gentGateway\x12\x46\n\x07\x43onnect\x12\x1a.gpubroker.v1.AgentMessage\x1a\x1b.gpubroker.v1.BrokerMessage(\x01\x30\x01\x12T\n\x0b\x46\x65tchInputs\x12 .gpubroker.v1.FetchInputsRequest\x1a!.gpubroker.v1.FetchInputsResponse0\x01\x12N\n\tPutResult\x12\x1e.gpubroker.v1.PutResultRequest\x1a\x1f.gpubroker.v1.PutResultResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,45 +35,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKASSIGNMENT_PARAMSENTRY']._loaded_options = None
   _globals['_TASKASSIGNMENT_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_AGENTHELLO']._serialized_start=56
-  _globals['_AGENTHELLO']._serialized_end=199
-  _globals['_AGENTHEARTBEAT']._serialized_start=201
-  _globals['_AGENTHEARTBEAT']._serialized_end=261
-  _globals['_TASKATTEMPT']._serialized_start=263
-  _globals['_TASKATTEMPT']._serialized_end=310
-  _globals['_AGENTCREDIT']._serialized_start=312
-  _globals['_AGENTCREDIT']._serialized_end=340
-  _globals['_AGENTRELEASED']._serialized_start=342
-  _globals['_AGENTRELEASED']._serialized_end=401
-  _globals['_AGENTMESSAGE']._serialized_start=404
-  _globals['_AGENTMESSAGE']._serialized_end=751
-  _globals['_AGENTBATCH']._serialized_start=753
-  _globals['_AGENTBATCH']._serialized_end=811
-  _globals['_AGENTRESULT']._serialized_start=813
-  _globals['_AGENTRESULT']._serialized_end=884
-  _globals['_AGENTDRAINING']._serialized_start=886
-  _globals['_AGENTDRAINING']._serialized_end=917
-  _globals['_AGENTWELCOME']._serialized_start=919
-  _globals['_AGENTWELCOME']._serialized_end=1005
-  _globals['_TASKASSIGNMENT']._serialized_start=1008
-  _globals['_TASKASSIGNMENT']._serialized_end=1322
-  _globals['_TASKASSIGNMENT_PARAMSENTRY']._serialized_start=1251
-  _globals['_TASKASSIGNMENT_PARAMSENTRY']._serialized_end=1322
-  _globals['_TASKCANCEL']._serialized_start=1324
-  _globals['_TASKCANCEL']._serialized_end=1396
-  _globals['_BROKERMESSAGE']._serialized_start=1399
-  _globals['_BROKERMESSAGE']._serialized_end=1609
-  _globals['_BROKERBATCH']._serialized_start=1611
-  _globals['_BROKERBATCH']._serialized_end=1671
-  _globals['_FETCHINPUTSREQUEST']._serialized_start=1673
-  _globals['_FETCHINPUTSREQUEST']._serialized_end=1755
-  _globals['_FETCHINPUTSRESPONSE']._serialized_start=1757
-  _globals['_FETCHINPUTSRESPONSE']._serialized_end=1818
-  _globals['_RESULTHEADER']._serialized_start=1821
-  _globals['_RESULTHEADER']._serialized_end=2010
-  _globals['_PUTRESULTREQUEST']._serialized_start=2012
-  _globals['_PUTRESULTREQUEST']._serialized_end=2126
-  _globals['_PUTRESULTRESPONSE']._serialized_start=2128
-  _globals['_PUTRESULTRESPONSE']._serialized_end=2187
-  _globals['_AGENTGATEWAY']._serialized_start=2190
-  _globals['_AGENTGATEWAY']._serialized_end=2442
+  _globals['_AGENTHELLO']._serialized_end=217
+  _globals['_AGENTHEARTBEAT']._serialized_start=219
+  _globals['_AGENTHEARTBEAT']._serialized_end=279
+  _globals['_TASKATTEMPT']._serialized_start=281
+  _globals['_TASKATTEMPT']._serialized_end=328
+  _globals['_AGENTCREDIT']._serialized_start=330
+  _globals['_AGENTCREDIT']._serialized_end=358
+  _globals['_AGENTRELEASED']._serialized_start=360
+  _globals['_AGENTRELEASED']._serialized_end=419
+  _globals['_AGENTMESSAGE']._serialized_start=422
+  _globals['_AGENTMESSAGE']._serialized_end=769
+  _globals['_AGENTBATCH']._serialized_start=771
+  _globals['_AGENTBATCH']._serialized_end=829
+  _globals['_AGENTRESULT']._serialized_start=831
+  _globals['_AGENTRESULT']._serialized_end=902
+  _globals['_AGENTDRAINING']._serialized_start=904
+  _globals['_AGENTDRAINING']._serialized_end=935
+  _globals['_AGENTWELCOME']._serialized_start=937
+  _globals['_AGENTWELCOME']._serialized_end=1023
+  _globals['_TASKASSIGNMENT']._serialized_start=1026
+  _globals['_TASKASSIGNMENT']._serialized_end=1340
+  _globals['_TASKASSIGNMENT_PARAMSENTRY']._serialized_start=1269
+  _globals['_TASKASSIGNMENT_PARAMSENTRY']._serialized_end=1340
+  _globals['_TASKCANCEL']._serialized_start=1342
+  _globals['_TASKCANCEL']._serialized_end=1414
+  _globals['_BROKERMESSAGE']._serialized_start=1417
+  _globals['_BROKERMESSAGE']._serialized_end=1627
+  _globals['_BROKERBATCH']._serialized_start=1629
+  _globals['_BROKERBATCH']._serialized_end=1689
+  _globals['_FETCHINPUTSREQUEST']._serialized_start=1691
+  _globals['_FETCHINPUTSREQUEST']._serialized_end=1773
+  _globals['_FETCHINPUTSRESPONSE']._serialized_start=1775
+  _globals['_FETCHINPUTSRESPONSE']._serialized_end=1836
+  _globals['_RESULTHEADER']._serialized_start=1839
+  _globals['_RESULTHEADER']._serialized_end=2028
+  _globals['_PUTRESULTREQUEST']._serialized_start=2030
+  _globals['_PUTRESULTREQUEST']._serialized_end=2144
+  _globals['_PUTRESULTRESPONSE']._serialized_start=2146
+  _globals['_PUTRESULTRESPONSE']._serialized_end=2205
+  _globals['_AGENTGATEWAY']._serialized_start=2208
+  _globals['_AGENTGATEWAY']._serialized_end=2460
 # @@protoc_insertion_point(module_scope)

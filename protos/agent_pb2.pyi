@@ -32,6 +32,7 @@ class AgentHello(_message.Message):
     WORKLOADS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Stable id chosen by the agent (e.g. its VM name); reconnecting reuses it."""
     gpu_type: _builtins.str
@@ -44,6 +45,10 @@ class AgentHello(_message.Message):
     """Agent software version."""
     protocol: _builtins.int
     """The highest control-stream protocol the agent speaks (see AgentWelcome.protocol)."""
+    prefetch: _builtins.int
+    """Tasks the agent takes beyond `slots`, queued locally so that a slot never waits for a
+    round trip to the broker; credit never exceeds slots + prefetch.
+    """
     @_builtins.property
     def workloads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Workload names the agent can run."""
@@ -58,10 +63,11 @@ class AgentHello(_message.Message):
         workloads: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.str = ...,
         protocol: _builtins.int = ...,
+        prefetch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "protocol", b"protocol", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "prefetch", b"prefetch", "protocol", b"protocol", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

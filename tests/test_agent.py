@@ -176,11 +176,14 @@ AgentFactory = Callable[..., Agent]
 async def start_agent(broker: Broker) -> AsyncIterator[AgentFactory]:
     started: list[tuple[Agent, Runner, asyncio.Task[None]]] = []
 
-    def start(slots: int = 2, extra: Mapping[str, Workload] | None = None) -> Agent:
+    def start(
+        slots: int = 2, extra: Mapping[str, Workload] | None = None, prefetch: int = 0
+    ) -> Agent:
         settings = Settings(
             broker_address=f"localhost:{broker.port}",
             agent_id="agent-under-test",
             slots=slots,
+            prefetch=prefetch,
             device="cpu",
             join_token=TOKEN,
             backoff=Backoff(initial_s=0.02, max_s=0.2),
@@ -291,6 +294,27 @@ async def test_the_agent_says_hello_with_its_workloads_and_grants_a_credit_per_s
     assert hello.version
     assert credit.slots == 3
     assert broker.gateway.metadata[0]["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_prefetch_takes_tasks_beyond_the_slots_and_runs_them_as_slots_free_up(
+    broker: Broker, start_agent: AgentFactory
+) -> None:
+    gate = Gate()
+    start_agent(slots=1, extra={"gate": gate}, prefetch=2)
+    hello = (await _next(broker.gateway, "hello")).hello
+    credit = (await _next(broker.gateway, "credit")).credit
+    assert (hello.slots, hello.prefetch, credit.slots) == (1, 2, 3)
+
+    broker.gateway.submit(*_assignment("t-gate", "gate"))
+    broker.gateway.submit(*_assignment("t-1", "echo", [torch.ones(1)]))
+    broker.gateway.submit(*_assignment("t-2", "echo", [torch.full((1,), 2.0)]))
+    await asyncio.to_thread(gate.entered.wait, WAIT_S)
+    await asyncio.sleep(0.2)
+    assert broker.gateway.uploads.empty()  # the one slot is busy: the others wait here
+
+    gate.opened.set()
+    done = [(await _upload(broker.gateway)).header.attempt.task_id for _ in range(3)]
+    assert done == ["t-gate", "t-1", "t-2"]
 
 
 async def test_a_matmul_result_is_bit_exact_and_its_compute_time_is_measured(

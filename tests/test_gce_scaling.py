@@ -68,6 +68,7 @@ async def test_a_queued_task_starts_a_spot_vm_which_is_deleted_once_idle(
             zones=("us-central1-a", "us-central1-b"),
             broker_address="broker.internal:50051",
             broker_id="itest",
+            agent_package="gpubroker==0.1.0",
             api_endpoint=compute.endpoint,
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             poll_interval_s=0.0,

@@ -165,8 +165,10 @@ class GceSettings:
     """Short id (lowercase letters, digits, hyphens; at most 40) in every VM's name and labels."""
     join_token: str | None = field(default=None, repr=False)
     """The broker's agent join token; sent in instance metadata, never logged."""
-    agent_package: str = "gpubroker"
-    """What the VM pip-installs: a requirement (``gpubroker==0.1.0``) or a wheel URL."""
+    agent_package: str = ""
+    """What the VM pip-installs: a pinned requirement from an index you control, or a wheel URL
+    (e.g. in a bucket). Required: a bare name could install someone else's package, and the VM
+    hands the agent its join token."""
     agent_python: str = "3.11"
     """Python version ``uv`` installs for the agent (the image's own Python may be older)."""
     agent_env: Mapping[str, str] = field(default_factory=dict)
@@ -204,6 +206,10 @@ class GceSettings:
     def __post_init__(self) -> None:
         if not self.project or not self.zones:
             raise ValueError("GCE settings need a project and at least one zone")
+        if not self.agent_package:
+            raise ValueError(
+                "GCE settings need agent_package: the agent wheel's URL or a pinned requirement"
+            )
         if not _BROKER_ID.fullmatch(self.broker_id):
             raise ValueError(
                 f"broker_id must be 1-40 lowercase letters, digits or inner hyphens, "
