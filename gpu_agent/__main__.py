@@ -32,7 +32,8 @@ logger = logging.getLogger("gpu_agent")
 @click.option(
     "--prefetch",
     type=click.IntRange(min=0),
-    help="Tasks queued here beyond --slots, so a slot never waits on the broker [default: 2].",
+    help="Most tasks queued here beyond --slots, so a slot never waits on the broker; the "
+    "number taken follows task times [default: 32].",
 )
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), help="Where to run [default: auto].")
 @click.option("--agent-id", help="Stable agent id [default: hostname-<random>].")

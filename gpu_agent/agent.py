@@ -19,6 +19,7 @@ import grpc
 
 from gpu_agent.attempt import Attempt, Revocation
 from gpu_agent.config import Settings
+from gpu_agent.credit import CreditPolicy
 from gpu_agent.errors import BrokerProtocolError
 from gpu_agent.gateway import GatewayClient, open_channel
 from gpu_agent.model import Assignment, AttemptRef, Hello
@@ -51,6 +52,8 @@ class Agent:
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._leaving: str | None = None
+        self._credit = CreditPolicy(runner.slots, settings.prefetch, settings.prefetch_horizon_s)
+        self._outstanding = 0  # credit granted on this session and not yet used
 
     @property
     def is_connected(self) -> bool:
@@ -59,10 +62,9 @@ class Agent:
 
     @property
     def free_slots(self) -> int:
-        """Room for more attempts: slots plus prefetch, less the attempts held (work that has
-        not yet stopped counts as held)."""
-        capacity = self._runner.slots + self._settings.prefetch
-        return max(capacity - len(self._attempts), 0)
+        """Room for more attempts: slots plus the current prefetch, less the attempts held
+        (work that has not yet stopped counts as held) and the credit not yet used."""
+        return max(self._credit.capacity - len(self._attempts) - self._outstanding, 0)
 
     async def run(self) -> None:
         """Connects and serves, reconnecting with backoff, until ``stop`` has drained the work."""
@@ -105,6 +107,7 @@ class Agent:
     def on_assignment(self, session: Session, assignment: Assignment) -> None:
         """Starts an attempt in its own task."""
         ref = assignment.ref
+        self._outstanding = max(self._outstanding - 1, 0)
         if ref in self._attempts or self._gateway is None:
             logger.warning("ignoring a second assignment of attempt %s", ref)
             return
@@ -161,8 +164,9 @@ class Agent:
         self._session = session
         if self._leaving is not None:
             session.drain(self._leaving)
+        self._outstanding = 0  # the broker forgot the old session's credit
         if not self._stopping.is_set():
-            session.grant(self.free_slots)
+            self._top_up(session)
         elif not self._attempts:
             session.close()
         try:
@@ -215,10 +219,19 @@ class Agent:
             return  # the next session's first credit counts this slot
         if attempt.session is session and attempt.revocation is Revocation.CANCELLED:
             session.release(attempt.ref)
+        if attempt.compute_seconds is not None:
+            self._credit.observe(attempt.compute_seconds)
         if not self._stopping.is_set():
-            session.grant(1)
+            self._top_up(session)
         elif not self._attempts:
             session.close()
+
+    def _top_up(self, session: Session) -> None:
+        """Grants the broker credit up to the room there is now."""
+        room = self.free_slots
+        if room > 0:
+            session.grant(room)
+            self._outstanding += room
 
     async def _drain(self) -> None:
         while self._tasks:

@@ -79,6 +79,8 @@ class Attempt:
         self.assignment = assignment
         self.session = session
         """The control stream that brought the assignment."""
+        self.compute_seconds: float | None = None
+        """The workload's measured time, once it ran to completion."""
         self._gateway = gateway
         self._runner = runner
         self._deadline = deadline
@@ -109,6 +111,8 @@ class Attempt:
         """
         try:
             outcome = await self._compute()
+            if not isinstance(outcome, _Failure):
+                self.compute_seconds = outcome.compute_seconds
             if self.revocation is not None:
                 logger.info("attempt %s stopped: %s", self.ref, self.revocation.value)
                 return

@@ -67,10 +67,12 @@ class Settings:
     """Stable id (a VM's name is a good choice); reconnects reuse it."""
     slots: int = 2
     """How many tasks run at once."""
-    prefetch: int = 2
-    """Tasks taken beyond ``slots`` and queued here, so a freed slot starts its next task at
-    once instead of after a round trip to the broker. Tiny tasks want a few; long ones want 0
-    (a prefetched task waits for this agent even when another is idle)."""
+    prefetch: int = 32
+    """Most tasks taken beyond ``slots`` and queued here, so a freed slot starts its next task
+    at once instead of after a round trip to the broker. How many are actually taken follows
+    the task times (``prefetch_horizon_s``, see ``gpu_agent.credit``)."""
+    prefetch_horizon_s: float = 0.05
+    """The prefetch covers about this much work: many tiny tasks, none of the long ones."""
     device: str = "auto"
     """One of ``DEVICE_CHOICES``."""
     join_token: str | None = None
@@ -89,8 +91,11 @@ class Settings:
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"slots must be at least 1, got {self.slots}")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch must be at least 0, got {self.prefetch}")
+        if self.prefetch < 0 or self.prefetch_horizon_s < 0:
+            raise ValueError(
+                f"prefetch and prefetch_horizon_s must be at least 0, "
+                f"got {self.prefetch} and {self.prefetch_horizon_s}"
+            )
         if self.device not in DEVICE_CHOICES:
             raise ValueError(
                 f"device must be one of {', '.join(DEVICE_CHOICES)}, not {self.device!r}"
@@ -110,10 +115,10 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Reads ``GPUBROKER_AGENT_*`` variables; unset ones keep their defaults.
 
-        ``BROKER``, ``ID``, ``SLOTS``, ``PREFETCH``, ``DEVICE``, ``JOIN_TOKEN`` (falling back
-        to the broker's ``GPUBROKER_JOIN_TOKEN``), ``TLS``, ``CA_FILE``, ``CERT_FILE``,
-        ``KEY_FILE``, ``RECONNECT_INITIAL_S`` and ``RECONNECT_MAX_S``, each after the
-        ``GPUBROKER_AGENT_`` prefix.
+        ``BROKER``, ``ID``, ``SLOTS``, ``PREFETCH``, ``PREFETCH_HORIZON_S``, ``DEVICE``,
+        ``JOIN_TOKEN`` (falling back to the broker's ``GPUBROKER_JOIN_TOKEN``), ``TLS``,
+        ``CA_FILE``, ``CERT_FILE``, ``KEY_FILE``, ``RECONNECT_INITIAL_S`` and
+        ``RECONNECT_MAX_S``, each after the ``GPUBROKER_AGENT_`` prefix.
 
         Raises:
             ValueError: a variable does not parse; the message names it.
@@ -132,6 +137,7 @@ class Settings:
             agent_id=env.get("ID") or _default_agent_id(),
             slots=int(_number(env, "SLOTS", defaults.slots)),
             prefetch=int(_number(env, "PREFETCH", defaults.prefetch)),
+            prefetch_horizon_s=_number(env, "PREFETCH_HORIZON_S", defaults.prefetch_horizon_s),
             device=env.get("DEVICE", defaults.device),
             join_token=token,
             tls=_flag(env, "TLS"),
