@@ -118,12 +118,15 @@ def stack(
     broker = BrokerProcess(root, heartbeat_s=5.0, lease_timeout_s=15.0, env=env).start()
     agent = AgentProcess(root, broker.address, "bench-agent", slots=slots).start()
     proc, address = _start_direct(root, slots) if direct else (None, "")
+    running = Stack(root, broker, agent, proc, address)  # type: ignore[arg-type]
     try:
-        yield Stack(root, broker, agent, proc, address)  # type: ignore[arg-type]
+        yield running
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+        for extra in running.extra:  # agents a scenario added (they would outlive the bench)
+            extra.stop()
         agent.stop()
         broker.stop()
 
