@@ -2,15 +2,16 @@
 
 Small payloads (at most ``INLINE_MAX_BYTES``) stay in memory and are stored in the task's row,
 in the same transaction as the task: no file, no extra fsync. Larger ones are files written
-under a ``.part`` name, fsynced, then renamed (and the directory fsynced), so a crash never
-leaves a half-written payload under its final name. Writes of a chunk to the page cache are
-treated as non-blocking; the fsync crosses into a worker thread.
+under a ``.part`` name by a writer thread, fsynced, then renamed (and the directory fsynced),
+so a crash never leaves a half-written payload under its final name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -42,7 +43,15 @@ class InlineWriter:
 
 
 class SpoolWriter:
-    """Appends chunks to one payload file; ``commit`` makes it durable under its final name."""
+    """Appends chunks to one payload file; ``commit`` makes it durable under its final name.
+
+    The file is written by a thread of its own, so the event loop goes on receiving the next
+    chunk while the last one is copied into the page cache (on this kind of VM that copy, not
+    the network, was half of the broker's time on a large tensor). At most ``MAX_PENDING``
+    chunks wait for the thread; past that, ``write`` blocks: the disk pushes back.
+    """
+
+    MAX_PENDING = 16
 
     inline: bytes | None = None
     """Always None: the payload is the file."""
@@ -52,26 +61,51 @@ class SpoolWriter:
         self._part = path.with_name(path.name + ".part")
         self._file: BinaryIO = open(self._part, "wb", buffering=0)  # noqa: SIM115
         self.bytes_written = 0
+        self._pending: queue.Queue[memoryview | None] = queue.Queue(self.MAX_PENDING)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._drain, name="spool-writer", daemon=True)
+        self._thread.start()
 
     def write(self, data: bytes | memoryview) -> None:
-        """Appends bytes."""
+        """Queues bytes for the file (``data`` must not change afterwards: bytes are ideal)."""
+        if self._error is not None:
+            raise self._error
         view = memoryview(data)
-        while view:
-            written = self._file.write(view)
-            assert written is not None
-            view = view[written:]
-            self.bytes_written += written
+        self._pending.put(view)
+        self.bytes_written += len(view)
 
     async def commit(self) -> None:
-        """Fsyncs the file, renames it into place and fsyncs the directory."""
-        await asyncio.to_thread(self._sync_and_rename)
+        """Waits for the writes, fsyncs the file, renames it into place, fsyncs the directory."""
+        await asyncio.to_thread(self._finish_and_rename)
 
     def abort(self) -> None:
         """Drops the partial file."""
+        self._stop()
         self._file.close()
         self._part.unlink(missing_ok=True)
 
-    def _sync_and_rename(self) -> None:
+    def _drain(self) -> None:
+        while (view := self._pending.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking chunks so a blocked write() wakes up
+            try:
+                while view:
+                    written = self._file.write(view)
+                    assert written is not None
+                    view = view[written:]
+            except OSError as exc:
+                self._error = exc
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
+
+    def _finish_and_rename(self) -> None:
+        self._stop()
+        if self._error is not None:
+            self._file.close()
+            raise self._error
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._part, self.path)
