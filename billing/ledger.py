@@ -12,7 +12,16 @@ from sqlalchemy.engine import Connection
 from billing.models import usage
 from billing.prices import PriceCatalog, cost_nanousd
 
-__all__ = ["GROUPS", "UsageRecord", "UsageSummary", "record_usage", "summaries", "usage_rows"]
+__all__ = [
+    "GROUPS",
+    "UsageRecord",
+    "UsageSummary",
+    "insert_usage",
+    "priced_usage",
+    "record_usage",
+    "summaries",
+    "usage_rows",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,28 +70,38 @@ def record_usage(
     The caller marks the task succeeded in the same transaction. ``task_id`` is unique, so a
     second row for the same task raises ``IntegrityError`` and rolls the whole transaction back.
     """
+    row = priced_usage(record, catalog, now)
+    insert_usage(conn, [row])
+    return int(row["cost_nanousd"])
+
+
+def insert_usage(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Inserts priced usage rows (from ``priced_usage``) with one statement, inside the
+    caller's open transaction; the same guarantees as ``record_usage``."""
+    if rows:
+        conn.execute(_INSERT_USAGE, rows)
+
+
+def priced_usage(record: UsageRecord, catalog: PriceCatalog, now: datetime) -> dict[str, Any]:
+    """The usage row for ``record``, priced with the catalog, ready for ``insert_usage``."""
     price = catalog.price_for(record.gpu_type)
     cost = cost_nanousd(record.compute_seconds, price, catalog.policy)
-    conn.execute(
-        _INSERT_USAGE,
-        {
-            "task_id": record.task_id,
-            "tenant": record.tenant,
-            "workload": record.workload,
-            "agent_id": record.agent_id,
-            "gpu_type": record.gpu_type,
-            "attempt": record.attempt,
-            "queue_wait_seconds": record.queue_wait_seconds,
-            "compute_seconds": record.compute_seconds,
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "price_per_hour_nanousd": price.per_hour_nanousd,
-            "cost_nanousd": cost,
-            "price_version": price.version,
-            "created_at": now,
-        },
-    )
-    return cost
+    return {
+        "task_id": record.task_id,
+        "tenant": record.tenant,
+        "workload": record.workload,
+        "agent_id": record.agent_id,
+        "gpu_type": record.gpu_type,
+        "attempt": record.attempt,
+        "queue_wait_seconds": record.queue_wait_seconds,
+        "compute_seconds": record.compute_seconds,
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+        "price_per_hour_nanousd": price.per_hour_nanousd,
+        "cost_nanousd": cost,
+        "price_version": price.version,
+        "created_at": now,
+    }
 
 
 def _in_range(query: Any, since: datetime | None, until: datetime | None) -> Any:

@@ -270,26 +270,33 @@ class Dispatcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # Every free slot is matched first, then all claims are awaited together: they
-            # share one transaction instead of one commit (and one round trip) each.
-            claims = []
+            # Every free slot is matched first; then each agent's tasks are claimed with one
+            # statement, and the agents' claims share one transaction (group commit).
+            claims: dict[AgentSession, dict[str, str]] = {}
             while (session := self.registry.pick()) is not None and (item := self.queue.pop()):
                 session.credits -= 1
                 self.queue.started(item[1])
-                claims.append(self._assign(session, *item))
+                claims.setdefault(session, {})[item[0]] = item[1]
             if claims:
-                await asyncio.gather(*claims)
+                await asyncio.gather(*(self._assign(s, items) for s, items in claims.items()))
 
-    async def _assign(self, session: AgentSession, task_id: str, tenant: str) -> None:
-        """Claims a popped task for a slot already taken from ``session``'s credit."""
+    async def _assign(self, session: AgentSession, items: dict[str, str]) -> None:
+        """Claims popped tasks (task id -> tenant) for slots already taken from ``session``."""
         try:
-            task = await self._store.call(self._store.sync.claim, task_id, session.info, _now())
+            claimed = await self._store.call(
+                self._store.sync.claim_many, list(items), session.info, _now()
+            )
         except BaseException:
-            self._unclaimed(session, tenant)
+            for tenant in items.values():
+                self._unclaimed(session, tenant)
             raise
-        if task is None:  # cancelled or expired while queued
-            self._unclaimed(session, tenant)
-            return
+        for task_id in items.keys() - {t.id for t in claimed}:  # cancelled or expired
+            self._unclaimed(session, items[task_id])
+        order = {task_id: i for i, task_id in enumerate(items)}  # the queue's order
+        for task in sorted(claimed, key=lambda t: order[t.id]):
+            await self._hand_over(session, task, items[task.id])
+
+    async def _hand_over(self, session: AgentSession, task: Task, tenant: str) -> None:
         if session.closed or session.draining:
             self.queue.finished(tenant)
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from billing.budget import BudgetStatus, budget_status, monthly_limit, next_month
 from billing.errors import UnknownPriceError
-from billing.ledger import UsageRecord, UsageSummary, record_usage, summaries
+from billing.ledger import UsageRecord, UsageSummary, insert_usage, priced_usage, summaries
 from billing.models import tasks, workloads
 from billing.prices import PriceCatalog, format_usd
 from broker.errors import (
@@ -49,6 +49,21 @@ _INSERT_TASK = tasks.insert().returning(*tasks.c)
 _CLAIM = (
     tasks.update()
     .where(tasks.c.id == _bind("id", tasks.c.id), tasks.c.state == TaskState.QUEUED.value)
+    .values(
+        state=TaskState.RUNNING.value,
+        attempt=tasks.c.attempt + 1,
+        agent_id=_bind("agent_id", tasks.c.agent_id),
+        gpu_type=_bind("gpu_type", tasks.c.gpu_type),
+        started_at=_bind("now", tasks.c.started_at),
+    )
+    .returning(*tasks.c)
+)
+_CLAIM_MANY = (
+    tasks.update()
+    .where(
+        tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)),
+        tasks.c.state == TaskState.QUEUED.value,
+    )
     .values(
         state=TaskState.RUNNING.value,
         attempt=tasks.c.attempt + 1,
@@ -109,6 +124,8 @@ class TaskStore:
         self._billing = billing
         self._batch: Connection | None = None
         self._budget_checked: set[str] = set()
+        self._usage_rows: list[dict[str, Any]] = []
+        """Usage rows of this transaction's successes, inserted with one statement at its end."""
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -117,8 +134,10 @@ class TaskStore:
             yield self._batch
         else:
             self._budget_checked.clear()
+            self._usage_rows.clear()
             with self._engine.begin() as conn:
                 yield conn
+                insert_usage(conn, self._usage_rows)
 
     def run_batch(self, ops: Sequence[Callable[[], object]]) -> list[object]:
         """Runs several operations in ONE transaction: one commit (one fsync) for all.
@@ -131,12 +150,14 @@ class TaskStore:
             with self._engine.begin() as conn:
                 self._batch = conn
                 self._budget_checked.clear()
+                self._usage_rows.clear()
                 results: list[object] = []
                 for op in ops:
                     try:
                         results.append(op())
                     except BrokerError as exc:
                         results.append(exc)
+                insert_usage(conn, self._usage_rows)
                 self._batch = None
             return results
         except Exception:
@@ -245,6 +266,21 @@ class TaskStore:
             ).first()
             return _task_from_row(row) if row is not None else None
 
+    def claim_many(self, task_ids: Sequence[str], agent: AgentInfo, now: datetime) -> list[Task]:
+        """``claim`` for several tasks and one agent, in one statement; returns those claimed
+        (a task cancelled or expired while queued is left out)."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                _CLAIM_MANY,
+                {
+                    "b_ids": list(task_ids),
+                    "b_agent_id": agent.agent_id,
+                    "b_gpu_type": agent.gpu_type,
+                    "b_now": now,
+                },
+            )
+            return [_task_from_row(row) for row in rows]
+
     def requeue(self, attempt: Attempt, max_attempts: int, now: datetime, reason: str) -> Task:
         """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
         with self._transaction() as conn:
@@ -284,8 +320,10 @@ class TaskStore:
                 _running_attempt(conn, attempt, outcome.agent_id)  # raises, naming the state
                 raise StaleAttemptError(f"attempt {attempt.number} of {attempt.task_id} is stale")
             task = _task_from_row(row)
-            if self._billing:
-                record_usage(conn, _usage(task, outcome, output_bytes), self._catalog, now)
+            if self._billing:  # inserted, with the batch's others, before this transaction ends
+                self._usage_rows.append(
+                    priced_usage(_usage(task, outcome, output_bytes), self._catalog, now)
+                )
             return task
 
     def fail(

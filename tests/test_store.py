@@ -84,6 +84,20 @@ def test_each_claim_starts_a_new_attempt(store: TaskStore) -> None:
     assert store.claim("t1", AGENT, NOW) is None
 
 
+def test_claim_many_claims_only_queued_tasks_in_one_go(store: TaskStore) -> None:
+    for task_id in ("t1", "t2", "t3", "t4"):
+        store.create(task_id, "tenant", _spec(), NOW, None)
+    store.claim("t2", OTHER, NOW)  # already running elsewhere
+    store.cancel("t3", "tenant", NOW)
+
+    claimed = store.claim_many(["t1", "t2", "t3", "t4", "missing"], AGENT, NOW)
+
+    assert sorted(t.id for t in claimed) == ["t1", "t4"]
+    assert all(t.attempt == 1 and t.agent_id == "agent-1" for t in claimed)
+    assert store.get("t2").agent_id == "agent-2"
+    assert store.claim_many(["t1", "t4"], OTHER, NOW) == []
+
+
 def test_a_result_from_a_stale_attempt_is_refused_and_not_billed(
     store: TaskStore, engine: sa.Engine
 ) -> None:
