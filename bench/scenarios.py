@@ -272,16 +272,28 @@ async def _submit_many(address: str, n: int, concurrency: int) -> None:
 
 
 def billing_overhead(root: Path, per_client: int, clients: int, reps: int) -> list[Row]:
-    """(d) tiny-task throughput with the usage ledger on and off."""
+    """(d) tiny-task throughput (``map``, where per-task costs show most) and CPU per task with
+    the usage ledger on and off: two brokers up side by side, runs alternating between them."""
     payload = torch.arange(4, dtype=torch.float32)
-    rates: dict[str, list[float]] = {"on": [], "off": []}
-    for i in range(reps):
-        for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
-            env = {"GPUBROKER_BILLING": mode}
-            with stack(root / f"billing-{mode}", env=env, direct=False) as s:
-                rates[mode].append(_throughput(s, "broker", payload, clients, per_client)[0])
-    on, off = median(rates["on"]), median(rates["off"])
+    runs: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    with (
+        stack(root / "billing-on", env={"GPUBROKER_BILLING": "on"}, direct=False) as on,
+        stack(root / "billing-off", env={"GPUBROKER_BILLING": "off"}, direct=False) as off,
+    ):
+        stacks = {"on": on, "off": off}
+        for i in range(reps):
+            for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                s = stacks[mode]
+                runs[mode].append(_map_throughput(s, "broker", payload, clients, per_client))
+    rate = {m: median([r for r, _ in v]) for m, v in runs.items()}
+    cpu = {m: median([c for _, c in v]) for m, v in runs.items()}
     return [
-        Row("billing", f"{clients} clients: throughput, billing on vs off", "tasks/s", on, off),
-        Row("billing", "billing cost", "% of throughput", (off - on) / off * 100, None, False),
-    ]
+        Row("billing", f"{clients} clients, map: billing on vs off", "tasks/s", rate["on"],
+            rate["off"]),
+        Row("billing", "CPU per task, billing on vs off", "CPU ms/task", cpu["on"], cpu["off"],
+            False),
+        Row("billing", "billing cost (throughput)", "%",
+            (rate["off"] - rate["on"]) / rate["off"] * 100, None, False),
+        Row("billing", "billing cost (CPU per task)", "%",
+            (cpu["on"] - cpu["off"]) / cpu["off"] * 100, None, False),
+    ]  # fmt: skip

@@ -8,6 +8,7 @@ Example::
     with Client("localhost:50051", api_key="...") as client:
         product = client.run("matmul", [torch.randn(64, 32), torch.randn(32, 8)]).output
         spectrum = client.submit("fft", torch.randn(1024)).result(timeout=60).output
+        sums = [r.output for r in client.map("add", [[torch.ones(3), torch.ones(3)]] * 100)]
 
 ``AsyncClient`` offers the same methods as coroutines. Every failed call raises a subclass of
 ``GpuBrokerError`` named after its gRPC status (see ``client.errors``).
@@ -33,6 +34,7 @@ from client.errors import (
     TaskFailedError,
     UnavailableError,
 )
+from client.tls import client_credentials
 from client.wire import TensorMeta
 
 __all__ = [
@@ -58,4 +60,5 @@ __all__ = [
     "TensorMeta",
     "UnavailableError",
     "Usage",
+    "client_credentials",
 ]
