@@ -183,40 +183,38 @@ def _throughput(
     s: Stack, target: str, payload: torch.Tensor, clients: int, per_client: int
 ) -> tuple[float, float]:
     """Returns (tasks/s, CPU ms per task) of ``clients`` threads running tasks back to back."""
-    address = s.address(target)
-    barrier = threading.Barrier(clients + 1)
 
-    def work() -> None:
-        with Client(address, "key-a") as client:
+    def run(client: Client, n: int) -> None:
+        for _ in range(n):
             client.run("echo", [payload], timeout=60)
-            barrier.wait()
-            for _ in range(per_client):
-                client.run("echo", [payload], timeout=60)
 
-    threads = [threading.Thread(target=work) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    with s.measure(target) as m:
-        for thread in threads:
-            thread.join()
-    total = clients * per_client
-    return total / m.wall_s, m.cpu_s / total * 1e3
+    return _clients(s, target, clients, per_client, run)
 
 
 def _map_throughput(
     s: Stack, target: str, payload: torch.Tensor, clients: int, per_client: int
 ) -> tuple[float, float]:
     """Like ``_throughput``, but each client sends its tasks with ``Client.map`` on one call."""
+
+    def run(client: Client, n: int) -> None:
+        assert len(list(client.map("echo", [payload] * n))) == n
+
+    return _clients(s, target, clients, per_client, run)
+
+
+def _clients(
+    s: Stack, target: str, clients: int, per_client: int, run: Callable[[Client, int], None]
+) -> tuple[float, float]:
+    """``clients`` threads each warm up, wait for the others, then ``run(client, per_client)``;
+    returns (tasks/s, CPU ms per task) over the timed part."""
     address = s.address(target)
     barrier = threading.Barrier(clients + 1)
 
     def work() -> None:
         with Client(address, "key-a") as client:
-            list(client.map("echo", [payload] * 10))
+            run(client, 3)
             barrier.wait()
-            results = list(client.map("echo", [payload] * per_client))
-        assert len(results) == per_client
+            run(client, per_client)
 
     threads = [threading.Thread(target=work) for _ in range(clients)]
     for thread in threads:

@@ -46,16 +46,17 @@ def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
 # The hot statements are built once: building one per call (and its cache key) cost more than
 # running it. Bind names carry a ``b_`` prefix because UPDATE reserves the column names.
 _INSERT_TASK = tasks.insert().returning(*tasks.c)
+_CLAIMED: dict[str, Any] = {
+    "state": TaskState.RUNNING.value,
+    "attempt": tasks.c.attempt + 1,
+    "agent_id": _bind("agent_id", tasks.c.agent_id),
+    "gpu_type": _bind("gpu_type", tasks.c.gpu_type),
+    "started_at": _bind("now", tasks.c.started_at),
+}
 _CLAIM = (
     tasks.update()
     .where(tasks.c.id == _bind("id", tasks.c.id), tasks.c.state == TaskState.QUEUED.value)
-    .values(
-        state=TaskState.RUNNING.value,
-        attempt=tasks.c.attempt + 1,
-        agent_id=_bind("agent_id", tasks.c.agent_id),
-        gpu_type=_bind("gpu_type", tasks.c.gpu_type),
-        started_at=_bind("now", tasks.c.started_at),
-    )
+    .values(**_CLAIMED)
     .returning(*tasks.c)
 )
 _CLAIM_MANY = (
@@ -64,13 +65,7 @@ _CLAIM_MANY = (
         tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)),
         tasks.c.state == TaskState.QUEUED.value,
     )
-    .values(
-        state=TaskState.RUNNING.value,
-        attempt=tasks.c.attempt + 1,
-        agent_id=_bind("agent_id", tasks.c.agent_id),
-        gpu_type=_bind("gpu_type", tasks.c.gpu_type),
-        started_at=_bind("now", tasks.c.started_at),
-    )
+    .values(**_CLAIMED)
     .returning(*tasks.c)
 )
 _SUCCEED = (
