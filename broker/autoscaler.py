@@ -176,6 +176,10 @@ class Termination:
 
     name: str
     reason: str
+    """Why, for people."""
+    kind: str = "idle"
+    """Why, for code: ``idle``, ``stuck`` (its agent never or no longer connects) or
+    ``terminated`` (the provider already reports it gone, e.g. preempted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +268,9 @@ class Autoscaler:
 
     def _broken(self, instance: InstanceSnapshot, now_s: float) -> Termination | None:
         if instance.status is InstanceStatus.TERMINATED:
-            return Termination(instance.name, "the provider reports it TERMINATED (preempted?)")
+            return Termination(
+                instance.name, "the provider reports it TERMINATED (preempted?)", "terminated"
+            )
         if instance.status is InstanceStatus.STOPPING or instance.connected:
             return None
         since = instance.agent_last_seen_s
@@ -277,6 +283,7 @@ class Autoscaler:
             instance.name,
             f"its agent has {what} for {waited:.0f} s, over the "
             f"{self.policy.boot_timeout_s:.0f} s boot timeout",
+            "stuck",
         )
 
     def _scale_up(

@@ -176,11 +176,9 @@ class ScalingLoop:
             pending_launches=self._pending,
         )
         decision = self.autoscaler.decide(snapshot, now_s)
-        status = {i.name: i.status for i in instances}
         for termination in decision.terminations:
             logger.info("stopping %s: %s", termination.name, termination.reason)
-            reason = _end_reason(termination.reason, status.get(termination.name))
-            self._spawn(self._terminate(termination.name, reason))
+            self._spawn(self._terminate(termination.name, _END_REASONS[termination.kind]))
         if decision.launch is not None and decision.launch.count:
             logger.info("launching %d: %s", decision.launch.count, decision.launch.reason)
             for _ in range(decision.launch.count):
@@ -299,9 +297,9 @@ class ScalingLoop:
         await asyncio.to_thread(record_deleted, self._engine, name, datetime.now(UTC), reason)
 
 
-def _end_reason(text: str, status: InstanceStatus | None) -> EndReason:
-    if status is InstanceStatus.TERMINATED:
-        return EndReason.PREEMPTED
-    if "connected for" in text:  # "its agent has never connected for N s, over the boot timeout"
-        return EndReason.STUCK
-    return EndReason.IDLE
+_END_REASONS = {
+    "idle": EndReason.IDLE,
+    "stuck": EndReason.STUCK,
+    "terminated": EndReason.PREEMPTED,
+}
+"""What a termination's kind is recorded as in the billing database."""

@@ -207,6 +207,7 @@ def test_an_idle_instance_is_kept_for_one_boot_time_then_stopped() -> None:
     assert kept.terminations == ()
     assert stopped.terminated_names == ("vm-0",)
     assert "idle for 90 s, past the 90 s grace" in stopped.terminations[0].reason
+    assert stopped.terminations[0].kind == "idle"
 
 
 def test_an_idle_instance_is_never_stopped_within_its_billed_minute() -> None:
@@ -287,6 +288,7 @@ def test_an_instance_whose_agent_never_connects_is_stopped_after_the_boot_timeou
     assert "never connected for 601 s, over the 600 s boot timeout" in (
         timed_out.terminations[0].reason
     )
+    assert timed_out.terminations[0].kind == "stuck"
 
 
 def test_a_stuck_instance_is_replaced_when_work_waits() -> None:
@@ -317,6 +319,7 @@ def test_a_terminated_instance_is_deleted_and_no_longer_counts() -> None:
 
     assert decision.terminated_names == ("vm-0",)
     assert "TERMINATED" in decision.terminations[0].reason
+    assert decision.terminations[0].kind == "terminated"
     assert decision.launch_count == 1
 
 
