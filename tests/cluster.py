@@ -6,6 +6,7 @@ either one. Files (SQLite database, payload spool, logs) live in the test's tmp 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,14 +14,31 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 API_KEYS = {"key-a": "tenant-a", "key-b": "tenant-b", "key-c": "tenant-c", "key-d": "tenant-d"}
 """API key -> tenant of the test broker."""
+
+
+def broker_settings(root: Path, **overrides: Any) -> Settings:
+    """Settings of an in-process test broker: a free loopback port, its SQLite database and
+    spool under ``root``, schema migrated, and agents that tests start themselves (provider
+    ``none``: the default ``local`` provider would start agent processes of its own)."""
+    base = Settings(
+        listen_address="127.0.0.1:0",
+        database_url=f"sqlite:///{root / 'broker.db'}",
+        spool_dir=root / "spool",
+        migrate=True,
+        provider="none",
+    )
+    return dataclasses.replace(base, **overrides)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:

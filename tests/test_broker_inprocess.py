@@ -18,10 +18,10 @@ import sqlalchemy as sa
 
 from billing.budget import set_budget
 from billing.prices import PriceCatalog
-from broker.config import Settings
 from broker.server import BrokerServer, create_server
 from client.wire import crc32c
 from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+from tests.cluster import broker_settings
 
 AUTH = (("authorization", "Bearer key-a"),)
 AGENT_AUTH = (("authorization", "Bearer join-me"),)
@@ -29,15 +29,12 @@ AGENT_AUTH = (("authorization", "Bearer join-me"),)
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
-    settings = Settings(
-        listen_address="127.0.0.1:0",
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        spool_dir=tmp_path / "spool",
+    settings = broker_settings(
+        tmp_path,
         api_keys={"key-a": "tenant-a"},
         join_token="join-me",
         heartbeat_interval_s=0.2,
         lease_timeout_s=1.0,
-        migrate=True,
         metrics_address="127.0.0.1:0",
     )
     server = await create_server(settings, PriceCatalog.load())

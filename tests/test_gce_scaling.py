@@ -16,13 +16,12 @@ from google.auth.credentials import AnonymousCredentials
 from billing.models import vm_instances
 from billing.prices import PriceCatalog
 from broker.autoscaler import ScalingPolicy
-from broker.config import Settings
 from broker.providers.base import LaunchRequest
 from broker.providers.gce import GceProvider, GceSettings
 from broker.scaling import ScalingConfig, ScalingLoop
 from broker.server import BrokerServer, create_server
 from client import AsyncClient
-from tests.cluster import AgentProcess, wait_until
+from tests.cluster import AgentProcess, broker_settings, wait_until
 from tests.fake_compute import FakeCompute
 
 PROJECT = "test-project"
@@ -36,15 +35,8 @@ def compute() -> Iterator[FakeCompute]:
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
-    settings = Settings(
-        listen_address="127.0.0.1:0",
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        spool_dir=tmp_path / "spool",
-        api_keys={"key-a": "tenant-a"},
-        heartbeat_interval_s=0.3,
-        lease_timeout_s=3.0,
-        migrate=True,
-        provider="none",
+    settings = broker_settings(
+        tmp_path, api_keys={"key-a": "tenant-a"}, heartbeat_interval_s=0.3, lease_timeout_s=3.0
     )
     server = await create_server(settings, PriceCatalog.load())
     try:

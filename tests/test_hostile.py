@@ -35,12 +35,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from billing.prices import PriceCatalog
-from broker.config import Limits, Settings
+from broker.config import Limits
 from broker.server import MAX_MESSAGE_BYTES, BrokerServer, create_server
 from client.wire import DTYPE_ITEMSIZE, INLINE_MAX_BYTES, MAX_RANK, crc32c
 from gpu_agent.workloads import registry
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import AgentProcess
+from tests.cluster import AgentProcess, broker_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -817,16 +817,8 @@ async def _wait_for_agent(server: BrokerServer) -> None:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
     root = tmp_path_factory.mktemp("hostile")
-    settings = Settings(
-        listen_address="127.0.0.1:0",
-        database_url=f"sqlite:///{root / 'broker.db'}",
-        spool_dir=root / "spool",
-        api_keys=KEYS,
-        heartbeat_interval_s=0.5,
-        lease_timeout_s=30.0,
-        migrate=True,
-        provider="none",
-        limits=LIMITS,
+    settings = broker_settings(
+        root, api_keys=KEYS, heartbeat_interval_s=0.5, lease_timeout_s=30.0, limits=LIMITS
     )
     server = await create_server(settings, PriceCatalog.load())
     agent = AgentProcess(root, f"127.0.0.1:{server.port}", "hostile", slots=4).start()

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from billing.prices import PriceCatalog
-from broker.config import Settings
 from broker.providers.base import InstanceStatus, LaunchRequest, Provider
 from broker.providers.local import LocalProvider, LocalSettings
 from broker.server import BrokerServer, create_server
 from client import AsyncClient
+from tests.cluster import broker_settings
 
 REQUEST = LaunchRequest(gpu_types=("cpu",), spot=False)
 JOIN_TOKEN = "join-me"
@@ -32,15 +32,12 @@ UNREACHABLE = "127.0.0.1:1"
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
-    settings = Settings(
-        listen_address="127.0.0.1:0",
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        spool_dir=tmp_path / "spool",
+    settings = broker_settings(
+        tmp_path,
         api_keys={"key-a": "tenant-a"},
         join_token=JOIN_TOKEN,
         heartbeat_interval_s=0.2,
         lease_timeout_s=1.0,
-        migrate=True,
     )
     server = await create_server(settings, PriceCatalog.load())
     try:

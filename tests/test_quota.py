@@ -18,6 +18,7 @@ from broker.scheduler import FairQueue
 from broker.server import BrokerServer, create_server
 from client.wire import DTYPE_ITEMSIZE, MAX_RANK, crc32c
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from tests.cluster import broker_settings
 from tests.test_broker_malformed import submit_requests
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
@@ -252,15 +253,7 @@ def test_impossible_limits_are_refused(fields: dict[str, object]) -> None:
 
 
 async def _broker(tmp_path: Path, limits: Limits) -> BrokerServer:
-    settings = Settings(
-        listen_address="127.0.0.1:0",
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        spool_dir=tmp_path / "spool",
-        api_keys=KEYS,
-        migrate=True,
-        provider="none",
-        limits=limits,
-    )
+    settings = broker_settings(tmp_path, api_keys=KEYS, limits=limits)
     return await create_server(settings, PriceCatalog.load())
 
 

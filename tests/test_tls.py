@@ -33,7 +33,7 @@ from client import AsyncClient, Client, UnavailableError
 from gpu_agent.config import Settings as AgentSettings
 from gpu_agent.gateway import GatewayClient, open_channel
 from protos import agent_pb2
-from tests.cluster import AgentProcess
+from tests.cluster import AgentProcess, broker_settings
 from tests.test_grpcurl import _grpcurl, _run
 
 KEY = "key-a"
@@ -52,16 +52,9 @@ def other_certs(tmp_path_factory: pytest.TempPathFactory) -> DevCertificates:
 
 
 def _settings(root: Path, **values: object) -> Settings:
-    base = Settings(
-        listen_address="127.0.0.1:0",
-        database_url=f"sqlite:///{root / 'broker.db'}",
-        spool_dir=root / "spool",
-        api_keys={KEY: "tenant-a"},
-        heartbeat_interval_s=0.3,
-        migrate=True,
-        provider="none",
+    return broker_settings(
+        root, **({"api_keys": {KEY: "tenant-a"}, "heartbeat_interval_s": 0.3} | values)
     )
-    return replace(base, **values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
