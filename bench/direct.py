@@ -1,8 +1,9 @@
 """The direct-gRPC baseline: an agent-like server that runs workloads on the ``Run`` call itself.
 
 It speaks the broker's client API (so the same ``client.Client`` drives both) with the same
-codec and the same workload runner, but no queue, no database, no spool and no second hop:
-what a user would get by calling a GPU box directly. ``python -m bench.direct --port-file F``.
+codec, the same chunk framing (``client.frames``) and the same workload runner, but no queue,
+no database, no spool and no second hop: what a user would get by calling a GPU box directly.
+``python -m bench.direct --port-file F``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import click
 import grpc
 import torch
 
+from broker.handlers import add_servicer
 from client.codec import decode, encode
+from client.frames import chunk_messages
 from client.proto import meta_from_proto, meta_to_proto, params_from_proto
-from client.wire import Assembler, iter_chunks
+from client.wire import Assembler
 from gpu_agent.runner import Runner, detect_device
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
 
@@ -38,20 +41,20 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
 
-    async def Run(
+    async def Run(  # type: ignore[override]  # chunks go out as bytes (client.frames)
         self,
         request_iterator: AsyncIterator[broker_pb2.RunRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[broker_pb2.RunResponse]:
+    ) -> AsyncIterator[broker_pb2.RunResponse | bytes]:
         messages = aiter(request_iterator)
         first = await anext(messages)
         assembler = Assembler([meta_from_proto(h) for h in first.header.inputs])
         async for message in messages:  # assembled as it streams in, as the agent does
-            assembler.feed(message.chunk.data)
+            assembler.feed(message if isinstance(message, memoryview) else message.chunk.data)
         info, outputs = await self._execute(first.header, assembler)
         yield broker_pb2.RunResponse(task=info)
-        for chunk in iter_chunks(outputs):
-            yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=chunk))
+        for chunk in chunk_messages(broker_pb2.RunResponse, outputs):
+            yield chunk
 
     async def RunMany(
         self,
@@ -129,7 +132,8 @@ async def _serve(port_file: Path, slots: int) -> None:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    broker_pb2_grpc.add_BrokerServicer_to_server(DirectServicer(runner), server)  # type: ignore[abstract]
+    # The same chunk fast path (client.frames) as the broker's, so only the relay differs.
+    add_servicer(server, broker_pb2.DESCRIPTOR.services_by_name["Broker"], DirectServicer(runner))  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     port_file.write_text(f"{port}\n")

@@ -114,20 +114,28 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
                     return
 
 
-async def split_stream(messages: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[bytes]]:
-    """Reads a header-then-chunks stream: returns the header and an iterator of chunk bytes."""
+async def split_stream(
+    messages: AsyncIterator[Any],
+) -> tuple[Any, AsyncIterator[bytes | memoryview]]:
+    """Reads a header-then-chunks stream: returns the header and an iterator of chunk bytes.
+
+    A chunk may arrive as the ``memoryview`` ``client.frames`` made of it, or as a message.
+    """
     iterator = aiter(messages)
     first = await anext(iterator, None)
-    if first is None or first.WhichOneof("kind") != "header":
+    if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
         raise InvalidTaskError("the stream must start with a header message")
     return first.header, _chunks(iterator)
 
 
-async def _chunks(iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+async def _chunks(iterator: AsyncIterator[Any]) -> AsyncIterator[bytes | memoryview]:
     async for message in iterator:
-        if message.WhichOneof("kind") != "chunk":
+        if isinstance(message, memoryview):  # the fast path (client.frames)
+            yield message
+        elif message.WhichOneof("kind") == "chunk":
+            yield message.chunk.data
+        else:
             raise InvalidTaskError("only chunk messages may follow the header")
-        yield message.chunk.data
 
 
 def _params(params: Mapping[str, task_pb2.ParamValue]) -> dict[str, Param]:

@@ -187,7 +187,9 @@ class Dispatcher:
         self.check_lease(agent_id, attempt)
         return await self._store.call(self._store.sync.get, attempt.task_id)
 
-    async def complete(self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes]) -> Task:
+    async def complete(
+        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview]
+    ) -> Task:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
         self.check_lease(outcome.agent_id, outcome.attempt)
         if outcome.error_code:
@@ -232,7 +234,7 @@ class Dispatcher:
             await self._requeue(outcome.attempt, str(exc))
 
     async def _spool_outputs(
-        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes]
+        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview]
     ) -> bytes | None:
         """Checks and stores the outputs; returns them when small enough to live in the row."""
         for meta in outcome.outputs:

@@ -24,8 +24,9 @@ from broker.errors import BrokerError, InvalidTaskError
 from broker.model import AgentInfo
 from broker.registry import AgentSession, Assign, Close, Outgoing, Revoke
 from broker.spool import Spool
+from client.frames import chunk_message
 from client.proto import meta_to_proto, params_to_proto
-from protos import agent_pb2, agent_pb2_grpc, task_pb2
+from protos import agent_pb2, agent_pb2_grpc
 
 __all__ = ["AgentGatewayServicer"]
 
@@ -81,15 +82,15 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                 await reader
             await asyncio.shield(self._dispatcher.disconnect(session, "control stream closed"))
 
-    async def FetchInputs(
+    async def FetchInputs(  # type: ignore[override]  # chunks go out as bytes
         self, request: agent_pb2.FetchInputsRequest, context: Context
-    ) -> AsyncIterator[agent_pb2.FetchInputsResponse]:
+    ) -> AsyncIterator[agent_pb2.FetchInputsResponse | bytes]:
         async with abort_on_broker_error(context):
             self._auth.check_agent(context.invocation_metadata())
             attempt = attempt_from_proto(request.attempt)
             task = await self._dispatcher.leased_task(request.agent_id, attempt)
             async for data in self._spool.inputs(task):
-                yield agent_pb2.FetchInputsResponse(chunk=task_pb2.DataChunk(data=data))
+                yield chunk_message(agent_pb2.FetchInputsResponse, data)
 
     async def PutResult(
         self, request_iterator: AsyncIterator[agent_pb2.PutResultRequest], context: Context

@@ -24,6 +24,7 @@ from broker.dispatcher import Dispatcher
 from broker.errors import ConfigError, SchemaOutdatedError
 from broker.events import TaskEvents
 from broker.gateway import AgentGatewayServicer
+from broker.handlers import add_servicer
 from broker.metrics import Metrics
 from broker.providers.base import Provider
 from broker.providers.local import LocalProvider, LocalSettings
@@ -33,7 +34,7 @@ from broker.spool import Spool
 from broker.store import TaskStore, create_engine
 from broker.tasks import TaskService
 from broker.tls import bind_port
-from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc
+from protos import agent_pb2, broker_pb2
 
 __all__ = ["CHANNEL_OPTIONS", "BrokerServer", "create_server"]
 
@@ -52,10 +53,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_ping_strikes", 0),
 ]
 
-_SERVICE_NAMES = (
-    broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
-    agent_pb2.DESCRIPTOR.services_by_name["AgentGateway"].full_name,
-)
+_BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["Broker"]
+_AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentGateway"]
+_SERVICE_NAMES = (_BROKER_SERVICE.full_name, _AGENT_SERVICE.full_name)
 
 
 @dataclass
@@ -126,9 +126,11 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     tasks = TaskService(store, spool, dispatcher, events, settings.limits)
 
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(tasks, auth), server)
-    agent_pb2_grpc.add_AgentGatewayServicer_to_server(
-        AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s), server
+    add_servicer(server, _BROKER_SERVICE, BrokerServicer(tasks, auth))
+    add_servicer(
+        server,
+        _AGENT_SERVICE,
+        AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

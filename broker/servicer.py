@@ -1,4 +1,8 @@
-"""The client-facing ``Broker`` service: decode, call ``TaskService``, encode. Nothing else."""
+"""The client-facing ``Broker`` service: decode, call ``TaskService``, encode. Nothing else.
+
+Registered by ``broker.handlers.add_servicer``: chunks of the data streams arrive as
+``memoryview``s and go out as messages serialised by ``client.frames`` (``bytes``).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from broker.convert import (
 )
 from broker.errors import BrokerError
 from broker.tasks import TaskService
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from client.frames import chunk_message
+from protos import broker_pb2, broker_pb2_grpc
 
 __all__ = ["BrokerServicer"]
 
@@ -49,9 +54,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             task, deduplicated = await self._tasks.submit(tenant, spec_from_proto(header), chunks)
         return broker_pb2.SubmitResponse(task_id=task.id, deduplicated=deduplicated)
 
-    async def Run(
+    async def Run(  # type: ignore[override]  # chunks go out as bytes (client.frames)
         self, request_iterator: AsyncIterator[broker_pb2.RunRequest], context: Context
-    ) -> AsyncIterator[broker_pb2.RunResponse]:
+    ) -> AsyncIterator[broker_pb2.RunResponse | bytes]:
         async with abort_on_broker_error(context, request_iterator):
             tenant = self._auth.tenant(context.invocation_metadata())
             header, chunks = await split_stream(request_iterator)
@@ -66,7 +71,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 async for task in self._tasks.watch(tenant, submitted.id, known):
                     yield broker_pb2.RunResponse(task=task_to_proto(task))
                 async for data in self._tasks.result_chunks(task):
-                    yield broker_pb2.RunResponse(chunk=task_pb2.DataChunk(data=data))
+                    yield chunk_message(broker_pb2.RunResponse, data)
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 if remaining is None or remaining > DEADLINE_SLACK_S:
@@ -102,16 +107,16 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             async for task in self._tasks.watch(tenant, request.task_id):
                 yield broker_pb2.WatchTaskResponse(task=task_to_proto(task))
 
-    async def GetResult(
+    async def GetResult(  # type: ignore[override]  # chunks go out as bytes
         self, request: broker_pb2.GetResultRequest, context: Context
-    ) -> AsyncIterator[broker_pb2.GetResultResponse]:
+    ) -> AsyncIterator[broker_pb2.GetResultResponse | bytes]:
         async with abort_on_broker_error(context):
             tenant = self._auth.tenant(context.invocation_metadata())
             task = await self._tasks.wait(tenant, request.task_id)
             chunks = self._tasks.result_chunks(task)
             yield broker_pb2.GetResultResponse(header=task_to_proto(task))
             async for data in chunks:
-                yield broker_pb2.GetResultResponse(chunk=task_pb2.DataChunk(data=data))
+                yield chunk_message(broker_pb2.GetResultResponse, data)
 
     async def CancelTask(
         self, request: broker_pb2.CancelTaskRequest, context: Context

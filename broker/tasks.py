@@ -59,7 +59,12 @@ class TaskService:
         await self._quota.pace(tenant, tasks)
 
     async def submit(
-        self, tenant: str, spec: TaskSpec, chunks: AsyncIterator[bytes], *, paced: bool = False
+        self,
+        tenant: str,
+        spec: TaskSpec,
+        chunks: AsyncIterator[bytes | memoryview],
+        *,
+        paced: bool = False,
     ) -> tuple[Task, bool]:
         """Checks the spec, spools and checks the bytes, commits the task and queues it.
 
@@ -244,7 +249,7 @@ def _check_counts(spec: TaskSpec, limits: Limits) -> None:
 
 
 async def _spool(
-    write: Callable[[memoryview], None], spec: TaskSpec, chunks: AsyncIterator[bytes]
+    write: Callable[[memoryview], None], spec: TaskSpec, chunks: AsyncIterator[bytes | memoryview]
 ) -> None:
     stream = TensorStream(spec.inputs)
     async for chunk in chunks:

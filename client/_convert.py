@@ -6,7 +6,7 @@ Everything here is free of I/O, so the two clients differ only in how they wait 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,8 +19,9 @@ from google.protobuf import timestamp_pb2
 from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind, decode, encode, is_torch
 from client.errors import InternalError, error_from_code
+from client.frames import chunk_messages, method_options
 from client.proto import meta_from_proto, meta_to_proto, params_to_proto
-from client.wire import Assembler, TensorMeta, iter_chunks
+from client.wire import Assembler, TensorMeta
 from protos import broker_pb2, task_pb2
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ResultCollector",
     "TaskPager",
     "encode_inputs",
+    "framed",
     "metadata",
     "new_request_id",
     "prepare_task",
@@ -116,7 +118,7 @@ class PreparedTask:
     buffers: tuple[memoryview, ...]
     output: OutputKind
 
-    def requests(self, cls: type[_Request], chunk_bytes: int) -> Iterator[_Request]:
+    def requests(self, cls: type[_Request], chunk_bytes: int) -> Iterator[_Request | bytes]:
         """A fresh Submit or Run request stream (each retry needs its own)."""
         return request_stream(cls, self.header, self.buffers, chunk_bytes)
 
@@ -149,11 +151,19 @@ def request_stream(
     header: broker_pb2.TaskHeader,
     buffers: Sequence[memoryview],
     chunk_bytes: int,
-) -> Iterator[_Request]:
-    """The header message, then the inputs' bytes back to back in chunks."""
+) -> Iterator[_Request | bytes]:
+    """The header message, then the inputs' bytes back to back in chunk messages (already
+    serialised, see ``client.frames``)."""
     yield cls(header=header)
-    for chunk in iter_chunks(buffers, chunk_bytes):
-        yield cls(chunk=task_pb2.DataChunk(data=chunk))
+    yield from chunk_messages(cls, buffers, chunk_bytes)
+
+
+_BROKER = broker_pb2.DESCRIPTOR.services_by_name["Broker"]
+
+
+def framed(method: str) -> tuple[str, Callable[[Any], bytes], Callable[[bytes], Any]]:
+    """Arguments for a ``Broker`` stub method with the chunk fast path (``client.frames``)."""
+    return method_options(_BROKER.methods_by_name[method])
 
 
 def _time(msg: task_pb2.TaskInfo, field: str) -> datetime | None:
@@ -248,9 +258,13 @@ class ResultCollector:
         self._last: TaskStatus | None = None
         self._assembler: Assembler | None = None
 
-    def add(self, reply: broker_pb2.RunResponse | broker_pb2.GetResultResponse) -> None:
-        """Takes one message of either stream."""
-        if reply.HasField("chunk"):
+    def add(
+        self, reply: broker_pb2.RunResponse | broker_pb2.GetResultResponse | memoryview
+    ) -> None:
+        """Takes one message of either stream (a chunk as the ``memoryview`` of its data)."""
+        if isinstance(reply, memoryview):
+            self._chunk(reply)
+        elif reply.HasField("chunk"):
             self._chunk(reply.chunk.data)
         elif isinstance(reply, broker_pb2.RunResponse):
             self._header(reply.task)
@@ -262,7 +276,7 @@ class ResultCollector:
         if self._last.state is TaskState.SUCCEEDED:
             self._assembler = Assembler(self._last.outputs)
 
-    def _chunk(self, data: bytes) -> None:
+    def _chunk(self, data: bytes | memoryview) -> None:
         if self._assembler is None:
             raise InternalError(
                 grpc.StatusCode.INTERNAL, "result bytes arrived before the result header"

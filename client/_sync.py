@@ -28,6 +28,7 @@ from client._convert import (
     PreparedTask,
     ResultCollector,
     TaskPager,
+    framed,
     metadata,
     prepare_task,
     status_from_proto,
@@ -66,6 +67,10 @@ class Client:
         else:
             self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        # The data streams, with tensor chunks framed without protobuf (client.frames).
+        self._run = self._channel.stream_stream(*framed("Run"))
+        self._submit = self._channel.stream_unary(*framed("Submit"))
+        self._get_result = self._channel.unary_stream(*framed("GetResult"))
         self._metadata = metadata(api_key)
         self._chunk_bytes = chunk_bytes
 
@@ -159,7 +164,7 @@ class Client:
         )
         collector = ResultCollector(task.output)
         requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
-        call = self._stub.Run(requests, metadata=self._metadata, timeout=timeout)
+        call = self._run(requests, metadata=self._metadata, timeout=timeout)
         try:
             with translate_rpc_errors():
                 for reply in call:
@@ -254,7 +259,7 @@ class Client:
     def _submit_once(self, task: PreparedTask) -> TaskHandle:
         requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
         with translate_rpc_errors():
-            reply = self._stub.Submit(requests, metadata=self._metadata)
+            reply = self._submit(requests, metadata=self._metadata)
         return TaskHandle(self, reply.task_id, task.output)
 
     # -- used by TaskHandle ----------------------------------------------------------------------
@@ -281,7 +286,7 @@ class Client:
     def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
         collector = ResultCollector(output)
         request = broker_pb2.GetResultRequest(task_id=task_id)
-        call = self._stub.GetResult(request, metadata=self._metadata, timeout=timeout)
+        call = self._get_result(request, metadata=self._metadata, timeout=timeout)
         try:
             with translate_rpc_errors():
                 for reply in call:

@@ -27,6 +27,7 @@ __all__ = [
     "WireError",
     "crc32c",
     "iter_chunks",
+    "iter_views",
 ]
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -117,10 +118,11 @@ class TensorMeta:
             )
 
 
-def iter_chunks(
+def iter_views(
     buffers: Iterable[bytes | bytearray | memoryview], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[bytes]:
-    """Cuts the concatenation of ``buffers`` into chunks of at most ``chunk_bytes``.
+) -> Iterator[list[memoryview]]:
+    """Cuts the concatenation of ``buffers`` into chunks of at most ``chunk_bytes``, as lists
+    of views into the buffers (no copy).
 
     Small tensors share a chunk, so a task of tiny inputs costs one message, not one each.
     """
@@ -135,15 +137,18 @@ def iter_chunks(
             pending_bytes += take
             offset += take
             if pending_bytes == chunk_bytes:
-                yield _join(pending)
+                yield pending
                 pending, pending_bytes = [], 0
     if pending_bytes:
-        yield _join(pending)
+        yield pending
 
 
-def _join(views: list[memoryview]) -> bytes:
-    # protobuf needs a bytes object, so one copy per chunk is unavoidable; join does exactly one.
-    return views[0].tobytes() if len(views) == 1 else b"".join(views)
+def iter_chunks(
+    buffers: Iterable[bytes | bytearray | memoryview], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """Cuts the concatenation of ``buffers`` into ``bytes`` chunks of at most ``chunk_bytes``."""
+    for views in iter_views(buffers, chunk_bytes):
+        yield views[0].tobytes() if len(views) == 1 else b"".join(views)
 
 
 class TensorStream:

@@ -15,7 +15,8 @@ import grpc
 import torch
 
 from client.codec import decode
-from client.wire import Assembler, TensorMeta, iter_chunks
+from client.frames import chunk_messages, method_options
+from client.wire import Assembler, TensorMeta
 from gpu_agent.config import Settings
 from gpu_agent.convert import meta_to_proto, ref_to_proto
 from gpu_agent.model import Assignment, AttemptRef
@@ -37,6 +38,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 """Options of every channel the agent opens."""
+
+_METHODS = agent_pb2.DESCRIPTOR.services_by_name["AgentGateway"].methods_by_name
 
 ControlCall = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.BrokerMessage]
 
@@ -62,6 +65,9 @@ class GatewayClient:
 
     def __init__(self, channel: grpc.aio.Channel, agent_id: str, join_token: str | None) -> None:
         self._stub = agent_pb2_grpc.AgentGatewayStub(channel)
+        # The data calls, with tensor chunks framed without protobuf (client.frames).
+        self._fetch_inputs = channel.unary_stream(*method_options(_METHODS["FetchInputs"]))
+        self._put_result = channel.stream_unary(*method_options(_METHODS["PutResult"]))
         self._agent_id = agent_id
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {join_token}"),) if join_token else ()
@@ -87,8 +93,8 @@ class GatewayClient:
             request = agent_pb2.FetchInputsRequest(
                 agent_id=self._agent_id, attempt=ref_to_proto(assignment.ref)
             )
-            async for reply in self._stub.FetchInputs(request, metadata=self._metadata):
-                assembler.feed(reply.chunk.data)
+            async for reply in self._fetch_inputs(request, metadata=self._metadata):
+                assembler.feed(reply if isinstance(reply, memoryview) else reply.chunk.data)
         buffers = assembler.finish()
         return [
             _decode(meta, buffer) for meta, buffer in zip(assignment.inputs, buffers, strict=True)
@@ -119,7 +125,9 @@ class GatewayClient:
     ) -> task_pb2.TaskState.ValueType:
         """Uploads an attempt's outcome with its output bytes; returns the task's new state."""
         requests = _result_requests(header, buffers)
-        reply = await self._stub.PutResult(requests, metadata=self._metadata)
+        reply: agent_pb2.PutResultResponse = await self._put_result(
+            requests, metadata=self._metadata
+        )
         return reply.state
 
 
@@ -131,8 +139,7 @@ def _decode(meta: TensorMeta, buffer: bytearray) -> torch.Tensor:
 
 def _result_requests(
     header: agent_pb2.ResultHeader, buffers: Sequence[memoryview]
-) -> Iterator[agent_pb2.PutResultRequest]:
+) -> Iterator[agent_pb2.PutResultRequest | bytes]:
     # A generator, so only one ~1 MiB chunk is copied out of the outputs at a time.
     yield agent_pb2.PutResultRequest(header=header)
-    for chunk in iter_chunks(buffers):
-        yield agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=chunk))
+    yield from chunk_messages(agent_pb2.PutResultRequest, buffers)

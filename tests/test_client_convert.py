@@ -83,13 +83,20 @@ def test_the_request_stream_is_one_header_then_chunks_spanning_the_inputs() -> N
     a, b = np.arange(5, dtype=np.int8), np.arange(3, dtype=np.int16)
     task = _prepare([a, b], k=1)
 
-    messages = list(task.requests(broker_pb2.SubmitRequest, chunk_bytes=4))
+    sent = list(task.requests(broker_pb2.SubmitRequest, chunk_bytes=4))
+    # Chunk messages go out already serialised (client.frames): any protobuf reader parses them.
+    assert [type(m) for m in sent] == [broker_pb2.SubmitRequest, bytes, bytes, bytes]
+    messages = [m if isinstance(m, broker_pb2.SubmitRequest) else _parse(m) for m in sent]
 
     assert [m.WhichOneof("kind") for m in messages] == ["header", "chunk", "chunk", "chunk"]
     header = messages[0].header
     assert header.workload == "echo" and [h.dtype for h in header.inputs] == ["int8", "int16"]
     assert [len(m.chunk.data) for m in messages[1:]] == [4, 4, 3]
     assert b"".join(m.chunk.data for m in messages[1:]) == a.tobytes() + b.tobytes()
+
+
+def _parse(raw: bytes) -> broker_pb2.SubmitRequest:
+    return broker_pb2.SubmitRequest.FromString(raw)
 
 
 def test_each_retry_gets_a_fresh_request_stream_with_the_same_request_id() -> None:
