@@ -307,9 +307,11 @@ async def test_prefetch_takes_tasks_beyond_the_slots_and_runs_them_as_slots_free
     assert (hello.slots, hello.prefetch, credit.slots) == (1, 2, 2)
 
     broker.gateway.submit(*_assignment("t-gate", "gate"))
-    broker.gateway.submit(*_assignment("t-1", "echo", [torch.ones(1)]))
     await asyncio.to_thread(gate.entered.wait, WAIT_S)
-    await asyncio.sleep(0.2)
+    # Submitted once the gate holds the one slot: attempts start as their inputs arrive, so
+    # two fetched side by side could start in either order.
+    broker.gateway.submit(*_assignment("t-1", "echo", [torch.ones(1)]))
+    await asyncio.sleep(0.3)
     assert broker.gateway.uploads.empty()  # the one slot is busy: t-1 waits here
 
     gate.opened.set()

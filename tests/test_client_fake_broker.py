@@ -451,7 +451,10 @@ async def test_the_run_timeout_becomes_the_calls_deadline(client: Any, fake: Fak
     await client.run("echo", torch.ones(1))
 
     first, second = fake.time_remaining
-    assert first is not None and 0 < first <= 30
+    # gRPC sends the time left as the timeout header, reckoned from a clock reading its core
+    # caches per batch of work: on a loaded machine the server has seen up to ~0.1 s more
+    # than the 30 s asked. A deadline of some other size, or none, still fails here.
+    assert first is not None and 29 < first <= 30.5
     assert second is None
 
 
