@@ -76,7 +76,7 @@ def _run(name: str, quick: bool, queue_tasks: int | None, work_dir: Path) -> lis
     if name == "queue":
         return queue_depth(work_dir, queue_tasks or (2_000 if quick else 50_000), concurrency=32)
     return billing_overhead(
-        work_dir, per_client=250 if quick else 500, clients=8, reps=2 if quick else 5
+        work_dir, per_client=250 if quick else 500, clients=8, reps=2 if quick else 8
     )
 
 

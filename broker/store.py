@@ -68,6 +68,11 @@ _CLAIM_MANY = (
     .values(**_CLAIMED)
     .returning(*tasks.c)
 )
+_FIND_REQUEST = sa.select(tasks).where(
+    tasks.c.tenant == _bind("tenant", tasks.c.tenant),
+    tasks.c.request_id == _bind("request_id", tasks.c.request_id),
+)
+_GET = sa.select(tasks).where(tasks.c.id == _bind("id", tasks.c.id))
 _SUCCEED = (
     tasks.update()
     .where(
@@ -443,9 +448,7 @@ def _run_alone(op: Callable[[], object]) -> object:
 def _find_request(conn: Connection, tenant: str, spec: TaskSpec) -> Task | None:
     if not spec.request_id:
         return None
-    row = conn.execute(
-        sa.select(tasks).where(tasks.c.tenant == tenant, tasks.c.request_id == spec.request_id)
-    ).first()
+    row = conn.execute(_FIND_REQUEST, {"b_tenant": tenant, "b_request_id": spec.request_id}).first()
     if row is None:
         return None
     existing = _task_from_row(row)
@@ -458,7 +461,7 @@ def _find_request(conn: Connection, tenant: str, spec: TaskSpec) -> Task | None:
 
 
 def _get(conn: Connection, task_id: str) -> Task:
-    row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
+    row = conn.execute(_GET, {"b_id": task_id}).first()
     if row is None:
         raise TaskNotFoundError(task_id)
     return _task_from_row(row)

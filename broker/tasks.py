@@ -5,7 +5,6 @@ Domain logic only: the client servicer converts messages and maps errors around 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +23,7 @@ from broker.events import Subscription, TaskEvents, TaskSink
 from broker.model import Task, TaskSpec, TaskState
 from broker.quota import SubmitQuota
 from broker.spool import INLINE_MAX_BYTES, Spool
+from client.ids import time_ordered_id
 from client.wire import TensorMeta, TensorStream, WireError
 
 __all__ = ["TaskService", "check_spec"]
@@ -82,7 +82,7 @@ class TaskService:
         # Admission after the header checks, so a malformed header costs no token; before the
         # bytes, so a tenant over quota costs no disk or SQL. The place is held until queued.
         with self._quota.admit(tenant, paid=paced):
-            task_id = uuid.uuid4().hex
+            task_id = time_ordered_id()
             writer = self._spool.write_inputs(task_id, spec.input_bytes)
             try:
                 await _spool(writer.write, spec, chunks)

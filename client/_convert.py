@@ -5,7 +5,6 @@ Everything here is free of I/O, so the two clients differ only in how they wait 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from client._types import TaskResult, TaskState, TaskStatus, Usage
 from client.codec import ArrayLike, OutputKind, decode, encode, is_torch
 from client.errors import InternalError, error_from_code
 from client.frames import chunk_messages, method_options
+from client.ids import time_ordered_id
 from client.proto import meta_from_proto, meta_to_proto, params_to_proto
 from client.wire import Assembler, TensorMeta
 from protos import broker_pb2, task_pb2
@@ -78,7 +78,7 @@ def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 
 def new_request_id() -> str:
     """A fresh idempotency key."""
-    return uuid.uuid4().hex
+    return time_ordered_id()
 
 
 def _as_list(inputs: ArrayLike | Sequence[ArrayLike]) -> list[ArrayLike]:

@@ -1,0 +1,76 @@
+"""What the usage ledger costs per task inside the broker's store, measured in one process.
+
+The system-level A/B (two brokers, ledger on and off) moves by several percent between runs
+on these shared cores; this isolates the ledger's own work so the figure does not drown in
+that noise. Two stores on SQLite files, ledger on and off, take the same batches the
+committer groups in production (50 creates, one claim, 50 successes, each batch one
+transaction) and the CPU time of each phase is compared, alternating between the stores.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from billing.migrate import upgrade
+from billing.prices import PriceCatalog
+from broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec
+from broker.store import TaskStore, create_engine
+from client.ids import time_ordered_id
+from client.wire import TensorMeta, crc32c
+
+__all__ = ["ledger_cost_us"]
+
+BATCH = 50
+_DATA = bytes(16)
+_META = TensorMeta("float32", (4,), 16, crc32c(_DATA))
+_AGENT = AgentInfo("bench-agent", "cpu", 0, 8, frozenset({"echo"}))
+
+
+def _store(root: Path, billing: bool) -> TaskStore:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    engine = create_engine(f"sqlite:///{root / 'broker.sqlite'}")
+    upgrade(engine)
+    return TaskStore(engine, PriceCatalog.load(), billing=billing)
+
+
+def _lifecycle_us(store: TaskStore, tasks: int) -> float:
+    """CPU microseconds per task to create, claim and succeed ``tasks`` tasks in batches."""
+    now = datetime.now(UTC)
+    spent = 0.0
+    for _ in range(tasks // BATCH):
+        ids = [time_ordered_id() for _ in range(BATCH)]
+        started = time.process_time()
+        store.run_batch(
+            [
+                lambda t=t: store.create(  # type: ignore[misc]
+                    t, "tenant-a", TaskSpec("echo", (_META,), request_id=time_ordered_id()),
+                    now, None, _DATA,
+                )
+                for t in ids
+            ]
+        )  # fmt: skip
+        claimed = store.claim_many(ids, _AGENT, now)
+        outcomes = [
+            AttemptOutcome(_AGENT.agent_id, Attempt(t.id, t.attempt), (_META,), 1e-4)
+            for t in claimed
+        ]
+        store.run_batch([lambda o=o: store.succeed(o, now, _DATA) for o in outcomes])  # type: ignore[misc]
+        spent += time.process_time() - started
+    return spent / tasks * 1e6
+
+
+def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float, float]:
+    """(CPU us per task with the ledger, without it): medians over alternating runs."""
+    stores = {True: _store(root / "ledger-on", True), False: _store(root / "ledger-off", False)}
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    _lifecycle_us(stores[True], BATCH * 4)  # warm both: statement caches, the files
+    _lifecycle_us(stores[False], BATCH * 4)
+    for i in range(reps):
+        for billing in (True, False) if i % 2 == 0 else (False, True):
+            runs[billing].append(_lifecycle_us(stores[billing], tasks))
+    return statistics.median(runs[True]), statistics.median(runs[False])
