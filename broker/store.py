@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
 from billing.budget import BudgetStatus, budget_status, monthly_limit, next_month
@@ -46,6 +47,21 @@ def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
 # The hot statements are built once: building one per call (and its cache key) cost more than
 # running it. Bind names carry a ``b_`` prefix because UPDATE reserves the column names.
 _INSERT_TASK = tasks.insert().returning(*tasks.c)
+_DEDUP_INSERTS: dict[str, Any] = {
+    name: module.insert(tasks)
+    .on_conflict_do_nothing(index_elements=[tasks.c.tenant, tasks.c.request_id])
+    .returning(*tasks.c)
+    for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+
+
+def _insert_task(dialect: str) -> Any:
+    """The task INSERT: where the database has ``ON CONFLICT DO NOTHING``, a duplicate
+    ``(tenant, request_id)`` inserts nothing and returns no row, so a first submit costs one
+    statement; elsewhere a SELECT looks for the request first."""
+    return _DEDUP_INSERTS.get(dialect, _INSERT_TASK)
+
+
 _CLAIMED: dict[str, Any] = {
     "state": TaskState.RUNNING.value,
     "attempt": tasks.c.attempt + 1,
@@ -122,6 +138,7 @@ class TaskStore:
         self._engine = engine
         self._catalog = catalog
         self._billing = billing
+        self._insert_task = _insert_task(engine.dialect.name)
         self._batch: Connection | None = None
         self._budget_checked: set[str] = set()
         self._usage_rows: list[dict[str, Any]] = []
@@ -179,11 +196,18 @@ class TaskStore:
     ) -> tuple[Task, bool]:
         """Inserts a queued task; returns it and whether its request_id already existed."""
         with self._transaction() as conn:
-            if existing := _find_request(conn, tenant, spec):
+            if self._insert_task is _INSERT_TASK and (
+                existing := _find_request(conn, tenant, spec)
+            ):
                 return existing, True
-            self._check_budget(conn, tenant, now)
+            try:
+                self._check_budget(conn, tenant, now)
+            except BudgetExceededError:
+                if existing := _find_request(conn, tenant, spec):
+                    return existing, True  # a retry gets its task even over the budget
+                raise
             row = conn.execute(
-                _INSERT_TASK,
+                self._insert_task,
                 {
                     "id": task_id,
                     "tenant": tenant,
@@ -200,7 +224,12 @@ class TaskStore:
                     "created_at": now,
                     "deadline_at": deadline,
                 },
-            ).one()
+            ).first()
+            if row is None:  # the (tenant, request_id) exists: a retry of an earlier submit
+                existing = _find_request(conn, tenant, spec)
+                if existing is None:  # cannot happen: the conflicting row is committed
+                    raise RuntimeError(f"request_id {spec.request_id!r} conflicted, yet is gone")
+                return existing, True
             return _task_from_row(row), False
 
     def _check_budget(self, conn: Connection, tenant: str, now: datetime) -> None:

@@ -63,6 +63,23 @@ def test_a_spent_budget_refuses_new_tasks_with_the_figures(engine: sa.Engine) ->
     assert task.tenant == "u" and allowed.tenant == "t"
 
 
+def test_a_retried_submit_gets_its_task_even_once_the_budget_is_spent(
+    engine: sa.Engine,
+) -> None:
+    store = TaskStore(engine, PriceCatalog.load())
+    spec = TaskSpec("echo", (TensorMeta("uint8", (1,), 1, 0),), request_id="r-1")
+    first, _ = store.create("before", "t", spec, NOW, None)
+    with engine.begin() as conn:
+        set_budget(conn, "t", 17_750_000, NOW)
+        _spend(conn, "earlier", 90.0, NOW)
+
+    again, deduplicated = store.create("retry", "t", spec, NOW, None)
+
+    assert deduplicated and again.id == first.id == "before"
+    with pytest.raises(BudgetExceededError):
+        store.create("new", "t", TaskSpec("echo", spec.inputs, request_id="r-2"), NOW, None)
+
+
 def test_the_cli_sets_shows_and_removes_budgets(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'b.db'}"
     runner = CliRunner()

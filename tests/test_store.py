@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +11,7 @@ import sqlalchemy as sa
 from billing.models import usage
 from billing.prices import PriceCatalog
 from broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
-from broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec, TaskState
+from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
 from broker.store import TaskStore
 from client.wire import TensorMeta
 
@@ -53,6 +54,20 @@ def test_the_same_request_id_returns_the_same_task(store: TaskStore) -> None:
     task, deduplicated = store.create("t2", "tenant", _spec("r1"), NOW, None)
 
     assert deduplicated and task.id == "t1"
+
+
+def test_a_request_id_repeated_inside_one_batch_makes_one_task(store: TaskStore) -> None:
+    results = store.run_batch(
+        [
+            lambda: store.create("t1", "tenant", _spec("r1"), NOW, None),
+            lambda: store.create("t2", "tenant", _spec("r1"), NOW, None),
+            lambda: store.create("t3", "other", _spec("r1"), NOW, None),  # another tenant's key
+        ]
+    )
+
+    created = [cast(tuple[Task, bool], r) for r in results]
+    assert [(t.id, dup) for t, dup in created] == [("t1", False), ("t1", True), ("t3", False)]
+    assert [t.id for t in store.page("tenant", [], 10, None)] == ["t1"]
 
 
 def test_a_request_id_reused_for_other_work_is_a_conflict(store: TaskStore) -> None:
