@@ -6,13 +6,14 @@ either one. Files (SQLite database, payload spool, logs) live in the test's tmp 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,17 @@ class AgentProcess(_Process):
             ]
         )
         return self
+
+
+@contextlib.contextmanager
+def broker_with_agent(
+    root: Path, agent_id: str, slots: int = 2, env: Mapping[str, str] | None = None
+) -> Iterator[BrokerProcess]:
+    """A broker process with one agent process; both stopped on exit (module fixtures)."""
+    broker = BrokerProcess(root, env=env).start()
+    agent = AgentProcess(root, broker.address, agent_id, slots=slots).start()
+    try:
+        yield broker
+    finally:
+        agent.stop()
+        broker.stop()

@@ -17,7 +17,7 @@ from client import Client
 from client.codec import encode
 from client.wire import iter_chunks
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import AgentProcess, BrokerProcess
+from tests.cluster import BrokerProcess, broker_with_agent
 
 MAX_TENSOR_BYTES = 1 << 20
 AUTH = (("authorization", "Bearer key-a"),)
@@ -30,15 +30,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
         "GPUBROKER_MAX_TENSOR_BYTES": str(MAX_TENSOR_BYTES),
         "GPUBROKER_MAX_TASK_BYTES": str(2 * MAX_TENSOR_BYTES),
     }
-    process = BrokerProcess(root, env=env).start()
-    agent = AgentProcess(root, process.address, "agent-m", slots=2).start()
-    try:
+    with broker_with_agent(root, "agent-m", env=env) as process:
         with Client(process.address, "key-a") as client:
             client.run("echo", [torch.zeros(1)], timeout=60)
         yield process
-    finally:
-        agent.stop()
-        process.stop()
 
 
 @pytest.fixture

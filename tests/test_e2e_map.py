@@ -16,19 +16,13 @@ from billing.models import tasks, usage
 from client import AsyncClient, Client
 from client.errors import InvalidArgumentError, TaskFailedError
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import AgentProcess, BrokerProcess, wait_until
+from tests.cluster import BrokerProcess, broker_with_agent, wait_until
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    root = tmp_path_factory.mktemp("map")
-    broker = BrokerProcess(root).start()
-    agent = AgentProcess(root, broker.address, "map-agent", slots=4).start()
-    try:
+    with broker_with_agent(tmp_path_factory.mktemp("map"), "map-agent", slots=4) as broker:
         yield broker
-    finally:
-        agent.stop()
-        broker.stop()
 
 
 def _rows(broker: BrokerProcess) -> tuple[dict[str, str], list[str]]:

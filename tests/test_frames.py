@@ -20,7 +20,7 @@ from client.codec import decode, encode
 from client.proto import meta_from_proto, meta_to_proto
 from client.wire import Assembler, iter_chunks
 from protos import agent_pb2, broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import AgentProcess, BrokerProcess
+from tests.cluster import BrokerProcess, broker_with_agent
 
 CHUNKED = (
     broker_pb2.SubmitRequest,
@@ -136,14 +136,8 @@ def test_the_serializer_passes_built_messages_through() -> None:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    root = tmp_path_factory.mktemp("frames")
-    process = BrokerProcess(root).start()
-    agent = AgentProcess(root, process.address, "agent-f", slots=2).start()
-    try:
+    with broker_with_agent(tmp_path_factory.mktemp("frames"), "agent-f") as process:
         yield process
-    finally:
-        agent.stop()
-        process.stop()
 
 
 def _plain_run(
