@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -96,6 +97,8 @@ tasks = Table(
     Column("started_at", UtcDateTime, nullable=True),
     Column("finished_at", UtcDateTime, nullable=True),
     Column("deadline_at", UtcDateTime, nullable=True),
+    # Created by Run or RunMany: the task lives as long as its call (see broker.tasks).
+    Column("call_bound", Boolean, nullable=False, default=False, server_default=false()),
     UniqueConstraint("tenant", "request_id", name="uq_tasks_tenant_request_id"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_tenant_seq", "tenant", "seq"),

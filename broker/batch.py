@@ -112,7 +112,7 @@ class TaskBatch:
                 )
             self._indexes.add(item.index)
             task, _ = await self._tasks.submit(
-                self._tenant, item.spec, _once(item.data), paced=True
+                self._tenant, item.spec, _once(item.data), paced=True, call_bound=True
             )
         except BrokerError as exc:
             self._inbox.put_nowait(BatchOutcome(item.index, error=exc))

@@ -73,9 +73,16 @@ class Dispatcher:
     async def start(self) -> None:
         """Loads queued work from the store and starts the dispatch and watchdog loops."""
         self.known_workloads = await self._store.call(self._store.sync.known_workloads)
-        for task in await self._store.call(self._store.sync.recover):
+        queued, cancelled = await self._store.call(self._store.sync.recover, _now())
+        for task in queued:
             self.queue.push(task.id, task.tenant, task.priority, task.seq)
-        logger.info("recovered %d queued tasks", len(self.queue))
+        for task in cancelled:
+            self._spool.release_inputs(task)
+        logger.info(
+            "recovered %d queued tasks; cancelled %d whose Run calls ended with the last broker",
+            len(self.queue),
+            len(cancelled),
+        )
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
@@ -191,7 +198,7 @@ class Dispatcher:
         self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview]
     ) -> Task:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
-        self.check_lease(outcome.agent_id, outcome.attempt)
+        session = self.check_lease(outcome.agent_id, outcome.attempt)
         if outcome.error_code:
             task = await self._store.call(
                 self._store.sync.fail,
@@ -203,7 +210,8 @@ class Dispatcher:
             )
         else:
             try:
-                inline = await self._spool_outputs(outcome, chunks)
+                durable = not session.leases[outcome.attempt.task_id].call_bound
+                inline = await self._spool_outputs(outcome, chunks, durable)
             except BrokerError as exc:
                 await self._reject_upload(outcome, exc)
                 raise
@@ -234,7 +242,7 @@ class Dispatcher:
             await self._requeue(outcome.attempt, str(exc))
 
     async def _spool_outputs(
-        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview]
+        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview], durable: bool
     ) -> bytes | None:
         """Checks and stores the outputs; returns them when small enough to live in the row."""
         for meta in outcome.outputs:
@@ -244,7 +252,9 @@ class Dispatcher:
             raise LimitExceededError(
                 f"outputs of {total} bytes exceed the limit of {self._limits.max_task_bytes} bytes"
             )
-        writer = self._spool.write_outputs(outcome.attempt.task_id, outcome.attempt.number, total)
+        writer = self._spool.write_outputs(
+            outcome.attempt.task_id, outcome.attempt.number, total, durable=durable
+        )
         stream = TensorStream(outcome.outputs)
         try:
             async for chunk in chunks:
@@ -303,7 +313,7 @@ class Dispatcher:
             self.queue.finished(tenant)
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
             return
-        session.leases[task.id] = Lease(task.attempt, tenant)
+        session.leases[task.id] = Lease(task.attempt, tenant, task.call_bound)
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
         logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)

@@ -71,6 +71,9 @@ class Task:
     """The inputs' bytes when small; None when they are a spool file."""
     inline_outputs: bytes | None = None
     """The outputs' bytes when small; None when they are a spool file."""
+    call_bound: bool = False
+    """Created by ``Run`` or ``RunMany``: the task lives as long as its call. Its payloads are
+    not fsynced, and a broker that restarts cancels it instead of running it for nobody."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,8 @@ class Lease:
 
     attempt: int
     tenant: str
+    call_bound: bool = False
+    """The task lives as long as its call: its outputs need no fsync (``Task.call_bound``)."""
     granted_at: float = field(default_factory=time.monotonic)
     """Monotonic time of the assignment."""
 

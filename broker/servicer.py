@@ -64,7 +64,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             remaining = context.time_remaining()
             if remaining is not None and (spec.timeout_s is None or remaining < spec.timeout_s):
                 spec = replace(spec, timeout_s=max(remaining, 0.001))
-            submitted, deduplicated = await self._tasks.submit(tenant, spec, chunks)
+            submitted, deduplicated = await self._tasks.submit(
+                tenant, spec, chunks, call_bound=True
+            )
             try:
                 task = submitted
                 known = None if deduplicated else submitted  # an old task may have moved on

@@ -4,6 +4,10 @@ Small payloads (at most ``INLINE_MAX_BYTES``) stay in memory and are stored in t
 in the same transaction as the task: no file, no extra fsync. Larger ones are files written
 under a ``.part`` name by a writer thread, fsynced, then renamed (and the directory fsynced),
 so a crash never leaves a half-written payload under its final name.
+
+A call-bound task's payloads (``Task.call_bound``: made by ``Run``) are written the same way
+but not fsynced: the task does not outlive its call, and a broker that restarts cancels it, so
+the disk flush would only make the caller wait (on a 64 MiB round trip, ~15 % of its time).
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ class SpoolWriter:
     inline: bytes | None = None
     """Always None: the payload is the file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = path
+        self.durable = durable
+        """fsync the file and its directory on commit."""
         self._part = path.with_name(path.name + ".part")
         self._file: BinaryIO = open(self._part, "wb", buffering=0)  # noqa: SIM115
         self.bytes_written = 0
@@ -75,7 +81,8 @@ class SpoolWriter:
         self.bytes_written += len(view)
 
     async def commit(self) -> None:
-        """Waits for the writes, fsyncs the file, renames it into place, fsyncs the directory."""
+        """Waits for the writes, fsyncs the file, renames it into place, fsyncs the directory
+        (without the fsyncs when not ``durable``)."""
         await asyncio.to_thread(self._finish_and_rename)
 
     def abort(self) -> None:
@@ -106,10 +113,12 @@ class SpoolWriter:
         if self._error is not None:
             self._file.close()
             raise self._error
-        os.fsync(self._file.fileno())
+        if self.durable:
+            os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._part, self.path)
-        _fsync_dir(self.path.parent)
+        if self.durable:
+            _fsync_dir(self.path.parent)
 
 
 class Spool:
@@ -135,17 +144,21 @@ class Spool:
         """Where one attempt's outputs live."""
         return self._outputs / f"{task_id}.{attempt}.bin"
 
-    def write_inputs(self, task_id: str, nbytes: int) -> InlineWriter | SpoolWriter:
+    def write_inputs(
+        self, task_id: str, nbytes: int, *, durable: bool = True
+    ) -> InlineWriter | SpoolWriter:
         """Starts writing a task's ``nbytes`` of inputs (in memory when small)."""
-        return (
-            InlineWriter() if nbytes <= INLINE_MAX_BYTES else SpoolWriter(self.input_path(task_id))
-        )
+        if nbytes <= INLINE_MAX_BYTES:
+            return InlineWriter()
+        return SpoolWriter(self.input_path(task_id), durable=durable)
 
-    def write_outputs(self, task_id: str, attempt: int, nbytes: int) -> InlineWriter | SpoolWriter:
+    def write_outputs(
+        self, task_id: str, attempt: int, nbytes: int, *, durable: bool = True
+    ) -> InlineWriter | SpoolWriter:
         """Starts writing an attempt's ``nbytes`` of outputs (in memory when small)."""
         if nbytes <= INLINE_MAX_BYTES:
             return InlineWriter()
-        return SpoolWriter(self.output_path(task_id, attempt))
+        return SpoolWriter(self.output_path(task_id, attempt), durable=durable)
 
     def inputs(self, task: Task) -> AsyncIterator[bytes]:
         """Streams a task's input bytes, from its row or its file."""

@@ -38,6 +38,7 @@ __all__ = ["TaskStore", "create_engine"]
 
 
 _LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
+_ORPHAN_MESSAGE = "the Run or RunMany call it belonged to ended when the broker stopped"
 
 
 def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
@@ -193,6 +194,8 @@ class TaskStore:
         now: datetime,
         deadline: datetime | None,
         inline_inputs: bytes | None = None,
+        *,
+        call_bound: bool = False,
     ) -> tuple[Task, bool]:
         """Inserts a queued task; returns it and whether its request_id already existed."""
         with self._transaction() as conn:
@@ -223,6 +226,7 @@ class TaskStore:
                     "output_bytes": 0,
                     "created_at": now,
                     "deadline_at": deadline,
+                    "call_bound": call_bound,
                 },
             ).first()
             if row is None:  # the (tenant, request_id) exists: a retry of an earlier submit
@@ -405,12 +409,26 @@ class TaskStore:
                 expired.append((before, after))
             return expired
 
-    def recover(self) -> list[Task]:
+    def recover(self, now: datetime) -> tuple[list[Task], list[Task]]:
         """On start: running tasks lost their agents with the old process; queue them again.
+        Live call-bound tasks lost their calls with it: they are cancelled.
 
-        Returns every queued task, oldest first, for the scheduler to load.
+        Returns every queued task, oldest first, for the scheduler to load, and the tasks
+        cancelled (whose payload files can go).
         """
         with self._transaction() as conn:
+            orphans = conn.execute(
+                tasks.update()
+                .where(tasks.c.call_bound, tasks.c.state.in_(_LIVE))
+                .values(
+                    state=TaskState.CANCELLED.value,
+                    error_code="CANCELLED",
+                    error_message=_ORPHAN_MESSAGE,
+                    finished_at=now,
+                )
+                .returning(*tasks.c)
+            )
+            cancelled = [_task_from_row(row) for row in orphans]
             conn.execute(
                 tasks.update()
                 .where(tasks.c.state == TaskState.RUNNING.value)
@@ -421,7 +439,7 @@ class TaskStore:
                 .where(tasks.c.state == TaskState.QUEUED.value)
                 .order_by(tasks.c.seq)
             )
-            return [_task_from_row(row) for row in rows]
+            return [_task_from_row(row) for row in rows], cancelled
 
     def usage(
         self, tenant: str, since: datetime | None, until: datetime | None, now: datetime
@@ -584,4 +602,5 @@ def _task_from_row(row: Row[Any]) -> Task:
         deadline_at=m["deadline_at"],
         inline_inputs=m["inline_inputs"],
         inline_outputs=m["inline_outputs"],
+        call_bound=m["call_bound"],
     )

@@ -65,12 +65,14 @@ class TaskService:
         chunks: AsyncIterator[bytes | memoryview],
         *,
         paced: bool = False,
+        call_bound: bool = False,
     ) -> tuple[Task, bool]:
         """Checks the spec, spools and checks the bytes, commits the task and queues it.
 
         Returns the task and whether an earlier submit with the same request_id created it.
         Nothing is queued unless every declared byte arrived with a matching checksum, and
-        nothing is spooled for a tenant over its queue or rate quota.
+        nothing is spooled for a tenant over its queue or rate quota. A ``call_bound`` task
+        (``Run``, ``RunMany``) lives as long as its call: see ``Task.call_bound``.
         """
         check_spec(spec, self._limits, self._dispatcher.known_workloads)
         if spec.request_id and spec.input_bytes > INLINE_MAX_BYTES:
@@ -83,7 +85,7 @@ class TaskService:
         # bytes, so a tenant over quota costs no disk or SQL. The place is held until queued.
         with self._quota.admit(tenant, paid=paced):
             task_id = time_ordered_id()
-            writer = self._spool.write_inputs(task_id, spec.input_bytes)
+            writer = self._spool.write_inputs(task_id, spec.input_bytes, durable=not call_bound)
             try:
                 await _spool(writer.write, spec, chunks)
                 await writer.commit()
@@ -97,7 +99,14 @@ class TaskService:
             deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
             try:
                 task, deduplicated = await self._store.call(
-                    self._store.sync.create, task_id, tenant, spec, now, deadline, writer.inline
+                    self._store.sync.create,
+                    task_id,
+                    tenant,
+                    spec,
+                    now,
+                    deadline,
+                    writer.inline,
+                    call_bound=call_bound,
                 )
             except BaseException:
                 self._spool.delete_inputs(task_id)

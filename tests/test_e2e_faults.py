@@ -5,6 +5,7 @@ Every test starts its own broker and agents as real processes and kills them wit
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import sqlalchemy as sa
 import torch
 
 from billing.models import tasks, usage
-from client import Client, DeadlineExceededError, TaskCancelledError, TaskState
+from client import (
+    Client,
+    DeadlineExceededError,
+    GpuBrokerError,
+    TaskCancelledError,
+    TaskState,
+    UnavailableError,
+)
 from client.codec import encode
 from client.proto import meta_to_proto
 from protos import broker_pb2, task_pb2
@@ -96,6 +104,46 @@ def test_acknowledged_tasks_survive_a_broker_crash(tmp_path: Path) -> None:
         with Client(broker.address, "key-a") as client:
             for task_id, x in zip(ids, inputs, strict=True):
                 assert torch.equal(client.task(task_id).result(timeout=60).output, x)
+    finally:
+        agent.stop()
+        broker.stop()
+
+
+def test_a_run_task_ends_with_its_call_when_the_broker_crashes(tmp_path: Path) -> None:
+    """Run ties a task to its call: after a crash the caller has gone, so the task must not
+    run (and be billed) for nobody, while a submitted task still does."""
+    broker = BrokerProcess(tmp_path).start()
+    big = torch.arange(100_000, dtype=torch.float32)  # 400 kB: spooled, without fsync
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with Client(broker.address, "key-a") as client:
+                client.run("echo", [big], timeout=120)
+        except GpuBrokerError as exc:
+            failures.append(exc)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    with Client(broker.address, "key-a") as client:
+        submitted = client.submit("echo", [torch.ones(2)]).task_id
+        wait_until(lambda: len(client.list_tasks()) == 2, 30, "both tasks to be queued")
+        (run_id,) = {t.task_id for t in client.list_tasks()} - {submitted}
+    assert (tmp_path / "spool" / "in" / f"{run_id}.bin").exists()
+    broker.kill()
+    caller.join(30)
+    assert failures and isinstance(failures[0], UnavailableError)
+
+    broker.start()
+    agent = AgentProcess(tmp_path, broker.address, "after-crash").start()
+    try:
+        with Client(broker.address, "key-a") as client:
+            assert torch.equal(client.task(submitted).result(timeout=60).output, torch.ones(2))
+            status = client.task(run_id).status()
+        assert status.state is TaskState.CANCELLED and status.attempt == 0
+        assert "call it belonged to ended" in status.error_message
+        assert not (tmp_path / "spool" / "in" / f"{run_id}.bin").exists()
+        assert _usage_rows(broker.database_url, run_id) == []
     finally:
         agent.stop()
         broker.stop()

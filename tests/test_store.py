@@ -200,10 +200,33 @@ def test_recovery_requeues_running_tasks_in_submission_order(store: TaskStore) -
         store.create(task_id, "tenant", _spec(), NOW, None)
     store.claim("b", AGENT, NOW)
 
-    queued = store.recover()
+    queued, cancelled = store.recover(NOW)
 
-    assert [t.id for t in queued] == ["a", "b", "c"]
+    assert [t.id for t in queued] == ["a", "b", "c"] and cancelled == []
     assert store.get("b").attempt == 1
+
+
+def test_recovery_cancels_live_call_bound_tasks_and_keeps_the_rest(store: TaskStore) -> None:
+    for task_id in ("queued-run", "running-run", "done-run"):
+        store.create(task_id, "tenant", _spec(), NOW, None, call_bound=True)
+    store.create("submitted", "tenant", _spec(), NOW, None)
+    store.claim("running-run", AGENT, NOW)
+    store.claim("done-run", AGENT, NOW)
+    store.succeed(_outcome("done-run", 1), NOW)
+    later = NOW + timedelta(minutes=5)
+
+    queued, cancelled = store.recover(later)
+
+    assert [t.id for t in queued] == ["submitted"]
+    assert sorted(t.id for t in cancelled) == ["queued-run", "running-run"]
+    for task_id in ("queued-run", "running-run"):
+        task = store.get(task_id)
+        assert task.state is TaskState.CANCELLED and task.call_bound
+        assert task.finished_at == later and "call it belonged to ended" in (
+            task.error_message or ""
+        )
+    assert store.get("done-run").state is TaskState.SUCCEEDED
+    assert not store.get("submitted").call_bound
 
 
 def test_pages_list_newest_first(store: TaskStore) -> None:
