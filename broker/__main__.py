@@ -23,6 +23,11 @@ logger = logging.getLogger("broker")
 @click.option("--listen", help="host:port to listen on (port 0 picks one).")
 @click.option("--database-url", help="SQLAlchemy URL; default: a SQLite file.")
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Payload directory.")
+@click.option(
+    "--spool-memory-mb",
+    type=click.IntRange(min=0),
+    help="MiB of Run inputs held in memory instead of files (default 512; 0: none).",
+)
 @click.option("--api-keys", help="KEY=TENANT[,KEY=TENANT...]; none means open mode.")
 @click.option("--join-token", help="Token agents must present.")
 @click.option("--heartbeat", type=float, help="Agent heartbeat interval, seconds.")
@@ -64,6 +69,7 @@ def main(
     listen: str | None,
     database_url: str | None,
     spool_dir: Path | None,
+    spool_memory_mb: int | None,
     api_keys: str | None,
     join_token: str | None,
     heartbeat: float | None,
@@ -87,6 +93,7 @@ def main(
         "listen_address": listen,
         "database_url": database_url,
         "spool_dir": spool_dir,
+        "spool_memory_bytes": None if spool_memory_mb is None else spool_memory_mb << 20,
         "api_keys": parse_api_keys(api_keys) if api_keys is not None else None,
         "join_token": join_token,
         "heartbeat_interval_s": heartbeat,

@@ -91,6 +91,8 @@ class Settings:
     """Any SQLAlchemy URL; the default is a SQLite file beside the spool."""
     spool_dir: Path = Path("gpubroker-data/spool")
     """Where task payloads are written (and fsynced) before a submit is acknowledged."""
+    spool_memory_bytes: int = 512 << 20
+    """Inputs of call-bound tasks (``Run``) held in memory at once; past it they are files."""
     api_keys: Mapping[str, str] = field(default_factory=dict)
     """API key -> tenant. Empty means open mode: every caller is tenant ``default``."""
     join_token: str | None = None
@@ -132,6 +134,10 @@ class Settings:
             listen_address=get("GPUBROKER_LISTEN", defaults.listen_address),
             database_url=get("GPUBROKER_DATABASE_URL", defaults.database_url),
             spool_dir=Path(get("GPUBROKER_SPOOL_DIR", str(defaults.spool_dir))),
+            spool_memory_bytes=int(
+                get("GPUBROKER_SPOOL_MEMORY_MB", str(defaults.spool_memory_bytes >> 20))
+            )
+            << 20,
             api_keys=parse_api_keys(get("GPUBROKER_API_KEYS", "")),
             join_token=get("GPUBROKER_JOIN_TOKEN") or None,
             heartbeat_interval_s=float(

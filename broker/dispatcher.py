@@ -70,6 +70,11 @@ class Dispatcher:
         """The task store the dispatcher writes through."""
         return self._store
 
+    @property
+    def spool(self) -> Spool:
+        """Where the tasks' payloads are."""
+        return self._spool
+
     async def start(self) -> None:
         """Loads queued work from the store and starts the dispatch and watchdog loops."""
         self.known_workloads = await self._store.call(self._store.sync.known_workloads)

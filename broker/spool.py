@@ -5,9 +5,13 @@ in the same transaction as the task: no file, no extra fsync. Larger ones are fi
 under a ``.part`` name by a writer thread, fsynced, then renamed (and the directory fsynced),
 so a crash never leaves a half-written payload under its final name.
 
-A call-bound task's payloads (``Task.call_bound``: made by ``Run``) are written the same way
-but not fsynced: the task does not outlive its call, and a broker that restarts cancels it, so
-the disk flush would only make the caller wait (on a 64 MiB round trip, ~15 % of its time).
+A call-bound task's payloads (``Task.call_bound``: made by ``Run``) need not survive the broker
+process: the task does not outlive its call, and a broker that restarts cancels it. Its inputs
+stay in memory, as the views into the received messages, while ``memory_bytes`` allows (the
+page-cache copy of a spool write was the broker's largest cost on a large tensor); past that,
+and for its outputs (which ``GetResult`` may still fetch after the call), it gets files that
+are written like the others but not fsynced, since the disk flush would only make the caller
+wait (~15 % of a 64 MiB round trip).
 """
 
 from __future__ import annotations
@@ -23,7 +27,18 @@ from typing import BinaryIO
 from broker.model import Task
 from client.wire import DEFAULT_CHUNK_BYTES, INLINE_MAX_BYTES
 
-__all__ = ["INLINE_MAX_BYTES", "InlineWriter", "Spool", "SpoolWriter", "read_chunks"]
+__all__ = [
+    "DEFAULT_MEMORY_BYTES",
+    "INLINE_MAX_BYTES",
+    "InlineWriter",
+    "MemoryWriter",
+    "Spool",
+    "SpoolWriter",
+    "read_chunks",
+]
+
+DEFAULT_MEMORY_BYTES = 512 << 20
+"""Call-bound inputs held in memory at once, by default (``Settings.spool_memory_bytes``)."""
 
 
 class InlineWriter:
@@ -44,6 +59,32 @@ class InlineWriter:
     def abort(self) -> None:
         """Drops the bytes."""
         self._buffer.clear()
+
+
+class MemoryWriter:
+    """Keeps a call-bound task's inputs in memory; ``commit`` hands them to the spool."""
+
+    inline: bytes | None = None
+    """Always None: the payload is held by the spool, not the task's row."""
+
+    def __init__(self, spool: Spool, task_id: str, nbytes: int) -> None:
+        self._spool = spool
+        self._task_id = task_id
+        self._nbytes = nbytes
+        self._parts: list[memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Keeps a view of ``data``, which must not change afterwards (received bytes don't)."""
+        self._parts.append(memoryview(data))
+
+    async def commit(self) -> None:
+        """The inputs are complete: the spool serves them from now on."""
+        self._spool._held[self._task_id] = (self._parts, self._nbytes)
+
+    def abort(self) -> None:
+        """Drops the bytes and gives their room back."""
+        self._parts = []
+        self._spool._free(self._nbytes)
 
 
 class SpoolWriter:
@@ -124,10 +165,15 @@ class SpoolWriter:
 class Spool:
     """Where payload files live: ``in/<task>.bin`` and ``out/<task>.<attempt>.bin``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         self.root = root
         self._inputs = root / "in"
         self._outputs = root / "out"
+        self.memory_bytes = memory_bytes
+        """Room for call-bound inputs held in memory."""
+        self.held_bytes = 0
+        """Bytes of inputs held in memory now, reserved from the moment a writer starts."""
+        self._held: dict[str, tuple[list[memoryview], int]] = {}
 
     def open(self) -> None:
         """Creates the directories and drops partial files left by a crash."""
@@ -145,12 +191,16 @@ class Spool:
         return self._outputs / f"{task_id}.{attempt}.bin"
 
     def write_inputs(
-        self, task_id: str, nbytes: int, *, durable: bool = True
-    ) -> InlineWriter | SpoolWriter:
-        """Starts writing a task's ``nbytes`` of inputs (in memory when small)."""
+        self, task_id: str, nbytes: int, *, call_bound: bool = False
+    ) -> InlineWriter | MemoryWriter | SpoolWriter:
+        """Starts writing a task's ``nbytes`` of inputs: in its row when small, in memory when
+        call-bound and there is room, else a file (fsynced unless call-bound)."""
         if nbytes <= INLINE_MAX_BYTES:
             return InlineWriter()
-        return SpoolWriter(self.input_path(task_id), durable=durable)
+        if call_bound and self.held_bytes + nbytes <= self.memory_bytes:
+            self.held_bytes += nbytes
+            return MemoryWriter(self, task_id, nbytes)
+        return SpoolWriter(self.input_path(task_id), durable=not call_bound)
 
     def write_outputs(
         self, task_id: str, attempt: int, nbytes: int, *, durable: bool = True
@@ -160,10 +210,12 @@ class Spool:
             return InlineWriter()
         return SpoolWriter(self.output_path(task_id, attempt), durable=durable)
 
-    def inputs(self, task: Task) -> AsyncIterator[bytes]:
-        """Streams a task's input bytes, from its row or its file."""
+    def inputs(self, task: Task) -> AsyncIterator[bytes | memoryview]:
+        """Streams a task's input bytes, from its row, from memory or from its file."""
         if task.inline_inputs is not None:
             return _from_memory(task.inline_inputs)
+        if (held := self._held.get(task.id)) is not None:
+            return _from_parts(held[0])
         return read_chunks(self.input_path(task.id))
 
     def outputs(self, task: Task) -> AsyncIterator[bytes]:
@@ -173,8 +225,14 @@ class Spool:
         return read_chunks(self.output_path(task.id, task.attempt))
 
     def delete_inputs(self, task_id: str) -> None:
-        """Removes a finished task's input file, if it has one."""
-        self.input_path(task_id).unlink(missing_ok=True)
+        """Drops a finished task's inputs, held in memory or in a file."""
+        if (held := self._held.pop(task_id, None)) is not None:
+            self._free(held[1])
+        else:
+            self.input_path(task_id).unlink(missing_ok=True)
+
+    def _free(self, nbytes: int) -> None:
+        self.held_bytes -= nbytes
 
     def release_inputs(self, task: Task) -> None:
         """Removes a finished task's input file; a task whose inputs live in its row has none."""
@@ -198,6 +256,12 @@ async def read_chunks(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Asy
 async def _from_memory(data: bytes) -> AsyncIterator[bytes]:
     if data:
         yield data
+
+
+async def _from_parts(parts: list[memoryview]) -> AsyncIterator[memoryview]:
+    for part in parts:
+        yield part
+        await asyncio.sleep(0)  # as read_chunks: let other calls run between chunks
 
 
 def _fsync_dir(path: Path) -> None:

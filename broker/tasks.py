@@ -85,7 +85,7 @@ class TaskService:
         # bytes, so a tenant over quota costs no disk or SQL. The place is held until queued.
         with self._quota.admit(tenant, paid=paced):
             task_id = time_ordered_id()
-            writer = self._spool.write_inputs(task_id, spec.input_bytes, durable=not call_bound)
+            writer = self._spool.write_inputs(task_id, spec.input_bytes, call_bound=call_bound)
             try:
                 await _spool(writer.write, spec, chunks)
                 await writer.commit()

@@ -293,6 +293,37 @@ async def test_large_payloads_are_spooled_files_fetched_separately(
     assert not (tmp_path / "spool" / "in" / f"{task_id}.bin").exists()
 
 
+async def test_a_runs_large_inputs_are_held_in_memory_and_its_result_kept_unfsynced(
+    channel: grpc.aio.Channel, broker: BrokerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsynced: list[int] = []
+    monkeypatch.setattr("broker.spool.os.fsync", fsynced.append)
+    agent = await _ready_agent(channel, "a1")
+    data = bytes(range(256)) * 1024  # 256 KiB: too large for the row
+    header = broker_pb2.TaskHeader(workload="echo", inputs=[_header(data)])
+    requests = [
+        broker_pb2.RunRequest(header=header),
+        broker_pb2.RunRequest(chunk=task_pb2.DataChunk(data=data[:100_000])),
+        broker_pb2.RunRequest(chunk=task_pb2.DataChunk(data=data[100_000:])),
+    ]
+    call = broker_pb2_grpc.BrokerStub(channel).Run(iter(requests), metadata=AUTH)
+
+    assignment = (await agent.next()).assignment
+    held = broker.dispatcher.spool.held_bytes
+    fetched = await agent.fetch(assignment)
+    await agent.put(assignment, fetched[::-1])
+    replies = [r async for r in call]
+
+    task_id = assignment.task_id
+    assert held == len(data) and fetched == data
+    assert not (tmp_path / "spool" / "in" / f"{task_id}.bin").exists()  # never a file
+    assert broker.dispatcher.spool.held_bytes == 0  # let go once the task ended
+    result = b"".join(r.chunk.data for r in replies if r.WhichOneof("kind") == "chunk")
+    assert result == data[::-1]
+    assert (tmp_path / "spool" / "out" / f"{task_id}.1.bin").read_bytes() == data[::-1]
+    assert fsynced == []  # a Run's payloads are not flushed: the task ends with its call
+
+
 async def test_metrics_count_tasks_and_show_live_state(
     channel: grpc.aio.Channel, broker: BrokerServer
 ) -> None:
