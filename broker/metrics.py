@@ -57,7 +57,11 @@ class Metrics:
         self._server: WSGIServer | None = None
 
     def watch_state(
-        self, queued: Callable[[], int], agents: Callable[[], int], free_slots: Callable[[], int]
+        self,
+        queued: Callable[[], int],
+        agents: Callable[[], int],
+        free_slots: Callable[[], int],
+        held_bytes: Callable[[], int] = lambda: 0,
     ) -> None:
         """Reports live gauges by calling these when scraped."""
         r = self.registry
@@ -70,6 +74,11 @@ class Metrics:
         Gauge(
             "gpubroker_free_slots", "Slots agents have offered and not yet filled.", registry=r
         ).set_function(free_slots)
+        Gauge(
+            "gpubroker_payload_memory_bytes",
+            "Run inputs held in memory (at most --spool-memory-mb).",
+            registry=r,
+        ).set_function(held_bytes)
 
     def fallback(self, reason: str, zone: str, gpu_type: str) -> None:
         """Counts one provider fallback."""

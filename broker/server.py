@@ -118,6 +118,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         queued=lambda: len(dispatcher.queue),
         agents=lambda: len(dispatcher.registry),
         free_slots=lambda: sum(s.credits for s in dispatcher.registry.sessions()),
+        held_bytes=lambda: spool.held_bytes,
     )
     auth = Authenticator(settings.api_keys, settings.join_token, database_keys(engine))
     await auth.refresh()

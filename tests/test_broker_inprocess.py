@@ -310,12 +310,15 @@ async def test_a_runs_large_inputs_are_held_in_memory_and_its_result_kept_unfsyn
 
     assignment = (await agent.next()).assignment
     held = broker.dispatcher.spool.held_bytes
+    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     fetched = await agent.fetch(assignment)
     await agent.put(assignment, fetched[::-1])
     replies = [r async for r in call]
 
     task_id = assignment.task_id
     assert held == len(data) and fetched == data
+    assert f"gpubroker_payload_memory_bytes {float(len(data))}" in text
     assert not (tmp_path / "spool" / "in" / f"{task_id}.bin").exists()  # never a file
     assert broker.dispatcher.spool.held_bytes == 0  # let go once the task ended
     result = b"".join(r.chunk.data for r in replies if r.WhichOneof("kind") == "chunk")
