@@ -79,7 +79,7 @@ class MemoryWriter:
 
     async def commit(self) -> None:
         """The inputs are complete: the spool serves them from now on."""
-        self._spool._held[self._task_id] = (self._parts, self._nbytes)
+        self._spool._hold(self._task_id, self._parts, self._nbytes)
 
     def abort(self) -> None:
         """Drops the bytes and gives their room back."""
@@ -231,7 +231,12 @@ class Spool:
         else:
             self.input_path(task_id).unlink(missing_ok=True)
 
+    def _hold(self, task_id: str, parts: list[memoryview], nbytes: int) -> None:
+        """Serves ``parts`` as the task's inputs (their room was reserved by ``write_inputs``)."""
+        self._held[task_id] = (parts, nbytes)
+
     def _free(self, nbytes: int) -> None:
+        """Gives back room reserved by ``write_inputs``."""
         self.held_bytes -= nbytes
 
     def release_inputs(self, task: Task) -> None:
