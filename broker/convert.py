@@ -24,6 +24,7 @@ from broker.errors import (
     BrokerError,
     InvalidTaskError,
     LimitExceededError,
+    PayloadLostError,
     RequestConflictError,
     StaleAttemptError,
     TaskEndedError,
@@ -57,6 +58,7 @@ _STATUS_FOR: dict[type[BrokerError], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     StaleAttemptError: grpc.StatusCode.FAILED_PRECONDITION,
     AgentRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
+    PayloadLostError: grpc.StatusCode.DATA_LOSS,
 }
 
 _STATE_TO_PROTO = {

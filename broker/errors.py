@@ -10,6 +10,7 @@ BrokerError
 ├── UnauthenticatedError      UNAUTHENTICATED
 ├── StaleAttemptError         FAILED_PRECONDITION (a result or fetch from a lost lease)
 ├── AgentRefusedError         FAILED_PRECONDITION (an agent the broker cannot bill for)
+├── PayloadLostError          DATA_LOSS          (a result file gone, e.g. after an OS crash)
 ├── SchemaOutdatedError       (start-up)         the database needs `make migrate`
 └── TaskEndedError            the task ended without a result; carries its status code
 """
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "InvalidTaskError",
     "LimitExceededError",
+    "PayloadLostError",
     "RequestConflictError",
     "SchemaOutdatedError",
     "StaleAttemptError",
@@ -83,6 +85,11 @@ class ConfigError(BrokerError):
 
 class SchemaOutdatedError(BrokerError):
     """The database schema is not at the revision this broker needs."""
+
+
+class PayloadLostError(BrokerError):
+    """A succeeded task's result file is missing or short (``Task.call_bound`` results are not
+    fsynced, so an OS crash can take them)."""
 
 
 class TaskEndedError(BrokerError):

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from broker.errors import PayloadLostError
 from broker.model import Task
 from client.wire import DEFAULT_CHUNK_BYTES, INLINE_MAX_BYTES
 
@@ -219,10 +220,26 @@ class Spool:
         return read_chunks(self.input_path(task.id))
 
     def outputs(self, task: Task) -> AsyncIterator[bytes]:
-        """Streams a succeeded task's output bytes, from its row or its file."""
+        """Streams a succeeded task's output bytes, from its row or its file.
+
+        Raises:
+            PayloadLostError: the file is gone or short (an unflushed call-bound result after
+                an OS crash).
+        """
         if task.inline_outputs is not None:
             return _from_memory(task.inline_outputs)
-        return read_chunks(self.output_path(task.id, task.attempt))
+        path = self.output_path(task.id, task.attempt)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = -1
+        if size != task.output_bytes:
+            raise PayloadLostError(
+                f"the result of task {task.id} is lost ({max(size, 0)} of {task.output_bytes} "
+                "bytes on disk): results of run/map are not flushed to disk, and the broker's "
+                "machine crashed since; run the task again"
+            )
+        return read_chunks(path)
 
     def delete_inputs(self, task_id: str) -> None:
         """Drops a finished task's inputs, held in memory or in a file."""

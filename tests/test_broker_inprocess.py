@@ -327,6 +327,30 @@ async def test_a_runs_large_inputs_are_held_in_memory_and_its_result_kept_unfsyn
     assert fsynced == []  # a Run's payloads are not flushed: the task ends with its call
 
 
+async def test_a_lost_result_file_is_data_loss_not_a_short_stream(
+    channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    agent = await _ready_agent(channel, "a1")
+    data = bytes(range(256)) * 1024
+    task_id = await _submit(channel, data)
+    assignment = (await agent.next()).assignment
+    await agent.put(assignment, await agent.fetch(assignment))
+    stub = broker_pb2_grpc.BrokerStub(channel)
+    request = broker_pb2.GetResultRequest(task_id=task_id)
+    output = tmp_path / "spool" / "out" / f"{task_id}.1.bin"
+
+    output.write_bytes(data[:1000])  # what an OS crash can leave of an unflushed file
+    with pytest.raises(grpc.aio.AioRpcError) as short:
+        [r async for r in stub.GetResult(request, metadata=AUTH)]
+    output.unlink()
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        [r async for r in stub.GetResult(request, metadata=AUTH)]
+
+    for error in (short.value, gone.value):
+        assert error.code() == grpc.StatusCode.DATA_LOSS
+        assert "is lost" in (error.details() or "")
+
+
 async def test_metrics_count_tasks_and_show_live_state(
     channel: grpc.aio.Channel, broker: BrokerServer
 ) -> None:
