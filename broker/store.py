@@ -54,13 +54,9 @@ _DEDUP_INSERTS: dict[str, Any] = {
     .returning(*tasks.c)
     for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
 }
-
-
-def _insert_task(dialect: str) -> Any:
-    """The task INSERT: where the database has ``ON CONFLICT DO NOTHING``, a duplicate
-    ``(tenant, request_id)`` inserts nothing and returns no row, so a first submit costs one
-    statement; elsewhere a SELECT looks for the request first."""
-    return _DEDUP_INSERTS.get(dialect, _INSERT_TASK)
+"""The task INSERT where the database has ``ON CONFLICT DO NOTHING``: a duplicate ``(tenant,
+request_id)`` inserts nothing and returns no row, so a first submit costs one statement;
+elsewhere (``_INSERT_TASK``) a SELECT looks for the request first."""
 
 
 _CLAIMED: dict[str, Any] = {
@@ -139,7 +135,8 @@ class TaskStore:
         self._engine = engine
         self._catalog = catalog
         self._billing = billing
-        self._insert_task = _insert_task(engine.dialect.name)
+        self._insert_task = _DEDUP_INSERTS.get(engine.dialect.name, _INSERT_TASK)
+        self._dedup_on_insert = self._insert_task is not _INSERT_TASK
         self._batch: Connection | None = None
         self._budget_checked: set[str] = set()
         self._usage_rows: list[dict[str, Any]] = []
@@ -199,9 +196,7 @@ class TaskStore:
     ) -> tuple[Task, bool]:
         """Inserts a queued task; returns it and whether its request_id already existed."""
         with self._transaction() as conn:
-            if self._insert_task is _INSERT_TASK and (
-                existing := _find_request(conn, tenant, spec)
-            ):
+            if not self._dedup_on_insert and (existing := _find_request(conn, tenant, spec)):
                 return existing, True
             try:
                 self._check_budget(conn, tenant, now)

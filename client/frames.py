@@ -65,6 +65,13 @@ def chunk_field(cls: type[Message]) -> int | None:
     return _FIELDS[cls]
 
 
+def _required_field(cls: type[Message]) -> int:
+    field = chunk_field(cls)
+    if field is None:
+        raise ValueError(f"{cls.__name__} has no DataChunk field")
+    return field
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -87,9 +94,7 @@ def chunk_message(cls: type[Message], data: bytes | bytearray | memoryview) -> b
 
     One copy of ``data``; byte for byte what protobuf's ``SerializeToString`` returns.
     """
-    field = chunk_field(cls)
-    if field is None:
-        raise ValueError(f"{cls.__name__} has no DataChunk field")
+    field = _required_field(cls)
     view = memoryview(data).cast("B")
     return b"".join((_prefix(field, len(view)), view))
 
@@ -103,9 +108,7 @@ def chunk_messages(
 
     Each message is built with one copy of its bytes (header and pieces joined at once).
     """
-    field = chunk_field(cls)
-    if field is None:
-        raise ValueError(f"{cls.__name__} has no DataChunk field")
+    field = _required_field(cls)
     for views in iter_views(buffers, chunk_bytes):
         yield b"".join((_prefix(field, sum(len(v) for v in views)), *views))
 
