@@ -13,14 +13,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from billing.prices import PriceCatalog
 from broker.config import Settings
+from broker.server import BrokerServer, create_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,3 +231,13 @@ def broker_with_agent(
     finally:
         agent.stop()
         broker.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_broker(settings: Settings) -> AsyncIterator[BrokerServer]:
+    """A broker in this process, stopped on exit (fixtures of in-process tests)."""
+    server = await create_server(settings, PriceCatalog.load())
+    try:
+        yield server
+    finally:
+        await server.stop(grace=None)

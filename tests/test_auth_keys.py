@@ -14,11 +14,9 @@ import pytest
 import sqlalchemy as sa
 
 from billing.migrate import upgrade
-from billing.prices import PriceCatalog
 from broker.auth import DEFAULT_TENANT, REFRESH_INTERVAL_S, Authenticator
 from broker.config import Settings
 from broker.errors import UnauthenticatedError
-from broker.server import BrokerServer, create_server
 from broker.tenants import (
     StoredKey,
     create_key,
@@ -29,6 +27,7 @@ from broker.tenants import (
 )
 from client.wire import crc32c
 from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+from tests.cluster import running_broker
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 KEY_ID = "Ab3dE5g7"
@@ -239,12 +238,11 @@ async def channel(keys: Keys, tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]
         join_token="join-me",
         provider="none",
     )
-    broker: BrokerServer = await create_server(settings, PriceCatalog.load())
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
-            yield ch
-    finally:
-        await broker.stop(grace=None)
+    async with (
+        running_broker(settings) as broker,
+        grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch,
+    ):
+        yield ch
 
 
 async def _submit(channel: grpc.aio.Channel, key: str) -> str:

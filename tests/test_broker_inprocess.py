@@ -17,11 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from billing.budget import set_budget
-from billing.prices import PriceCatalog
-from broker.server import BrokerServer, create_server
+from broker.server import BrokerServer
 from client.wire import crc32c
 from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import broker_settings
+from tests.cluster import broker_settings, running_broker
 
 AUTH = (("authorization", "Bearer key-a"),)
 AGENT_AUTH = (("authorization", "Bearer join-me"),)
@@ -37,11 +36,8 @@ async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
         lease_timeout_s=1.0,
         metrics_address="127.0.0.1:0",
     )
-    server = await create_server(settings, PriceCatalog.load())
-    try:
+    async with running_broker(settings) as server:
         yield server
-    finally:
-        await server.stop(grace=None)
 
 
 @pytest.fixture

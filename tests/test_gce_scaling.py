@@ -19,9 +19,9 @@ from broker.autoscaler import ScalingPolicy
 from broker.providers.base import LaunchRequest
 from broker.providers.gce import GceProvider, GceSettings
 from broker.scaling import ScalingConfig, ScalingLoop
-from broker.server import BrokerServer, create_server
+from broker.server import BrokerServer
 from client import AsyncClient
-from tests.cluster import AgentProcess, broker_settings, wait_until
+from tests.cluster import AgentProcess, broker_settings, running_broker, wait_until
 from tests.fake_compute import FakeCompute
 
 PROJECT = "test-project"
@@ -38,11 +38,8 @@ async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
     settings = broker_settings(
         tmp_path, api_keys={"key-a": "tenant-a"}, heartbeat_interval_s=0.3, lease_timeout_s=3.0
     )
-    server = await create_server(settings, PriceCatalog.load())
-    try:
+    async with running_broker(settings) as server:
         yield server
-    finally:
-        await server.stop(grace=None)
 
 
 def _vms(broker: BrokerServer) -> list[dict[str, object]]:

@@ -34,13 +34,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from billing.prices import PriceCatalog
 from broker.config import Limits
-from broker.server import MAX_MESSAGE_BYTES, BrokerServer, create_server
+from broker.server import MAX_MESSAGE_BYTES, BrokerServer
 from client.wire import DTYPE_ITEMSIZE, INLINE_MAX_BYTES, MAX_RANK, crc32c
 from gpu_agent.workloads import registry
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import AgentProcess, broker_settings
+from tests.cluster import AgentProcess, broker_settings, running_broker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -820,16 +819,15 @@ async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Har
     settings = broker_settings(
         root, api_keys=KEYS, heartbeat_interval_s=0.5, lease_timeout_s=30.0, limits=LIMITS
     )
-    server = await create_server(settings, PriceCatalog.load())
-    agent = AgentProcess(root, f"127.0.0.1:{server.port}", "hostile", slots=4).start()
     options = [("grpc.max_send_message_length", 64 << 20)]
-    try:
-        await _wait_for_agent(server)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options) as channel:
-            yield Harness(server, settings.spool_dir, channel)
-    finally:
-        await asyncio.to_thread(agent.stop)
-        await server.stop(grace=None)
+    async with running_broker(settings) as server:
+        agent = AgentProcess(root, f"127.0.0.1:{server.port}", "hostile", slots=4).start()
+        try:
+            await _wait_for_agent(server)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options) as channel:
+                yield Harness(server, settings.spool_dir, channel)
+        finally:
+            await asyncio.to_thread(agent.stop)
 
 
 # -- tests -----------------------------------------------------------------------------------

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from billing.prices import PriceCatalog
 from broker.providers.base import InstanceStatus, LaunchRequest, Provider
 from broker.providers.local import LocalProvider, LocalSettings
-from broker.server import BrokerServer, create_server
+from broker.server import BrokerServer
 from client import AsyncClient
-from tests.cluster import broker_settings
+from tests.cluster import broker_settings, running_broker
 
 REQUEST = LaunchRequest(gpu_types=("cpu",), spot=False)
 JOIN_TOKEN = "join-me"
@@ -39,11 +38,8 @@ async def broker(tmp_path: Path) -> AsyncIterator[BrokerServer]:
         heartbeat_interval_s=0.2,
         lease_timeout_s=1.0,
     )
-    server = await create_server(settings, PriceCatalog.load())
-    try:
+    async with running_broker(settings) as server:
         yield server
-    finally:
-        await server.stop(grace=None)
 
 
 def _settings(tmp_path: Path, broker_address: str) -> LocalSettings:

@@ -10,15 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from billing.prices import PriceCatalog
 from broker.config import Limits, Settings
 from broker.errors import LimitExceededError
 from broker.quota import SubmitQuota, TokenBucket
 from broker.scheduler import FairQueue
-from broker.server import BrokerServer, create_server
 from client.wire import DTYPE_ITEMSIZE, MAX_RANK, crc32c
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import broker_settings
+from tests.cluster import broker_settings, running_broker
 from tests.test_broker_malformed import submit_requests
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
@@ -252,21 +250,16 @@ def test_impossible_limits_are_refused(fields: dict[str, object]) -> None:
 # -- in process: one tenant over quota, the other unaffected ---------------------------------
 
 
-async def _broker(tmp_path: Path, limits: Limits) -> BrokerServer:
-    settings = broker_settings(tmp_path, api_keys=KEYS, limits=limits)
-    return await create_server(settings, PriceCatalog.load())
-
-
 @pytest.fixture
 async def stub(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[broker_pb2_grpc.BrokerAsyncStub]:
-    server = await _broker(tmp_path, request.param)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield broker_pb2_grpc.BrokerStub(channel)
-    finally:
-        await server.stop(grace=None)
+    settings = broker_settings(tmp_path, api_keys=KEYS, limits=request.param)
+    async with (
+        running_broker(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield broker_pb2_grpc.BrokerStub(channel)
 
 
 async def _submit(stub: broker_pb2_grpc.BrokerAsyncStub, key: str) -> grpc.StatusCode:

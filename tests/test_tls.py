@@ -21,19 +21,18 @@ from click.testing import CliRunner
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from billing.prices import PriceCatalog
 from broker.__main__ import main as broker_main
 from broker.certs import DevCertificates, make_dev_certificates
 from broker.certs import main as certs_main
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.server import BrokerServer, create_server
+from broker.server import BrokerServer
 from broker.tls import bind_port, client_credentials, is_loopback, server_credentials
 from client import AsyncClient, Client, UnavailableError
 from gpu_agent.config import Settings as AgentSettings
 from gpu_agent.gateway import GatewayClient, open_channel
 from protos import agent_pb2
-from tests.cluster import AgentProcess, broker_settings
+from tests.cluster import AgentProcess, broker_settings, running_broker
 from tests.test_grpcurl import _grpcurl, _run
 
 KEY = "key-a"
@@ -60,11 +59,8 @@ def _settings(root: Path, **values: object) -> Settings:
 @pytest.fixture
 async def tls_broker(tmp_path: Path, certs: DevCertificates) -> AsyncIterator[BrokerServer]:
     settings = _settings(tmp_path, tls_cert_file=certs.server_cert, tls_key_file=certs.server_key)
-    server = await create_server(settings, PriceCatalog.load())
-    try:
+    async with running_broker(settings) as server:
         yield server
-    finally:
-        await server.stop(grace=None)
 
 
 @pytest.fixture
@@ -75,11 +71,8 @@ async def mtls_broker(tmp_path: Path, certs: DevCertificates) -> AsyncIterator[B
         tls_key_file=certs.server_key,
         tls_client_ca_file=certs.ca_cert,
     )
-    server = await create_server(settings, PriceCatalog.load())
-    try:
+    async with running_broker(settings) as server:
         yield server
-    finally:
-        await server.stop(grace=None)
 
 
 def _address(broker: BrokerServer) -> str:
@@ -300,16 +293,14 @@ async def test_plaintext_on_a_public_address_is_refused() -> None:
 
 
 async def test_plaintext_on_a_public_address_is_allowed_when_explicit(tmp_path: Path) -> None:
-    broker = await create_server(
-        _settings(tmp_path, listen_address="0.0.0.0:0", plaintext=True), PriceCatalog.load()
-    )
-    try:
-        async with grpc.aio.insecure_channel(_address(broker)) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5
-            )
-    finally:
-        await broker.stop(grace=None)
+    settings = _settings(tmp_path, listen_address="0.0.0.0:0", plaintext=True)
+    async with (
+        running_broker(settings) as broker,
+        grpc.aio.insecure_channel(_address(broker)) as channel,
+    ):
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
 
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
