@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.scenarios import Row, billing_overhead, large_tensors, queue_depth, tiny_tasks
+from tests.cluster import AGENT_DEVICE_ENV
 
 SCENARIOS = ("large", "tiny", "queue", "billing")
 
@@ -36,10 +38,24 @@ SCENARIOS = ("large", "tiny", "queue", "billing")
     default=Path("/tmp/gpubroker-bench"),
     show_default=True,
 )
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    envvar=AGENT_DEVICE_ENV,
+    help="Where the agent and the direct server run the work (cuda on a GPU machine).",
+)
 def main(
-    chosen: tuple[str, ...], quick: bool, queue_tasks: int | None, out: Path, work_dir: Path
+    chosen: tuple[str, ...],
+    quick: bool,
+    queue_tasks: int | None,
+    out: Path,
+    work_dir: Path,
+    device: str,
 ) -> None:
     """Runs the benchmarks and prints medians with the broker/direct ratio."""
+    os.environ[AGENT_DEVICE_ENV] = device  # read by the agent processes and the direct server
     console = Console(width=150)
     rows: list[Row] = []
     started = time.perf_counter()
@@ -50,7 +66,11 @@ def main(
     out.write_text(
         json.dumps(
             {
-                "machine": {"cpus": _cpus(), "python": platform.python_version()},
+                "machine": {
+                    "cpus": _cpus(),
+                    "python": platform.python_version(),
+                    "device": device,
+                },
                 "seconds": round(time.perf_counter() - started, 1),
                 "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
             },

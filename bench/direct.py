@@ -25,8 +25,9 @@ from client.codec import decode, encode
 from client.frames import chunk_messages
 from client.proto import meta_from_proto, meta_to_proto, params_from_proto
 from client.wire import Assembler
-from gpu_agent.runner import Runner, detect_device
+from gpu_agent.runner import Runner, detect_device, favour_workload_threads
 from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from tests.cluster import AGENT_DEVICE_ENV
 
 MAX_MESSAGE_BYTES = 16 << 20
 
@@ -124,8 +125,10 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
         return info, [data for _, data in encoded]
 
 
-async def _serve(port_file: Path, slots: int) -> None:
-    runner = Runner(detect_device("cpu"), slots)
+async def _serve(port_file: Path, slots: int, device: str) -> None:
+    favour_workload_threads()  # as the agent does, so only the relay differs
+    runner = Runner(detect_device(device), slots)
+    await runner.warm_up()
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -149,9 +152,12 @@ async def _serve(port_file: Path, slots: int) -> None:
 @click.command()
 @click.option("--port-file", type=click.Path(path_type=Path), required=True)
 @click.option("--slots", type=int, default=2, show_default=True)
-def main(port_file: Path, slots: int) -> None:
+@click.option(
+    "--device", default="cpu", show_default=True, envvar=AGENT_DEVICE_ENV, help="cpu or cuda."
+)
+def main(port_file: Path, slots: int, device: str) -> None:
     """Serves the direct baseline on a free loopback port, written to PORT_FILE."""
-    asyncio.run(_serve(port_file, slots))
+    asyncio.run(_serve(port_file, slots, device))
 
 
 if __name__ == "__main__":

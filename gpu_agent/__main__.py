@@ -19,7 +19,7 @@ from gpu_agent.config import DEVICE_CHOICES, Settings
 from gpu_agent.errors import WorkloadLoadError
 from gpu_agent.preemption import PREEMPTED, PreemptionWatcher
 from gpu_agent.preemption import metadata_url as default_metadata_url
-from gpu_agent.runner import Runner, detect_device
+from gpu_agent.runner import Runner, detect_device, favour_workload_threads
 
 __all__ = ["main"]
 
@@ -88,6 +88,7 @@ def main(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    favour_workload_threads()
     try:
         runner = Runner(detect_device(settings.device), settings.slots)
     except (ValueError, WorkloadLoadError) as exc:
@@ -109,6 +110,9 @@ async def _serve(settings: Settings, runner: Runner, metadata_url: str | None) -
         info.memory_bytes,
         runner.slots,
         ", ".join(sorted(runner.workloads)),
+    )
+    logger.info(
+        "warmed up the workloads on %d threads in %.2f s", runner.slots, await runner.warm_up()
     )
     agent = Agent(settings, runner)
     stopping: list[asyncio.Task[None]] = []

@@ -4,14 +4,23 @@
 slot. On CUDA each worker thread has its own stream, and compute time comes from CUDA events
 recorded on it around the workload (NOTES.md §2.6), so one slot's kernels never inflate another
 slot's bill. On the CPU, torch ops are synchronous and a monotonic clock around the call is exact.
+
+Both clocks run while a workload's host code runs, so two things the tenant did not cause are
+kept out of the window. One-time costs (CUDA context, cuBLAS/cuDNN/cuFFT/cuSOLVER loads, kernel
+modules, CPU thread pools: seconds on a GPU) are paid by ``warm_up`` before the agent takes work.
+And torch releases the GIL around each op, so a worker thread that wants it back waits until the
+event loop thread (busy relaying other tasks' bytes) lets go, by default after up to 5 ms per op:
+``favour_workload_threads`` shortens that switch interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -23,11 +32,27 @@ import torch
 from client.wire import DTYPE_ITEMSIZE
 from gpu_agent.errors import AgentError, WorkloadFailedError
 from gpu_agent.model import Param
-from gpu_agent.workloads import Workload, WorkloadContext, lookup, registry
+from gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
 
-__all__ = ["DeviceInfo", "RunOutcome", "Runner", "detect_device", "gpu_slug"]
+__all__ = [
+    "SWITCH_INTERVAL_S",
+    "DeviceInfo",
+    "RunOutcome",
+    "Runner",
+    "detect_device",
+    "favour_workload_threads",
+    "gpu_slug",
+]
 
 logger = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0001
+"""The GIL switch interval in an agent process (Python's default: 5 ms). With a busy Python thread
+beside it, a tiny ``add`` on an H100 was billed 10.6 ms at the default and 0.49 ms at this value
+(90 us with the GIL free); on the CPU 5.4 ms and 0.1 ms (docs/performance.md, "What a task is
+billed")."""
+
+_WARM_UP_WAIT_S = 120.0  # how long a warm-up thread waits for the others to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +125,11 @@ def detect_device(choice: str) -> DeviceInfo:
     return DeviceInfo(device, gpu_slug(torch.cuda.get_device_name(device)), props.total_memory)
 
 
+def favour_workload_threads() -> None:
+    """Sets the process's GIL switch interval to ``SWITCH_INTERVAL_S`` (see the module doc)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
 class Runner:
     """Executes workloads on worker threads, at most ``slots`` at a time."""
 
@@ -135,6 +165,23 @@ class Runner:
             self._executor, self._execute, workload_name, fn, inputs, params, cancelled
         )
 
+    async def warm_up(self) -> float:
+        """Runs each workload that has an example once on every worker thread; returns seconds.
+
+        Called before the agent takes work, so the first tenant is not billed for loading
+        libraries and kernels (NOTES.md §2.6). A failing example is logged and skipped.
+        """
+        barrier, turn = threading.Barrier(self.slots), threading.Lock()
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(self._executor, self._warm_up, barrier, turn)
+                for _ in range(self.slots)
+            )
+        )
+        return time.perf_counter() - started
+
     def close(self) -> None:
         """Waits for running workloads, then stops the worker threads."""
         self._executor.shutdown(wait=True)
@@ -152,6 +199,26 @@ class Runner:
             # The first matmul on a thread creates its cuBLAS handle: keep that off the bill.
             warm = torch.ones(8, 8, device=device)
             (warm @ warm).sum().item()
+
+    def _warm_up(self, barrier: threading.Barrier, turn: threading.Lock) -> None:
+        # Every slot's thread holds one call until all have started, so each gets its own; then
+        # they take turns: torch's lazy library loads are not thread-safe (two first
+        # torch.linalg calls at once raise "lazy wrapper should be called at most once").
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(_WARM_UP_WAIT_S)
+        with turn:
+            self._warm_up_workloads()
+
+    def _warm_up_workloads(self) -> None:
+        for name, fn in self.workloads.items():
+            make = example(name, fn)
+            if make is None:
+                continue
+            try:
+                inputs, params = make()
+                self._execute(name, fn, inputs, params, threading.Event())
+            except Exception as exc:  # an operator's example: the agent still serves
+                logger.warning("warm-up of workload %r failed: %s", name, exc)
 
     def _execute(
         self,

@@ -33,6 +33,7 @@ __all__ = [
     "Param",
     "Workload",
     "WorkloadContext",
+    "example",
     "lookup",
     "register",
     "registry",
@@ -70,19 +71,32 @@ class Workload(Protocol):
 
 W = TypeVar("W", bound=Workload)
 
+Example = Callable[[], tuple[list[torch.Tensor], dict[str, Param]]]
+"""Makes small inputs and params for one warm-up call of a workload (``Runner.warm_up``)."""
+
 _BUILTINS: dict[str, Workload] = {}
+_EXAMPLES: dict[str, Example] = {}
 
 
-def register(name: str) -> Callable[[W], W]:
-    """Registers a built-in workload under ``name``."""
+def register(name: str, example: Example | None = None) -> Callable[[W], W]:
+    """Registers a built-in workload under ``name``, with its warm-up call if it has one."""
 
     def decorate(fn: W) -> W:
         if name in _BUILTINS:
             raise ValueError(f"a workload named {name!r} is already registered")
         _BUILTINS[name] = fn
+        if example is not None:
+            _EXAMPLES[name] = example
         return fn
 
     return decorate
+
+
+def example(name: str, fn: Workload) -> Example | None:
+    """The warm-up call of workload ``name``: a built-in's, or an ``example`` attribute an
+    operator's workload may carry (a callable returning ``(inputs, params)``); None without."""
+    found = _EXAMPLES.get(name) if _BUILTINS.get(name) is fn else None
+    return found or getattr(fn, "example", None)
 
 
 def registry() -> dict[str, Workload]:
@@ -230,7 +244,7 @@ def _at_least(workload: str, **bounds: tuple[int, int]) -> None:
 # -- built-ins --------------------------------------------------------------------------------
 
 
-@register("matmul")
+@register("matmul", example=lambda: ([torch.ones(256, 256), torch.ones(256, 256)], {}))
 def matmul(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
@@ -254,7 +268,7 @@ def matmul(
     return [torch.matmul(a, b)]
 
 
-@register("add")
+@register("add", example=lambda: ([torch.ones(4), torch.ones(4)], {}))
 def add(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
@@ -266,7 +280,7 @@ def add(
     return [torch.add(a, b)]
 
 
-@register("sum")
+@register("sum", example=lambda: ([torch.ones(1 << 20)], {}))
 def sum_(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
@@ -280,7 +294,9 @@ def sum_(
     return [torch.sum(x, dim=_dim("sum", dim, x), keepdim=keepdim)]
 
 
-@register("conv2d")
+@register(
+    "conv2d", example=lambda: ([torch.ones(2, 3, 32, 32), torch.ones(4, 3, 3, 3)], {"padding": 1})
+)
 def conv2d(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
@@ -333,7 +349,7 @@ def _conv2d_window(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation
             )
 
 
-@register("fft")
+@register("fft", example=lambda: ([torch.ones(4, 1024)], {}))
 def fft(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:
@@ -352,7 +368,13 @@ def fft(
     return [torch.fft.fft(x, n=n, dim=_dim("fft", dim, x), norm=norm)]
 
 
-@register("linalg.solve")
+@register(
+    "linalg.solve",
+    example=lambda: (
+        [torch.eye(32, dtype=torch.float64), torch.ones(32, 2, dtype=torch.float64)],
+        {},
+    ),
+)
 def linalg_solve(
     inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
 ) -> Sequence[torch.Tensor]:

@@ -26,6 +26,22 @@ from broker.server import BrokerServer, create_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
+AGENT_DEVICE_ENV = "GPUBROKER_AGENT_DEVICE"
+"""Which ``--device`` agent processes get: ``cpu`` unless set (``cuda`` runs the end-to-end
+tests and the bench on a GPU)."""
+
+
+def agent_gpu_type() -> str:
+    """The GPU type agent processes report: ``cpu``, or their CUDA device's (a GPU run)."""
+    if os.environ.get(AGENT_DEVICE_ENV, "cpu") == "cpu":
+        return "cpu"
+    import torch  # only for a GPU run
+
+    from gpu_agent.runner import gpu_slug
+
+    return gpu_slug(torch.cuda.get_device_name())
+
+
 API_KEYS = {"key-a": "tenant-a", "key-b": "tenant-b", "key-c": "tenant-c", "key-d": "tenant-d"}
 """API key -> tenant of the test broker."""
 
@@ -189,6 +205,7 @@ class AgentProcess(_Process):
         self.broker_address = broker_address
         self.agent_id = agent_id
         self.slots = slots
+        self.device = os.environ.get(AGENT_DEVICE_ENV, "cpu")
         self.metadata_url = metadata_url
         # TLS when ca_file is given; mutual TLS with cert_file and key_file as well.
         self.tls_args: list[str] = []
@@ -210,7 +227,7 @@ class AgentProcess(_Process):
                 "--slots",
                 str(self.slots),
                 "--device",
-                "cpu",
+                self.device,
                 "--metadata-url",
                 self.metadata_url,
                 *self.tls_args,

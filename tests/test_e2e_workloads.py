@@ -16,7 +16,7 @@ import torch
 
 from billing.models import usage
 from client import Client, InvalidArgumentError, TaskFailedError
-from tests.cluster import AgentProcess, BrokerProcess
+from tests.cluster import AgentProcess, BrokerProcess, agent_gpu_type
 from tests.tensors import random_tensor
 
 DTYPES = [
@@ -101,7 +101,7 @@ def test_matmul_matches_torch(client: Client) -> None:
 
     torch.testing.assert_close(result.output, a @ b)
     assert result.compute_seconds > 0
-    assert result.gpu_type == "cpu"
+    assert result.gpu_type == agent_gpu_type()
 
 
 def test_add_broadcasts_like_torch(client: Client) -> None:
@@ -186,7 +186,7 @@ def test_every_successful_task_has_one_priced_usage_row(
     row = rows[0]._mapping
     assert row["tenant"] == "tenant-a"
     assert row["workload"] == "sum"
-    assert row["gpu_type"] == "cpu"
+    assert row["gpu_type"] == agent_gpu_type()
     assert row["compute_seconds"] > 0
     assert row["bytes_in"] == 400 and row["bytes_out"] == 4
     assert row["cost_nanousd"] >= 0 and row["price_per_hour_nanousd"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -16,7 +17,13 @@ from gpu_agent.errors import (
     WorkloadArgumentError,
     WorkloadFailedError,
 )
-from gpu_agent.runner import Runner, detect_device, gpu_slug
+from gpu_agent.runner import (
+    SWITCH_INTERVAL_S,
+    Runner,
+    detect_device,
+    favour_workload_threads,
+    gpu_slug,
+)
 from gpu_agent.workloads import Param, Workload, WorkloadContext, registry
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -202,6 +209,66 @@ async def test_argument_and_cancel_errors_pass_through_unchanged(
         await runner.run("nope", [], {}, threading.Event())
 
 
+class WarmUpProbe(ConcurrencyProbe):
+    """A workload with an example that records the threads it ran on, and how many at once."""
+
+    def __init__(self) -> None:
+        super().__init__(hold_s=0.05)
+        self.threads: list[int] = []
+
+    def __call__(
+        self, inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
+    ) -> Sequence[torch.Tensor]:
+        self.threads.append(threading.get_ident())
+        return super().__call__(inputs, params, ctx)
+
+    def example(self) -> tuple[list[torch.Tensor], dict[str, Param]]:
+        return [torch.ones(2)], {}
+
+
+async def test_warm_up_runs_each_example_once_per_slot_thread_one_thread_at_a_time(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    probe = WarmUpProbe()
+    runner = runner_factory(slots=3, extra={"probe": probe})
+
+    seconds = await runner.warm_up()
+
+    assert len(probe.threads) == 3 and len(set(probe.threads)) == 3  # every slot's thread
+    assert probe.most == 1  # in turns: torch's lazy loaders are not thread-safe
+    assert seconds >= 3 * 0.05
+    outcome = await runner.run("probe", [torch.ones(1)], {}, threading.Event())
+    assert torch.equal(outcome.outputs[0], torch.ones(1))  # the slots still serve afterwards
+
+
+async def test_a_failing_example_is_logged_and_the_others_still_warm_up(
+    runner_factory: Callable[..., Runner], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(
+        inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
+    ) -> Sequence[torch.Tensor]:
+        raise RuntimeError("no such kernel")
+
+    broken.example = lambda: ([torch.ones(1)], {})  # type: ignore[attr-defined]
+    probe = WarmUpProbe()
+    runner = runner_factory(slots=1, extra={"broken": broken, "probe": probe})
+
+    await runner.warm_up()
+
+    assert len(probe.threads) == 1
+    assert "warm-up of workload 'broken' failed: RuntimeError: no such kernel" in caplog.text
+
+
+def test_agent_processes_shorten_the_gil_switch_interval() -> None:
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)  # Python's default
+        favour_workload_threads()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(before)
+
+
 @pytest.mark.gpu
 @needs_cuda
 async def test_cuda_work_is_timed_with_events_and_comes_back_on_the_cpu() -> None:
@@ -235,3 +302,26 @@ async def test_concurrent_cuda_slots_each_get_their_own_stream() -> None:
     for outcome in outcomes:
         torch.testing.assert_close(outcome.outputs[0], x @ x, rtol=1e-3, atol=1e-2)
         assert outcome.compute_seconds > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+async def test_cuda_warm_up_keeps_library_loads_off_the_first_bill(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = Runner(detect_device("cuda"), slots=2)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 1024)
+    spd = torch.eye(64, dtype=torch.float64) * 2
+    try:
+        await runner.warm_up()
+        matmul = await runner.run("matmul", [a, b], {}, threading.Event())
+        solved = await asyncio.gather(
+            *(runner.run("linalg.solve", [spd, spd], {}, threading.Event()) for _ in range(2))
+        )
+    finally:
+        runner.close()
+
+    assert "warm-up" not in caplog.text  # two threads' first torch.linalg calls did not race
+    # Cold, this first matmul was billed 3.2 s on an H100 (cuBLAS loading); warm, ~20 ms.
+    assert matmul.compute_seconds < 1.0
+    assert all(torch.equal(s.outputs[0], torch.eye(64, dtype=torch.float64)) for s in solved)

@@ -18,7 +18,7 @@ from gpu_agent.errors import (
     WorkloadArgumentError,
     WorkloadLoadError,
 )
-from gpu_agent.workloads import Param, WorkloadContext, lookup, register, registry
+from gpu_agent.workloads import Param, WorkloadContext, example, lookup, register, registry
 from tests.tensors import random_tensor as rnd
 
 BUILTINS = {"matmul", "add", "sum", "conv2d", "fft", "linalg.solve", "echo", "sleep"}
@@ -48,6 +48,30 @@ def _custom_workload(
 
 def test_every_builtin_is_registered() -> None:
     assert set(registry()) >= BUILTINS
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS - {"echo", "sleep"}))
+def test_each_computing_builtin_has_a_valid_warm_up_example(name: str) -> None:
+    make = example(name, lookup(name))
+    assert make is not None
+    inputs, params = make()
+
+    outputs = _call(name, inputs, params)
+
+    assert outputs and all(isinstance(t, torch.Tensor) for t in outputs)
+
+
+def test_an_operator_workload_brings_its_example_as_an_attribute() -> None:
+    def scale(
+        inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
+    ) -> Sequence[torch.Tensor]:
+        return [inputs[0] * 2]
+
+    assert example("scale", scale) is None
+    scale.example = lambda: ([torch.ones(2)], {})  # type: ignore[attr-defined]
+    assert example("scale", scale) is scale.example  # type: ignore[attr-defined]
+    # A workload that only shares a built-in's name does not get the built-in's example.
+    assert example("matmul", _custom_workload) is None
 
 
 def test_an_unknown_workload_error_names_the_known_ones() -> None:
