@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
 
 from billing.errors import UnknownPriceError
-from billing.ledger import UsageRecord, record_usage, summaries, usage_rows
+from billing.ledger import (
+    UsageRecord,
+    insert_usage,
+    priced_usage,
+    record_usage,
+    summaries,
+    usage_rows,
+)
 from billing.models import usage, workloads
 from billing.prices import PriceCatalog
 
@@ -37,6 +44,40 @@ def test_a_usage_row_records_price_cost_and_version(engine: sa.Engine) -> None:
     assert row["price_per_hour_nanousd"] == 710_000_000
     assert row["price_version"] == catalog.version
     assert row["created_at"] == NOW
+
+
+def test_the_drivers_insert_stores_what_sqlalchemys_insert_stores(engine: sa.Engine) -> None:
+    # insert_usage bypasses SQLAlchemy's per-row parameter handling; every column, the
+    # timestamp's stored form included, must come out as from a plain Core insert.
+    catalog = PriceCatalog.load()
+    eastern = timezone(timedelta(hours=-5))
+    times = [NOW, datetime(2026, 11, 24, 7, 0, 0, 123456, tzinfo=eastern)]
+    fast = [priced_usage(_record(f"fast-{i}"), catalog, t) for i, t in enumerate(times)]
+    core = [priced_usage(_record(f"core-{i}"), catalog, t) for i, t in enumerate(times)]
+    with engine.begin() as conn:
+        insert_usage(conn, fast)
+        conn.execute(usage.insert(), core)
+        stored = {
+            row.task_id: (row.created_at, row.cost_nanousd)
+            for row in conn.execute(
+                sa.select(
+                    usage.c.task_id, sa.cast(usage.c.created_at, sa.String), usage.c.cost_nanousd
+                )
+            )
+        }
+        rows = {r["task_id"]: r for r in usage_rows(conn)}
+
+    for i, t in enumerate(times):
+        assert stored[f"fast-{i}"] == stored[f"core-{i}"]  # same text / timestamp in the database
+        fast_row, core_row = rows[f"fast-{i}"], rows[f"core-{i}"]
+        assert {k: v for k, v in fast_row.items() if k not in ("id", "task_id")} == {
+            k: v for k, v in core_row.items() if k not in ("id", "task_id")
+        }
+        assert fast_row["created_at"] == t.astimezone(UTC)
+    with engine.connect() as conn:  # range queries see both alike, to the microsecond
+        before = summaries(conn, since=times[0], until=times[1])
+        through = summaries(conn, since=times[0], until=times[1] + timedelta(microseconds=1))
+    assert [s.tasks for s in before] == [2] and [s.tasks for s in through] == [4]
 
 
 def test_a_second_row_for_the_same_task_is_refused_and_rolls_back(engine: sa.Engine) -> None:
