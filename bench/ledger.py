@@ -9,20 +9,27 @@ transaction) and the CPU time of each phase is compared, alternating between the
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
+from unittest import mock
 
 from billing.migrate import upgrade
 from billing.prices import PriceCatalog
+from broker import store as store_module
 from broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec
 from broker.store import TaskStore, create_engine
 from client.ids import time_ordered_id
 from client.wire import TensorMeta, crc32c
 
 __all__ = ["ledger_cost_us"]
+
+_R = TypeVar("_R")
 
 BATCH = 50
 _DATA = bytes(16)
@@ -64,13 +71,46 @@ def _lifecycle_us(store: TaskStore, tasks: int) -> float:
     return spent / tasks * 1e6
 
 
-def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float, float]:
-    """(CPU us per task with the ledger, without it): medians over alternating runs."""
+def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float, float, float]:
+    """(CPU us per task with the ledger, without it, and inside the ledger's own calls).
+
+    The first two are medians over alternating runs; their difference is what billing costs
+    the store, commit included, but on these shared cores it moves by tens of microseconds
+    between runs. The third times only the calls the ledger adds (``_usage``,
+    ``priced_usage``, ``insert_usage``) in the runs with it, which is steady.
+    """
     stores = {True: _store(root / "ledger-on", True), False: _store(root / "ledger-off", False)}
     runs: dict[bool, list[float]] = {True: [], False: []}
+    inside: list[float] = []
     _lifecycle_us(stores[True], BATCH * 4)  # warm both: statement caches, the files
     _lifecycle_us(stores[False], BATCH * 4)
     for i in range(reps):
         for billing in (True, False) if i % 2 == 0 else (False, True):
-            runs[billing].append(_lifecycle_us(stores[billing], tasks))
-    return statistics.median(runs[True]), statistics.median(runs[False])
+            if not billing:
+                runs[billing].append(_lifecycle_us(stores[billing], tasks))
+                continue
+            timer = _CpuTimer()
+            with contextlib.ExitStack() as patches:
+                for name in ("_usage", "priced_usage", "insert_usage"):
+                    timed = timer.wrap(getattr(store_module, name))
+                    patches.enter_context(mock.patch.object(store_module, name, timed))
+                runs[billing].append(_lifecycle_us(stores[billing], tasks))
+            inside.append(timer.seconds / tasks * 1e6)
+    return statistics.median(runs[True]), statistics.median(runs[False]), statistics.median(inside)
+
+
+class _CpuTimer:
+    """Adds up the CPU time spent inside the functions it wraps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable[..., _R]) -> Callable[..., _R]:
+        def timed(*args: Any, **kwargs: Any) -> _R:
+            started = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.process_time() - started
+
+        return timed
