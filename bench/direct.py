@@ -22,7 +22,7 @@ import torch
 
 from broker.handlers import add_servicer
 from client.codec import decode, encode
-from client.frames import chunk_messages
+from client.frames import chunk_data, chunk_messages
 from client.proto import meta_from_proto, meta_to_proto, params_from_proto
 from client.wire import Assembler
 from gpu_agent.runner import Runner, detect_device, favour_workload_threads
@@ -51,7 +51,7 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
         first = await anext(messages)
         assembler = Assembler([meta_from_proto(h) for h in first.header.inputs])
         async for message in messages:  # assembled as it streams in, as the agent does
-            assembler.feed(message if isinstance(message, memoryview) else message.chunk.data)
+            assembler.feed(chunk_data(message))
         info, outputs = await self._execute(first.header, assembler)
         yield broker_pb2.RunResponse(task=info)
         for chunk in chunk_messages(broker_pb2.RunResponse, outputs):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.spool import DEFAULT_MEMORY_BYTES
 from client.wire import DTYPE_ITEMSIZE, MAX_RANK
 
 __all__ = ["Limits", "Settings", "parse_api_keys"]
@@ -91,7 +92,7 @@ class Settings:
     """Any SQLAlchemy URL; the default is a SQLite file beside the spool."""
     spool_dir: Path = Path("gpubroker-data/spool")
     """Where task payloads are written (and fsynced) before a submit is acknowledged."""
-    spool_memory_bytes: int = 512 << 20
+    spool_memory_bytes: int = DEFAULT_MEMORY_BYTES
     """Inputs of call-bound tasks (``Run``) held in memory at once; past it they are files."""
     api_keys: Mapping[str, str] = field(default_factory=dict)
     """API key -> tenant. Empty means open mode: every caller is tenant ``default``."""

@@ -257,7 +257,8 @@ class Spool:
         self.held_bytes -= nbytes
 
     def release_inputs(self, task: Task) -> None:
-        """Removes a finished task's input file; a task whose inputs live in its row has none."""
+        """Drops a finished task's inputs, held in memory or in a file; a task whose inputs
+        live in its row has neither."""
         if task.inline_inputs is None:
             self.delete_inputs(task.id)
 

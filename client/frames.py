@@ -31,6 +31,7 @@ from client.wire import DEFAULT_CHUNK_BYTES, iter_views
 from protos import task_pb2
 
 __all__ = [
+    "chunk_data",
     "chunk_field",
     "chunk_message",
     "chunk_messages",
@@ -173,6 +174,15 @@ def deserializer(cls: type[M]) -> Callable[[bytes], M | memoryview]:
         return parse(raw) if data is None else data
 
     return deserialize
+
+
+def chunk_data(message: Any) -> bytes | memoryview:
+    """The data of a chunk message that came through ``deserializer``: the ``memoryview`` it
+    arrived as, or, for one protobuf parsed, its ``DataChunk``'s bytes."""
+    if isinstance(message, memoryview):
+        return message
+    data: bytes = message.chunk.data
+    return data
 
 
 def method_options(

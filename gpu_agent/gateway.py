@@ -15,7 +15,7 @@ import grpc
 import torch
 
 from client.codec import decode
-from client.frames import chunk_messages, method_options
+from client.frames import chunk_data, chunk_messages, method_options
 from client.wire import Assembler, TensorMeta
 from gpu_agent.config import Settings
 from gpu_agent.convert import meta_to_proto, ref_to_proto
@@ -94,7 +94,7 @@ class GatewayClient:
                 agent_id=self._agent_id, attempt=ref_to_proto(assignment.ref)
             )
             async for reply in self._fetch_inputs(request, metadata=self._metadata):
-                assembler.feed(reply if isinstance(reply, memoryview) else reply.chunk.data)
+                assembler.feed(chunk_data(reply))
         buffers = assembler.finish()
         return [
             _decode(meta, buffer) for meta, buffer in zip(assignment.inputs, buffers, strict=True)

@@ -185,3 +185,15 @@ def test_chunks_in_another_encoding_take_protobufs_path(broker: BrokerProcess) -
     result = _plain_run(broker.address, tensor, _with_an_unknown_field)
 
     assert torch.equal(result, tensor)
+
+
+def test_chunk_data_reads_both_forms_the_deserializer_returns() -> None:
+    parse = frames.deserializer(agent_pb2.FetchInputsResponse)
+    canonical = frames.chunk_message(agent_pb2.FetchInputsResponse, b"abc")
+    # Another valid encoding of the same chunk: an unknown field first takes protobuf's path.
+    other = b"\xf8\x07\x01" + canonical
+
+    fast, parsed = parse(canonical), parse(other)
+
+    assert isinstance(fast, memoryview) and isinstance(parsed, agent_pb2.FetchInputsResponse)
+    assert bytes(frames.chunk_data(fast)) == bytes(frames.chunk_data(parsed)) == b"abc"
