@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -218,7 +219,15 @@ def attempt_from_proto(msg: agent_pb2.TaskAttempt) -> Attempt:
 
 
 def outcome_from_proto(msg: agent_pb2.ResultHeader) -> AttemptOutcome:
-    """Converts an agent's result header."""
+    """Converts an agent's result header.
+
+    Raises:
+        InvalidTaskError: the compute time is not a finite number (it is what gets billed).
+    """
+    if not math.isfinite(msg.compute_seconds):
+        raise InvalidTaskError(
+            f"the agent reported a compute time of {msg.compute_seconds!r} seconds"
+        )
     return AttemptOutcome(
         agent_id=msg.agent_id,
         attempt=attempt_from_proto(msg.attempt),

@@ -7,6 +7,7 @@ torch or subprocesses: a fake agent on real gRPC, in the test's event loop.
 from __future__ import annotations
 
 import asyncio
+import math
 import urllib.request
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -413,3 +414,28 @@ async def test_a_corrupt_result_upload_is_refused_and_the_task_runs_again(
     assert "crc32c" in (excinfo.value.details() or "")
     assert (retry.task_id, retry.attempt) == (task_id, 2)
     assert await agent.put(retry, b"result") == task_pb2.TASK_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize("seconds", [math.inf, math.nan])
+async def test_a_result_whose_compute_time_cannot_be_billed_is_refused(
+    channel: grpc.aio.Channel, seconds: float
+) -> None:
+    agent = await _ready_agent(channel, "a1")
+    task_id = await _submit(channel, b"x")
+    assignment = (await agent.next()).assignment
+    attempt = agent_pb2.TaskAttempt(task_id=task_id, attempt=assignment.attempt)
+    header = agent_pb2.ResultHeader(
+        agent_id="a1", attempt=attempt, outputs=[_header(b"x")], compute_seconds=seconds
+    )
+    messages = [
+        agent_pb2.PutResultRequest(header=header),
+        agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=b"x")),
+    ]
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await agent.stub.PutResult(iter(messages), metadata=AGENT_AUTH)
+    state = await agent.put(assignment, b"x")  # the same attempt, honestly reported
+
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "compute time" in (excinfo.value.details() or "")
+    assert state == task_pb2.TASK_STATE_SUCCEEDED

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import random
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,39 @@ def test_a_third_of_a_nanodollar_per_second_rounds_only_once() -> None:
     assert cost_nanousd(1.0, price) == 0
     assert cost_nanousd(2.0, price) == 1  # 0.666... rounds up
     assert cost_nanousd(3.0, price) == 1  # exactly 1, with no float drift
+
+
+def _exact_cost(seconds: float, per_hour: int, policy: BillingPolicy) -> int:
+    """The definition, in fractions: the printed seconds, per started step, half up."""
+    exact = Fraction(repr(seconds))
+    step = Fraction(policy.granularity_seconds)
+    if step > 0:
+        exact = math.ceil(exact / step) * step
+    return max(math.floor(exact * per_hour / 3600 + Fraction(1, 2)), policy.minimum_nanousd)
+
+
+def test_costs_equal_the_exact_fraction_for_any_time_price_and_policy() -> None:
+    rng = random.Random(7)
+    policies = [
+        BillingPolicy(),
+        BillingPolicy(granularity_seconds=Decimal("0.001")),
+        BillingPolicy(granularity_seconds=Decimal("0.25"), minimum_nanousd=5),
+        BillingPolicy(granularity_seconds=Decimal(60)),
+    ]
+    for _ in range(2000):
+        seconds = rng.choice([rng.random() * 10 ** rng.randint(-7, 6), rng.randint(0, 10**6) / 8])
+        per_hour = rng.choice([1, 1200, 710_000_000, rng.randint(0, 10**15)])
+        policy = rng.choice(policies)
+
+        cost = cost_nanousd(seconds, Price("x", per_hour, False, "v"), policy)
+
+        assert cost == _exact_cost(seconds, per_hour, policy), (seconds, per_hour, policy)
+
+
+@pytest.mark.parametrize("seconds", [math.inf, -math.inf, math.nan, -1.0])
+def test_a_time_that_is_not_a_finite_non_negative_number_is_refused(seconds: float) -> None:
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        cost_nanousd(seconds, Price("x", 3600, False, "v"))
 
 
 def test_the_packaged_catalog_lists_gpu_plus_host_prices_for_every_offering() -> None:
