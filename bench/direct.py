@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from broker.handlers import add_servicer
-from client.codec import decode, encode
+from client.codec import decode, empty_buffer, encode
 from client.frames import chunk_data, chunk_messages
 from client.proto import meta_from_proto, meta_to_proto, params_from_proto
 from client.wire import Assembler
@@ -49,7 +49,7 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
     ) -> AsyncIterator[broker_pb2.RunResponse | bytes]:
         messages = aiter(request_iterator)
         first = await anext(messages)
-        assembler = Assembler([meta_from_proto(h) for h in first.header.inputs])
+        assembler = Assembler([meta_from_proto(h) for h in first.header.inputs], empty_buffer)
         async for message in messages:  # assembled as it streams in, as the agent does
             assembler.feed(chunk_data(message))
         info, outputs = await self._execute(first.header, assembler)
@@ -96,7 +96,7 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
             reader.cancel()
 
     async def _run_inline(self, task: broker_pb2.InlineTask) -> broker_pb2.InlineOutcome:
-        assembler = Assembler([meta_from_proto(h) for h in task.header.inputs])
+        assembler = Assembler([meta_from_proto(h) for h in task.header.inputs], empty_buffer)
         assembler.feed(task.data)
         info, outputs = await self._execute(task.header, assembler)
         return broker_pb2.InlineOutcome(

@@ -13,7 +13,7 @@ from typing import Any
 
 from client._convert import prepare_task, status_from_proto
 from client._types import TaskResult, TaskState
-from client.codec import ArrayLike, OutputKind, decode
+from client.codec import ArrayLike, OutputKind, decode, empty_buffer
 from client.errors import error_from_code
 from client.wire import INLINE_MAX_BYTES, Assembler
 from protos import broker_pb2
@@ -162,7 +162,7 @@ def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult
     if not outcome.data_inline:
         return status.task_id  # large outputs: fetched by the caller
     try:
-        assembler = Assembler(status.outputs)
+        assembler = Assembler(status.outputs, empty_buffer)
         assembler.feed(outcome.data)
         buffers = assembler.finish()
     except ValueError as exc:

@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf import timestamp_pb2
 
 from client._types import TaskResult, TaskState, TaskStatus, Usage
-from client.codec import ArrayLike, OutputKind, decode, encode, is_torch
+from client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
 from client.errors import InternalError, error_from_code
 from client.frames import chunk_messages, method_options
 from client.ids import time_ordered_id
@@ -274,7 +274,7 @@ class ResultCollector:
     def _header(self, info: task_pb2.TaskInfo) -> None:
         self._last = status_from_proto(info)
         if self._last.state is TaskState.SUCCEEDED:
-            self._assembler = Assembler(self._last.outputs)
+            self._assembler = Assembler(self._last.outputs, empty_buffer)
 
     def _chunk(self, data: bytes | memoryview) -> None:
         if self._assembler is None:

@@ -9,7 +9,7 @@ and the agent use it to cut and reassemble buffers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import crc32c as _crc32c
@@ -20,6 +20,7 @@ __all__ = [
     "INLINE_MAX_BYTES",
     "MAX_RANK",
     "Assembler",
+    "Buffer",
     "ChecksumMismatchError",
     "PayloadTooLargeError",
     "TensorMeta",
@@ -215,12 +216,23 @@ class TensorStream:
             self._complete(self._metas[self._index])
 
 
-class Assembler:
-    """Reassembles chunks into one pre-allocated buffer per tensor (one copy per byte)."""
+Buffer = bytearray | memoryview
+"""A writable byte buffer a tensor is reassembled into."""
 
-    def __init__(self, metas: Sequence[TensorMeta]) -> None:
+
+class Assembler:
+    """Reassembles chunks into one pre-allocated buffer per tensor (one copy per byte).
+
+    ``allocate`` makes a tensor's buffer: ``bytearray`` by default; the client and the agent
+    pass ``client.codec.empty_buffer``, which does not zero-fill a large one first (that pass
+    over fresh memory cost as much as receiving the bytes).
+    """
+
+    def __init__(
+        self, metas: Sequence[TensorMeta], allocate: Callable[[int], Buffer] = bytearray
+    ) -> None:
         self.metas = tuple(metas)
-        self.buffers = [bytearray(m.nbytes) for m in self.metas]
+        self.buffers = [allocate(m.nbytes) for m in self.metas]
         self._stream = TensorStream(self.metas)
 
     def feed(self, data: bytes | memoryview) -> None:
@@ -228,7 +240,7 @@ class Assembler:
         for index, offset, piece in self._stream.feed(data):
             self.buffers[index][offset : offset + len(piece)] = piece
 
-    def finish(self) -> list[bytearray]:
+    def finish(self) -> list[Buffer]:
         """Returns the buffers once every byte arrived and checked out."""
         self._stream.finish()
         return self.buffers

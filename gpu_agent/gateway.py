@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from client.codec import decode
+from client.codec import decode, empty_buffer
 from client.frames import chunk_data, chunk_messages, method_options
-from client.wire import Assembler, TensorMeta
+from client.wire import Assembler, Buffer, TensorMeta
 from gpu_agent.config import Settings
 from gpu_agent.convert import meta_to_proto, ref_to_proto
 from gpu_agent.model import Assignment, AttemptRef
@@ -86,7 +86,7 @@ class GatewayClient:
         """
         for meta in assignment.inputs:
             meta.validate()
-        assembler = Assembler(assignment.inputs)
+        assembler = Assembler(assignment.inputs, empty_buffer)
         if assignment.inline_inputs is not None:
             assembler.feed(assignment.inline_inputs)
         else:
@@ -131,7 +131,7 @@ class GatewayClient:
         return reply.state
 
 
-def _decode(meta: TensorMeta, buffer: bytearray) -> torch.Tensor:
+def _decode(meta: TensorMeta, buffer: Buffer) -> torch.Tensor:
     tensor = decode(meta, buffer, "torch")
     assert isinstance(tensor, torch.Tensor)  # decode returns torch for kind "torch"
     return tensor

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.codec import decode, encode
+from client.codec import decode, empty_buffer, encode
 from client.wire import (
     Assembler,
     ChecksumMismatchError,
@@ -68,6 +68,23 @@ def test_chunks_reassemble_into_the_same_tensors() -> None:
 
     for (meta, _), buffer, tensor in zip(encoded, buffers, tensors, strict=True):
         assert torch.equal(decode(meta, buffer), tensor)  # type: ignore[arg-type]
+
+
+def test_large_tensors_reassemble_into_buffers_that_were_never_zero_filled() -> None:
+    big = torch.randn(300_000)  # 1.2 MB: past the inline size, so not a bytearray
+    tensors = [big, torch.arange(5, dtype=torch.int64), torch.empty(0)]
+    encoded = [encode(t) for t in tensors]
+    assembler = Assembler([m for m, _ in encoded], empty_buffer)
+
+    for chunk in iter_chunks([d for _, d in encoded], chunk_bytes=65_536):
+        assembler.feed(chunk)
+    buffers = assembler.finish()
+    as_numpy = decode(encoded[0][0], buffers[0], "numpy")
+
+    assert isinstance(buffers[0], memoryview) and isinstance(buffers[1], bytearray)
+    for (meta, _), buffer, tensor in zip(encoded, buffers, tensors, strict=True):
+        assert torch.equal(decode(meta, buffer), tensor)  # type: ignore[arg-type]
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.flags.writeable  # the caller's own
 
 
 def test_a_flipped_byte_fails_the_checksum() -> None:
