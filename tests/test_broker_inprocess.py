@@ -96,10 +96,15 @@ class FakeAgent:
             [r.chunk.data async for r in self.stub.FetchInputs(request, metadata=AGENT_AUTH)]
         )
 
-    async def put(self, assignment: agent_pb2.TaskAssignment, data: bytes) -> int:
+    async def put(
+        self, assignment: agent_pb2.TaskAssignment, data: bytes, compute_seconds: float = 0.25
+    ) -> int:
         attempt = agent_pb2.TaskAttempt(task_id=assignment.task_id, attempt=assignment.attempt)
         header = agent_pb2.ResultHeader(
-            agent_id=self.agent_id, attempt=attempt, outputs=[_header(data)], compute_seconds=0.25
+            agent_id=self.agent_id,
+            attempt=attempt,
+            outputs=[_header(data)],
+            compute_seconds=compute_seconds,
         )
         messages = [
             agent_pb2.PutResultRequest(header=header),
@@ -421,19 +426,11 @@ async def test_a_result_whose_compute_time_cannot_be_billed_is_refused(
     channel: grpc.aio.Channel, seconds: float
 ) -> None:
     agent = await _ready_agent(channel, "a1")
-    task_id = await _submit(channel, b"x")
+    await _submit(channel, b"x")
     assignment = (await agent.next()).assignment
-    attempt = agent_pb2.TaskAttempt(task_id=task_id, attempt=assignment.attempt)
-    header = agent_pb2.ResultHeader(
-        agent_id="a1", attempt=attempt, outputs=[_header(b"x")], compute_seconds=seconds
-    )
-    messages = [
-        agent_pb2.PutResultRequest(header=header),
-        agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=b"x")),
-    ]
 
     with pytest.raises(grpc.aio.AioRpcError) as excinfo:
-        await agent.stub.PutResult(iter(messages), metadata=AGENT_AUTH)
+        await agent.put(assignment, b"x", compute_seconds=seconds)
     state = await agent.put(assignment, b"x")  # the same attempt, honestly reported
 
     assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
