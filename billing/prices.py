@@ -87,8 +87,9 @@ def cost_nanousd(
         ValueError: ``compute_seconds`` is negative, infinite or NaN.
     """
     if not math.isfinite(compute_seconds) or compute_seconds < 0:
-        raise ValueError(f"compute time must be a finite, non-negative number of seconds, "
-                         f"not {compute_seconds!r}")  # fmt: skip
+        raise ValueError(
+            f"compute time must be a finite, non-negative number of seconds: {compute_seconds!r}"
+        )
     num, den = Decimal(repr(compute_seconds)).as_integer_ratio()
     step = policy.granularity_seconds
     if step > 0:  # per started step: ceil(seconds / step) steps
