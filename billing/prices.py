@@ -26,6 +26,7 @@ __all__ = [
     "PriceCatalog",
     "cost_nanousd",
     "format_usd",
+    "prorated_nanousd",
     "to_nanousd",
 ]
 
@@ -96,10 +97,14 @@ def cost_nanousd(
         step_num, step_den = step.as_integer_ratio()
         steps = -(-(num * step_den) // (den * step_num))
         num, den = steps * step_num, step_den
-    per_hour = den * 3600
-    # floor(x + 1/2) with x = num * price / per_hour: half-up, as x is never negative
-    cost = (2 * num * price.per_hour_nanousd + per_hour) // (2 * per_hour)
-    return max(cost, policy.minimum_nanousd)
+    return max(prorated_nanousd(num, den * 3600, price.per_hour_nanousd), policy.minimum_nanousd)
+
+
+def prorated_nanousd(units: int, units_per_hour: int, per_hour_nanousd: int) -> int:
+    """``units`` of an hour divided into ``units_per_hour`` at ``per_hour_nanousd``, rounded
+    half up to a nano-dollar, in exact integers (the one rounding of every charge)."""
+    # floor(x + 1/2) with x = units * price / units_per_hour; x is never negative
+    return (2 * units * per_hour_nanousd + units_per_hour) // (2 * units_per_hour)
 
 
 def format_usd(nanousd: int, places: int = 9) -> str:

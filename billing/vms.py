@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from billing.ledger import UsageSummary, summaries
 from billing.models import vm_instances
+from billing.prices import prorated_nanousd
 
 __all__ = [
     "MINIMUM_CHARGE",
@@ -272,16 +273,11 @@ def vm_cost(
     for row in rows:
         micros = _overlap_micros(_charged(row, now), start, end)
         if micros > 0:
-            cost = _cost_nanousd(micros, row.price_per_hour_nanousd)
+            cost = prorated_nanousd(micros, _MICROS_PER_HOUR, row.price_per_hour_nanousd)
             for i, value in enumerate((1, micros, cost)):
                 sums.setdefault(row.gpu_type, [0, 0, 0])[i] += value
     lines = tuple(_cost_line(gpu, sums[gpu]) for gpu in sorted(sums))
     return VmCost(lines, _cost_line(_TOTAL, [sum(s[i] for s in sums.values()) for i in range(3)]))
-
-
-def _cost_nanousd(micros: int, price_per_hour_nanousd: int) -> int:
-    """``micros`` at the hourly price, rounded half-up to a nano-dollar, in exact integers."""
-    return (2 * micros * price_per_hour_nanousd + _MICROS_PER_HOUR) // (2 * _MICROS_PER_HOUR)
 
 
 def _cost_line(gpu_type: str, sums: Sequence[int]) -> VmCostLine:
