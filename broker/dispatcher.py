@@ -148,6 +148,7 @@ class Dispatcher:
             return
         cap = session.info.slots + session.info.prefetch
         session.credits = min(session.credits + max(slots, 0), cap)
+        session.granted = True
         self._wake.set()
 
     async def drain(self, session: AgentSession, reason: str) -> None:

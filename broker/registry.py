@@ -63,6 +63,16 @@ class AgentSession:
     closed: bool = False
     draining: bool = False
     """The agent said it is going away: it gets no more work."""
+    granted: bool = False
+    """The agent has granted credit at least once (it does right after its hello)."""
+
+    @property
+    def room(self) -> int:
+        """Tasks the agent can take: its credits, or its slots until it has first granted
+        them. Counting only credits, an agent in the moment between its hello and its first
+        grant looked full, and the autoscaler launched a second machine for a task the first
+        was about to take."""
+        return self.credits if self.granted else self.info.slots
 
     @property
     def agent_id(self) -> str:

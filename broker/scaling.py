@@ -169,9 +169,7 @@ class ScalingLoop:
         snapshot = Snapshot(
             queue_depth=len(self._dispatcher.queue),
             oldest_queued_age_s=await self._oldest_queued_age(wall),
-            free_slots=sum(
-                s.credits for s in self._dispatcher.registry.sessions() if not s.draining
-            ),
+            free_slots=sum(s.room for s in self._dispatcher.registry.sessions() if not s.draining),
             instances=tuple(self._snapshot(i) for i in instances),
             pending_launches=self._pending,
         )

@@ -21,7 +21,7 @@ from billing.budget import set_budget
 from broker.server import BrokerServer
 from client.wire import crc32c
 from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
-from tests.cluster import broker_settings, running_broker
+from tests.cluster import broker_settings, running_broker, wait_until
 
 AUTH = (("authorization", "Bearer key-a"),)
 AGENT_AUTH = (("authorization", "Bearer join-me"),)
@@ -436,3 +436,22 @@ async def test_a_result_whose_compute_time_cannot_be_billed_is_refused(
     assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "compute time" in (excinfo.value.details() or "")
     assert state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+async def test_a_just_connected_agent_counts_its_slots_as_room_until_it_grants_credit(
+    channel: grpc.aio.Channel, broker: BrokerServer
+) -> None:
+    agent = FakeAgent(channel, "a1", slots=2)
+    await agent.next()  # welcomed: the session exists, no credit granted yet
+    (session,) = broker.dispatcher.registry.sessions()
+    before_grant = (session.credits, session.room)
+
+    agent.credit(1)  # an agent may grant less than its slots; from now on credit counts
+    await asyncio.to_thread(wait_until, lambda: session.granted, 10, "the grant")
+    after_grant = (session.credits, session.room)
+    await _submit(channel, b"x")
+    await agent.next()  # the task took the credit
+
+    assert before_grant == (0, 2)  # the autoscaler must not see it as full
+    assert after_grant == (1, 1)
+    assert (session.credits, session.room) == (0, 0)
