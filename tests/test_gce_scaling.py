@@ -91,8 +91,13 @@ async def test_a_queued_task_starts_a_spot_vm_which_is_deleted_once_idle(
             result = await handle.result(timeout=60)
             assert result.output.tolist() == [1.0, 1.0, 1.0]
 
+            # Gone from the provider first, then recorded: the loop writes deleted_at once
+            # the delete call returns, which can be just after the list is empty.
             await asyncio.to_thread(
-                wait_until, lambda: not provider.list(), 30, "the idle VM to be deleted"
+                wait_until,
+                lambda: not provider.list() and _vms(broker)[0]["deleted_at"] is not None,
+                30,
+                "the idle VM to be deleted and its deletion recorded",
             )
         (row,) = _vms(broker)
         assert row["name"] == vm.name and row["gpu_type"] == "nvidia-l4" and row["spot"]
