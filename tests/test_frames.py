@@ -43,7 +43,9 @@ def test_a_chunk_message_is_exactly_what_protobuf_serialises(cls: type[Message],
 
     raw = frames.chunk_message(cls, data)
 
-    assert raw == cls(chunk=task_pb2.DataChunk(data=data)).SerializeToString()
+    reference = cls()
+    reference.chunk.data = data  # type: ignore[attr-defined]
+    assert raw == reference.SerializeToString()
     assert cls.FromString(raw).chunk.data == data  # type: ignore[attr-defined]
     view = frames.read_chunk(raw, frames.chunk_field(cls) or 0)
     assert view is not None and view.tobytes() == data
