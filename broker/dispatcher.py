@@ -216,13 +216,15 @@ class Dispatcher:
             )
         else:
             try:
-                durable = not session.leases[outcome.attempt.task_id].call_bound
-                inline = await self._spool_outputs(outcome, chunks, durable)
+                running = session.leases[outcome.attempt.task_id].task
+                inline = await self._spool_outputs(outcome, chunks, not running.call_bound)
             except BrokerError as exc:
                 await self._reject_upload(outcome, exc)
                 raise
             try:
-                task = await self._store.call(self._store.sync.succeed, outcome, _now(), inline)
+                task = await self._store.call(
+                    self._store.sync.succeed, outcome, _now(), inline, running
+                )
             except StaleAttemptError:
                 self._spool.delete_outputs(outcome.attempt.task_id, outcome.attempt.number)
                 raise
@@ -319,7 +321,7 @@ class Dispatcher:
             self.queue.finished(tenant)
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
             return
-        session.leases[task.id] = Lease(task.attempt, tenant, task.call_bound)
+        session.leases[task.id] = Lease(task.attempt, tenant, task)
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
         logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)

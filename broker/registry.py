@@ -42,10 +42,15 @@ class Lease:
 
     attempt: int
     tenant: str
-    call_bound: bool = False
-    """The task lives as long as its call: its outputs need no fsync (``Task.call_bound``)."""
+    task: Task
+    """The task as its claim returned it: a success is built on it rather than read back."""
     granted_at: float = field(default_factory=time.monotonic)
     """Monotonic time of the assignment."""
+
+    @property
+    def call_bound(self) -> bool:
+        """The task lives as long as its call: its outputs need no fsync (``Task.call_bound``)."""
+        return self.task.call_bound
 
 
 @dataclass(eq=False)

@@ -10,8 +10,9 @@ task succeeded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,11 +48,11 @@ def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
 
 # The hot statements are built once: building one per call (and its cache key) cost more than
 # running it. Bind names carry a ``b_`` prefix because UPDATE reserves the column names.
-_INSERT_TASK = tasks.insert().returning(*tasks.c)
+_INSERT_TASK = tasks.insert().returning(tasks.c.seq)
 _DEDUP_INSERTS: dict[str, Any] = {
     name: module.insert(tasks)
     .on_conflict_do_nothing(index_elements=[tasks.c.tenant, tasks.c.request_id])
-    .returning(*tasks.c)
+    .returning(tasks.c.seq)
     for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
 }
 """The task INSERT where the database has ``ON CONFLICT DO NOTHING``: a duplicate ``(tenant,
@@ -86,7 +87,7 @@ _FIND_REQUEST = sa.select(tasks).where(
     tasks.c.request_id == _bind("request_id", tasks.c.request_id),
 )
 _GET = sa.select(tasks).where(tasks.c.id == _bind("id", tasks.c.id))
-_SUCCEED = (
+_SUCCEED_UNREAD = (
     tasks.update()
     .where(
         tasks.c.id == _bind("id", tasks.c.id),
@@ -102,8 +103,9 @@ _SUCCEED = (
         compute_seconds=_bind("compute_seconds", tasks.c.compute_seconds),
         finished_at=_bind("now", tasks.c.finished_at),
     )
-    .returning(*tasks.c)
 )
+"""A success's guarded UPDATE where the caller has the running task (no row to read back)."""
+_SUCCEED = _SUCCEED_UNREAD.returning(*tasks.c)
 
 
 def create_engine(url: str) -> Engine:
@@ -204,32 +206,57 @@ class TaskStore:
                 if existing := _find_request(conn, tenant, spec):
                     return existing, True  # a retry gets its task even over the budget
                 raise
-            row = conn.execute(
+            params = dict(spec.params)
+            input_bytes = spec.input_bytes
+            seq = conn.execute(
                 self._insert_task,
                 {
                     "id": task_id,
                     "tenant": tenant,
                     "request_id": spec.request_id,
                     "workload": spec.workload,
-                    "params": dict(spec.params),
+                    "params": params,
                     "priority": spec.priority,
                     "state": TaskState.QUEUED.value,
                     "attempt": 0,
                     "inputs": [_meta_to_json(m) for m in spec.inputs],
-                    "input_bytes": spec.input_bytes,
+                    "input_bytes": input_bytes,
                     "inline_inputs": inline_inputs,
                     "output_bytes": 0,
                     "created_at": now,
                     "deadline_at": deadline,
                     "call_bound": call_bound,
                 },
-            ).first()
-            if row is None:  # the (tenant, request_id) exists: a retry of an earlier submit
+            ).scalar()
+            if seq is None:  # the (tenant, request_id) exists: a retry of an earlier submit
                 existing = _find_request(conn, tenant, spec)
                 if existing is None:  # cannot happen: the conflicting row is committed
                     raise RuntimeError(f"request_id {spec.request_id!r} conflicted, yet is gone")
                 return existing, True
-            return _task_from_row(row), False
+            # The row holds what was just bound; building the snapshot from it spares
+            # reading every column back and converting it (JSON, timestamps).
+            return (
+                Task(
+                    id=task_id,
+                    tenant=tenant,
+                    workload=spec.workload,
+                    params=params,
+                    priority=spec.priority,
+                    state=TaskState.QUEUED,
+                    attempt=0,
+                    inputs=tuple(spec.inputs),
+                    outputs=(),
+                    input_bytes=input_bytes,
+                    output_bytes=0,
+                    created_at=now.astimezone(UTC),
+                    seq=seq,
+                    request_id=spec.request_id,
+                    deadline_at=deadline.astimezone(UTC) if deadline is not None else None,
+                    inline_inputs=inline_inputs,
+                    call_bound=call_bound,
+                ),
+                False,
+            )
 
     def _check_budget(self, conn: Connection, tenant: str, now: datetime) -> None:
         """Refuses a tenant over its monthly budget; checked once per tenant per transaction
@@ -324,30 +351,57 @@ class TaskStore:
             return _get(conn, attempt.task_id)
 
     def succeed(
-        self, outcome: AttemptOutcome, now: datetime, inline_outputs: bytes | None = None
+        self,
+        outcome: AttemptOutcome,
+        now: datetime,
+        inline_outputs: bytes | None = None,
+        running: Task | None = None,
     ) -> Task:
-        """Marks an attempt succeeded and writes its usage row, in one transaction."""
+        """Marks an attempt succeeded and writes its usage row, in one transaction.
+
+        ``running`` is the task as its claim returned it, where the caller kept it: the
+        guarded UPDATE then proves the row is still exactly that attempt, and the succeeded
+        snapshot is built from it instead of read back.
+        """
         attempt = outcome.attempt
         output_bytes = sum(m.nbytes for m in outcome.outputs)
+        if running is not None and (
+            running.id != attempt.task_id
+            or running.attempt != attempt.number
+            or running.agent_id != outcome.agent_id
+        ):
+            raise ValueError(f"{running.id} attempt {running.attempt} is not {attempt}")
+        params = {
+            "b_id": attempt.task_id,
+            "b_attempt": attempt.number,
+            "b_agent_id": outcome.agent_id,
+            "b_outputs": [_meta_to_json(m) for m in outcome.outputs],
+            "b_output_bytes": output_bytes,
+            "b_inline_outputs": inline_outputs,
+            "b_compute_seconds": outcome.compute_seconds,
+            "b_now": now,
+        }
         with self._transaction() as conn:
-            # One guarded UPDATE both checks the lease and writes; RETURNING saves a re-read.
-            row = conn.execute(
-                _SUCCEED,
-                {
-                    "b_id": attempt.task_id,
-                    "b_attempt": attempt.number,
-                    "b_agent_id": outcome.agent_id,
-                    "b_outputs": [_meta_to_json(m) for m in outcome.outputs],
-                    "b_output_bytes": output_bytes,
-                    "b_inline_outputs": inline_outputs,
-                    "b_compute_seconds": outcome.compute_seconds,
-                    "b_now": now,
-                },
-            ).first()
-            if row is None:
+            # One guarded UPDATE both checks the lease and writes.
+            task: Task | None
+            if running is None:
+                row = conn.execute(_SUCCEED, params).first()
+                task = _task_from_row(row) if row is not None else None
+            elif conn.execute(_SUCCEED_UNREAD, params).rowcount == 1:
+                task = dataclasses.replace(
+                    running,
+                    state=TaskState.SUCCEEDED,
+                    outputs=tuple(outcome.outputs),
+                    output_bytes=output_bytes,
+                    inline_outputs=inline_outputs,
+                    compute_seconds=outcome.compute_seconds,
+                    finished_at=now.astimezone(UTC),
+                )
+            else:
+                task = None
+            if task is None:
                 _running_attempt(conn, attempt, outcome.agent_id)  # raises, naming the state
                 raise StaleAttemptError(f"attempt {attempt.number} of {attempt.task_id} is stale")
-            task = _task_from_row(row)
             if self._billing:  # inserted, with the batch's others, before this transaction ends
                 self._usage_rows.append(
                     priced_usage(_usage(task, outcome, output_bytes), self._catalog, now)

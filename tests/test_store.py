@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import cast
 
 import pytest
@@ -46,6 +46,44 @@ def test_a_created_task_is_queued_with_its_inputs_and_params(store: TaskStore) -
     assert task.state is TaskState.QUEUED and task.attempt == 0
     assert task.params == {"k": 1}
     assert store.get("t1", "tenant").inputs == _spec().inputs
+
+
+def test_a_created_task_is_what_its_row_reads_back(store: TaskStore) -> None:
+    spec = TaskSpec("echo", (META,), {"f": 0.1, "s": "x", "b": True}, 3, "r1", 60.0)
+    local = datetime(2026, 11, 24, 7, 0, 0, 123456, tzinfo=timezone(timedelta(hours=-5)))
+
+    task, _ = store.create("t1", "tenant", spec, local, local + timedelta(minutes=1), b"x" * 16)
+
+    assert task == store.get("t1")
+    assert task.created_at.tzinfo == UTC and task.created_at == local
+
+
+def test_a_success_built_on_the_running_task_is_what_its_row_reads_back(
+    store: TaskStore,
+) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None, b"x" * 16)
+    running = store.claim("t1", AGENT, NOW)
+    assert running is not None
+
+    task = store.succeed(_outcome("t1", 1), NOW + timedelta(seconds=2), b"y" * 16, running)
+
+    assert task == store.get("t1")
+    assert task.state is TaskState.SUCCEEDED and task.inline_outputs == b"y" * 16
+
+
+def test_a_success_on_a_running_task_that_moved_on_is_refused(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec(), NOW, None)
+    first = store.claim("t1", AGENT, NOW)
+    assert first is not None
+    store.requeue(Attempt("t1", 1), 3, NOW, "lost")
+    second = store.claim("t1", AGENT, NOW)
+    assert second is not None
+
+    with pytest.raises(StaleAttemptError):
+        store.succeed(_outcome("t1", 1), NOW, None, first)
+    with pytest.raises(ValueError, match="is not"):
+        store.succeed(_outcome("t1", 2), NOW, None, first)  # the caller mixed up its tasks
+    assert store.get("t1").state is TaskState.RUNNING
 
 
 def test_the_same_request_id_returns_the_same_task(store: TaskStore) -> None:
