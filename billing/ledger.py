@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Connection
 
+from billing.driver import DriverInsert
 from billing.models import usage
 from billing.prices import PriceCatalog, cost_nanousd
 
@@ -64,60 +63,8 @@ GROUPS = ("tenant", "workload", "gpu_type", "day")
 _USAGE_COLUMNS = tuple(c.name for c in usage.columns if c.name != "id")
 
 
-@dataclass(frozen=True, slots=True)
-class _DriverInsert:
-    """``usage``'s INSERT rendered once for a dialect, for the driver's own ``executemany``.
-
-    It runs for every successful task, on the broker's busiest thread (the database thread):
-    SQLAlchemy's per-row parameter handling cost ~20 us of the ~28 us a row took on SQLite,
-    the driver does the same INSERT in ~8 us. Only ``created_at`` needs converting
-    (``UtcDateTime``): with the column type's own bind processor, or, where a plain formatter
-    gives the very same value for it (SQLite's text timestamps), with that formatter, which is
-    6x faster.
-    """
-
-    sql: str
-    positional: tuple[str, ...] | None
-    """Column order for a positional paramstyle (SQLite's ``?``); None: named (psycopg's)."""
-    created_at: Callable[[datetime], Any]
-
-    @classmethod
-    def for_dialect(cls, dialect: Dialect) -> _DriverInsert:
-        statement = usage.insert().values({c: sa.bindparam(c) for c in _USAGE_COLUMNS})
-        compiled = statement.compile(dialect=dialect)
-        order = compiled.positiontup if compiled.positional else None
-        bind = usage.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
-        convert: Callable[[datetime], Any] = bind or (lambda value: value)
-        if all(convert(t) == _utc_text(t) for t in _SAMPLE_TIMES):
-            convert = _utc_text
-        return cls(str(compiled), tuple(order) if order is not None else None, convert)
-
-    def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
-        convert = self.created_at
-        if self.positional is None:
-            return [{**row, "created_at": convert(row["created_at"])} for row in rows]
-        at = self.positional.index("created_at")
-        pick = operator.itemgetter(*self.positional)
-        params = []
-        for row in rows:
-            values = list(pick(row))
-            values[at] = convert(values[at])
-            params.append(tuple(values))
-        return params
-
-
-def _utc_text(value: datetime) -> str:
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
-_SAMPLE_TIMES = (
-    datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
-    datetime(2026, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-5))),
-)
-"""Where the fast formatter must agree with the dialect's processor before it is used."""
-
-
-_DRIVER_INSERTS: dict[tuple[str, str], _DriverInsert] = {}
+_DRIVER_INSERTS: dict[tuple[str, str], DriverInsert] = {}
+"""``usage``'s INSERT per (dialect, driver): it runs for every successful task."""
 
 
 def record_usage(
@@ -141,8 +88,9 @@ def insert_usage(conn: Connection, rows: list[dict[str, Any]]) -> None:
     dialect = conn.dialect
     insert = _DRIVER_INSERTS.get((dialect.name, dialect.driver))
     if insert is None:
-        insert = _DRIVER_INSERTS[dialect.name, dialect.driver] = _DriverInsert.for_dialect(dialect)
-    conn.exec_driver_sql(insert.sql, insert.parameters(rows))
+        insert = DriverInsert.compile(usage.insert(), _USAGE_COLUMNS, dialect)
+        _DRIVER_INSERTS[dialect.name, dialect.driver] = insert
+    insert.insert(conn, rows)
 
 
 def priced_usage(record: UsageRecord, catalog: PriceCatalog, now: datetime) -> dict[str, Any]:

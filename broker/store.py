@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
 from billing.budget import BudgetStatus, budget_status, monthly_limit, next_month
+from billing.driver import DriverInsert
 from billing.errors import UnknownPriceError
 from billing.ledger import UsageRecord, UsageSummary, insert_usage, priced_usage, summaries
 from billing.models import tasks, workloads
@@ -57,7 +58,25 @@ _DEDUP_INSERTS: dict[str, Any] = {
 }
 """The task INSERT where the database has ``ON CONFLICT DO NOTHING``: a duplicate ``(tenant,
 request_id)`` inserts nothing and returns no row, so a first submit costs one statement;
-elsewhere (``_INSERT_TASK``) a SELECT looks for the request first."""
+elsewhere (``_INSERT_TASK``) a SELECT looks for the request first. Either runs through the
+driver (``billing.driver``): it runs for every task."""
+_INSERT_COLUMNS = (
+    "id",
+    "tenant",
+    "request_id",
+    "workload",
+    "params",
+    "priority",
+    "state",
+    "attempt",
+    "inputs",
+    "input_bytes",
+    "inline_inputs",
+    "output_bytes",
+    "created_at",
+    "deadline_at",
+    "call_bound",
+)
 
 
 _CLAIMED: dict[str, Any] = {
@@ -137,8 +156,9 @@ class TaskStore:
         self._engine = engine
         self._catalog = catalog
         self._billing = billing
-        self._insert_task = _DEDUP_INSERTS.get(engine.dialect.name, _INSERT_TASK)
-        self._dedup_on_insert = self._insert_task is not _INSERT_TASK
+        insert = _DEDUP_INSERTS.get(engine.dialect.name, _INSERT_TASK)
+        self._dedup_on_insert = insert is not _INSERT_TASK
+        self._insert_task = DriverInsert.compile(insert, _INSERT_COLUMNS, engine.dialect)
         self._batch: Connection | None = None
         self._budget_checked: set[str] = set()
         self._usage_rows: list[dict[str, Any]] = []
@@ -208,8 +228,8 @@ class TaskStore:
                 raise
             params = dict(spec.params)
             input_bytes = spec.input_bytes
-            seq = conn.execute(
-                self._insert_task,
+            inserted = self._insert_task.insert_returning(
+                conn,
                 {
                     "id": task_id,
                     "tenant": tenant,
@@ -227,7 +247,8 @@ class TaskStore:
                     "deadline_at": deadline,
                     "call_bound": call_bound,
                 },
-            ).scalar()
+            )
+            seq = inserted[0] if inserted is not None else None
             if seq is None:  # the (tenant, request_id) exists: a retry of an earlier submit
                 existing = _find_request(conn, tenant, spec)
                 if existing is None:  # cannot happen: the conflicting row is committed

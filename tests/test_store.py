@@ -8,7 +8,7 @@ from typing import cast
 import pytest
 import sqlalchemy as sa
 
-from billing.models import usage
+from billing.models import tasks, usage
 from billing.prices import PriceCatalog
 from broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
 from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
@@ -56,6 +56,50 @@ def test_a_created_task_is_what_its_row_reads_back(store: TaskStore) -> None:
 
     assert task == store.get("t1")
     assert task.created_at.tzinfo == UTC and task.created_at == local
+
+
+def test_the_drivers_task_insert_stores_what_sqlalchemys_insert_stores(
+    store: TaskStore, engine: sa.Engine
+) -> None:
+    # create() inserts on the driver's cursor; every column, in its stored form, must come out
+    # as from a plain Core insert of the same values.
+    spec = TaskSpec("echo", (META,), {"f": 0.1, "s": "é", "b": True, "i": 7}, 3, "r1", 60.0)
+    local = datetime(2026, 11, 24, 7, 0, 0, 123456, tzinfo=timezone(timedelta(hours=-5)))
+    store.create(
+        "fast", "tenant", spec, local, local + timedelta(minutes=1), b"\x00x", call_bound=True
+    )
+    values = {
+        c.name: getattr(store.get("fast"), c.name, None) for c in tasks.columns if c.name != "seq"
+    }
+    values.update(
+        id="core",
+        request_id="r2",
+        state="queued",
+        params=dict(spec.params),
+        inputs=[{"name": "", "dtype": "float32", "shape": [4], "nbytes": 16, "crc32c": 123}],
+    )
+    del values["outputs"]  # not part of a new task: NULL, not JSON null
+    with engine.begin() as conn:
+        conn.execute(tasks.insert(), [values])
+        as_text = [sa.cast(c, sa.String) for c in tasks.columns if c.name not in ("seq", "id")]
+        stored = {
+            row[0]: row[1:]
+            for row in conn.execute(sa.select(tasks.c.id, *as_text).order_by(tasks.c.seq))
+        }
+    fast, core = list(stored["fast"]), list(stored["core"])
+    at = [c.name for c in tasks.columns if c.name not in ("seq", "id")].index("request_id")
+    assert (fast[at], core[at]) == ("r1", "r2")
+    fast[at] = core[at] = None
+    assert fast == core
+
+
+def test_a_driver_error_on_create_is_raised_as_sqlalchemys(store: TaskStore) -> None:
+    store.create("t1", "tenant", _spec("r1"), NOW, None)
+
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create("t1", "tenant", _spec("r2"), NOW, None)  # the id is taken
+
+    assert [t.id for t in store.page("tenant", [], 10, None)] == ["t1"]
 
 
 def test_a_success_built_on_the_running_task_is_what_its_row_reads_back(
