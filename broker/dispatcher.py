@@ -321,7 +321,7 @@ class Dispatcher:
             self.queue.finished(tenant)
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
             return
-        session.leases[task.id] = Lease(task.attempt, tenant, task)
+        session.leases[task.id] = Lease(task)
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
         logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)

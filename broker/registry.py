@@ -40,12 +40,20 @@ Outgoing = Assign | Revoke | Close
 class Lease:
     """An attempt assigned to an agent and not yet ended."""
 
-    attempt: int
-    tenant: str
     task: Task
     """The task as its claim returned it: a success is built on it rather than read back."""
     granted_at: float = field(default_factory=time.monotonic)
     """Monotonic time of the assignment."""
+
+    @property
+    def attempt(self) -> int:
+        """The attempt number the claim gave."""
+        return self.task.attempt
+
+    @property
+    def tenant(self) -> str:
+        """The task's tenant, whose running count the lease holds."""
+        return self.task.tenant
 
     @property
     def call_bound(self) -> bool:

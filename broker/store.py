@@ -60,24 +60,6 @@ _DEDUP_INSERTS: dict[str, Any] = {
 request_id)`` inserts nothing and returns no row, so a first submit costs one statement;
 elsewhere (``_INSERT_TASK``) a SELECT looks for the request first. Either runs through the
 driver (``billing.driver``): it runs for every task."""
-_INSERT_COLUMNS = (
-    "id",
-    "tenant",
-    "request_id",
-    "workload",
-    "params",
-    "priority",
-    "state",
-    "attempt",
-    "inputs",
-    "input_bytes",
-    "inline_inputs",
-    "output_bytes",
-    "created_at",
-    "deadline_at",
-    "call_bound",
-)
-
 
 _CLAIMED: dict[str, Any] = {
     "state": TaskState.RUNNING.value,
@@ -156,9 +138,10 @@ class TaskStore:
         self._engine = engine
         self._catalog = catalog
         self._billing = billing
-        insert = _DEDUP_INSERTS.get(engine.dialect.name, _INSERT_TASK)
-        self._dedup_on_insert = insert is not _INSERT_TASK
-        self._insert_task = DriverInsert.compile(insert, _INSERT_COLUMNS, engine.dialect)
+        self._task_insert = _DEDUP_INSERTS.get(engine.dialect.name, _INSERT_TASK)
+        self._dedup_on_insert = self._task_insert is not _INSERT_TASK
+        self._driver_insert: DriverInsert | None = None
+        """``_task_insert`` compiled for the driver on the first create, of that row's columns."""
         self._batch: Connection | None = None
         self._budget_checked: set[str] = set()
         self._usage_rows: list[dict[str, Any]] = []
@@ -228,26 +211,28 @@ class TaskStore:
                 raise
             params = dict(spec.params)
             input_bytes = spec.input_bytes
-            inserted = self._insert_task.insert_returning(
-                conn,
-                {
-                    "id": task_id,
-                    "tenant": tenant,
-                    "request_id": spec.request_id,
-                    "workload": spec.workload,
-                    "params": params,
-                    "priority": spec.priority,
-                    "state": TaskState.QUEUED.value,
-                    "attempt": 0,
-                    "inputs": [_meta_to_json(m) for m in spec.inputs],
-                    "input_bytes": input_bytes,
-                    "inline_inputs": inline_inputs,
-                    "output_bytes": 0,
-                    "created_at": now,
-                    "deadline_at": deadline,
-                    "call_bound": call_bound,
-                },
-            )
+            row = {
+                "id": task_id,
+                "tenant": tenant,
+                "request_id": spec.request_id,
+                "workload": spec.workload,
+                "params": params,
+                "priority": spec.priority,
+                "state": TaskState.QUEUED.value,
+                "attempt": 0,
+                "inputs": [_meta_to_json(m) for m in spec.inputs],
+                "input_bytes": input_bytes,
+                "inline_inputs": inline_inputs,
+                "output_bytes": 0,
+                "created_at": now,
+                "deadline_at": deadline,
+                "call_bound": call_bound,
+            }
+            if self._driver_insert is None:
+                self._driver_insert = DriverInsert.compile(
+                    self._task_insert, tuple(row), conn.dialect
+                )
+            inserted = self._driver_insert.insert_returning(conn, row)
             seq = inserted[0] if inserted is not None else None
             if seq is None:  # the (tenant, request_id) exists: a retry of an earlier submit
                 existing = _find_request(conn, tenant, spec)
