@@ -4,7 +4,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 export PATH := $(abspath $(BIN)):$(PATH)
-PROTOS := $(wildcard protos/*.proto)
+# Compiled through gpubroker/protos (a link to protos/), so the generated imports read
+# `from gpubroker.protos import task_pb2`.
+PROTOS := $(wildcard gpubroker/protos/*.proto)
 
 .PHONY: install protos check-protos lint format typecheck test test-fast run bench migrate certs clean all
 
@@ -29,6 +31,7 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format:
 	$(BIN)/ruff check --fix .
@@ -50,13 +53,13 @@ bench:
 	$(PY) -m bench
 
 migrate:
-	$(PY) -m billing migrate
+	$(PY) -m gpubroker.billing migrate
 
 # Development CA, broker and client/agent certificates (broker/certs.py). The server
 # certificate covers CERT_HOSTS: `make certs CERT_HOSTS=localhost,127.0.0.1,10.0.0.5`.
 CERT_HOSTS ?= localhost,127.0.0.1,::1
 certs:
-	$(PY) -m broker.certs --out certs/ --hosts $(CERT_HOSTS)
+	$(PY) -m gpubroker.broker.certs --out certs/ --hosts $(CERT_HOSTS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info gpubroker-data

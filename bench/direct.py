@@ -1,7 +1,8 @@
 """The direct-gRPC baseline: an agent-like server that runs workloads on the ``Run`` call itself.
 
 It speaks the broker's client API (so the same ``client.Client`` drives both) with the same
-codec, the same chunk framing (``client.frames``) and the same workload runner, but no queue,
+codec, the same chunk framing (``gpubroker.protos.frames``) and the same workload runner, but no
+queue,
 no database, no spool and no second hop: what a user would get by calling a GPU box directly.
 ``python -m bench.direct --port-file F``.
 """
@@ -20,13 +21,13 @@ import click
 import grpc
 import torch
 
-from broker.handlers import add_servicer
-from client.codec import decode, empty_buffer, encode
-from client.frames import chunk_data, chunk_messages
-from client.proto import meta_from_proto, meta_to_proto, params_from_proto
-from client.wire import Assembler
-from gpu_agent.runner import Runner, detect_device, favour_workload_threads
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.broker.api.registration import add_servicer
+from gpubroker.client.codec import decode, empty_buffer, encode
+from gpubroker.gpu_agent.runner import Runner, detect_device, favour_workload_threads
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_from_proto
+from gpubroker.protos.frames import chunk_data, chunk_messages
+from gpubroker.protos.wire import Assembler
 from tests.cluster import AGENT_DEVICE_ENV
 
 MAX_MESSAGE_BYTES = 16 << 20

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from unittest import mock
 
-from billing.migrate import upgrade
-from billing.prices import PriceCatalog
-from broker import store as store_module
-from broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec
-from broker.store import TaskStore, create_engine
-from client.ids import time_ordered_id
-from client.wire import TensorMeta, crc32c
+from gpubroker.billing.migrate import upgrade
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec
+from gpubroker.broker.storage import store as store_module
+from gpubroker.broker.storage.store import TaskStore, create_engine
+from gpubroker.protos.ids import time_ordered_id
+from gpubroker.protos.wire import TensorMeta, crc32c
 
 __all__ = ["ledger_cost_us"]
 

@@ -19,8 +19,8 @@ import torch
 
 from bench.harness import Stack, median, percentile, rss_bytes, stack
 from bench.ledger import ledger_cost_us
-from billing.models import tasks
-from client import AsyncClient, Client
+from gpubroker.billing.models import tasks
+from gpubroker.client import AsyncClient, Client
 from tests.cluster import AgentProcess, wait_until
 
 __all__ = ["Row", "billing_overhead", "large_tensors", "queue_depth", "tiny_tasks"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from billing.errors import BillingError, PriceCatalogError, UnknownPriceError
-from billing.ledger import UsageRecord, UsageSummary, record_usage, summaries, usage_rows
-from billing.prices import Price, PriceCatalog, cost_nanousd, format_usd
+from gpubroker.billing.errors import BillingError, PriceCatalogError, UnknownPriceError
+from gpubroker.billing.ledger import UsageRecord, UsageSummary, record_usage, summaries, usage_rows
+from gpubroker.billing.prices import Price, PriceCatalog, cost_nanousd, format_usd
 
 __all__ = [
     "BillingError",

@@ -1,4 +1,5 @@
-"""``python -m billing``: usage reports, schema migrations and budgets on the broker's database."""
+"""``python -m gpubroker.billing``: usage reports, migrations and budgets on the broker's
+database."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from typing import TypeVar
 import click
 import sqlalchemy as sa
 
-from billing.budget import budget_status, remove_budget, set_budget
-from billing.errors import PriceCatalogError
-from billing.ledger import GROUPS, summaries
-from billing.migrate import current_revision, downgrade, upgrade
-from billing.models import usage, vm_instances
-from billing.prices import format_usd, to_nanousd
-from billing.report import FORMATS, render, render_overhead
-from billing.vms import idle_overhead
+from gpubroker.billing.budget import budget_status, remove_budget, set_budget
+from gpubroker.billing.errors import PriceCatalogError
+from gpubroker.billing.ledger import GROUPS, summaries
+from gpubroker.billing.migrate import current_revision, downgrade, upgrade
+from gpubroker.billing.models import usage, vm_instances
+from gpubroker.billing.prices import format_usd, to_nanousd
+from gpubroker.billing.report import FORMATS, render, render_overhead
+from gpubroker.billing.vms import idle_overhead
 
 DEFAULT_DATABASE_URL = "sqlite:///gpubroker-data/broker.db"
 
@@ -122,7 +123,7 @@ def _read(
                 if not sa.inspect(conn).has_table(table.name):
                     raise click.ClickException(
                         f"{shown} has no {table.name} table; is it the broker's database, "
-                        "migrated (python -m billing migrate)?"
+                        "migrated (python -m gpubroker.billing migrate)?"
                     )
             return query(conn)
     except sa.exc.OperationalError as exc:
@@ -195,7 +196,9 @@ def budget_remove(tenant: str, database_url: str | None) -> None:
 def _engine(database_url: str | None) -> sa.Engine:
     url = _database_url(database_url)
     if _missing_sqlite_file(url):
-        raise click.ClickException(f"no database at {url}; run `python -m billing migrate` first")
+        raise click.ClickException(
+            f"no database at {url}; run `python -m gpubroker.billing migrate` first"
+        )
     return sa.create_engine(url)
 
 

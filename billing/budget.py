@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from billing.models import budgets, usage
+from gpubroker.billing.models import budgets, usage
 
 __all__ = [
     "BudgetStatus",

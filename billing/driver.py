@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.dml import Insert
 
-from billing.models import UtcDateTime
+from gpubroker.billing.models import UtcDateTime
 
 __all__ = ["DriverInsert"]
 

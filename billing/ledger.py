@@ -9,9 +9,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from billing.driver import DriverInsert
-from billing.models import usage
-from billing.prices import PriceCatalog, cost_nanousd
+from gpubroker.billing.driver import DriverInsert
+from gpubroker.billing.models import usage
+from gpubroker.billing.prices import PriceCatalog, cost_nanousd
 
 __all__ = [
     "GROUPS",

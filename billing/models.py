@@ -183,7 +183,7 @@ tenants = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("disabled_at", UtcDateTime, nullable=True),
 )
-"""Tenants made with ``python -m broker.admin``; a disabled tenant's keys are all refused.
+"""Tenants made with ``python -m gpubroker.broker.admin``; a disabled tenant's keys are all refused.
 
 Tenants named only in the broker's settings (``--api-keys``) need no row here.
 """

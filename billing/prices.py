@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from billing.errors import PriceCatalogError, UnknownPriceError
+from gpubroker.billing.errors import PriceCatalogError, UnknownPriceError
 
 __all__ = [
     "CURRENCY",
@@ -130,7 +130,7 @@ class PriceCatalog:
     def load(cls, path: Path | None = None) -> PriceCatalog:
         """Reads a catalog file; None means the packaged ``prices.toml``."""
         if path is None:
-            text = resources.files("billing").joinpath("prices.toml").read_text()
+            text = resources.files("gpubroker.billing").joinpath("prices.toml").read_text()
         else:
             text = path.read_text()
         try:

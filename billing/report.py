@@ -15,9 +15,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from billing.ledger import UsageSummary
-from billing.prices import format_usd
-from billing.vms import OverheadLine, overhead_total
+from gpubroker.billing.ledger import UsageSummary
+from gpubroker.billing.prices import format_usd
+from gpubroker.billing.vms import OverheadLine, overhead_total
 
 __all__ = ["FORMATS", "render", "render_overhead"]
 

@@ -25,9 +25,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from billing.ledger import UsageSummary, summaries
-from billing.models import vm_instances
-from billing.prices import prorated_nanousd
+from gpubroker.billing.ledger import UsageSummary, summaries
+from gpubroker.billing.models import vm_instances
+from gpubroker.billing.prices import prorated_nanousd
 
 __all__ = [
     "MINIMUM_CHARGE",

@@ -1,4 +1,4 @@
-"""``python -m broker``: parse settings, build the server, serve until SIGTERM or SIGINT."""
+"""``python -m gpubroker.broker``: parse settings, build the server, serve until a signal."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import click
 
-from broker.config import Settings, parse_api_keys
-from broker.errors import ConfigError, SchemaOutdatedError
-from broker.scaling import PROVIDERS
-from broker.server import create_server
+from gpubroker.broker.config import Settings, parse_api_keys
+from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
+from gpubroker.broker.scaling.loop import PROVIDERS
+from gpubroker.broker.server import create_server
 
-logger = logging.getLogger("broker")
+logger = logging.getLogger("gpubroker.broker")
 
 
 @click.command()

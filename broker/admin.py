@@ -1,6 +1,7 @@
-"""``python -m broker.admin``: tenants and their API keys in the broker's database.
+"""``python -m gpubroker.broker.admin``: tenants and their API keys in the broker's database.
 
-A new key is printed once, alone on stdout (so ``KEY=$(python -m broker.admin key create t)``
+A new key is printed once, alone on stdout (so ``KEY=$(python -m gpubroker.broker.admin key create
+t)``
 works), and never again: only its hash is stored. A running broker picks up every change here
 within its key refresh interval (seconds), without a restart.
 """
@@ -15,8 +16,7 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 
-from broker.config import Settings
-from broker.tenants import (
+from gpubroker.broker.access.tenants import (
     ApiKey,
     NewKey,
     Tenant,
@@ -30,6 +30,7 @@ from broker.tenants import (
     revoke_key,
     rotate_key,
 )
+from gpubroker.broker.config import Settings
 
 __all__ = ["cli"]
 
@@ -58,7 +59,8 @@ def _run(database_url: str, change: Callable[[sa.Connection, datetime], _T]) -> 
         with engine.begin() as conn:
             if not sa.inspect(conn).has_table("api_keys"):
                 raise click.ClickException(
-                    f"{shown} has no api_keys table: run `python -m billing migrate` first"
+                    f"{shown} has no api_keys table: run `python -m gpubroker.billing migrate` "
+                    "first"
                 )
             return change(conn, datetime.now(UTC))
     except TenantError as exc:

@@ -1,4 +1,4 @@
-"""``python -m broker.certs --out certs/``: a development CA and the certificates it signs.
+"""``python -m gpubroker.broker.certs --out certs/``: a development CA and what it signs.
 
 Writes, into the output directory:
 
@@ -7,7 +7,8 @@ Writes, into the output directory:
 - ``server.pem`` / ``server-key.pem``: the broker's certificate for ``--hosts`` (each a DNS
   name or an IP address in the subject alternative names), for ``--tls-cert`` / ``--tls-key``.
 - ``client.pem`` / ``client-key.pem``: a client certificate for mutual TLS, shared by agents
-  (``--cert-file`` / ``--key-file``) and clients (``broker.tls.client_credentials``).
+  (``--cert-file`` / ``--key-file``) and clients
+  (``gpubroker.broker.access.tls.client_credentials``).
 
 An existing CA in the directory is kept, so certificates it signed stay valid; the server and
 client certificates are made anew. Private keys are ECDSA P-256, written with mode 0600. These

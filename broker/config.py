@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.spool import DEFAULT_MEMORY_BYTES
-from client.wire import DTYPE_ITEMSIZE, MAX_RANK
+from gpubroker.broker.storage.spool import DEFAULT_MEMORY_BYTES
+from gpubroker.protos.wire import DTYPE_ITEMSIZE, MAX_RANK
 
 __all__ = ["Limits", "Settings", "parse_api_keys"]
 
@@ -118,7 +118,7 @@ class Settings:
     scaling_config: Path | None = None
     """TOML file with the autoscaling policy and the provider's settings (docs/deploy.md)."""
     tls_cert_file: Path | None = None
-    """PEM certificate chain the port serves TLS with (``broker.tls``); None means plaintext."""
+    """PEM certificate chain the port serves TLS with (``access.tls``); None means plaintext."""
     tls_key_file: Path | None = None
     """PEM private key of ``tls_cert_file``."""
     tls_client_ca_file: Path | None = None

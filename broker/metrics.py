@@ -10,7 +10,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from broker.model import Task, TaskState
+from gpubroker.broker.model import Task, TaskState
 
 __all__ = ["Metrics"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 # One TaskState for clients and broker: the states are part of the public contract.
-from client import TaskState
-from client.wire import TensorMeta
+from gpubroker.protos.states import TaskState
+from gpubroker.protos.wire import TensorMeta
 
 __all__ = ["AgentInfo", "Attempt", "AttemptOutcome", "Param", "Task", "TaskSpec", "TaskState"]
 

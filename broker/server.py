@@ -14,27 +14,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import Engine
 
-from billing.errors import BillingError
-from billing.migrate import current_revision, head_revision, upgrade
-from billing.prices import PriceCatalog
-from broker.auth import Authenticator, database_keys
-from broker.committer import AsyncTaskStore
-from broker.config import Settings
-from broker.dispatcher import Dispatcher
-from broker.errors import ConfigError, SchemaOutdatedError
-from broker.events import TaskEvents
-from broker.gateway import AgentGatewayServicer
-from broker.handlers import add_servicer
-from broker.metrics import Metrics
-from broker.providers.base import Provider
-from broker.providers.local import LocalProvider, LocalSettings
-from broker.scaling import PROVIDERS, ScalingLoop, load_scaling_config
-from broker.servicer import BrokerServicer
-from broker.spool import Spool
-from broker.store import TaskStore, create_engine
-from broker.tasks import TaskService
-from broker.tls import bind_port
-from protos import agent_pb2, broker_pb2
+from gpubroker.billing.errors import BillingError
+from gpubroker.billing.migrate import current_revision, head_revision, upgrade
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.access.auth import Authenticator, database_keys
+from gpubroker.broker.access.tls import bind_port
+from gpubroker.broker.api.gateway import AgentGatewayServicer
+from gpubroker.broker.api.registration import add_servicer
+from gpubroker.broker.api.servicer import BrokerServicer
+from gpubroker.broker.config import Settings
+from gpubroker.broker.core.dispatcher import Dispatcher
+from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.tasks import TaskService
+from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
+from gpubroker.broker.metrics import Metrics
+from gpubroker.broker.scaling.loop import PROVIDERS, ScalingLoop, load_scaling_config
+from gpubroker.broker.scaling.providers.base import Provider
+from gpubroker.broker.scaling.providers.local import LocalProvider, LocalSettings
+from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.spool import Spool
+from gpubroker.broker.storage.store import TaskStore, create_engine
+from gpubroker.protos import agent_pb2, broker_pb2
 
 __all__ = ["CHANNEL_OPTIONS", "BrokerServer", "create_server"]
 
@@ -96,7 +96,8 @@ def _prepare_schema(engine: Engine, migrate: bool) -> None:
     if current != head:
         raise SchemaOutdatedError(
             f"the database is at schema revision {current or 'none'} but this broker needs "
-            f"{head}: run `python -m billing migrate` (make migrate) or start with --migrate"
+            f"{head}: run `python -m gpubroker.billing migrate` (make migrate) or start with "
+            "--migrate"
         )
 
 
@@ -196,7 +197,7 @@ def _provider(
         return LocalProvider(LocalSettings(**values))
     if settings.provider == "gce":
         # The GCE client takes a second to import: only when it is used.
-        from broker.providers.gce import GceProvider, GceSettings, GpuOffering
+        from gpubroker.broker.scaling.providers.gce import GceProvider, GceSettings, GpuOffering
 
         gce: dict[str, Any] = {"join_token": settings.join_token} | dict(table)
         gce["zones"] = tuple(gce.get("zones", ()))

@@ -3,7 +3,7 @@
 Example::
 
     import torch
-    from client import Client
+    from gpubroker import Client
 
     with Client("localhost:50051", api_key="...") as client:
         product = client.run("matmul", [torch.randn(64, 32), torch.randn(32, 8)]).output
@@ -11,15 +11,15 @@ Example::
         sums = [r.output for r in client.map("add", [[torch.ones(3), torch.ones(3)]] * 100)]
 
 ``AsyncClient`` offers the same methods as coroutines. Every failed call raises a subclass of
-``GpuBrokerError`` named after its gRPC status (see ``client.errors``).
+``GpuBrokerError`` named after its gRPC status (see ``gpubroker.client.errors``).
 """
 
 from __future__ import annotations
 
-from client._async import AsyncClient, AsyncTaskHandle
-from client._sync import Client, TaskHandle
-from client._types import TaskResult, TaskState, TaskStatus, Usage
-from client.errors import (
+from gpubroker.client._async import AsyncClient, AsyncTaskHandle
+from gpubroker.client._sync import Client, TaskHandle
+from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client.errors import (
     AlreadyExistsError,
     AuthenticationError,
     DeadlineExceededError,
@@ -34,8 +34,9 @@ from client.errors import (
     TaskFailedError,
     UnavailableError,
 )
-from client.tls import client_credentials
-from client.wire import TensorMeta
+from gpubroker.protos.states import TaskState
+from gpubroker.protos.transport import client_credentials
+from gpubroker.protos.wire import TensorMeta
 
 __all__ = [
     "AlreadyExistsError",

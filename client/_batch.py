@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client._convert import prepare_task, status_from_proto
-from client._types import TaskResult, TaskState
-from client.codec import ArrayLike, OutputKind, decode, empty_buffer
-from client.errors import error_from_code
-from client.wire import INLINE_MAX_BYTES, Assembler
-from protos import broker_pb2
+from gpubroker.client._convert import prepare_task, status_from_proto
+from gpubroker.client._types import TaskResult
+from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer
+from gpubroker.client.errors import error_from_code
+from gpubroker.protos import broker_pb2
+from gpubroker.protos.states import TaskState
+from gpubroker.protos.wire import INLINE_MAX_BYTES, Assembler
 
 __all__ = [
     "DEFAULT_BATCH",

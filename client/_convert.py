@@ -15,14 +15,15 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from client._types import TaskResult, TaskState, TaskStatus, Usage
-from client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
-from client.errors import InternalError, error_from_code
-from client.frames import chunk_messages, method_options
-from client.ids import time_ordered_id
-from client.proto import meta_from_proto, meta_to_proto, params_to_proto
-from client.wire import Assembler, TensorMeta
-from protos import broker_pb2, task_pb2
+from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
+from gpubroker.client.errors import InternalError, error_from_code
+from gpubroker.protos import broker_pb2, task_pb2
+from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_to_proto
+from gpubroker.protos.frames import chunk_messages, method_options
+from gpubroker.protos.ids import time_ordered_id
+from gpubroker.protos.states import TaskState
+from gpubroker.protos.wire import Assembler, TensorMeta
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -153,7 +154,7 @@ def request_stream(
     chunk_bytes: int,
 ) -> Iterator[_Request | bytes]:
     """The header message, then the inputs' bytes back to back in chunk messages (already
-    serialised, see ``client.frames``)."""
+    serialised, see ``gpubroker.protos.frames``)."""
     yield cls(header=header)
     yield from chunk_messages(cls, buffers, chunk_bytes)
 
@@ -162,7 +163,7 @@ _BROKER = broker_pb2.DESCRIPTOR.services_by_name["Broker"]
 
 
 def framed(method: str) -> tuple[str, Callable[[Any], bytes], Callable[[bytes], Any]]:
-    """Arguments for a ``Broker`` stub method with the chunk fast path (``client.frames``)."""
+    """Arguments for a ``Broker`` stub method with the chunk fast path (``protos.frames``)."""
     return method_options(_BROKER.methods_by_name[method])
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from client._batch import (
+from gpubroker.client._batch import (
     DEFAULT_BATCH,
     DEFAULT_WINDOW,
     Encoder,
@@ -22,7 +22,7 @@ from client._batch import (
     encode_item,
     failed_input,
 )
-from client._convert import (
+from gpubroker.client._convert import (
     CHANNEL_OPTIONS,
     SUBMIT_BACKOFF_S,
     PreparedTask,
@@ -35,11 +35,12 @@ from client._convert import (
     usage_from_proto,
     usage_request,
 )
-from client._types import TaskResult, TaskState, TaskStatus, Usage
-from client.codec import ArrayLike, OutputKind
-from client.errors import InternalError, UnavailableError, translate_rpc_errors
-from client.wire import DEFAULT_CHUNK_BYTES
-from protos import broker_pb2, broker_pb2_grpc
+from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client.codec import ArrayLike, OutputKind
+from gpubroker.client.errors import InternalError, UnavailableError, translate_rpc_errors
+from gpubroker.protos import broker_pb2, broker_pb2_grpc
+from gpubroker.protos.states import TaskState
+from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES
 
 __all__ = ["Client", "TaskHandle"]
 
@@ -115,7 +116,8 @@ class Client:
 
         Raises:
             TypeError: A parameter or input is of an unsupported type.
-            GpuBrokerError: The broker refused the task (see ``client.errors``); UNAVAILABLE
+            GpuBrokerError: The broker refused the task (see ``gpubroker.client.errors``);
+            UNAVAILABLE
                 only after three attempts.
         """
         task = prepare_task(

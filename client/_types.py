@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from client.wire import TensorMeta
+from gpubroker.protos.states import TaskState
+from gpubroker.protos.wire import TensorMeta
 
-__all__ = ["TaskResult", "TaskState", "TaskStatus", "Usage"]
-
-
-class TaskState(enum.Enum):
-    """Where a task is in its life."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        """True for states a task never leaves."""
-        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+__all__ = ["TaskResult", "TaskStatus", "Usage"]
 
 
 @dataclass(frozen=True, slots=True)

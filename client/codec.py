@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
-from client.wire import DTYPE_ITEMSIZE, INLINE_MAX_BYTES, Buffer, TensorMeta, WireError, crc32c
+from gpubroker.protos.wire import (
+    DTYPE_ITEMSIZE,
+    INLINE_MAX_BYTES,
+    Buffer,
+    TensorMeta,
+    WireError,
+    crc32c,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -1,6 +1,7 @@
 """`make run`: a broker on SQLite that starts local agents on demand, and a real job.
 
-Starts ``python -m broker`` as a child process with its default ``local`` provider: no agent
+Starts ``python -m gpubroker.broker`` as a child process with its default ``local`` provider: no
+agent
 runs until work arrives, then the autoscaler starts ``gpu_agent`` processes (as it would start
 GPU VMs on Google Cloud) and stops them when they are idle. Submits several workloads, one
 large tensor and a thousand tiny tasks through ``Client.map``, prints the results, the billing
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from client import Client, TaskResult
+from gpubroker import Client, TaskResult
 
 DATA = Path("gpubroker-data")
 API_KEY = "demo-key"
@@ -34,7 +35,7 @@ def main() -> int:
     port_file = DATA / "broker.port"
     port_file.unlink(missing_ok=True)
     broker = _spawn(
-        "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+        "gpubroker.broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
         "--api-keys", f"{API_KEY}=demo", "--migrate", log=DATA / "broker.log",
     )  # fmt: skip
     try:
@@ -47,9 +48,9 @@ def main() -> int:
     finally:
         console.print(f"broker stopped (exit code {_stop(broker)}); its agents with it")
     console.rule("billing report")
-    subprocess.run([sys.executable, "-m", "billing", "report"], check=True)
+    subprocess.run([sys.executable, "-m", "gpubroker.billing", "report"], check=True)
     console.rule("machine cost vs billed compute")
-    subprocess.run([sys.executable, "-m", "billing", "overhead"], check=True)
+    subprocess.run([sys.executable, "-m", "gpubroker.billing", "overhead"], check=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``python -m gpu_agent --broker HOST:PORT``: run workloads for a broker until told to stop.
+"""``python -m gpubroker.gpu_agent --broker HOST:PORT``: run a broker's workloads until told to
+stop.
 
 The first SIGTERM or SIGINT drains (no new work; in-flight attempts finish and upload, then
 the process exits 0); a second one exits at once.
@@ -14,16 +15,16 @@ import sys
 
 import click
 
-from gpu_agent.agent import Agent
-from gpu_agent.config import DEVICE_CHOICES, Settings
-from gpu_agent.errors import WorkloadLoadError
-from gpu_agent.preemption import PREEMPTED, PreemptionWatcher
-from gpu_agent.preemption import metadata_url as default_metadata_url
-from gpu_agent.runner import Runner, detect_device, favour_workload_threads
+from gpubroker.gpu_agent.agent import Agent
+from gpubroker.gpu_agent.config import DEVICE_CHOICES, Settings
+from gpubroker.gpu_agent.errors import WorkloadLoadError
+from gpubroker.gpu_agent.preemption import PREEMPTED, PreemptionWatcher
+from gpubroker.gpu_agent.preemption import metadata_url as default_metadata_url
+from gpubroker.gpu_agent.runner import Runner, detect_device, favour_workload_threads
 
 __all__ = ["main"]
 
-logger = logging.getLogger("gpu_agent")
+logger = logging.getLogger("gpubroker.gpu_agent")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,14 +17,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
-from gpu_agent.attempt import Attempt, Revocation
-from gpu_agent.config import Settings
-from gpu_agent.credit import CreditPolicy
-from gpu_agent.errors import BrokerProtocolError
-from gpu_agent.gateway import GatewayClient, open_channel
-from gpu_agent.model import Assignment, AttemptRef, Hello
-from gpu_agent.runner import Runner
-from gpu_agent.session import Session
+from gpubroker.gpu_agent.attempt import Attempt, Revocation
+from gpubroker.gpu_agent.config import Settings
+from gpubroker.gpu_agent.credit import CreditPolicy
+from gpubroker.gpu_agent.errors import BrokerProtocolError
+from gpubroker.gpu_agent.gateway import GatewayClient, open_channel
+from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
+from gpubroker.gpu_agent.runner import Runner
+from gpubroker.gpu_agent.session import Session
 
 __all__ = ["Agent", "agent_version"]
 

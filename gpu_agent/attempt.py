@@ -18,9 +18,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from client.codec import encode
-from client.wire import INLINE_MAX_BYTES, ChecksumMismatchError, WireError
-from gpu_agent.errors import (
+from gpubroker.client.codec import encode
+from gpubroker.gpu_agent.errors import (
     AgentError,
     TaskCancelledError,
     TaskDeadlineError,
@@ -28,11 +27,12 @@ from gpu_agent.errors import (
     WorkloadArgumentError,
     WorkloadFailedError,
 )
-from gpu_agent.gateway import GatewayClient
-from gpu_agent.model import Assignment, AttemptRef
-from gpu_agent.runner import Runner, RunOutcome
-from gpu_agent.session import Session
-from protos import agent_pb2, task_pb2
+from gpubroker.gpu_agent.gateway import GatewayClient
+from gpubroker.gpu_agent.model import Assignment, AttemptRef
+from gpubroker.gpu_agent.runner import Runner, RunOutcome
+from gpubroker.gpu_agent.session import Session
+from gpubroker.protos import agent_pb2, task_pb2
+from gpubroker.protos.wire import INLINE_MAX_BYTES, ChecksumMismatchError, WireError
 
 __all__ = ["ERROR_CODES", "Attempt", "Revocation"]
 

@@ -70,7 +70,7 @@ class Settings:
     prefetch: int = 32
     """Most tasks taken beyond ``slots`` and queued here, so a freed slot starts its next task
     at once instead of after a round trip to the broker. How many are actually taken follows
-    the task times (``prefetch_horizon_s``, see ``gpu_agent.credit``)."""
+    the task times (``prefetch_horizon_s``, see ``gpubroker.gpu_agent.credit``)."""
     prefetch_horizon_s: float = 0.05
     """The prefetch covers about this much work: many tiny tasks, none of the long ones."""
     device: str = "auto"

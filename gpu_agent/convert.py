@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from client.proto import meta_from_proto, meta_to_proto, params_from_proto
-from gpu_agent.model import Assignment, AttemptRef, Hello
-from protos import agent_pb2
+from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
+from gpubroker.protos import agent_pb2
+from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_from_proto
 
 PROTOCOL = 2
 """The control-stream protocol this agent speaks: batches, and results and draining notices on

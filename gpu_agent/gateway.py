@@ -14,14 +14,14 @@ from pathlib import Path
 import grpc
 import torch
 
-from client.codec import decode, empty_buffer
-from client.frames import chunk_data, chunk_messages, method_options
-from client.wire import Assembler, Buffer, TensorMeta
-from gpu_agent.config import Settings
-from gpu_agent.convert import meta_to_proto, ref_to_proto
-from gpu_agent.model import Assignment, AttemptRef
-from gpu_agent.runner import RunOutcome
-from protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpubroker.client.codec import decode, empty_buffer
+from gpubroker.gpu_agent.config import Settings
+from gpubroker.gpu_agent.convert import meta_to_proto, ref_to_proto
+from gpubroker.gpu_agent.model import Assignment, AttemptRef
+from gpubroker.gpu_agent.runner import RunOutcome
+from gpubroker.protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpubroker.protos.frames import chunk_data, chunk_messages, method_options
+from gpubroker.protos.wire import Assembler, Buffer, TensorMeta
 
 __all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "GatewayClient", "open_channel"]
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from client.wire import TensorMeta
+from gpubroker.protos.wire import TensorMeta
 
 __all__ = ["Assignment", "AttemptRef", "Hello", "Param"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlencode, urlsplit
 
-from gpu_agent.config import Backoff
+from gpubroker.gpu_agent.config import Backoff
 
 __all__ = [
     "DEFAULT_METADATA_URL",

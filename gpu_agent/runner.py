@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from client.wire import DTYPE_ITEMSIZE
-from gpu_agent.errors import AgentError, WorkloadFailedError
-from gpu_agent.model import Param
-from gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
+from gpubroker.gpu_agent.errors import AgentError, WorkloadFailedError
+from gpubroker.gpu_agent.model import Param
+from gpubroker.gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
+from gpubroker.protos.wire import DTYPE_ITEMSIZE
 
 __all__ = [
     "SWITCH_INTERVAL_S",

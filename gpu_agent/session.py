@@ -14,17 +14,17 @@ from typing import Protocol
 
 import grpc
 
-from gpu_agent.convert import (
+from gpubroker.gpu_agent.convert import (
     PROTOCOL,
     assignment_from_proto,
     hello_to_proto,
     ref_from_proto,
     ref_to_proto,
 )
-from gpu_agent.errors import BrokerProtocolError
-from gpu_agent.gateway import ControlCall, GatewayClient
-from gpu_agent.model import Assignment, AttemptRef, Hello
-from protos import agent_pb2
+from gpubroker.gpu_agent.errors import BrokerProtocolError
+from gpubroker.gpu_agent.gateway import ControlCall, GatewayClient
+from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
+from gpubroker.protos import agent_pb2
 
 __all__ = ["DEFAULT_HEARTBEAT_S", "PROTOCOL", "Session", "SessionHandler"]
 

@@ -19,13 +19,13 @@ from typing import Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
-from gpu_agent.errors import (
+from gpubroker.gpu_agent.errors import (
     TaskCancelledError,
     UnknownWorkloadError,
     WorkloadArgumentError,
     WorkloadLoadError,
 )
-from gpu_agent.model import Param
+from gpubroker.gpu_agent.model import Param
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import agent_pb2 as protos_dot_agent__pb2
+from gpubroker.protos import agent_pb2 as gpubroker_dot_protos_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/agent_pb2_grpc.py depends on'
+        + ' but the generated code in gpubroker/protos/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,18 +40,18 @@ class AgentGatewayStub:
         """
         self.Connect = channel.stream_stream(
                 '/gpubroker.v1.AgentGateway/Connect',
-                request_serializer=protos_dot_agent__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_agent__pb2.BrokerMessage.FromString,
+                request_serializer=gpubroker_dot_protos_dot_agent__pb2.AgentMessage.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_agent__pb2.BrokerMessage.FromString,
                 _registered_method=True)
         self.FetchInputs = channel.unary_stream(
                 '/gpubroker.v1.AgentGateway/FetchInputs',
-                request_serializer=protos_dot_agent__pb2.FetchInputsRequest.SerializeToString,
-                response_deserializer=protos_dot_agent__pb2.FetchInputsResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_agent__pb2.FetchInputsRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_agent__pb2.FetchInputsResponse.FromString,
                 _registered_method=True)
         self.PutResult = channel.stream_unary(
                 '/gpubroker.v1.AgentGateway/PutResult',
-                request_serializer=protos_dot_agent__pb2.PutResultRequest.SerializeToString,
-                response_deserializer=protos_dot_agent__pb2.PutResultResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_agent__pb2.PutResultRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_agent__pb2.PutResultResponse.FromString,
                 _registered_method=True)
 
 
@@ -89,18 +89,18 @@ def add_AgentGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
-                    request_deserializer=protos_dot_agent__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_agent__pb2.BrokerMessage.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_agent__pb2.AgentMessage.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_agent__pb2.BrokerMessage.SerializeToString,
             ),
             'FetchInputs': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchInputs,
-                    request_deserializer=protos_dot_agent__pb2.FetchInputsRequest.FromString,
-                    response_serializer=protos_dot_agent__pb2.FetchInputsResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_agent__pb2.FetchInputsRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_agent__pb2.FetchInputsResponse.SerializeToString,
             ),
             'PutResult': grpc.stream_unary_rpc_method_handler(
                     servicer.PutResult,
-                    request_deserializer=protos_dot_agent__pb2.PutResultRequest.FromString,
-                    response_serializer=protos_dot_agent__pb2.PutResultResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_agent__pb2.PutResultRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_agent__pb2.PutResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,8 +132,8 @@ class AgentGateway:
             request_iterator,
             target,
             '/gpubroker.v1.AgentGateway/Connect',
-            protos_dot_agent__pb2.AgentMessage.SerializeToString,
-            protos_dot_agent__pb2.BrokerMessage.FromString,
+            gpubroker_dot_protos_dot_agent__pb2.AgentMessage.SerializeToString,
+            gpubroker_dot_protos_dot_agent__pb2.BrokerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,8 +159,8 @@ class AgentGateway:
             request,
             target,
             '/gpubroker.v1.AgentGateway/FetchInputs',
-            protos_dot_agent__pb2.FetchInputsRequest.SerializeToString,
-            protos_dot_agent__pb2.FetchInputsResponse.FromString,
+            gpubroker_dot_protos_dot_agent__pb2.FetchInputsRequest.SerializeToString,
+            gpubroker_dot_protos_dot_agent__pb2.FetchInputsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,8 +186,8 @@ class AgentGateway:
             request_iterator,
             target,
             '/gpubroker.v1.AgentGateway/PutResult',
-            protos_dot_agent__pb2.PutResultRequest.SerializeToString,
-            protos_dot_agent__pb2.PutResultResponse.FromString,
+            gpubroker_dot_protos_dot_agent__pb2.PutResultRequest.SerializeToString,
+            gpubroker_dot_protos_dot_agent__pb2.PutResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,8 @@ isort:skip_file
 The agent-facing API of the GPU broker: agents dial out to the broker and pull work."""
 
 from collections import abc as _abc
+from gpubroker.protos import agent_pb2 as _agent_pb2
 from grpc import aio as _aio
-from protos import agent_pb2 as _agent_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

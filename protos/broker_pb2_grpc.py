@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import broker_pb2 as protos_dot_broker__pb2
+from gpubroker.protos import broker_pb2 as gpubroker_dot_protos_dot_broker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/broker_pb2_grpc.py depends on'
+        + ' but the generated code in gpubroker/protos/broker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,48 +39,48 @@ class BrokerStub:
         """
         self.Submit = channel.stream_unary(
                 '/gpubroker.v1.Broker/Submit',
-                request_serializer=protos_dot_broker__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.SubmitResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.SubmitResponse.FromString,
                 _registered_method=True)
         self.Run = channel.stream_stream(
                 '/gpubroker.v1.Broker/Run',
-                request_serializer=protos_dot_broker__pb2.RunRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.RunResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.RunRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.RunResponse.FromString,
                 _registered_method=True)
         self.RunMany = channel.stream_stream(
                 '/gpubroker.v1.Broker/RunMany',
-                request_serializer=protos_dot_broker__pb2.RunManyRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.RunManyResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.RunManyRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.RunManyResponse.FromString,
                 _registered_method=True)
         self.WatchTask = channel.unary_stream(
                 '/gpubroker.v1.Broker/WatchTask',
-                request_serializer=protos_dot_broker__pb2.WatchTaskRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.WatchTaskResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.WatchTaskRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.WatchTaskResponse.FromString,
                 _registered_method=True)
         self.GetResult = channel.unary_stream(
                 '/gpubroker.v1.Broker/GetResult',
-                request_serializer=protos_dot_broker__pb2.GetResultRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.GetResultResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.GetResultRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetResultResponse.FromString,
                 _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/gpubroker.v1.Broker/CancelTask',
-                request_serializer=protos_dot_broker__pb2.CancelTaskRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.CancelTaskResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/gpubroker.v1.Broker/GetTask',
-                request_serializer=protos_dot_broker__pb2.GetTaskRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.GetTaskResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/gpubroker.v1.Broker/ListTasks',
-                request_serializer=protos_dot_broker__pb2.ListTasksRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.ListTasksResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
         self.GetUsage = channel.unary_unary(
                 '/gpubroker.v1.Broker/GetUsage',
-                request_serializer=protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
-                response_deserializer=protos_dot_broker__pb2.GetUsageResponse.FromString,
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
 
 
@@ -166,48 +166,48 @@ def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Submit': grpc.stream_unary_rpc_method_handler(
                     servicer.Submit,
-                    request_deserializer=protos_dot_broker__pb2.SubmitRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.SubmitResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.SubmitRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.SubmitResponse.SerializeToString,
             ),
             'Run': grpc.stream_stream_rpc_method_handler(
                     servicer.Run,
-                    request_deserializer=protos_dot_broker__pb2.RunRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.RunResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.RunRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.RunResponse.SerializeToString,
             ),
             'RunMany': grpc.stream_stream_rpc_method_handler(
                     servicer.RunMany,
-                    request_deserializer=protos_dot_broker__pb2.RunManyRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.RunManyResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.RunManyRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.RunManyResponse.SerializeToString,
             ),
             'WatchTask': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTask,
-                    request_deserializer=protos_dot_broker__pb2.WatchTaskRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.WatchTaskResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.WatchTaskRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.WatchTaskResponse.SerializeToString,
             ),
             'GetResult': grpc.unary_stream_rpc_method_handler(
                     servicer.GetResult,
-                    request_deserializer=protos_dot_broker__pb2.GetResultRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.GetResultResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetResultRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.GetResultResponse.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
-                    request_deserializer=protos_dot_broker__pb2.CancelTaskRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.CancelTaskResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.CancelTaskRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.CancelTaskResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
-                    request_deserializer=protos_dot_broker__pb2.GetTaskRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.GetTaskResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetTaskRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.GetTaskResponse.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
-                    request_deserializer=protos_dot_broker__pb2.ListTasksRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.ListTasksResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.ListTasksRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.ListTasksResponse.SerializeToString,
             ),
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
-                    request_deserializer=protos_dot_broker__pb2.GetUsageRequest.FromString,
-                    response_serializer=protos_dot_broker__pb2.GetUsageResponse.SerializeToString,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -238,8 +238,8 @@ class Broker:
             request_iterator,
             target,
             '/gpubroker.v1.Broker/Submit',
-            protos_dot_broker__pb2.SubmitRequest.SerializeToString,
-            protos_dot_broker__pb2.SubmitResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.SubmitRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -265,8 +265,8 @@ class Broker:
             request_iterator,
             target,
             '/gpubroker.v1.Broker/Run',
-            protos_dot_broker__pb2.RunRequest.SerializeToString,
-            protos_dot_broker__pb2.RunResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.RunRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.RunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -292,8 +292,8 @@ class Broker:
             request_iterator,
             target,
             '/gpubroker.v1.Broker/RunMany',
-            protos_dot_broker__pb2.RunManyRequest.SerializeToString,
-            protos_dot_broker__pb2.RunManyResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.RunManyRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.RunManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class Broker:
             request,
             target,
             '/gpubroker.v1.Broker/WatchTask',
-            protos_dot_broker__pb2.WatchTaskRequest.SerializeToString,
-            protos_dot_broker__pb2.WatchTaskResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.WatchTaskRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.WatchTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class Broker:
             request,
             target,
             '/gpubroker.v1.Broker/GetResult',
-            protos_dot_broker__pb2.GetResultRequest.SerializeToString,
-            protos_dot_broker__pb2.GetResultResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.GetResultRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.GetResultResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class Broker:
             request,
             target,
             '/gpubroker.v1.Broker/CancelTask',
-            protos_dot_broker__pb2.CancelTaskRequest.SerializeToString,
-            protos_dot_broker__pb2.CancelTaskResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.CancelTaskRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.CancelTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -400,8 +400,8 @@ class Broker:
             request,
             target,
             '/gpubroker.v1.Broker/GetTask',
-            protos_dot_broker__pb2.GetTaskRequest.SerializeToString,
-            protos_dot_broker__pb2.GetTaskResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.GetTaskRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.GetTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -427,8 +427,8 @@ class Broker:
             request,
             target,
             '/gpubroker.v1.Broker/ListTasks',
-            protos_dot_broker__pb2.ListTasksRequest.SerializeToString,
-            protos_dot_broker__pb2.ListTasksResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.ListTasksRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -454,8 +454,8 @@ class Broker:
             request,
             target,
             '/gpubroker.v1.Broker/GetUsage',
-            protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
-            protos_dot_broker__pb2.GetUsageResponse.FromString,
+            gpubroker_dot_protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

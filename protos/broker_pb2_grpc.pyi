@@ -4,8 +4,8 @@ isort:skip_file
 The client-facing API of the GPU broker."""
 
 from collections import abc as _abc
+from gpubroker.protos import broker_pb2 as _broker_pb2
 from grpc import aio as _aio
-from protos import broker_pb2 as _broker_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -1,4 +1,4 @@
-"""Real processes for end-to-end tests: a broker (``python -m broker``) and agents.
+"""Real processes for end-to-end tests: a broker (``python -m gpubroker.broker``) and agents.
 
 Each runs as its own OS process on loopback, the way users run them, so tests can SIGKILL
 either one. Files (SQLite database, payload spool, logs) live in the test's tmp directory.
@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from billing.prices import PriceCatalog
-from broker.config import Settings
-from broker.server import BrokerServer, create_server
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.config import Settings
+from gpubroker.broker.server import BrokerServer, create_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def agent_gpu_type() -> str:
         return "cpu"
     import torch  # only for a GPU run
 
-    from gpu_agent.runner import gpu_slug
+    from gpubroker.gpu_agent.runner import gpu_slug
 
     return gpu_slug(torch.cuda.get_device_name())
 
@@ -116,7 +116,7 @@ class _Process:
 
 
 class BrokerProcess(_Process):
-    """``python -m broker`` on a loopback port, with its database and spool under ``root``."""
+    """``python -m gpubroker.broker`` on a loopback port, its database and spool under ``root``."""
 
     def __init__(
         self,
@@ -153,7 +153,7 @@ class BrokerProcess(_Process):
         port_file = self.root / "broker.port"
         port_file.unlink(missing_ok=True)
         keys = ",".join(f"{k}={t}" for k, t in self._api_keys.items())
-        args = ["-m", "broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
+        args = ["-m", "gpubroker.broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
         args += ["--database-url", self.database_url, "--spool-dir", str(self.root / "spool")]
         args += ["--migrate", "--provider", self._provider]
         args += [
@@ -187,7 +187,7 @@ class BrokerProcess(_Process):
 
 
 class AgentProcess(_Process):
-    """``python -m gpu_agent`` dialling out to a broker."""
+    """``python -m gpubroker.gpu_agent`` dialling out to a broker."""
 
     def __init__(
         self,
@@ -219,7 +219,7 @@ class AgentProcess(_Process):
         self._spawn(
             [
                 "-m",
-                "gpu_agent",
+                "gpubroker.gpu_agent",
                 "--broker",
                 self.broker_address,
                 "--agent-id",

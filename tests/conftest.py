@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from billing.models import metadata
+from gpubroker.billing.models import metadata
 
 # ---------------------------------------------------------------------------------------------
 # Databases. Every store and ledger test runs on SQLite and on PostgreSQL.

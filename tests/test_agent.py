@@ -19,14 +19,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from client.codec import decode, encode
-from client.wire import TensorMeta, iter_chunks
-from gpu_agent.__main__ import main
-from gpu_agent.agent import Agent
-from gpu_agent.config import Backoff, Settings
-from gpu_agent.runner import Runner, detect_device
-from gpu_agent.workloads import Param, Workload, WorkloadContext, registry
-from protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpubroker.client.codec import decode, encode
+from gpubroker.gpu_agent.__main__ import main
+from gpubroker.gpu_agent.agent import Agent
+from gpubroker.gpu_agent.config import Backoff, Settings
+from gpubroker.gpu_agent.runner import Runner, detect_device
+from gpubroker.gpu_agent.workloads import Param, Workload, WorkloadContext, registry
+from gpubroker.protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpubroker.protos.wire import TensorMeta, iter_chunks
 
 Context = grpc.aio.ServicerContext[Any, Any]
 TOKEN = "s3cret"
@@ -629,7 +629,8 @@ async def _spawn_agent(port: int, log: Path) -> asyncio.subprocess.Process:
     args = ["--broker", f"localhost:{port}", "--slots", "1", "--device", "cpu"]
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpu_agent", *args, "--agent-id", "cli", "--join-token", TOKEN,
+            sys.executable, "-m", "gpubroker.gpu_agent", *args,
+            "--agent-id", "cli", "--join-token", TOKEN,
             stdout=out, stderr=out, env=env,
         )  # fmt: skip
 

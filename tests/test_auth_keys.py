@@ -13,11 +13,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from billing.migrate import upgrade
-from broker.auth import DEFAULT_TENANT, REFRESH_INTERVAL_S, Authenticator
-from broker.config import Settings
-from broker.errors import UnauthenticatedError
-from broker.tenants import (
+from gpubroker.billing.migrate import upgrade
+from gpubroker.broker.access.auth import DEFAULT_TENANT, REFRESH_INTERVAL_S, Authenticator
+from gpubroker.broker.access.tenants import (
     StoredKey,
     create_key,
     create_tenant,
@@ -25,8 +23,10 @@ from broker.tenants import (
     hash_secret,
     revoke_key,
 )
-from client.wire import crc32c
-from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.broker.config import Settings
+from gpubroker.broker.errors import UnauthenticatedError
+from gpubroker.protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.wire import crc32c
 from tests.cluster import running_broker
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from billing.prices import PriceCatalog
-from broker.autoscaler import (
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.scaling.policy import (
     Autoscaler,
     InstanceSnapshot,
     ScalingPolicy,
@@ -15,7 +15,7 @@ from broker.autoscaler import (
     hourly_spend,
     worst_case_price_nanousd,
 )
-from broker.providers.base import InstanceStatus, LaunchRequest
+from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest
 
 L4_PER_HOUR = 710_000_000
 """On-demand nvidia-l4, nano-USD per hour."""

@@ -1,4 +1,4 @@
-"""``python -m billing report`` on a real database file."""
+"""``python -m gpubroker.billing report`` on a real database file."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from billing.__main__ import cli
-from billing.ledger import UsageRecord, record_usage
-from billing.models import metadata
-from billing.prices import PriceCatalog
+from gpubroker.billing.__main__ import cli
+from gpubroker.billing.ledger import UsageRecord, record_usage
+from gpubroker.billing.models import metadata
+from gpubroker.billing.prices import PriceCatalog
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def test_python_m_billing_reads_the_database_url_from_the_environment(tmp_path: 
     env = {**os.environ, "GPUBROKER_DATABASE_URL": _database(tmp_path)}
 
     result = subprocess.run(
-        [sys.executable, "-m", "billing", "report", "--format", "csv"],
+        [sys.executable, "-m", "gpubroker.billing", "report", "--format", "csv"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -164,7 +164,7 @@ def test_without_a_url_the_report_looks_for_the_brokers_default_file(tmp_path: P
     env["PYTHONPATH"] = str(REPO_ROOT)
 
     result = subprocess.run(
-        [sys.executable, "-m", "billing", "report"],
+        [sys.executable, "-m", "gpubroker.billing", "report"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 

@@ -17,10 +17,10 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from billing.budget import set_budget
-from broker.server import BrokerServer
-from client.wire import crc32c
-from protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.billing.budget import set_budget
+from gpubroker.broker.server import BrokerServer
+from gpubroker.protos import agent_pb2, agent_pb2_grpc, broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.wire import crc32c
 from tests.cluster import broker_settings, running_broker, wait_until
 
 AUTH = (("authorization", "Bearer key-a"),)
@@ -299,7 +299,7 @@ async def test_a_runs_large_inputs_are_held_in_memory_and_its_result_kept_unfsyn
     channel: grpc.aio.Channel, broker: BrokerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fsynced: list[int] = []
-    monkeypatch.setattr("broker.spool.os.fsync", fsynced.append)
+    monkeypatch.setattr("gpubroker.broker.storage.spool.os.fsync", fsynced.append)
     agent = await _ready_agent(channel, "a1")
     data = bytes(range(256)) * 1024  # 256 KiB: too large for the row
     header = broker_pb2.TaskHeader(workload="echo", inputs=[_header(data)])

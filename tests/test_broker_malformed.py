@@ -13,10 +13,10 @@ import grpc
 import pytest
 import torch
 
-from client import Client
-from client.codec import encode
-from client.wire import iter_chunks
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.client import Client
+from gpubroker.client.codec import encode
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.wire import iter_chunks
 from tests.cluster import BrokerProcess, broker_with_agent
 
 MAX_TENSOR_BYTES = 1 << 20
@@ -239,7 +239,7 @@ def test_another_tenants_task_looks_like_it_does_not_exist(broker: BrokerProcess
         handle = owner.submit("echo", [TENSOR])
         handle.result(timeout=60)
 
-        from client import NotFoundError
+        from gpubroker.client import NotFoundError
 
         with pytest.raises(NotFoundError):
             other.task(handle.task_id).status()
@@ -253,7 +253,7 @@ def test_another_tenants_task_looks_like_it_does_not_exist(broker: BrokerProcess
 async def test_the_async_client_always_gets_the_real_status_of_a_refused_stream(
     broker: BrokerProcess,
 ) -> None:
-    from client import AsyncClient, AuthenticationError, InvalidArgumentError
+    from gpubroker.client import AsyncClient, AuthenticationError, InvalidArgumentError
 
     codes = set()
     for _ in range(20):  # the race this guards against lost the status about 1 time in 3

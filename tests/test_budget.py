@@ -10,14 +10,20 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from billing.__main__ import cli
-from billing.budget import budget_status, month_start, next_month, remove_budget, set_budget
-from billing.ledger import UsageRecord, record_usage
-from billing.prices import PriceCatalog
-from broker.errors import BudgetExceededError
-from broker.model import TaskSpec
-from broker.store import TaskStore
-from client.wire import TensorMeta
+from gpubroker.billing.__main__ import cli
+from gpubroker.billing.budget import (
+    budget_status,
+    month_start,
+    next_month,
+    remove_budget,
+    set_budget,
+)
+from gpubroker.billing.ledger import UsageRecord, record_usage
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.errors import BudgetExceededError
+from gpubroker.broker.model import TaskSpec
+from gpubroker.broker.storage.store import TaskStore
+from gpubroker.protos.wire import TensorMeta
 
 NOW = datetime(2026, 12, 15, 9, 30, tzinfo=UTC)
 
@@ -97,6 +103,6 @@ def test_the_cli_sets_shows_and_removes_budgets(tmp_path: Path) -> None:
 
 
 def test_grpc_status_for_a_spent_budget_is_resource_exhausted() -> None:
-    from broker.convert import status_for
+    from gpubroker.broker.api.convert import status_for
 
     assert status_for(BudgetExceededError("spent")) == grpc.StatusCode.RESOURCE_EXHAUSTED

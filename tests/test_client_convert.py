@@ -10,8 +10,8 @@ import pytest
 import torch
 from google.protobuf import timestamp_pb2
 
-from client import InternalError, TaskFailedError, TaskResult, TaskState
-from client._convert import (
+from gpubroker.client import InternalError, TaskFailedError, TaskResult, TaskState
+from gpubroker.client._convert import (
     ResultCollector,
     TaskPager,
     encode_inputs,
@@ -20,10 +20,10 @@ from client._convert import (
     resolve_output,
     status_from_proto,
 )
-from client.codec import encode
-from client.proto import meta_to_proto
-from client.wire import iter_chunks
-from protos import broker_pb2, task_pb2
+from gpubroker.client.codec import encode
+from gpubroker.protos import broker_pb2, task_pb2
+from gpubroker.protos.convert import meta_to_proto
+from gpubroker.protos.wire import iter_chunks
 
 
 def _prepare(inputs: Any = (), **params: Any) -> Any:

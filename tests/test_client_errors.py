@@ -7,7 +7,7 @@ import pickle
 import grpc
 import pytest
 
-from client.errors import (
+from gpubroker.client.errors import (
     AlreadyExistsError,
     AuthenticationError,
     DeadlineExceededError,

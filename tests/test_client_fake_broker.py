@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import (
+from gpubroker.client import (
     AsyncClient,
     AuthenticationError,
     Client,
@@ -31,9 +31,9 @@ from client import (
     TaskState,
     UnavailableError,
 )
-from client.proto import params_from_proto
-from client.wire import iter_chunks
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.convert import params_from_proto
+from gpubroker.protos.wire import iter_chunks
 
 KEY = "key-of-tenant-a"
 Context = grpc.aio.ServicerContext[Any, Any]

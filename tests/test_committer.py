@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from billing.prices import PriceCatalog
-from broker.committer import AsyncTaskStore
-from broker.errors import RequestConflictError
-from broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec, TaskState
-from broker.store import TaskStore
-from client.wire import TensorMeta
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.errors import RequestConflictError
+from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec, TaskState
+from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.store import TaskStore
+from gpubroker.protos.wire import TensorMeta
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_agent.credit import CreditPolicy
+from gpubroker.gpu_agent.credit import CreditPolicy
 
 
 def test_before_any_task_time_it_holds_one_extra_task_per_slot() -> None:

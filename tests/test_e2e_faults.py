@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from billing.models import tasks, usage
-from client import (
+from gpubroker.billing.models import tasks, usage
+from gpubroker.client import (
     Client,
     DeadlineExceededError,
     GpuBrokerError,
@@ -22,9 +22,9 @@ from client import (
     TaskState,
     UnavailableError,
 )
-from client.codec import encode
-from client.proto import meta_to_proto
-from protos import broker_pb2, task_pb2
+from gpubroker.client.codec import encode
+from gpubroker.protos import broker_pb2, task_pb2
+from gpubroker.protos.convert import meta_to_proto
 from tests.cluster import AgentProcess, BrokerProcess, wait_until
 
 

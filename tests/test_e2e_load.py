@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from billing.models import tasks, usage
-from client import Client
+from gpubroker.billing.models import tasks, usage
+from gpubroker.client import Client
 from tests.cluster import AgentProcess, BrokerProcess
 
 CLIENTS = 4

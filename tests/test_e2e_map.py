@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from billing.models import tasks, usage
-from client import AsyncClient, Client
-from client.errors import InvalidArgumentError, TaskFailedError
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.billing.models import tasks, usage
+from gpubroker.client import AsyncClient, Client
+from gpubroker.client.errors import InvalidArgumentError, TaskFailedError
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
 from tests.cluster import BrokerProcess, broker_with_agent, wait_until
 
 
@@ -137,8 +137,8 @@ async def test_async_map_matches_sync_map(cluster: BrokerProcess) -> None:
 def _inline(
     index: int, tensor: torch.Tensor, *, data: bytes | None = None, workload: str = "echo"
 ) -> broker_pb2.InlineTask:
-    from client.codec import encode
-    from client.proto import meta_to_proto
+    from gpubroker.client.codec import encode
+    from gpubroker.protos.convert import meta_to_proto
 
     meta, buffer = encode(tensor)
     header = broker_pb2.TaskHeader(workload=workload, inputs=[meta_to_proto(meta)])

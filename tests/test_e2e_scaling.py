@@ -11,8 +11,8 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-from billing.models import tasks, usage, vm_instances
-from client import Client, TaskState
+from gpubroker.billing.models import tasks, usage, vm_instances
+from gpubroker.client import Client, TaskState
 from tests.cluster import AgentProcess, BrokerProcess, wait_until
 from tests.fake_metadata import FakeMetadataServer
 
@@ -73,7 +73,7 @@ def test_the_local_provider_starts_agents_for_a_burst_and_stops_them_when_idle(
             [
                 sys.executable,
                 "-m",
-                "billing",
+                "gpubroker.billing",
                 "overhead",
                 "--database-url",
                 broker.database_url,

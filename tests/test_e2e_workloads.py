@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from billing.models import usage
-from client import Client, InvalidArgumentError, TaskFailedError
+from gpubroker.billing.models import usage
+from gpubroker.client import Client, InvalidArgumentError, TaskFailedError
 from tests.cluster import AgentProcess, BrokerProcess, agent_gpu_type
 from tests.tensors import random_tensor
 
@@ -193,7 +193,7 @@ def test_every_successful_task_has_one_priced_usage_row(
 
 
 async def test_the_async_client_submits_runs_watches_and_cancels(cluster: BrokerProcess) -> None:
-    from client import AsyncClient
+    from gpubroker.client import AsyncClient
 
     async with AsyncClient(cluster.address, "key-a") as aclient:
         a, b = random_tensor((8, 8), torch.float32, 12), random_tensor((8, 8), torch.float32, 13)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-import client
+from gpubroker import client
 
 
 def test_all_public_names_are_exported_in_sorted_order() -> None:
@@ -22,3 +22,11 @@ def test_all_public_names_are_exported_in_sorted_order() -> None:
 def test_every_exported_name_is_documented() -> None:
     for name in client.__all__:
         assert getattr(client, name).__doc__, name
+
+
+def test_the_namespace_root_exports_the_client_sdk_lazily() -> None:
+    import gpubroker
+
+    assert gpubroker.__all__ == client.__all__
+    for name in gpubroker.__all__:
+        assert getattr(gpubroker, name) is getattr(client, name)

@@ -15,11 +15,10 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client import frames
-from client.codec import decode, encode
-from client.proto import meta_from_proto, meta_to_proto
-from client.wire import Assembler, iter_chunks
-from protos import agent_pb2, broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.client.codec import decode, encode
+from gpubroker.protos import agent_pb2, broker_pb2, broker_pb2_grpc, frames, task_pb2
+from gpubroker.protos.convert import meta_from_proto, meta_to_proto
+from gpubroker.protos.wire import Assembler, iter_chunks
 from tests.cluster import BrokerProcess, broker_with_agent
 
 CHUNKED = (

@@ -13,14 +13,14 @@ import pytest
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
-from broker.providers.base import (
+from gpubroker.broker.scaling.providers.base import (
     CapacityError,
     Instance,
     InstanceStatus,
     LaunchRequest,
     ProviderError,
 )
-from broker.providers.gce import GceProvider, GceSettings, GpuOffering
+from gpubroker.broker.scaling.providers.gce import GceProvider, GceSettings, GpuOffering
 from tests.fake_compute import FakeCompute
 
 PROJECT = "test-project"
@@ -182,7 +182,7 @@ def test_startup_script_runs_the_agent_as_the_vm_with_the_token_kept_out_of_the_
     assert "pip install" in script
     assert "'gpubroker[gpu]==0.1.0'" in script
     assert (
-        "python -m gpu_agent --broker broker.example.com:50051 "
+        "python -m gpubroker.gpu_agent --broker broker.example.com:50051 "
         f"--agent-id {instance.name} --device cuda"
     ) in script
     assert "Restart=always" in script

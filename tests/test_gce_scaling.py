@@ -13,14 +13,14 @@ import sqlalchemy as sa
 import torch
 from google.auth.credentials import AnonymousCredentials
 
-from billing.models import vm_instances
-from billing.prices import PriceCatalog
-from broker.autoscaler import ScalingPolicy
-from broker.providers.base import LaunchRequest
-from broker.providers.gce import GceProvider, GceSettings
-from broker.scaling import ScalingConfig, ScalingLoop
-from broker.server import BrokerServer
-from client import AsyncClient
+from gpubroker.billing.models import vm_instances
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.scaling.loop import ScalingConfig, ScalingLoop
+from gpubroker.broker.scaling.policy import ScalingPolicy
+from gpubroker.broker.scaling.providers.base import LaunchRequest
+from gpubroker.broker.scaling.providers.gce import GceProvider, GceSettings
+from gpubroker.broker.server import BrokerServer
+from gpubroker.client import AsyncClient
 from tests.cluster import AgentProcess, broker_settings, running_broker, wait_until
 from tests.fake_compute import FakeCompute
 

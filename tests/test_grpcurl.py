@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import Client
+from gpubroker.client import Client
 from tests.cluster import BrokerProcess
 
 

@@ -34,11 +34,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from broker.config import Limits
-from broker.server import MAX_MESSAGE_BYTES, BrokerServer
-from client.wire import DTYPE_ITEMSIZE, INLINE_MAX_BYTES, MAX_RANK, crc32c
-from gpu_agent.workloads import registry
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.broker.config import Limits
+from gpubroker.broker.server import MAX_MESSAGE_BYTES, BrokerServer
+from gpubroker.gpu_agent.workloads import registry
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.wire import DTYPE_ITEMSIZE, INLINE_MAX_BYTES, MAX_RANK, crc32c
 from tests.cluster import AgentProcess, broker_settings, running_broker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from client.ids import time_ordered_id
+from gpubroker.protos.ids import time_ordered_id
 
 
 def test_an_id_is_a_version_7_uuid_in_32_hex_digits() -> None:

@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from billing.errors import UnknownPriceError
-from billing.ledger import (
+from gpubroker.billing.errors import UnknownPriceError
+from gpubroker.billing.ledger import (
     UsageRecord,
     insert_usage,
     priced_usage,
@@ -17,8 +17,8 @@ from billing.ledger import (
     summaries,
     usage_rows,
 )
-from billing.models import usage, workloads
-from billing.prices import PriceCatalog
+from gpubroker.billing.models import usage, workloads
+from gpubroker.billing.prices import PriceCatalog
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.providers.base import InstanceStatus, LaunchRequest, Provider
-from broker.providers.local import LocalProvider, LocalSettings
-from broker.server import BrokerServer
-from client import AsyncClient
+from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest, Provider
+from gpubroker.broker.scaling.providers.local import LocalProvider, LocalSettings
+from gpubroker.broker.server import BrokerServer
+from gpubroker.client import AsyncClient
 from tests.cluster import broker_settings, running_broker
 
 REQUEST = LaunchRequest(gpu_types=("cpu",), spot=False)
@@ -73,7 +73,7 @@ async def _eventually(predicate: Callable[[], object], what: str, timeout: float
 
 def _pid_alive(pid: int) -> bool:
     try:
-        return b"gpu_agent" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"gpubroker.gpu_agent" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -11,11 +11,17 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from billing.migrate import FIRST_REVISION, current_revision, downgrade, head_revision, upgrade
-from billing.models import metadata
-from broker.config import Settings
-from broker.errors import SchemaOutdatedError
-from broker.server import create_server
+from gpubroker.billing.migrate import (
+    FIRST_REVISION,
+    current_revision,
+    downgrade,
+    head_revision,
+    upgrade,
+)
+from gpubroker.billing.models import metadata
+from gpubroker.broker.config import Settings
+from gpubroker.broker.errors import SchemaOutdatedError
+from gpubroker.broker.server import create_server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

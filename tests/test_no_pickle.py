@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Limits
-from broker.convert import status_for
-from broker.errors import UnknownWorkloadError
-from broker.model import TaskSpec
-from broker.tasks import check_spec
-from gpu_agent.attempt import ERROR_CODES
-from gpu_agent.errors import UnknownWorkloadError as AgentUnknownWorkloadError
-from gpu_agent.workloads import lookup, registry
+from gpubroker.broker.api.convert import status_for
+from gpubroker.broker.config import Limits
+from gpubroker.broker.core.tasks import check_spec
+from gpubroker.broker.errors import UnknownWorkloadError
+from gpubroker.broker.model import TaskSpec
+from gpubroker.gpu_agent.attempt import ERROR_CODES
+from gpubroker.gpu_agent.errors import UnknownWorkloadError as AgentUnknownWorkloadError
+from gpubroker.gpu_agent.workloads import lookup, registry
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("broker", "gpu_agent", "client", "billing")
+PACKAGES = ("broker", "gpu_agent", "client", "billing", "protos")
 
 UNSAFE_MODULES = frozenset(
     {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "jsonpickle", "joblib", "marshal"}

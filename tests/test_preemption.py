@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from gpu_agent.config import Backoff
-from gpu_agent.preemption import (
+from gpubroker.gpu_agent.config import Backoff
+from gpubroker.gpu_agent.preemption import (
     DEFAULT_METADATA_URL,
     MAINTENANCE_EVENT,
     PREEMPTED,
@@ -201,13 +201,13 @@ async def test_server_errors_are_logged_and_retried(
 async def test_an_unreachable_server_ends_the_watch_with_one_info_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="gpu_agent.preemption")
+    caplog.set_level(logging.DEBUG, logger="gpubroker.gpu_agent.preemption")
     notices = Notices()
     watcher = PreemptionWatcher(f"http://127.0.0.1:{closed_port()}/computeMetadata/v1/", notices)
 
     await asyncio.wait_for(watcher.run(), timeout=2)
 
-    records = [r for r in caplog.records if r.name == "gpu_agent.preemption"]
+    records = [r for r in caplog.records if r.name == "gpubroker.gpu_agent.preemption"]
     assert [r.levelno for r in records] == [logging.INFO]
     assert "not watching for preemption" in records[0].getMessage()
     assert notices.seen == []

@@ -11,8 +11,15 @@ from typing import Any
 
 import pytest
 
-from billing.errors import PriceCatalogError, UnknownPriceError
-from billing.prices import BillingPolicy, Price, PriceCatalog, cost_nanousd, format_usd, to_nanousd
+from gpubroker.billing.errors import PriceCatalogError, UnknownPriceError
+from gpubroker.billing.prices import (
+    BillingPolicy,
+    Price,
+    PriceCatalog,
+    cost_nanousd,
+    format_usd,
+    to_nanousd,
+)
 
 
 def _catalog(**gpu: tuple[str, str]) -> dict[str, Any]:

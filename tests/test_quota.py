@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.config import Limits, Settings
-from broker.errors import LimitExceededError
-from broker.quota import SubmitQuota, TokenBucket
-from broker.scheduler import FairQueue
-from client.wire import DTYPE_ITEMSIZE, MAX_RANK, crc32c
-from protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.broker.config import Limits, Settings
+from gpubroker.broker.core.quota import SubmitQuota, TokenBucket
+from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.errors import LimitExceededError
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
+from gpubroker.protos.wire import DTYPE_ITEMSIZE, MAX_RANK, crc32c
 from tests.cluster import broker_settings, running_broker
 from tests.test_broker_malformed import submit_requests
 

@@ -11,20 +11,20 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 import pytest
 import torch
 
-from gpu_agent.errors import (
+from gpubroker.gpu_agent.errors import (
     TaskCancelledError,
     UnknownWorkloadError,
     WorkloadArgumentError,
     WorkloadFailedError,
 )
-from gpu_agent.runner import (
+from gpubroker.gpu_agent.runner import (
     SWITCH_INTERVAL_S,
     Runner,
     detect_device,
     favour_workload_threads,
     gpu_slug,
 )
-from gpu_agent.workloads import Param, Workload, WorkloadContext, registry
+from gpubroker.gpu_agent.workloads import Param, Workload, WorkloadContext, registry
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.scheduler import FairQueue
+from gpubroker.broker.core.scheduler import FairQueue
 
 
 def _drain(queue: FairQueue) -> list[str]:

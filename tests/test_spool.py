@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.model import Task, TaskState
-from broker.spool import INLINE_MAX_BYTES, InlineWriter, MemoryWriter, Spool, SpoolWriter
+from gpubroker.broker.model import Task, TaskState
+from gpubroker.broker.storage.spool import (
+    INLINE_MAX_BYTES,
+    InlineWriter,
+    MemoryWriter,
+    Spool,
+    SpoolWriter,
+)
 
 BIG = INLINE_MAX_BYTES + 1
 

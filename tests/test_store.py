@@ -8,12 +8,12 @@ from typing import cast
 import pytest
 import sqlalchemy as sa
 
-from billing.models import tasks, usage
-from billing.prices import PriceCatalog
-from broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
-from broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
-from broker.store import TaskStore
-from client.wire import TensorMeta
+from gpubroker.billing.models import tasks, usage
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
+from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
+from gpubroker.broker.storage.store import TaskStore
+from gpubroker.protos.wire import TensorMeta
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 META = TensorMeta("float32", (4,), 16, 123)

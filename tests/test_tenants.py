@@ -1,4 +1,4 @@
-"""Tenants and hashed API keys in the database, and the ``python -m broker.admin`` CLI."""
+"""Tenants and hashed API keys in the database, and the ``python -m gpubroker.broker.admin`` CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from billing.migrate import upgrade
-from billing.models import metadata
-from broker.admin import cli
-from broker.tenants import (
+from gpubroker.billing.migrate import upgrade
+from gpubroker.billing.models import metadata
+from gpubroker.broker.access.tenants import (
     InvalidTenantNameError,
     KeyNotFoundError,
     KeyRevokedError,
@@ -34,6 +33,7 @@ from broker.tenants import (
     revoke_key,
     rotate_key,
 )
+from gpubroker.broker.admin import cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -352,12 +352,12 @@ def test_the_cli_explains_a_missing_or_unmigrated_database(tmp_path: Path) -> No
     assert missing.exit_code == 1
     assert "no database" in missing.output
     assert unmigrated.exit_code == 1
-    assert "python -m billing migrate" in unmigrated.output
+    assert "python -m gpubroker.billing migrate" in unmigrated.output
 
 
 def test_python_m_broker_admin_reads_the_database_url_from_the_environment(db: str) -> None:
     env = {**os.environ, "GPUBROKER_DATABASE_URL": db}
-    run = [sys.executable, "-m", "broker.admin"]
+    run = [sys.executable, "-m", "gpubroker.broker.admin"]
 
     created = subprocess.run(
         [*run, "tenant", "create", "acme"], cwd=REPO_ROOT, env=env, capture_output=True, text=True

@@ -1,4 +1,4 @@
-"""TLS and mutual TLS on the broker's port, with certificates from ``broker.certs``.
+"""TLS and mutual TLS on the broker's port, with certificates from ``gpubroker.broker.certs``.
 
 The broker runs in-process (in the test's event loop); clients, the agent's own channel code, a
 real agent process and the real grpcurl binary connect to it over loopback.
@@ -21,17 +21,22 @@ from click.testing import CliRunner
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker.__main__ import main as broker_main
-from broker.certs import DevCertificates, make_dev_certificates
-from broker.certs import main as certs_main
-from broker.config import Settings
-from broker.errors import ConfigError
-from broker.server import BrokerServer
-from broker.tls import bind_port, client_credentials, is_loopback, server_credentials
-from client import AsyncClient, Client, UnavailableError
-from gpu_agent.config import Settings as AgentSettings
-from gpu_agent.gateway import GatewayClient, open_channel
-from protos import agent_pb2
+from gpubroker.broker.__main__ import main as broker_main
+from gpubroker.broker.access.tls import (
+    bind_port,
+    client_credentials,
+    is_loopback,
+    server_credentials,
+)
+from gpubroker.broker.certs import DevCertificates, make_dev_certificates
+from gpubroker.broker.certs import main as certs_main
+from gpubroker.broker.config import Settings
+from gpubroker.broker.errors import ConfigError
+from gpubroker.broker.server import BrokerServer
+from gpubroker.client import AsyncClient, Client, UnavailableError
+from gpubroker.gpu_agent.config import Settings as AgentSettings
+from gpubroker.gpu_agent.gateway import GatewayClient, open_channel
+from gpubroker.protos import agent_pb2
 from tests.cluster import AgentProcess, broker_settings, running_broker
 from tests.test_grpcurl import _grpcurl, _run
 

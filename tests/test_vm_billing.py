@@ -13,13 +13,13 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from billing.__main__ import cli
-from billing.ledger import UsageRecord, record_usage
-from billing.migrate import current_revision, downgrade, upgrade
-from billing.models import metadata, vm_instances
-from billing.prices import PriceCatalog
-from billing.report import render_overhead
-from billing.vms import (
+from gpubroker.billing.__main__ import cli
+from gpubroker.billing.ledger import UsageRecord, record_usage
+from gpubroker.billing.migrate import current_revision, downgrade, upgrade
+from gpubroker.billing.models import metadata, vm_instances
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.billing.report import render_overhead
+from gpubroker.billing.vms import (
     EndReason,
     VmCostLine,
     VmLaunch,

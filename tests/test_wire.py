@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.codec import decode, empty_buffer, encode
-from client.wire import (
+from gpubroker.client.codec import decode, empty_buffer, encode
+from gpubroker.protos.wire import (
     Assembler,
     ChecksumMismatchError,
     PayloadTooLargeError,

@@ -11,14 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_agent import workloads
-from gpu_agent.errors import (
+from gpubroker.gpu_agent import workloads
+from gpubroker.gpu_agent.errors import (
     TaskCancelledError,
     UnknownWorkloadError,
     WorkloadArgumentError,
     WorkloadLoadError,
 )
-from gpu_agent.workloads import Param, WorkloadContext, example, lookup, register, registry
+from gpubroker.gpu_agent.workloads import (
+    Param,
+    WorkloadContext,
+    example,
+    lookup,
+    register,
+    registry,
+)
 from tests.tensors import random_tensor as rnd
 
 BUILTINS = {"matmul", "add", "sum", "conv2d", "fft", "linalg.solve", "echo", "sleep"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import billing.models
+import gpubroker.billing.models
 
 revision = "0001"
 down_revision = None
@@ -42,10 +42,10 @@ def upgrade() -> None:
         sa.Column("compute_seconds", sa.Float(), nullable=True),
         sa.Column("error_code", sa.String(length=32), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
-        sa.Column("created_at", billing.models.UtcDateTime(), nullable=False),
-        sa.Column("started_at", billing.models.UtcDateTime(), nullable=True),
-        sa.Column("finished_at", billing.models.UtcDateTime(), nullable=True),
-        sa.Column("deadline_at", billing.models.UtcDateTime(), nullable=True),
+        sa.Column("created_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
+        sa.Column("started_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
+        sa.Column("finished_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
+        sa.Column("deadline_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("seq"),
         sa.UniqueConstraint("id"),
         sa.UniqueConstraint("tenant", "request_id", name="uq_tasks_tenant_request_id"),
@@ -70,7 +70,7 @@ def upgrade() -> None:
         sa.Column("price_per_hour_nanousd", sa.BigInteger(), nullable=False),
         sa.Column("cost_nanousd", sa.BigInteger(), nullable=False),
         sa.Column("price_version", sa.String(length=32), nullable=False),
-        sa.Column("created_at", billing.models.UtcDateTime(), nullable=False),
+        sa.Column("created_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("task_id"),
     )
@@ -80,7 +80,7 @@ def upgrade() -> None:
     op.create_table(
         "workloads",
         sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("first_seen_at", billing.models.UtcDateTime(), nullable=False),
+        sa.Column("first_seen_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import billing.models
+import gpubroker.billing.models
 
 revision = "0003"
 down_revision = "0002"
@@ -24,7 +24,7 @@ def upgrade() -> None:
         "budgets",
         sa.Column("tenant", sa.String(length=64), nullable=False),
         sa.Column("monthly_limit_nanousd", sa.BigInteger(), nullable=False),
-        sa.Column("updated_at", billing.models.UtcDateTime(), nullable=False),
+        sa.Column("updated_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("tenant"),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import billing.models
+import gpubroker.billing.models
 
 revision = "0004"
 down_revision = "0003"
@@ -30,9 +30,9 @@ def upgrade() -> None:
         sa.Column("spot", sa.Boolean(), nullable=False),
         sa.Column("price_per_hour_nanousd", sa.BigInteger(), nullable=False),
         sa.Column("price_version", sa.String(length=32), nullable=False),
-        sa.Column("created_at", billing.models.UtcDateTime(), nullable=False),
-        sa.Column("running_at", billing.models.UtcDateTime(), nullable=True),
-        sa.Column("deleted_at", billing.models.UtcDateTime(), nullable=True),
+        sa.Column("created_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
+        sa.Column("running_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
+        sa.Column("deleted_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
         sa.Column("end_reason", sa.String(length=32), nullable=True),
         sa.PrimaryKeyConstraint("name"),
     )

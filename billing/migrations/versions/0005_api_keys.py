@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import billing.models
+import gpubroker.billing.models
 
 revision = "0005"
 down_revision = "0004"
@@ -23,8 +23,8 @@ def upgrade() -> None:
     op.create_table(
         "tenants",
         sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("created_at", billing.models.UtcDateTime(), nullable=False),
-        sa.Column("disabled_at", billing.models.UtcDateTime(), nullable=True),
+        sa.Column("created_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
+        sa.Column("disabled_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("name"),
     )
     op.create_table(
@@ -33,8 +33,8 @@ def upgrade() -> None:
         sa.Column("tenant", sa.String(length=64), nullable=False),
         sa.Column("secret_sha256", sa.String(length=64), nullable=False),
         sa.Column("label", sa.String(length=128), nullable=True),
-        sa.Column("created_at", billing.models.UtcDateTime(), nullable=False),
-        sa.Column("revoked_at", billing.models.UtcDateTime(), nullable=True),
+        sa.Column("created_at", gpubroker.billing.models.UtcDateTime(), nullable=False),
+        sa.Column("revoked_at", gpubroker.billing.models.UtcDateTime(), nullable=True),
         sa.ForeignKeyConstraint(["tenant"], ["tenants.name"]),
         sa.PrimaryKeyConstraint("key_id"),
     )

@@ -1,0 +1,1 @@
+"""Access control: tenants and API keys, bearer authentication, transport security."""

@@ -1,0 +1,230 @@
+"""The agent-facing ``AgentGateway`` service: control streams and per-task data calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from gpubroker.broker.access.auth import Authenticator
+from gpubroker.broker.api.convert import (
+    abort_on_broker_error,
+    attempt_from_proto,
+    outcome_from_proto,
+    split_stream,
+    state_to_proto,
+)
+from gpubroker.broker.core.dispatcher import Dispatcher
+from gpubroker.broker.core.registry import AgentSession, Assign, Close, Outgoing, Revoke
+from gpubroker.broker.errors import BrokerError, InvalidTaskError
+from gpubroker.broker.model import AgentInfo
+from gpubroker.broker.storage.spool import Spool
+from gpubroker.protos import agent_pb2, agent_pb2_grpc
+from gpubroker.protos.convert import meta_to_proto, params_to_proto
+from gpubroker.protos.frames import chunk_message
+
+__all__ = ["AgentGatewayServicer"]
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
+    """Lets agents join, take work and move task data."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, spool: Spool, auth: Authenticator, heartbeat_interval_s: float
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._spool = spool
+        self._auth = auth
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._completing: set[asyncio.Task[None]] = set()
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Context
+    ) -> AsyncIterator[agent_pb2.BrokerMessage]:
+        async with abort_on_broker_error(context):
+            self._auth.check_agent(context.invocation_metadata())
+            messages = aiter(request_iterator)
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("kind") != "hello":
+                raise InvalidTaskError("the control stream must start with a hello message")
+            session = await self._dispatcher.connect(_agent_from_proto(first.hello))
+        reader = asyncio.create_task(self._read(session, messages))
+        try:
+            yield agent_pb2.BrokerMessage(
+                welcome=agent_pb2.AgentWelcome(
+                    agent_id=session.agent_id,
+                    heartbeat_interval_seconds=self._heartbeat_interval_s,
+                    protocol=min(session.info.protocol, PROTOCOL),
+                )
+            )
+            while True:
+                items, close = _take_pending(session.outbox, await session.outbox.get())
+                if items and session.info.protocol >= 2:
+                    yield _batch([_outgoing_to_proto(item) for item in items])
+                else:  # an older agent: one message per write
+                    for item in items:
+                        yield _outgoing_to_proto(item)
+                if close is not None:
+                    break
+            logger.info("closing control stream of %s: %s", session.agent_id, close.reason)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await asyncio.shield(self._dispatcher.disconnect(session, "control stream closed"))
+
+    async def FetchInputs(  # type: ignore[override]  # chunks go out as bytes
+        self, request: agent_pb2.FetchInputsRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.FetchInputsResponse | bytes]:
+        async with abort_on_broker_error(context):
+            self._auth.check_agent(context.invocation_metadata())
+            attempt = attempt_from_proto(request.attempt)
+            task = await self._dispatcher.leased_task(request.agent_id, attempt)
+            async for data in self._spool.inputs(task):
+                yield chunk_message(agent_pb2.FetchInputsResponse, data)
+
+    async def PutResult(
+        self, request_iterator: AsyncIterator[agent_pb2.PutResultRequest], context: Context
+    ) -> agent_pb2.PutResultResponse:
+        async with abort_on_broker_error(context):
+            self._auth.check_agent(context.invocation_metadata())
+            header, chunks = await split_stream(request_iterator)
+            task = await self._dispatcher.complete(outcome_from_proto(header), chunks)
+        return agent_pb2.PutResultResponse(state=state_to_proto(task.state))
+
+    async def _read(
+        self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> None:
+        try:
+            async for message in messages:
+                if message.WhichOneof("kind") == "batch":
+                    for inner in message.batch.messages:
+                        await self._handle(session, inner)
+                else:
+                    await self._handle(session, message)
+        finally:
+            session.outbox.put_nowait(Close("agent closed the control stream"))
+
+    async def _handle(self, session: AgentSession, message: agent_pb2.AgentMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "credit":
+            self._dispatcher.grant(session, message.credit.slots)
+        elif kind == "released":
+            self._dispatcher.released(session, attempt_from_proto(message.released.attempt))
+        elif kind == "heartbeat":
+            running = {attempt_from_proto(a) for a in message.heartbeat.running}
+            await self._dispatcher.heartbeat(session, running)
+        elif kind == "result":
+            self._complete_later(session, message.result)
+        elif kind == "draining":
+            await self._dispatcher.drain(session, message.draining.reason or "agent draining")
+        else:  # a newer agent's message kind, or a second hello: not fatal
+            logger.warning("ignoring a %s message from %s", kind or "empty", session.agent_id)
+
+    def _complete_later(self, session: AgentSession, result: agent_pb2.AgentResult) -> None:
+        """Takes a small result off the control stream without holding up the next message.
+
+        Concurrent completions share one database transaction (group commit), which is why
+        each runs in its own task instead of being awaited in turn.
+        """
+        task = asyncio.create_task(self._complete(session, result))
+        self._completing.add(task)
+        task.add_done_callback(self._completing.discard)
+
+    async def _complete(self, session: AgentSession, result: agent_pb2.AgentResult) -> None:
+        try:
+            # The session, not the message, says which agent reports: no one speaks for another.
+            outcome = dataclasses.replace(
+                outcome_from_proto(result.header), agent_id=session.agent_id
+            )
+            await self._dispatcher.complete(outcome, _once(result.data))
+        except BrokerError as exc:
+            logger.info("result from %s not taken: %s", session.agent_id, exc)
+        except Exception:
+            logger.exception("result from %s failed", session.agent_id)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
+    if not hello.agent_id:
+        raise InvalidTaskError("hello must carry an agent_id")
+    if hello.slots < 1:
+        raise InvalidTaskError(f"hello offers {hello.slots} slots; at least 1 is needed")
+    return AgentInfo(
+        agent_id=hello.agent_id,
+        gpu_type=hello.gpu_type or "unknown",
+        gpu_memory_bytes=hello.gpu_memory_bytes,
+        slots=hello.slots,
+        workloads=frozenset(hello.workloads),
+        version=hello.version,
+        protocol=max(hello.protocol, 1),
+        prefetch=min(max(hello.prefetch, 0), MAX_PREFETCH),
+    )
+
+
+MAX_PREFETCH = 1024
+"""An agent asking to queue more than this beyond its slots gets this much."""
+
+PROTOCOL = 2
+"""The control-stream protocol this broker speaks: 2 adds batches, and results and draining
+notices on the stream; an agent that announces 1 (or nothing) gets one message per write."""
+
+MAX_BATCH = 64
+"""Most messages sent together on a control stream."""
+
+
+def _take_pending(
+    outbox: asyncio.Queue[Outgoing], first: Outgoing
+) -> tuple[list[Assign | Revoke], Close | None]:
+    """``first`` and whatever else is already waiting, up to ``MAX_BATCH``, stopping at a Close."""
+    items: list[Assign | Revoke] = []
+    item: Outgoing | None = first
+    while item is not None:
+        if isinstance(item, Close):
+            return items, item
+        items.append(item)
+        item = outbox.get_nowait() if not outbox.empty() and len(items) < MAX_BATCH else None
+    return items, None
+
+
+def _batch(messages: list[agent_pb2.BrokerMessage]) -> agent_pb2.BrokerMessage:
+    if len(messages) == 1:
+        return messages[0]
+    return agent_pb2.BrokerMessage(batch=agent_pb2.BrokerBatch(messages=messages))
+
+
+def _outgoing_to_proto(item: Outgoing) -> agent_pb2.BrokerMessage:
+    if isinstance(item, Revoke):
+        attempt = agent_pb2.TaskAttempt(task_id=item.attempt.task_id, attempt=item.attempt.number)
+        return agent_pb2.BrokerMessage(
+            cancel=agent_pb2.TaskCancel(attempt=attempt, reason=item.reason)
+        )
+    assert isinstance(item, Assign)
+    task = item.task
+    timeout = 0.0
+    if task.deadline_at is not None and task.started_at is not None:
+        timeout = max((task.deadline_at - task.started_at).total_seconds(), 0.001)
+    return agent_pb2.BrokerMessage(
+        assignment=agent_pb2.TaskAssignment(
+            task_id=task.id,
+            attempt=task.attempt,
+            workload=task.workload,
+            inputs=[meta_to_proto(m) for m in task.inputs],
+            params=params_to_proto(task.params),
+            timeout_seconds=timeout,
+            inline_inputs=task.inline_inputs or b"",
+            inputs_inline=task.inline_inputs is not None,
+        )
+    )

@@ -1,0 +1,388 @@
+"""Moves queued tasks to agents and attempts back to the queue when their agents are lost.
+
+The dispatcher owns the queue, the agent registry and the leases. It never imports grpc: the
+gateway servicer turns agent streams into calls on it, and drains each session's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from gpubroker.broker.config import Limits
+from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.registry import AgentRegistry, AgentSession, Assign, Close, Lease, Revoke
+from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.errors import (
+    BrokerError,
+    InvalidTaskError,
+    LimitExceededError,
+    StaleAttemptError,
+)
+from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
+from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.spool import Spool
+from gpubroker.protos.wire import TensorStream, WireError
+
+__all__ = ["Dispatcher"]
+
+logger = logging.getLogger(__name__)
+
+FAILPOINT_EXIT_CODE = 86
+"""Exit code of a process killed by an armed failpoint."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Dispatcher:
+    """Matches queued tasks with agents' free slots and keeps leases honest."""
+
+    def __init__(
+        self,
+        store: AsyncTaskStore,
+        spool: Spool,
+        events: TaskEvents,
+        limits: Limits,
+        lease_timeout_s: float,
+        failpoint: str | None = None,
+    ) -> None:
+        self._failpoint = failpoint
+        self._store = store
+        self._spool = spool
+        self._events = events
+        self._limits = limits
+        self._lease_timeout_s = lease_timeout_s
+        self.queue = FairQueue()
+        self.registry = AgentRegistry()
+        self.known_workloads: frozenset[str] = frozenset()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def store(self) -> AsyncTaskStore:
+        """The task store the dispatcher writes through."""
+        return self._store
+
+    @property
+    def spool(self) -> Spool:
+        """Where the tasks' payloads are."""
+        return self._spool
+
+    async def start(self) -> None:
+        """Loads queued work from the store and starts the dispatch and watchdog loops."""
+        self.known_workloads = await self._store.call(self._store.sync.known_workloads)
+        queued, cancelled = await self._store.call(self._store.sync.recover, _now())
+        for task in queued:
+            self.queue.push(task.id, task.tenant, task.priority, task.seq)
+        for task in cancelled:
+            self._spool.release_inputs(task)
+        logger.info(
+            "recovered %d queued tasks; cancelled %d whose Run calls ended with the last broker",
+            len(self.queue),
+            len(cancelled),
+        )
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+        ]
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stops the loops and closes every agent session."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for session in self.registry.sessions():
+            session.outbox.put_nowait(Close("broker shutting down"))
+
+    # -- client side -------------------------------------------------------------------------
+
+    def enqueue(self, task: Task) -> None:
+        """Queues a freshly submitted task."""
+        self.queue.push(task.id, task.tenant, task.priority, task.seq)
+        self._events.publish(task)
+        self._wake.set()
+
+    async def cancel(self, task_id: str, tenant: str | None) -> Task:
+        """Cancels a task: drops it from the queue or revokes its running attempt."""
+        before, after = await self._store.call(self._store.sync.cancel, task_id, tenant, _now())
+        if before.state is not after.state:
+            self._ended(before, after, "cancelled by its owner")
+        return after
+
+    # -- agent side --------------------------------------------------------------------------
+
+    async def connect(self, info: AgentInfo) -> AgentSession:
+        """Registers a newly connected agent; a previous session of the same agent is closed."""
+        self._store.sync.check_priced(info.gpu_type)  # a pure lookup: no database thread needed
+        session = AgentSession(info)
+        previous = self.registry.add(session)
+        if previous is not None:
+            previous.outbox.put_nowait(Close("replaced by a new connection"))
+            await self._lose_leases(previous, "agent reconnected")
+        if not info.workloads <= self.known_workloads:
+            await self._store.call(self._store.sync.add_workloads, info.workloads, _now())
+            self.known_workloads |= info.workloads
+        logger.info("agent %s connected: %s, %d slots", info.agent_id, info.gpu_type, info.slots)
+        return session
+
+    async def disconnect(self, session: AgentSession, reason: str) -> None:
+        """Forgets a session and gives its attempts back to the queue at once."""
+        if self.registry.remove(session):
+            logger.info("agent %s disconnected: %s", session.agent_id, reason)
+        await self._lose_leases(session, reason)
+
+    def grant(self, session: AgentSession, slots: int) -> None:
+        """Adds credit: the agent can take ``slots`` more tasks."""
+        session.touch()
+        if session.draining:
+            return
+        cap = session.info.slots + session.info.prefetch
+        session.credits = min(session.credits + max(slots, 0), cap)
+        session.granted = True
+        self._wake.set()
+
+    async def drain(self, session: AgentSession, reason: str) -> None:
+        """The agent is going away (e.g. Spot preemption): no more work, and its attempts go
+        back to the queue now rather than after a lease timeout.
+
+        The lost attempts are never billed (only a success writes a usage row), and the agent
+        is told to stop them so a late result cannot race the rerun.
+        """
+        session.touch()
+        session.draining = True
+        session.credits = 0
+        logger.warning("agent %s is draining (%s): requeueing its work", session.agent_id, reason)
+        for task_id, lease in list(session.leases.items()):
+            attempt = Attempt(task_id, lease.attempt)
+            session.revoked.add(attempt)
+            session.outbox.put_nowait(Revoke(attempt, f"agent draining: {reason}"))
+        await self._lose_leases(session, f"agent draining: {reason}")
+
+    async def heartbeat(self, session: AgentSession, running: set[Attempt]) -> None:
+        """Notes a sign of life; requeues attempts the agent has stopped reporting.
+
+        An attempt whose result upload failed is forgotten by the agent but still leased here;
+        without this it would stay running forever. Attempts younger than the lease timeout are
+        spared: the agent may not have seen the assignment yet.
+        """
+        session.touch()
+        for attempt in session.forgotten(running, time.monotonic() - self._lease_timeout_s):
+            self._release(session.agent_id, attempt)
+            await self._requeue(attempt, "the agent no longer reports it")
+
+    def released(self, session: AgentSession, attempt: Attempt) -> None:
+        """The agent stopped a revoked attempt."""
+        session.touch()
+        session.revoked.discard(attempt)
+
+    def check_lease(self, agent_id: str, attempt: Attempt) -> AgentSession:
+        """Returns the session holding ``attempt``; raises ``StaleAttemptError`` otherwise."""
+        session = self.registry.get(agent_id)
+        if session is None or not session.holds(attempt):
+            raise StaleAttemptError(
+                f"agent {agent_id!r} does not hold attempt {attempt.number} of task "
+                f"{attempt.task_id}"
+            )
+        return session
+
+    async def leased_task(self, agent_id: str, attempt: Attempt) -> Task:
+        """The task of an attempt ``agent_id`` holds; raises ``StaleAttemptError`` otherwise."""
+        self.check_lease(agent_id, attempt)
+        return await self._store.call(self._store.sync.get, attempt.task_id)
+
+    async def complete(
+        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview]
+    ) -> Task:
+        """Takes an attempt's outcome; on success spools and checks its outputs first."""
+        session = self.check_lease(outcome.agent_id, outcome.attempt)
+        if outcome.error_code:
+            task = await self._store.call(
+                self._store.sync.fail,
+                outcome.attempt,
+                outcome.agent_id,
+                outcome.error_code,
+                outcome.error_message,
+                _now(),
+            )
+        else:
+            try:
+                running = session.leases[outcome.attempt.task_id].task
+                inline = await self._spool_outputs(outcome, chunks, not running.call_bound)
+            except BrokerError as exc:
+                await self._reject_upload(outcome, exc)
+                raise
+            try:
+                task = await self._store.call(
+                    self._store.sync.succeed, outcome, _now(), inline, running
+                )
+            except StaleAttemptError:
+                self._spool.delete_outputs(outcome.attempt.task_id, outcome.attempt.number)
+                raise
+            self._crash_if_armed("after-success-commit")
+        self._release(outcome.agent_id, outcome.attempt)
+        self._finished(task)
+        return task
+
+    async def _reject_upload(self, outcome: AttemptOutcome, exc: BrokerError) -> None:
+        """A result that cannot be stored: too large fails the task, corrupt runs it again."""
+        self._release(outcome.agent_id, outcome.attempt)
+        if isinstance(exc, LimitExceededError):
+            task = await self._store.call(
+                self._store.sync.fail,
+                outcome.attempt,
+                outcome.agent_id,
+                "RESOURCE_EXHAUSTED",
+                str(exc),
+                _now(),
+            )
+            self._finished(task)
+        else:
+            await self._requeue(outcome.attempt, str(exc))
+
+    async def _spool_outputs(
+        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview], durable: bool
+    ) -> bytes | None:
+        """Checks and stores the outputs; returns them when small enough to live in the row."""
+        for meta in outcome.outputs:
+            meta.validate(self._limits.max_tensor_bytes)
+        total = sum(m.nbytes for m in outcome.outputs)
+        if total > self._limits.max_task_bytes:
+            raise LimitExceededError(
+                f"outputs of {total} bytes exceed the limit of {self._limits.max_task_bytes} bytes"
+            )
+        writer = self._spool.write_outputs(
+            outcome.attempt.task_id, outcome.attempt.number, total, durable=durable
+        )
+        stream = TensorStream(outcome.outputs)
+        try:
+            async for chunk in chunks:
+                for _, _, piece in stream.feed(chunk):
+                    writer.write(piece)
+            stream.finish()
+            await writer.commit()
+        except WireError as exc:
+            writer.abort()
+            raise InvalidTaskError(f"result upload rejected: {exc}") from exc
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.inline
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _crash_if_armed(self, point: str) -> None:
+        """Dies on the spot, like a power cut, when tests armed this point."""
+        if self._failpoint == point:
+            logger.critical("failpoint %s: exiting without cleanup", point)
+            os._exit(FAILPOINT_EXIT_CODE)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Every free slot is matched first; then each agent's tasks are claimed with one
+            # statement, and the agents' claims share one transaction (group commit).
+            claims: dict[AgentSession, dict[str, str]] = {}
+            while (session := self.registry.pick()) is not None and (item := self.queue.pop()):
+                session.credits -= 1
+                self.queue.started(item[1])
+                claims.setdefault(session, {})[item[0]] = item[1]
+            if claims:
+                await asyncio.gather(*(self._assign(s, items) for s, items in claims.items()))
+
+    async def _assign(self, session: AgentSession, items: dict[str, str]) -> None:
+        """Claims popped tasks (task id -> tenant) for slots already taken from ``session``."""
+        try:
+            claimed = await self._store.call(
+                self._store.sync.claim_many, list(items), session.info, _now()
+            )
+        except BaseException:
+            for tenant in items.values():
+                self._unclaimed(session, tenant)
+            raise
+        for task_id in items.keys() - {t.id for t in claimed}:  # cancelled or expired
+            self._unclaimed(session, items[task_id])
+        order = {task_id: i for i, task_id in enumerate(items)}  # the queue's order
+        for task in sorted(claimed, key=lambda t: order[t.id]):
+            await self._hand_over(session, task, items[task.id])
+
+    async def _hand_over(self, session: AgentSession, task: Task, tenant: str) -> None:
+        if session.closed or session.draining:
+            self.queue.finished(tenant)
+            await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
+            return
+        session.leases[task.id] = Lease(task)
+        session.outbox.put_nowait(Assign(task))
+        self._events.publish(task)
+        logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)
+
+    def _unclaimed(self, session: AgentSession, tenant: str) -> None:
+        """Gives back the slot and the running count of a claim that did not happen."""
+        self.queue.finished(tenant)
+        if not (session.closed or session.draining):
+            session.credits += 1
+            self._wake.set()
+
+    async def _lose_leases(self, session: AgentSession, reason: str) -> None:
+        leases, session.leases = session.leases, {}
+        for task_id, lease in leases.items():
+            self.queue.finished(lease.tenant)
+            await self._requeue(Attempt(task_id, lease.attempt), reason)
+
+    async def _requeue(self, attempt: Attempt, reason: str) -> None:
+        try:
+            task = await self._store.call(
+                self._store.sync.requeue, attempt, self._limits.max_attempts, _now(), reason
+            )
+        except StaleAttemptError:
+            return  # already finished, cancelled or expired
+        if task.state is TaskState.QUEUED:
+            logger.info("requeued %s after attempt %d: %s", task.id, attempt.number, reason)
+            self.queue.push(task.id, task.tenant, task.priority, task.seq)
+            self._wake.set()
+        else:
+            self._spool.release_inputs(task)
+        self._events.publish(task)
+
+    def _release(self, agent_id: str, attempt: Attempt) -> None:
+        session = self.registry.get(agent_id)
+        if session is not None and session.holds(attempt):
+            self.queue.finished(session.leases.pop(attempt.task_id).tenant)
+
+    def _ended(self, before: Task, after: Task, reason: str) -> None:
+        """A live task became final outside an agent's report (cancel, deadline)."""
+        if before.state is TaskState.QUEUED:
+            self.queue.remove(before.id)
+        elif before.state is TaskState.RUNNING and before.agent_id:
+            session = self.registry.get(before.agent_id)
+            attempt = Attempt(before.id, before.attempt)
+            if session is not None and session.holds(attempt):
+                self._release(before.agent_id, attempt)
+                session.revoked.add(attempt)
+                session.outbox.put_nowait(Revoke(attempt, reason))
+        self._finished(after)
+
+    def _finished(self, task: Task) -> None:
+        self._spool.release_inputs(task)
+        self._events.publish(task)
+
+    async def _watchdog_loop(self) -> None:
+        interval = min(1.0, self._lease_timeout_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for session in self.registry.silent_since(time.monotonic() - self._lease_timeout_s):
+                logger.warning("agent %s silent for %.1fs", session.agent_id, self._lease_timeout_s)
+                session.outbox.put_nowait(Close("lease expired: no heartbeat"))
+                await self.disconnect(session, "lease expired")
+            for before, after in await self._store.call(self._store.sync.expire, _now()):
+                self._ended(before, after, "deadline exceeded")

@@ -1,0 +1,151 @@
+"""Connected agents: what each can take (credits) and which attempts each holds (leases)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from gpubroker.broker.model import AgentInfo, Attempt, Task
+
+__all__ = ["AgentRegistry", "AgentSession", "Assign", "Close", "Lease", "Outgoing", "Revoke"]
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Tell the agent to run this attempt."""
+
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Tell the agent to stop this attempt."""
+
+    attempt: Attempt
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """End the agent's control stream."""
+
+    reason: str
+
+
+Outgoing = Assign | Revoke | Close
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An attempt assigned to an agent and not yet ended."""
+
+    task: Task
+    """The task as its claim returned it: a success is built on it rather than read back."""
+    granted_at: float = field(default_factory=time.monotonic)
+    """Monotonic time of the assignment."""
+
+    @property
+    def attempt(self) -> int:
+        """The attempt number the claim gave."""
+        return self.task.attempt
+
+    @property
+    def tenant(self) -> str:
+        """The task's tenant, whose running count the lease holds."""
+        return self.task.tenant
+
+    @property
+    def call_bound(self) -> bool:
+        """The task lives as long as its call: its outputs need no fsync (``Task.call_bound``)."""
+        return self.task.call_bound
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One connected control stream. Mutable: credits, leases and liveness change over time."""
+
+    info: AgentInfo
+    outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
+    credits: int = 0
+    leases: dict[str, Lease] = field(default_factory=dict)
+    """task_id -> lease, for every attempt assigned and not yet ended."""
+    revoked: set[Attempt] = field(default_factory=set)
+    """Cancelled attempts the agent has not yet released; they still occupy a slot."""
+    last_seen: float = field(default_factory=time.monotonic)
+    closed: bool = False
+    draining: bool = False
+    """The agent said it is going away: it gets no more work."""
+    granted: bool = False
+    """The agent has granted credit at least once (it does right after its hello)."""
+
+    @property
+    def room(self) -> int:
+        """Tasks the agent can take: its credits, or its slots until it has first granted
+        them. Counting only credits, an agent in the moment between its hello and its first
+        grant looked full, and the autoscaler launched a second machine for a task the first
+        was about to take."""
+        return self.credits if self.granted else self.info.slots
+
+    @property
+    def agent_id(self) -> str:
+        """The agent's id."""
+        return self.info.agent_id
+
+    def holds(self, attempt: Attempt) -> bool:
+        """True while the attempt is leased to this session."""
+        lease = self.leases.get(attempt.task_id)
+        return lease is not None and lease.attempt == attempt.number
+
+    def forgotten(self, reported: set[Attempt], older_than: float) -> list[Attempt]:
+        """Leased attempts granted before ``older_than`` that the agent no longer reports."""
+        return [
+            Attempt(task_id, lease.attempt)
+            for task_id, lease in self.leases.items()
+            if lease.granted_at < older_than and Attempt(task_id, lease.attempt) not in reported
+        ]
+
+    def touch(self) -> None:
+        """Records a sign of life."""
+        self.last_seen = time.monotonic()
+
+
+class AgentRegistry:
+    """The sessions of connected agents, by agent id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, AgentSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: AgentSession) -> AgentSession | None:
+        """Registers a session; returns the session it replaces (same agent id), if any."""
+        previous = self._sessions.get(session.agent_id)
+        self._sessions[session.agent_id] = session
+        return previous
+
+    def remove(self, session: AgentSession) -> bool:
+        """Unregisters a session unless a newer one for the same agent took its place."""
+        session.closed = True
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+            return True
+        return False
+
+    def get(self, agent_id: str) -> AgentSession | None:
+        """The live session of an agent."""
+        return self._sessions.get(agent_id)
+
+    def pick(self) -> AgentSession | None:
+        """The session with the most free credit, or None when no agent can take work."""
+        best = max(self._sessions.values(), key=lambda s: s.credits, default=None)
+        return best if best is not None and best.credits > 0 else None
+
+    def silent_since(self, deadline: float) -> list[AgentSession]:
+        """Sessions not heard from since the monotonic time ``deadline``."""
+        return [s for s in self._sessions.values() if s.last_seen < deadline]
+
+    def sessions(self) -> list[AgentSession]:
+        """Every live session."""
+        return list(self._sessions.values())

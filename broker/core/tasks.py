@@ -1,0 +1,267 @@
+"""What clients do with tasks: submit, look up, list, watch, fetch results, cancel.
+
+Domain logic only: the client servicer converts messages and maps errors around these calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from gpubroker.billing.budget import BudgetStatus
+from gpubroker.billing.ledger import UsageSummary
+from gpubroker.broker.config import Limits
+from gpubroker.broker.core.dispatcher import Dispatcher
+from gpubroker.broker.core.events import Subscription, TaskEvents, TaskSink
+from gpubroker.broker.core.quota import SubmitQuota
+from gpubroker.broker.errors import (
+    InvalidTaskError,
+    LimitExceededError,
+    TaskEndedError,
+    UnknownWorkloadError,
+)
+from gpubroker.broker.model import Task, TaskSpec, TaskState
+from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.spool import INLINE_MAX_BYTES, Spool
+from gpubroker.protos.ids import time_ordered_id
+from gpubroker.protos.wire import TensorMeta, TensorStream, WireError
+
+__all__ = ["TaskService", "check_spec"]
+
+MAX_PAGE_SIZE = 1000
+
+
+class TaskService:
+    """Client-facing task operations, each scoped to the calling tenant."""
+
+    def __init__(
+        self,
+        store: AsyncTaskStore,
+        spool: Spool,
+        dispatcher: Dispatcher,
+        events: TaskEvents,
+        limits: Limits,
+    ) -> None:
+        self._store = store
+        self._spool = spool
+        self._dispatcher = dispatcher
+        self._events = events
+        self._limits = limits
+        self._quota = SubmitQuota(
+            limits.submit_rate_per_s,
+            limits.submit_burst,
+            limits.max_queued_per_tenant,
+            dispatcher.queue.queued,
+        )
+
+    async def pace(self, tenant: str, tasks: int) -> None:
+        """Waits until the tenant's submit rate allows ``tasks`` more (see ``SubmitQuota``)."""
+        await self._quota.pace(tenant, tasks)
+
+    async def submit(
+        self,
+        tenant: str,
+        spec: TaskSpec,
+        chunks: AsyncIterator[bytes | memoryview],
+        *,
+        paced: bool = False,
+        call_bound: bool = False,
+    ) -> tuple[Task, bool]:
+        """Checks the spec, spools and checks the bytes, commits the task and queues it.
+
+        Returns the task and whether an earlier submit with the same request_id created it.
+        Nothing is queued unless every declared byte arrived with a matching checksum, and
+        nothing is spooled for a tenant over its queue or rate quota. A ``call_bound`` task
+        (``Run``, ``RunMany``) lives as long as its call: see ``Task.call_bound``.
+        """
+        check_spec(spec, self._limits, self._dispatcher.known_workloads)
+        if spec.request_id and spec.input_bytes > INLINE_MAX_BYTES:
+            # A retry of a large upload is answered before its bytes are spooled a second
+            # time; small ones are deduplicated inside the insert's own transaction.
+            existing = await self._store.call(self._store.sync.find_request, tenant, spec)
+            if existing is not None:
+                return existing, True
+        # Admission after the header checks, so a malformed header costs no token; before the
+        # bytes, so a tenant over quota costs no disk or SQL. The place is held until queued.
+        with self._quota.admit(tenant, paid=paced):
+            task_id = time_ordered_id()
+            writer = self._spool.write_inputs(task_id, spec.input_bytes, call_bound=call_bound)
+            try:
+                await _spool(writer.write, spec, chunks)
+                await writer.commit()
+            except WireError as exc:
+                writer.abort()
+                raise InvalidTaskError(str(exc)) from exc
+            except BaseException:
+                writer.abort()
+                raise
+            now = datetime.now(UTC)
+            deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
+            try:
+                task, deduplicated = await self._store.call(
+                    self._store.sync.create,
+                    task_id,
+                    tenant,
+                    spec,
+                    now,
+                    deadline,
+                    writer.inline,
+                    call_bound=call_bound,
+                )
+            except BaseException:
+                self._spool.delete_inputs(task_id)
+                raise
+            if deduplicated:
+                self._spool.delete_inputs(task_id)
+            else:
+                self._dispatcher.enqueue(task)
+        return task, deduplicated
+
+    def follow(self, sink: TaskSink) -> Subscription:
+        """Delivers the snapshots of the tasks added to the subscription to ``sink``."""
+        return self._events.subscription(sink)
+
+    async def get(self, tenant: str, task_id: str) -> Task:
+        """Returns one of the tenant's tasks."""
+        return await self._store.call(self._store.sync.get, task_id, tenant)
+
+    async def list(
+        self, tenant: str, states: Sequence[TaskState], page_size: int, page_token: str
+    ) -> tuple[list[Task], str]:
+        """Returns a page of the tenant's tasks, newest first, and the next page's token."""
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidTaskError(f"page_size {page_size} is outside 0..{MAX_PAGE_SIZE}")
+        limit = page_size or 100
+        try:
+            before = int(page_token) if page_token else None
+        except ValueError:
+            raise InvalidTaskError(f"page_token {page_token!r} is not valid") from None
+        page = await self._store.call(self._store.sync.page, tenant, states, limit, before)
+        next_token = str(page[-1].seq) if len(page) == limit else ""
+        return page, next_token
+
+    async def watch(
+        self, tenant: str, task_id: str, current: Task | None = None
+    ) -> AsyncIterator[Task]:
+        """Yields the task now and after every change, until it is final.
+
+        ``current`` spares a read when the caller holds a snapshot taken with no ``await``
+        since (as ``Run`` does right after submitting): no change can have been missed.
+        """
+        with self._events.subscribe(task_id) as updates:
+            task = current if current is not None else await self.get(tenant, task_id)
+            last = (task.state, task.attempt)
+            yield task
+            while not task.state.is_final:
+                task = await updates.get()
+                if (task.state, task.attempt) != last:
+                    last = (task.state, task.attempt)
+                    yield task
+
+    async def wait(self, tenant: str, task_id: str) -> Task:
+        """Waits until the task is final and returns it."""
+        last = None
+        async for task in self.watch(tenant, task_id):
+            last = task
+        assert last is not None
+        return last
+
+    def result_chunks(self, task: Task) -> AsyncIterator[bytes]:
+        """Streams a succeeded task's output bytes; a failed or cancelled task raises."""
+        if task.state is not TaskState.SUCCEEDED:
+            raise TaskEndedError(
+                task.error_code or "FAILED_PRECONDITION",
+                task.error_message or f"task {task.id} is {task.state.value}",
+            )
+        return self._spool.outputs(task)
+
+    async def usage(
+        self, tenant: str, since: datetime | None, until: datetime | None
+    ) -> tuple[UsageSummary, BudgetStatus]:
+        """The tenant's own billed usage and budget; no tenant sees another's."""
+        now = datetime.now(UTC)
+        return await self._store.call(self._store.sync.usage, tenant, since, until, now)
+
+    async def cancel(self, tenant: str, task_id: str) -> Task:
+        """Cancels one of the tenant's queued or running tasks."""
+        return await self._dispatcher.cancel(task_id, tenant)
+
+    async def cancel_quietly(self, task_id: str) -> None:
+        """Cancels a task whose caller went away (a Run call that was cancelled)."""
+        await self._dispatcher.cancel(task_id, None)
+
+
+def check_spec(spec: TaskSpec, limits: Limits, known_workloads: frozenset[str]) -> None:
+    """Raises unless the spec is well-formed, within limits and names a known workload."""
+    if not spec.workload:
+        raise InvalidTaskError("the task header names no workload")
+    if known_workloads and spec.workload not in known_workloads:
+        known = ", ".join(sorted(known_workloads))
+        raise UnknownWorkloadError(f"unknown workload {spec.workload!r}; known: {known}")
+    _check_counts(spec, limits)
+    for index, meta in enumerate(spec.inputs):
+        _check_tensor(index, meta, limits)
+    if spec.input_bytes > limits.max_task_bytes:
+        raise LimitExceededError(
+            f"inputs of {spec.input_bytes} bytes exceed the limit of {limits.max_task_bytes} bytes"
+            " (max_task_bytes)"
+        )
+
+
+def _check_tensor(index: int, meta: TensorMeta, limits: Limits) -> None:
+    """Malformed headers are INVALID_ARGUMENT; well-formed ones over a limit RESOURCE_EXHAUSTED."""
+    try:
+        meta.validate()
+    except WireError as exc:
+        raise InvalidTaskError(f"input {index}: {exc}") from exc
+    if meta.dtype not in limits.allowed_dtypes:
+        allowed = ", ".join(sorted(limits.allowed_dtypes))
+        raise InvalidTaskError(
+            f"input {index}: dtype {meta.dtype!r} is not accepted by this broker; "
+            f"allowed dtypes: {allowed}"
+        )
+    if len(meta.shape) > limits.max_rank:
+        raise LimitExceededError(
+            f"input {index}: rank {len(meta.shape)} exceeds the limit of {limits.max_rank} "
+            "(max_rank)"
+        )
+    if meta.shape and max(meta.shape) > limits.max_dim:
+        raise LimitExceededError(
+            f"input {index}: dimension {max(meta.shape)} exceeds the limit of {limits.max_dim} "
+            "(max_dim)"
+        )
+    if meta.nbytes > limits.max_tensor_bytes:
+        raise LimitExceededError(
+            f"input {index} of {meta.nbytes} bytes exceeds the limit of "
+            f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)"
+        )
+
+
+def _check_counts(spec: TaskSpec, limits: Limits) -> None:
+    if len(spec.inputs) > limits.max_inputs:
+        raise LimitExceededError(
+            f"{len(spec.inputs)} inputs exceed the limit of {limits.max_inputs}"
+        )
+    if len(spec.params) > limits.max_params:
+        raise LimitExceededError(
+            f"{len(spec.params)} params exceed the limit of {limits.max_params}"
+        )
+    if abs(spec.priority) > limits.max_priority:
+        raise InvalidTaskError(
+            f"priority {spec.priority} is outside -{limits.max_priority}..{limits.max_priority}"
+        )
+    timeout_s = spec.timeout_s
+    if timeout_s is not None and not 0 <= timeout_s <= limits.max_timeout_s:  # refuses NaN
+        raise InvalidTaskError(
+            f"timeout_seconds {timeout_s} is outside 0..{limits.max_timeout_s:g} (max_timeout_s)"
+        )
+
+
+async def _spool(
+    write: Callable[[memoryview], None], spec: TaskSpec, chunks: AsyncIterator[bytes | memoryview]
+) -> None:
+    stream = TensorStream(spec.inputs)
+    async for chunk in chunks:
+        for _, _, piece in stream.feed(chunk):
+            write(piece)
+    stream.finish()

@@ -1,0 +1,1 @@
+"""Scaling: the autoscaling policy, the loop that carries it out, and the providers of machines."""
