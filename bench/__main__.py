@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.scenarios import Row, billing_overhead, large_tensors, queue_depth, tiny_tasks
-from tests.cluster import AGENT_DEVICE_ENV
+from tests.support.cluster import AGENT_DEVICE_ENV
 
 SCENARIOS = ("large", "tiny", "queue", "billing")
 

@@ -1,10 +1,9 @@
 """The direct-gRPC baseline: an agent-like server that runs workloads on the ``Run`` call itself.
 
-It speaks the broker's client API (so the same ``client.Client`` drives both) with the same
-codec, the same chunk framing (``gpubroker.protos.frames``) and the same workload runner, but no
-queue,
-no database, no spool and no second hop: what a user would get by calling a GPU box directly.
-``python -m bench.direct --port-file F``.
+It speaks the broker's client API (so the same ``client.Client`` drives both) with the same codec,
+the same chunk framing (``gpubroker.protos.frames``) and the same workload runner, but no queue, no
+database, no spool and no second hop: what a user would get by calling a GPU box directly. ``python
+-m bench.direct --port-file F``.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from gpubroker.gpu_agent.runner import Runner, detect_device, favour_workload_th
 from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
 from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_from_proto
 from gpubroker.protos.frames import chunk_data, chunk_messages
+from gpubroker.protos.transport import MAX_MESSAGE_BYTES
 from gpubroker.protos.wire import Assembler
-from tests.cluster import AGENT_DEVICE_ENV
-
-MAX_MESSAGE_BYTES = 16 << 20
+from tests.support.cluster import AGENT_DEVICE_ENV
 
 
 class DirectServicer(broker_pb2_grpc.BrokerServicer):
@@ -43,7 +41,7 @@ class DirectServicer(broker_pb2_grpc.BrokerServicer):
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
 
-    async def Run(  # type: ignore[override]  # chunks go out as bytes (client.frames)
+    async def Run(  # type: ignore[override]  # chunks go out as bytes (protos.frames)
         self,
         request_iterator: AsyncIterator[broker_pb2.RunRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -136,7 +134,7 @@ async def _serve(port_file: Path, slots: int, device: str) -> None:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    # The same chunk fast path (client.frames) as the broker's, so only the relay differs.
+    # The same chunk fast path (protos.frames) as the broker's, so only the relay differs.
     add_servicer(server, broker_pb2.DESCRIPTOR.services_by_name["Broker"], DirectServicer(runner))  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

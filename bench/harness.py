@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.cluster import ROOT, AgentProcess, BrokerProcess, wait_until
+from tests.support.cluster import AgentProcess, BrokerProcess
+from tests.support.paths import REPO_ROOT as ROOT
+from tests.support.waiting import wait_until
 
 __all__ = ["Measurement", "Stack", "cpu_seconds", "median", "percentile", "rss_bytes", "stack"]
 

@@ -3,7 +3,7 @@
 The system-level A/B (two brokers, ledger on and off) moves by several percent between runs
 on these shared cores; this isolates the ledger's own work so the figure does not drown in
 that noise. Two stores on SQLite files, ledger on and off, take the same batches the
-committer groups in production (50 creates, one claim, 50 successes, each batch one
+async store groups in production (50 creates, one claim, 50 successes, each batch one
 transaction) and the CPU time of each phase is compared, alternating between the stores.
 """
 
@@ -22,8 +22,9 @@ from unittest import mock
 from gpubroker.billing.migrate import upgrade
 from gpubroker.billing.prices import PriceCatalog
 from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, TaskSpec
-from gpubroker.broker.storage import store as store_module
-from gpubroker.broker.storage.store import TaskStore, create_engine
+from gpubroker.broker.storage import usage
+from gpubroker.broker.storage.engine import create_engine
+from gpubroker.broker.storage.store import TaskStore
 from gpubroker.protos.ids import time_ordered_id
 from gpubroker.protos.wire import TensorMeta, crc32c
 
@@ -76,8 +77,8 @@ def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float,
 
     The first two are medians over alternating runs; their difference is what billing costs
     the store, commit included, but on these shared cores it moves by tens of microseconds
-    between runs. The third times only the calls the ledger adds (``_usage``,
-    ``priced_usage``, ``insert_usage``) in the runs with it, which is steady.
+    between runs. The third times only the calls the ledger adds (``usage_record``,
+    ``record_usage``) in the runs with it, which is steady.
     """
     stores = {True: _store(root / "ledger-on", True), False: _store(root / "ledger-off", False)}
     runs: dict[bool, list[float]] = {True: [], False: []}
@@ -91,12 +92,16 @@ def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float,
                 continue
             timer = _CpuTimer()
             with contextlib.ExitStack() as patches:
-                for name in ("_usage", "priced_usage", "insert_usage"):
-                    timed = timer.wrap(getattr(store_module, name))
-                    patches.enter_context(mock.patch.object(store_module, name, timed))
+                for module, name in _LEDGER_CALLS:
+                    timed = timer.wrap(getattr(module, name))
+                    patches.enter_context(mock.patch.object(module, name, timed))
                 runs[billing].append(_lifecycle_us(stores[billing], tasks))
             inside.append(timer.seconds / tasks * 1e6)
     return statistics.median(runs[True]), statistics.median(runs[False]), statistics.median(inside)
+
+
+_LEDGER_CALLS = ((usage, "usage_record"), (usage, "record_usage"))
+"""What billing adds to a success: building the record; pricing and inserting it."""
 
 
 class _CpuTimer:

@@ -21,7 +21,8 @@ from bench.harness import Stack, median, percentile, rss_bytes, stack
 from bench.ledger import ledger_cost_us
 from gpubroker.billing.models import tasks
 from gpubroker.client import AsyncClient, Client
-from tests.cluster import AgentProcess, wait_until
+from tests.support.cluster import AgentProcess
+from tests.support.waiting import wait_until
 
 __all__ = ["Row", "billing_overhead", "large_tensors", "queue_depth", "tiny_tasks"]
 

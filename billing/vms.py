@@ -1,14 +1,14 @@
 """VM uptime: when each agent machine was created, ran and was deleted, and what it cost.
 
-The cost rule is Compute Engine's (NOTES.md G.4): a machine is charged per second, in whole
-seconds rounded up, from when it starts running until it is deleted, and at least one minute
-per life. Each machine's charge is laid out as an interval, ``[begin, begin + charged)`` with
-``charged = max(ceil(life), 60 s)``, and a report over ``[start, end)`` counts the part of that
-interval inside the range. So a machine that lived 20 s is charged 60 s (whichever range holds
-them), and adjacent ranges add up to the machine's whole charge, up to a nano-dollar of rounding
-per machine and range. ``begin`` is ``running_at``, or ``created_at`` when running was never
-recorded: the report then errs towards more VM cost, never hiding idle overhead. A machine not
-yet deleted is charged up to ``now``, and at least its first minute, which it already owes.
+The cost rule is Compute Engine's (docs/deploy.md, section 7): a machine is charged per second,
+in whole seconds rounded up, from when it starts running until it is deleted, and at least one
+minute per life. Each machine's charge is laid out as an interval, ``[begin, begin + charged)``
+with ``charged = max(ceil(life), 60 s)``, and a report over ``[start, end)`` counts the part of
+that interval inside the range. So a machine that lived 20 s is charged 60 s (whichever range
+holds them), and adjacent ranges add up to the machine's whole charge, up to a nano-dollar of
+rounding per machine and range. ``begin`` is ``running_at``, or ``created_at`` when running was
+never recorded: the report then errs towards more VM cost, never hiding idle overhead. A machine
+not yet deleted is charged up to ``now``, and at least its first minute, which it already owes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """``python -m gpubroker.broker.admin``: tenants and their API keys in the broker's database.
 
 A new key is printed once, alone on stdout (so ``KEY=$(python -m gpubroker.broker.admin key create
-t)``
-works), and never again: only its hash is stored. A running broker picks up every change here
+t)`` works), and never again: only its hash is stored. A running broker picks up every change here
 within its key refresh interval (seconds), without a restart.
 """
 

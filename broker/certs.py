@@ -8,7 +8,7 @@ Writes, into the output directory:
   name or an IP address in the subject alternative names), for ``--tls-cert`` / ``--tls-key``.
 - ``client.pem`` / ``client-key.pem``: a client certificate for mutual TLS, shared by agents
   (``--cert-file`` / ``--key-file``) and clients
-  (``gpubroker.broker.access.tls.client_credentials``).
+  (``gpubroker.protos.transport.client_credentials``).
 
 An existing CA in the directory is kept, so certificates it signed stay valid; the server and
 client certificates are made anew. Private keys are ECDSA P-256, written with mode 0600. These

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpubroker.broker.storage.spool import DEFAULT_MEMORY_BYTES
+from gpubroker.env import env_flag
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, MAX_RANK
 
 __all__ = ["Limits", "Settings", "parse_api_keys"]
@@ -128,7 +129,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
-        """Reads ``GPUBROKER_*`` variables; unset ones keep their defaults."""
+        """Reads ``GPUBROKER_*`` variables; unset ones keep their defaults.
+
+        Raises:
+            ValueError: a variable does not parse.
+        """
         defaults = cls()
         get = environ.get
         return cls(
@@ -146,15 +151,15 @@ class Settings:
             ),
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
             metrics_address=get("GPUBROKER_METRICS") or None,
-            migrate=get("GPUBROKER_MIGRATE", "0").lower() in ("1", "true", "yes", "on"),
+            migrate=env_flag(environ, "GPUBROKER_MIGRATE"),
             failpoint=get("GPUBROKER_FAILPOINT") or None,
-            billing=get("GPUBROKER_BILLING", "on").lower() not in ("off", "0", "false"),
+            billing=env_flag(environ, "GPUBROKER_BILLING", default=True),
             provider=get("GPUBROKER_PROVIDER", defaults.provider),
             scaling_config=Path(p) if (p := get("GPUBROKER_SCALING_CONFIG")) else None,
             tls_cert_file=Path(p) if (p := get("GPUBROKER_TLS_CERT")) else None,
             tls_key_file=Path(p) if (p := get("GPUBROKER_TLS_KEY")) else None,
             tls_client_ca_file=Path(p) if (p := get("GPUBROKER_TLS_CLIENT_CA")) else None,
-            plaintext=get("GPUBROKER_PLAINTEXT", "0").lower() in ("1", "true", "yes", "on"),
+            plaintext=env_flag(environ, "GPUBROKER_PLAINTEXT"),
             limits=Limits.from_env(environ),
         )
 

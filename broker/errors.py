@@ -17,6 +17,8 @@ BrokerError
 
 from __future__ import annotations
 
+from gpubroker.protos.states import FailureCode
+
 __all__ = [
     "AgentRefusedError",
     "BrokerError",
@@ -95,9 +97,10 @@ class PayloadLostError(BrokerError):
 class TaskEndedError(BrokerError):
     """The task finished without a result (failed or cancelled).
 
-    ``code`` is a gRPC status code name, e.g. ``"ABORTED"`` or ``"CANCELLED"``.
+    ``code`` says why, e.g. ``FailureCode.ABORTED`` or ``FailureCode.CANCELLED``; the edge
+    answers with the gRPC status of that name.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -7,13 +7,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 # One TaskState for clients and broker: the states are part of the public contract.
-from gpubroker.protos.states import TaskState
-from gpubroker.protos.wire import TensorMeta
+from gpubroker.protos.states import FailureCode, TaskState
+from gpubroker.protos.wire import Param, TensorMeta
 
-__all__ = ["AgentInfo", "Attempt", "AttemptOutcome", "Param", "Task", "TaskSpec", "TaskState"]
-
-Param = int | float | str | bool
-"""A scalar workload parameter."""
+__all__ = [
+    "AgentInfo",
+    "Attempt",
+    "AttemptOutcome",
+    "FailureCode",
+    "Param",
+    "Task",
+    "TaskSpec",
+    "TaskState",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +68,8 @@ class Task:
     agent_id: str | None = None
     gpu_type: str | None = None
     compute_seconds: float | None = None
-    error_code: str | None = None
+    error_code: FailureCode | None = None
+    """Why a failed or cancelled task ended; None while it is live and once it succeeded."""
     error_message: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -95,9 +102,9 @@ class AgentInfo:
     workloads: frozenset[str]
     version: str = ""
     protocol: int = 1
+    """Control-stream protocol the agent speaks (2: batches, results on the stream)."""
     prefetch: int = 0
     """Tasks the agent queues beyond ``slots``: its credit is capped at slots + prefetch."""
-    """Control-stream protocol the agent speaks (2: batches, results on the stream)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,6 @@ class AttemptOutcome:
     attempt: Attempt
     outputs: tuple[TensorMeta, ...] = ()
     compute_seconds: float = 0.0
-    error_code: str | None = None
-    """A gRPC status code name when the workload failed."""
+    error_code: FailureCode | None = None
+    """Why the workload failed; None when it succeeded."""
     error_message: str = ""

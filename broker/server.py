@@ -1,4 +1,9 @@
-"""Builds the broker from ``Settings``: storage, dispatcher, servicers, health and reflection."""
+"""Builds the broker from ``Settings``: storage, dispatcher, servicers, health and reflection.
+
+The only place that wires objects together: what several of them share (the store, the spool,
+the queue, the agent registry, the known workloads, the task events) is built here once and
+handed to each constructor.
+"""
 
 from __future__ import annotations
 
@@ -25,33 +30,30 @@ from gpubroker.broker.api.servicer import BrokerServicer
 from gpubroker.broker.config import Settings
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.registry import AgentRegistry
+from gpubroker.broker.core.scheduler import FairQueue
 from gpubroker.broker.core.tasks import TaskService
+from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
 from gpubroker.broker.metrics import Metrics
-from gpubroker.broker.scaling.loop import PROVIDERS, ScalingLoop, load_scaling_config
+from gpubroker.broker.scaling.loop import (
+    PROVIDERS,
+    ScalingConfig,
+    ScalingLoop,
+    load_scaling_config,
+)
 from gpubroker.broker.scaling.providers.base import Provider
 from gpubroker.broker.scaling.providers.local import LocalProvider, LocalSettings
-from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.async_store import AsyncTaskStore
+from gpubroker.broker.storage.engine import create_engine
 from gpubroker.broker.storage.spool import Spool
-from gpubroker.broker.storage.store import TaskStore, create_engine
+from gpubroker.broker.storage.store import TaskStore
 from gpubroker.protos import agent_pb2, broker_pb2
+from gpubroker.protos.transport import SERVER_OPTIONS
 
-__all__ = ["CHANNEL_OPTIONS", "BrokerServer", "create_server"]
+__all__ = ["BrokerServer", "create_server"]
 
 logger = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 16 << 20
-"""Per-message cap on both ends: 16x the 1 MiB chunk, far below anything that could hurt."""
-
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
 
 _BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["Broker"]
 _AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentGateway"]
@@ -66,6 +68,14 @@ class BrokerServer:
     port: int
     dispatcher: Dispatcher
     store: AsyncTaskStore
+    engine: Engine
+    """The database the store, the API keys and the VM log are in."""
+    spool: Spool
+    queue: FairQueue
+    """The queued tasks' ids, in dispatch order."""
+    registry: AgentRegistry
+    """The connected agents."""
+    workloads: KnownWorkloads
     health: health.aio.HealthServicer
     metrics: Metrics
     metrics_port: int | None
@@ -106,46 +116,41 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     engine = create_engine(settings.database_url)
     _prepare_schema(engine, settings.migrate)
     catalog = catalog or PriceCatalog.load()
-    sync_store = TaskStore(engine, catalog, billing=settings.billing)
-    store = AsyncTaskStore(sync_store)
+    store = AsyncTaskStore(TaskStore(engine, catalog, billing=settings.billing))
     spool = Spool(settings.spool_dir, settings.spool_memory_bytes)
     spool.open()
+    queue, registry, workloads = FairQueue(), AgentRegistry(), KnownWorkloads()
     metrics = Metrics()
     events = TaskEvents(listeners=[metrics.observe])
     dispatcher = Dispatcher(
-        store, spool, events, settings.limits, settings.lease_timeout_s, settings.failpoint
+        store,
+        spool,
+        events,
+        queue,
+        registry,
+        workloads,
+        settings.limits,
+        settings.lease_timeout_s,
+        failpoint=settings.failpoint,
     )
     metrics.watch_state(
-        queued=lambda: len(dispatcher.queue),
-        agents=lambda: len(dispatcher.registry),
-        free_slots=lambda: sum(s.credits for s in dispatcher.registry.sessions()),
+        queued=lambda: len(queue),
+        agents=lambda: len(registry),
+        free_slots=lambda: sum(s.credits for s in registry.sessions()),
         held_bytes=lambda: spool.held_bytes,
     )
     auth = Authenticator(settings.api_keys, settings.join_token, database_keys(engine))
     await auth.refresh()
     if auth.is_open:
         logger.warning("no API keys configured: every caller is tenant 'default'")
-    tasks = TaskService(store, spool, dispatcher, events, settings.limits)
-
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    add_servicer(server, _BROKER_SERVICE, BrokerServicer(tasks, auth))
-    add_servicer(
-        server,
-        _AGENT_SERVICE,
-        AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s),
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *_SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    tasks = TaskService(store, spool, dispatcher, events, queue, workloads, settings.limits)
+    gateway = AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s)
+    server, health_servicer = _grpc_server(BrokerServicer(tasks), gateway, auth)
     port = bind_port(server, settings)
-    scaling = _scaling(settings, port, dispatcher, sync_store.engine, catalog, metrics)
+    scaling = None
+    if (scaled := _scaling(settings, port, catalog, metrics)) is not None:
+        provider, config = scaled
+        scaling = ScalingLoop(provider, config, store, queue, registry, engine, catalog)
     await dispatcher.start()
     await server.start()
     auth.start()
@@ -161,19 +166,47 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         settings.provider,
     )
     return BrokerServer(
-        server, port, dispatcher, store, health_servicer, metrics, metrics_port, scaling, auth
+        server=server,
+        port=port,
+        dispatcher=dispatcher,
+        store=store,
+        engine=engine,
+        spool=spool,
+        queue=queue,
+        registry=registry,
+        workloads=workloads,
+        health=health_servicer,
+        metrics=metrics,
+        metrics_port=metrics_port,
+        scaling=scaling,
+        auth=auth,
     )
 
 
+def _grpc_server(
+    broker: BrokerServicer, gateway: AgentGatewayServicer, auth: Authenticator
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The server with both services, health and reflection (these two need no key)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    add_servicer(server, _BROKER_SERVICE, broker, authenticate=auth.tenant)
+    add_servicer(server, _AGENT_SERVICE, gateway)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *_SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server, health_servicer
+
+
 def _scaling(
-    settings: Settings,
-    port: int,
-    dispatcher: Dispatcher,
-    engine: Engine,
-    catalog: PriceCatalog,
-    metrics: Metrics,
-) -> ScalingLoop | None:
-    """The autoscaling loop over the configured provider; None when agents join by hand."""
+    settings: Settings, port: int, catalog: PriceCatalog, metrics: Metrics
+) -> tuple[Provider, ScalingConfig] | None:
+    """The configured provider and scaling configuration; None when agents join by hand."""
     if settings.provider == "none":
         return None
     try:
@@ -181,7 +214,7 @@ def _scaling(
         provider = _provider(settings, port, config.provider_table, metrics)
     except (ValueError, TypeError, OSError, BillingError, GoogleAuthError) as exc:
         raise ConfigError(f"autoscaling configuration: {exc}") from exc
-    return ScalingLoop(provider, config, dispatcher, engine, catalog)
+    return provider, config
 
 
 def _provider(

@@ -11,12 +11,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpubroker.client._convert import prepare_task, status_from_proto
+from gpubroker.client._convert import prepare_task, status_from_proto, task_error
 from gpubroker.client._types import TaskResult
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer
 from gpubroker.client.errors import error_from_code
 from gpubroker.protos import broker_pb2
-from gpubroker.protos.states import TaskState
+from gpubroker.protos.states import FailureCode, TaskState
 from gpubroker.protos.wire import INLINE_MAX_BYTES, Assembler
 
 __all__ = [
@@ -75,7 +75,7 @@ def encode_item(
     data = b"".join(prepared.buffers)
     if len(data) > INLINE_MAX_BYTES:
         error = error_from_code(
-            "INVALID_ARGUMENT",
+            FailureCode.INVALID_ARGUMENT,
             f"map item {index} has {len(data)} bytes of inputs; map takes at most "
             f"{INLINE_MAX_BYTES} per task (use run or submit for larger ones)",
         )
@@ -135,7 +135,9 @@ class Reorder:
         """Takes one outcome from the broker."""
         index = outcome.index
         if index not in self.outputs or index in self._ready:
-            raise error_from_code("INTERNAL", f"the broker answered for unknown item {index}")
+            raise error_from_code(
+                FailureCode.INTERNAL, f"the broker answered for unknown item {index}"
+            )
         self._ready[index] = _result(outcome, self.outputs[index])
 
     def pop_ready(self) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
@@ -155,11 +157,11 @@ class Reorder:
 
 def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult | Exception | str:
     if not outcome.HasField("task"):
-        return error_from_code(outcome.error_code or "INTERNAL", outcome.error_message)
+        # A refused item: its code is any gRPC status name (e.g. RESOURCE_EXHAUSTED).
+        return error_from_code(outcome.error_code or FailureCode.INTERNAL, outcome.error_message)
     status = status_from_proto(outcome.task)
     if status.state is not TaskState.SUCCEEDED:
-        code = "CANCELLED" if status.state is TaskState.CANCELLED else status.error_code
-        return error_from_code(code or "UNKNOWN", status.error_message)
+        return task_error(status)
     if not outcome.data_inline:
         return status.task_id  # large outputs: fetched by the caller
     try:
@@ -167,7 +169,7 @@ def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult
         assembler.feed(outcome.data)
         buffers = assembler.finish()
     except ValueError as exc:
-        return error_from_code("DATA_LOSS", f"result of task {status.task_id}: {exc}")
+        return error_from_code(FailureCode.DATA_LOSS, f"result of task {status.task_id}: {exc}")
     outputs = tuple(
         decode(meta, buf, output) for meta, buf in zip(status.outputs, buffers, strict=True)
     )

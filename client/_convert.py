@@ -7,49 +7,47 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
-from google.protobuf import timestamp_pb2
 
 from gpubroker.client._types import TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
-from gpubroker.client.errors import InternalError, error_from_code
+from gpubroker.client.errors import GpuBrokerError, InternalError, error_from_code
 from gpubroker.protos import broker_pb2, task_pb2
-from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_to_proto
+from gpubroker.protos.convert import (
+    meta_from_proto,
+    meta_to_proto,
+    params_to_proto,
+    state_from_proto,
+    state_to_proto,
+    time_from_proto,
+    time_to_proto,
+)
 from gpubroker.protos.frames import chunk_messages, method_options
 from gpubroker.protos.ids import time_ordered_id
-from gpubroker.protos.states import TaskState
-from gpubroker.protos.wire import Assembler, TensorMeta
+from gpubroker.protos.states import FailureCode, TaskState
+from gpubroker.protos.wire import MAX_PAGE_SIZE, Assembler, TensorMeta
 
 __all__ = [
-    "CHANNEL_OPTIONS",
-    "MAX_PAGE_SIZE",
-    "STATE_TO_PROTO",
     "SUBMIT_BACKOFF_S",
     "PreparedTask",
     "ResultCollector",
     "TaskPager",
     "encode_inputs",
     "framed",
-    "metadata",
     "new_request_id",
     "prepare_task",
     "request_stream",
     "resolve_output",
     "status_from_proto",
+    "task_error",
     "usage_from_proto",
     "usage_request",
 ]
-
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.max_receive_message_length", 16 << 20),
-)
-"""Room for a 1 MiB chunk plus headers with a wide margin; the broker sets the same limits."""
 
 SUBMIT_BACKOFF_S = (0.2, 0.4)
 """Pauses before each retry of a Submit that failed with UNAVAILABLE (so three attempts in all).
@@ -57,24 +55,7 @@ SUBMIT_BACKOFF_S = (0.2, 0.4)
 Retrying is safe because every Submit carries a request_id: the broker returns the same task.
 """
 
-MAX_PAGE_SIZE = 1000
-"""The broker's largest ListTasks page."""
-
 _Request = TypeVar("_Request", broker_pb2.SubmitRequest, broker_pb2.RunRequest)
-
-_STATE = {
-    task_pb2.TASK_STATE_QUEUED: TaskState.QUEUED,
-    task_pb2.TASK_STATE_RUNNING: TaskState.RUNNING,
-    task_pb2.TASK_STATE_SUCCEEDED: TaskState.SUCCEEDED,
-    task_pb2.TASK_STATE_FAILED: TaskState.FAILED,
-    task_pb2.TASK_STATE_CANCELLED: TaskState.CANCELLED,
-}
-STATE_TO_PROTO = {v: k for k, v in _STATE.items()}
-
-
-def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the API key."""
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 def new_request_id() -> str:
@@ -167,29 +148,22 @@ def framed(method: str) -> tuple[str, Callable[[Any], bytes], Callable[[bytes], 
     return method_options(_BROKER.methods_by_name[method])
 
 
-def _time(msg: task_pb2.TaskInfo, field: str) -> datetime | None:
-    if not msg.HasField(field):  # type: ignore[arg-type]
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(msg, field)
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
 def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
     """Converts a task snapshot."""
     return TaskStatus(
         task_id=msg.task_id,
         tenant=msg.tenant,
         workload=msg.workload,
-        state=_STATE.get(msg.state, TaskState.QUEUED),
+        state=state_from_proto(msg.state) or TaskState.QUEUED,
         attempt=msg.attempt,
         priority=msg.priority,
         request_id=msg.request_id,
         error_code=msg.error_code,
         error_message=msg.error_message,
-        created_at=_time(msg, "created_at"),
-        started_at=_time(msg, "started_at"),
-        finished_at=_time(msg, "finished_at"),
-        deadline=_time(msg, "deadline"),
+        created_at=time_from_proto(msg, "created_at"),
+        started_at=time_from_proto(msg, "started_at"),
+        finished_at=time_from_proto(msg, "finished_at"),
+        deadline=time_from_proto(msg, "deadline"),
         compute_seconds=msg.compute_seconds,
         gpu_type=msg.gpu_type,
         inputs=tuple(meta_from_proto(h) for h in msg.inputs),
@@ -199,12 +173,13 @@ def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
 
 def usage_request(since: datetime | None, until: datetime | None) -> broker_pb2.GetUsageRequest:
     """A usage query; naive datetimes are taken as UTC."""
-    request = broker_pb2.GetUsageRequest()
-    for field, value in (("since", since), ("until", until)):
-        if value is not None:
-            aware = value if value.tzinfo else value.replace(tzinfo=UTC)
-            getattr(request, field).FromDatetime(aware)
-    return request
+    return broker_pb2.GetUsageRequest(since=time_to_proto(since), until=time_to_proto(until))
+
+
+def task_error(status: TaskStatus) -> GpuBrokerError:
+    """The typed error of a failed or cancelled task."""
+    code = FailureCode.CANCELLED if status.state is TaskState.CANCELLED else status.error_code
+    return error_from_code(code or FailureCode.UNKNOWN, status.error_message)
 
 
 def usage_from_proto(msg: broker_pb2.GetUsageResponse) -> Usage:
@@ -227,7 +202,7 @@ class TaskPager:
     """Follows ListTasks pages until ``limit`` tasks or the last page."""
 
     def __init__(self, states: Sequence[TaskState] | None, limit: int) -> None:
-        self._states = [STATE_TO_PROTO[TaskState(s)] for s in states or ()]
+        self._states = [state_to_proto(TaskState(s)) for s in states or ()]
         self._limit = limit
         self._token = ""
         self._done = limit <= 0
@@ -289,8 +264,7 @@ class ResultCollector:
         status = self._last
         if status is not None and status.state in (TaskState.FAILED, TaskState.CANCELLED):
             # The broker ends such calls with an error status; this covers one that did not.
-            code = "CANCELLED" if status.state is TaskState.CANCELLED else status.error_code
-            raise error_from_code(code, status.error_message)
+            raise task_error(status)
         if status is None or self._assembler is None:
             raise InternalError(
                 grpc.StatusCode.INTERNAL, "the result stream ended without a result"

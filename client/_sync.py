@@ -23,13 +23,11 @@ from gpubroker.client._batch import (
     failed_input,
 )
 from gpubroker.client._convert import (
-    CHANNEL_OPTIONS,
     SUBMIT_BACKOFF_S,
     PreparedTask,
     ResultCollector,
     TaskPager,
     framed,
-    metadata,
     prepare_task,
     status_from_proto,
     usage_from_proto,
@@ -40,6 +38,7 @@ from gpubroker.client.codec import ArrayLike, OutputKind
 from gpubroker.client.errors import InternalError, UnavailableError, translate_rpc_errors
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
+from gpubroker.protos.transport import CLIENT_CHANNEL_OPTIONS, bearer_metadata
 from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES
 
 __all__ = ["Client", "TaskHandle"]
@@ -64,15 +63,17 @@ class Client:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(
+                address, credentials, options=CLIENT_CHANNEL_OPTIONS
+            )
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
-        # The data streams, with tensor chunks framed without protobuf (client.frames).
+        # The data streams, with tensor chunks framed without protobuf (gpubroker.protos.frames).
         self._run = self._channel.stream_stream(*framed("Run"))
         self._submit = self._channel.stream_unary(*framed("Submit"))
         self._get_result = self._channel.unary_stream(*framed("GetResult"))
-        self._metadata = metadata(api_key)
+        self._metadata = bearer_metadata(api_key)
         self._chunk_bytes = chunk_bytes
 
     def __enter__(self) -> Client:
@@ -117,8 +118,7 @@ class Client:
         Raises:
             TypeError: A parameter or input is of an unsupported type.
             GpuBrokerError: The broker refused the task (see ``gpubroker.client.errors``);
-            UNAVAILABLE
-                only after three attempts.
+                UNAVAILABLE only after three attempts.
         """
         task = prepare_task(
             workload,

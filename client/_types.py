@@ -1,4 +1,4 @@
-"""What the client hands back: task states, status snapshots and results."""
+"""What the client hands back: task status snapshots, results and usage totals."""
 
 from __future__ import annotations
 

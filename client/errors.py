@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import grpc
 
+from gpubroker.protos.states import FailureCode
+
 __all__ = [
     "AlreadyExistsError",
     "AuthenticationError",
@@ -124,8 +126,11 @@ _ERROR_FOR: dict[grpc.StatusCode, type[GpuBrokerError]] = {
 }
 
 
-def error_from_code(code: grpc.StatusCode | str, details: str) -> GpuBrokerError:
-    """The typed error for a status code, given as a ``grpc.StatusCode`` or its name."""
+def error_from_code(code: grpc.StatusCode | FailureCode | str, details: str) -> GpuBrokerError:
+    """The typed error for a status code: a ``grpc.StatusCode``, a task's ``FailureCode`` or a
+    status name as the wire carries it (an unknown name is UNKNOWN)."""
+    if isinstance(code, FailureCode):
+        code = code.value
     if isinstance(code, str):
         code = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
     return _ERROR_FOR.get(code, InternalError)(code, details)

@@ -1,11 +1,10 @@
 """`make run`: a broker on SQLite that starts local agents on demand, and a real job.
 
 Starts ``python -m gpubroker.broker`` as a child process with its default ``local`` provider: no
-agent
-runs until work arrives, then the autoscaler starts ``gpu_agent`` processes (as it would start
-GPU VMs on Google Cloud) and stops them when they are idle. Submits several workloads, one
-large tensor and a thousand tiny tasks through ``Client.map``, prints the results, the billing
-report and the machine-cost report, then shuts the broker down. Data lives in ./gpubroker-data.
+agent runs until work arrives, then the autoscaler starts ``gpu_agent`` processes (as it would start
+GPU VMs on Google Cloud) and stops them when they are idle. Submits several workloads, one large
+tensor and a thousand tiny tasks through ``Client.map``, prints the results, the billing report and
+the machine-cost report, then shuts the broker down. Data lives in ./gpubroker-data.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The GPU agent: dials out to a broker, runs named torch workloads and times them.
 
-Run it with ``python -m gpubroker.gpu_agent --broker HOST:PORT`` (or ``gpubroker-agent``).
-Operators add
-workloads through the ``gpubroker.workloads`` entry-point group (see
+Run it with ``python -m gpubroker.gpu_agent --broker HOST:PORT`` (or ``gpubroker-agent``). Operators
+add workloads through the ``gpubroker.workloads`` entry-point group (see
 ``gpubroker.gpu_agent.workloads``).
 """
 

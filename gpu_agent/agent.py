@@ -56,11 +56,6 @@ class Agent:
         self._outstanding = 0  # credit granted on this session and not yet used
 
     @property
-    def is_connected(self) -> bool:
-        """True while a welcomed control stream is up."""
-        return self._session is not None
-
-    @property
     def free_slots(self) -> int:
         """Room for more attempts: slots plus the current prefetch, less the attempts held
         (work that has not yet stopped counts as held) and the credit not yet used."""

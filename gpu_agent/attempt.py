@@ -32,6 +32,7 @@ from gpubroker.gpu_agent.model import Assignment, AttemptRef
 from gpubroker.gpu_agent.runner import Runner, RunOutcome
 from gpubroker.gpu_agent.session import Session
 from gpubroker.protos import agent_pb2, task_pb2
+from gpubroker.protos.states import FailureCode
 from gpubroker.protos.wire import INLINE_MAX_BYTES, ChecksumMismatchError, WireError
 
 __all__ = ["ERROR_CODES", "Attempt", "Revocation"]
@@ -40,14 +41,14 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ERROR_CODES: dict[type[AgentError], str] = {
-    UnknownWorkloadError: "INVALID_ARGUMENT",
-    WorkloadArgumentError: "INVALID_ARGUMENT",
-    WorkloadFailedError: "ABORTED",
-    TaskDeadlineError: "DEADLINE_EXCEEDED",
-    TaskCancelledError: "ABORTED",  # only reported when the workload cancelled itself
+ERROR_CODES: dict[type[AgentError], FailureCode] = {
+    UnknownWorkloadError: FailureCode.INVALID_ARGUMENT,
+    WorkloadArgumentError: FailureCode.INVALID_ARGUMENT,
+    WorkloadFailedError: FailureCode.ABORTED,
+    TaskDeadlineError: FailureCode.DEADLINE_EXCEEDED,
+    TaskCancelledError: FailureCode.ABORTED,  # only reported when the workload cancelled itself
 }
-"""The gRPC status code name reported for each error that ends an attempt."""
+"""The failure code reported for each error that ends an attempt."""
 
 _STALE_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
@@ -61,7 +62,7 @@ class Revocation(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    code: str
+    code: FailureCode
     message: str
 
 
@@ -133,11 +134,11 @@ class Attempt:
             run = self._runner.run(assignment.workload, inputs, assignment.params, self._cancelled)
             return await self._bounded(self._spawn(run), abandon=False)
         except ChecksumMismatchError as exc:
-            return _Failure("DATA_LOSS", str(exc))
+            return _Failure(FailureCode.DATA_LOSS, str(exc))
         except WireError as exc:
-            return _Failure("INVALID_ARGUMENT", str(exc))
+            return _Failure(FailureCode.INVALID_ARGUMENT, str(exc))
         except AgentError as exc:
-            return _Failure(ERROR_CODES.get(type(exc), "INTERNAL"), str(exc))
+            return _Failure(ERROR_CODES.get(type(exc), FailureCode.INTERNAL), str(exc))
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=f"attempt-{self.ref}")
@@ -168,7 +169,7 @@ class Attempt:
 
     async def _report(self, outcome: RunOutcome | _Failure) -> None:
         if isinstance(outcome, _Failure):
-            logger.info("attempt %s failed: %s %s", self.ref, outcome.code, outcome.message)
+            logger.info("attempt %s failed: %s %s", self.ref, outcome.code.value, outcome.message)
             header = self._gateway.failure_header(self.ref, outcome.code, outcome.message)
             if self.session.protocol >= 2:
                 self.session.report(agent_pb2.AgentResult(header=header))

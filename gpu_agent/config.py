@@ -11,14 +11,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpubroker.env import env_flag
+
 __all__ = ["DEVICE_CHOICES", "Backoff", "Settings"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 """Values of ``Settings.device``: ``auto`` picks CUDA when present."""
 
 _ENV_PREFIX = "GPUBROKER_AGENT_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 
 def _default_agent_id() -> str:
@@ -140,7 +140,7 @@ class Settings:
             prefetch_horizon_s=_number(env, "PREFETCH_HORIZON_S", defaults.prefetch_horizon_s),
             device=env.get("DEVICE", defaults.device),
             join_token=token,
-            tls=_flag(env, "TLS"),
+            tls=env_flag(environ, f"{_ENV_PREFIX}TLS"),
             ca_file=env.get("CA_FILE") or None,
             cert_file=env.get("CERT_FILE") or None,
             key_file=env.get("KEY_FILE") or None,
@@ -157,10 +157,3 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
     except ValueError:
         kind = "an integer" if isinstance(default, int) else "a number"
         raise ValueError(f"{_ENV_PREFIX}{key} must be {kind}, got {raw!r}") from None
-
-
-def _flag(env: Mapping[str, str], key: str) -> bool:
-    raw = env.get(key, "").strip().lower()
-    if raw not in _TRUE | _FALSE:
-        raise ValueError(f"{_ENV_PREFIX}{key} must be true or false, got {raw!r}")
-    return raw in _TRUE

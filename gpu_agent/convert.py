@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
 from gpubroker.protos import agent_pb2
-from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_from_proto
+from gpubroker.protos.convert import meta_from_proto, params_from_proto
+from gpubroker.protos.transport import CONTROL_PROTOCOL_VERSION
 
-PROTOCOL = 2
-"""The control-stream protocol this agent speaks: batches, and results and draining notices on
-the control stream. Against a broker that speaks only 1, it falls back to one message per write
-and PutResult for every result."""
-
-# The tensor-header and parameter conversions are shared with the client and the broker.
-__all__ = [
-    "PROTOCOL",
-    "assignment_from_proto",
-    "hello_to_proto",
-    "meta_from_proto",
-    "meta_to_proto",
-    "params_from_proto",
-    "ref_from_proto",
-    "ref_to_proto",
-]
+__all__ = ["assignment_from_proto", "hello_to_proto", "ref_from_proto", "ref_to_proto"]
 
 
 def ref_from_proto(msg: agent_pb2.TaskAttempt) -> AttemptRef:
@@ -55,6 +41,6 @@ def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
         slots=hello.slots,
         workloads=hello.workloads,
         version=hello.version,
-        protocol=PROTOCOL,
+        protocol=CONTROL_PROTOCOL_VERSION,
         prefetch=hello.prefetch,
     )

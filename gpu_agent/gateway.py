@@ -9,35 +9,23 @@ for a tiny task a second RPC would cost more than the task.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
 
 import grpc
 import torch
 
 from gpubroker.client.codec import decode, empty_buffer
 from gpubroker.gpu_agent.config import Settings
-from gpubroker.gpu_agent.convert import meta_to_proto, ref_to_proto
+from gpubroker.gpu_agent.convert import ref_to_proto
 from gpubroker.gpu_agent.model import Assignment, AttemptRef
 from gpubroker.gpu_agent.runner import RunOutcome
 from gpubroker.protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpubroker.protos.convert import meta_to_proto
 from gpubroker.protos.frames import chunk_data, chunk_messages, method_options
+from gpubroker.protos.states import FailureCode
+from gpubroker.protos.transport import AGENT_CHANNEL_OPTIONS, bearer_metadata, client_credentials
 from gpubroker.protos.wire import Assembler, Buffer, TensorMeta
 
-__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "GatewayClient", "open_channel"]
-
-MAX_MESSAGE_BYTES = 16 << 20
-"""Largest gRPC message either way; data chunks are about 1 MiB."""
-
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Pings find a dead broker (or NAT that dropped the idle connection) within ~30 s.
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
-"""Options of every channel the agent opens."""
+__all__ = ["GatewayClient", "open_channel"]
 
 _METHODS = agent_pb2.DESCRIPTOR.services_by_name["AgentGateway"].methods_by_name
 
@@ -49,15 +37,14 @@ def open_channel(settings: Settings) -> grpc.aio.Channel:
 
     The CA, certificate and key files are read here, once, at start-up, before any task runs.
     """
+    address, options = settings.broker_address, AGENT_CHANNEL_OPTIONS
     if not settings.tls:
-        return grpc.aio.insecure_channel(settings.broker_address, options=CHANNEL_OPTIONS)
-    roots = Path(settings.ca_file).read_bytes() if settings.ca_file else None
-    key = Path(settings.key_file).read_bytes() if settings.key_file else None
-    chain = Path(settings.cert_file).read_bytes() if settings.cert_file else None
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=roots, private_key=key, certificate_chain=chain
+        return grpc.aio.insecure_channel(address, options=options)
+    # An empty path (``--ca-file ""``) means none, as when the flag is left out.
+    credentials = client_credentials(
+        settings.ca_file or None, settings.cert_file or None, settings.key_file or None
     )
-    return grpc.aio.secure_channel(settings.broker_address, credentials, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 class GatewayClient:
@@ -65,13 +52,11 @@ class GatewayClient:
 
     def __init__(self, channel: grpc.aio.Channel, agent_id: str, join_token: str | None) -> None:
         self._stub = agent_pb2_grpc.AgentGatewayStub(channel)
-        # The data calls, with tensor chunks framed without protobuf (client.frames).
+        # The data calls, with tensor chunks framed without protobuf (gpubroker.protos.frames).
         self._fetch_inputs = channel.unary_stream(*method_options(_METHODS["FetchInputs"]))
         self._put_result = channel.stream_unary(*method_options(_METHODS["PutResult"]))
         self._agent_id = agent_id
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {join_token}"),) if join_token else ()
-        )
+        self._metadata = bearer_metadata(join_token)
 
     def connect(self, messages: AsyncIterator[agent_pb2.AgentMessage]) -> ControlCall:
         """Opens the control stream, sending ``messages``."""
@@ -81,7 +66,7 @@ class GatewayClient:
         """The assignment's input tensors, checked against their sizes and checksums.
 
         Raises:
-            client.wire.WireError: a header is malformed or the bytes do not match it.
+            gpubroker.protos.wire.WireError: a header is malformed or the bytes do not match it.
             grpc.aio.AioRpcError: the broker refused (e.g. a stale attempt) or is gone.
         """
         for meta in assignment.inputs:
@@ -111,12 +96,14 @@ class GatewayClient:
             compute_seconds=outcome.compute_seconds,
         )
 
-    def failure_header(self, ref: AttemptRef, code: str, message: str) -> agent_pb2.ResultHeader:
+    def failure_header(
+        self, ref: AttemptRef, code: FailureCode, message: str
+    ) -> agent_pb2.ResultHeader:
         """The header reporting a failed attempt: ``error_code`` and no outputs."""
         return agent_pb2.ResultHeader(
             agent_id=self._agent_id,
             attempt=ref_to_proto(ref),
-            error_code=code,
+            error_code=code.value,
             error_message=message,
         )
 

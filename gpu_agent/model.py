@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias
 
-from gpubroker.protos.wire import TensorMeta
+from gpubroker.protos.wire import Param, TensorMeta
 
-__all__ = ["Assignment", "AttemptRef", "Hello", "Param"]
-
-Param: TypeAlias = int | float | str | bool
-"""A workload parameter, as converted from a ``ParamValue``."""
+__all__ = ["Assignment", "AttemptRef", "Hello"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Watches the GCE metadata server for a preemption or host-maintenance notice.
 
-A Spot VM has 30 s between the preemption notice and power-off (NOTES.md G.3), so the agent must
-hear of it at once, not on its next poll. Each key is read with a hanging GET
+A Spot VM has 30 s between the preemption notice and power-off (docs/deploy.md, section 7), so
+the agent must hear of it at once, not on its next poll. Each key is read with a hanging GET
 (``?wait_for_change=true&last_etag=...``) that the metadata server answers as soon as the value
 changes. The HTTP client is a few lines over asyncio streams rather than urllib in a thread:
 cancelling it closes the socket at once, where a thread would sit in a hanging GET for minutes

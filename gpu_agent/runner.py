@@ -2,8 +2,8 @@
 
 ``Runner`` owns the agent's one blocking boundary: a ``ThreadPoolExecutor`` with one worker per
 slot. On CUDA each worker thread has its own stream, and compute time comes from CUDA events
-recorded on it around the workload (NOTES.md §2.6), so one slot's kernels never inflate another
-slot's bill. On the CPU, torch ops are synchronous and a monotonic clock around the call is exact.
+recorded on it around the workload, so one slot's kernels never inflate another slot's bill. On
+the CPU, torch ops are synchronous and a monotonic clock around the call is exact.
 
 Both clocks run while a workload's host code runs, so two things the tenant did not cause are
 kept out of the window. One-time costs (CUDA context, cuBLAS/cuDNN/cuFFT/cuSOLVER loads, kernel
@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from gpubroker.gpu_agent.errors import AgentError, WorkloadFailedError
-from gpubroker.gpu_agent.model import Param
 from gpubroker.gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
-from gpubroker.protos.wire import DTYPE_ITEMSIZE
+from gpubroker.protos.wire import DTYPE_ITEMSIZE, Param
 
 __all__ = [
     "SWITCH_INTERVAL_S",
@@ -169,7 +168,8 @@ class Runner:
         """Runs each workload that has an example once on every worker thread; returns seconds.
 
         Called before the agent takes work, so the first tenant is not billed for loading
-        libraries and kernels (NOTES.md §2.6). A failing example is logged and skipped.
+        libraries and kernels (3 s for a first matmul on an H100, see docs/performance.md). A
+        failing example is logged and skipped.
         """
         barrier, turn = threading.Barrier(self.slots), threading.Lock()
         loop = asyncio.get_running_loop()

@@ -15,7 +15,6 @@ from typing import Protocol
 import grpc
 
 from gpubroker.gpu_agent.convert import (
-    PROTOCOL,
     assignment_from_proto,
     hello_to_proto,
     ref_from_proto,
@@ -25,8 +24,9 @@ from gpubroker.gpu_agent.errors import BrokerProtocolError
 from gpubroker.gpu_agent.gateway import ControlCall, GatewayClient
 from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
 from gpubroker.protos import agent_pb2
+from gpubroker.protos.transport import CONTROL_PROTOCOL_VERSION
 
-__all__ = ["DEFAULT_HEARTBEAT_S", "PROTOCOL", "Session", "SessionHandler"]
+__all__ = ["DEFAULT_HEARTBEAT_S", "Session", "SessionHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Session:
 
     @property
     def protocol(self) -> int:
-        """The control-stream protocol agreed with the broker (see ``PROTOCOL``)."""
+        """The control-stream protocol agreed with the broker (see ``CONTROL_PROTOCOL_VERSION``)."""
         return self._outbox.protocol
 
     @classmethod
@@ -89,7 +89,7 @@ class Session:
             got = "the end of the stream" if first is grpc.aio.EOF else str(first).strip()
             raise BrokerProtocolError(f"expected a welcome from the broker, got {got}")
         heartbeat_s = first.welcome.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_S
-        outbox.protocol = min(max(first.welcome.protocol, 1), PROTOCOL)
+        outbox.protocol = min(max(first.welcome.protocol, 1), CONTROL_PROTOCOL_VERSION)
         return cls(call, outbox, heartbeat_s)
 
     def grant(self, slots: int) -> None:

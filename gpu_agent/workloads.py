@@ -25,8 +25,9 @@ from gpubroker.gpu_agent.errors import (
     WorkloadArgumentError,
     WorkloadLoadError,
 )
-from gpubroker.gpu_agent.model import Param
+from gpubroker.protos.wire import Param
 
+# Param is part of what a workload author writes against (``Workload.__call__``'s ``params``).
 __all__ = [
     "ENTRY_POINT_GROUP",
     "MAX_SLEEP_S",

@@ -1,4 +1,5 @@
-"""The tensor wire format, without numpy or torch: dtypes, headers, checksums and chunking.
+"""The wire format's values and limits, without protobuf, numpy or torch: tensor dtypes, headers,
+checksums and chunking, workload parameters and the largest ``ListTasks`` page.
 
 A tensor travels as a header (``TensorMeta``: dtype, shape, nbytes, CRC-32C) and then its raw
 C-order little-endian bytes, split into chunks of about 1 MiB that may span tensor boundaries.
@@ -18,16 +19,17 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_ITEMSIZE",
     "INLINE_MAX_BYTES",
+    "MAX_PAGE_SIZE",
     "MAX_RANK",
     "Assembler",
     "Buffer",
     "ChecksumMismatchError",
+    "Param",
     "PayloadTooLargeError",
     "TensorMeta",
     "TensorStream",
     "WireError",
     "crc32c",
-    "iter_chunks",
     "iter_views",
 ]
 
@@ -40,6 +42,12 @@ INLINE_MAX_BYTES = 64 << 10
 
 MAX_RANK = 32
 """Most dimensions a tensor may have (torch's own limit is 64; nothing real needs more)."""
+
+MAX_PAGE_SIZE = 1000
+"""The largest ``ListTasks`` page the broker serves; clients ask for no more."""
+
+Param = int | float | str | bool
+"""A scalar workload parameter: the values a ``ParamValue`` message carries."""
 
 DTYPE_ITEMSIZE: dict[str, int] = {
     "bool": 1,
@@ -144,14 +152,6 @@ def iter_views(
         yield pending
 
 
-def iter_chunks(
-    buffers: Iterable[bytes | bytearray | memoryview], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[bytes]:
-    """Cuts the concatenation of ``buffers`` into ``bytes`` chunks of at most ``chunk_bytes``."""
-    for views in iter_views(buffers, chunk_bytes):
-        yield views[0].tobytes() if len(views) == 1 else b"".join(views)
-
-
 class TensorStream:
     """Splits a byte stream into the tensors its headers declare, checking sizes and checksums.
 
@@ -225,8 +225,7 @@ class Assembler:
 
     ``allocate`` makes a tensor's buffer: ``bytearray`` by default; the client and the agent
     pass ``gpubroker.client.codec.empty_buffer``, which does not zero-fill a large one first (that
-    pass
-    over fresh memory cost as much as receiving the bytes).
+    pass over fresh memory cost as much as receiving the bytes).
     """
 
     def __init__(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import grpc
 import pytest
 import sqlalchemy as sa
 
 from gpubroker.billing.models import metadata
+from gpubroker.broker.server import BrokerServer
+from tests.support.cluster import broker_settings, running_broker
 
 # ---------------------------------------------------------------------------------------------
 # Databases. Every store and ledger test runs on SQLite and on PostgreSQL.
@@ -67,3 +71,35 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     finally:
         metadata.drop_all(engine)
         engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# A broker in this process, on a free loopback port, its database and spool under tmp_path.
+#
+# A module changes its settings by overriding ``broker_overrides`` (or a test parametrizes
+# it); the fields go to ``tests.support.cluster.broker_settings``. Tests that need a broker
+# with settings built from other fixtures, or one per module, use ``running_broker`` directly.
+# End-to-end tests run the broker as a process instead (``tests.support.cluster``).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker_overrides() -> dict[str, object]:
+    """Settings fields of ``broker_server`` that differ from ``broker_settings``' defaults."""
+    return {}
+
+
+@pytest.fixture
+async def broker_server(
+    tmp_path: Path, broker_overrides: dict[str, object]
+) -> AsyncIterator[BrokerServer]:
+    """A running broker in this event loop, stopped after the test."""
+    async with running_broker(broker_settings(tmp_path, **broker_overrides)) as server:
+        yield server
+
+
+@pytest.fixture
+async def broker_channel(broker_server: BrokerServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A plaintext channel to ``broker_server``."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker_server.port}") as channel:
+        yield channel

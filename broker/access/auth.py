@@ -37,13 +37,13 @@ from sqlalchemy.engine import Engine
 
 from gpubroker.broker.access.tenants import StoredKey, hash_secret, load_keys, parse_key
 from gpubroker.broker.errors import UnauthenticatedError
+from gpubroker.protos.transport import bearer_token
 
 __all__ = [
     "DEFAULT_TENANT",
     "REFRESH_INTERVAL_S",
     "Authenticator",
     "KeyLoader",
-    "bearer_token",
     "database_keys",
 ]
 
@@ -57,17 +57,6 @@ REFRESH_INTERVAL_S = 2.0
 
 KeyLoader = Callable[[], Mapping[str, StoredKey]]
 """Reads every stored key by key id; blocking, so it runs on a worker thread."""
-
-
-def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """Returns the token of an ``authorization: Bearer <token>`` entry, if any."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
 
 
 def database_keys(engine: Engine) -> KeyLoader:

@@ -42,9 +42,8 @@ from cryptography.hazmat.primitives.serialization import PublicFormat
 
 from gpubroker.broker.config import Settings
 from gpubroker.broker.errors import ConfigError
-from gpubroker.protos.transport import client_credentials
 
-__all__ = ["bind_port", "client_credentials", "is_loopback", "server_credentials"]
+__all__ = ["bind_port", "is_loopback", "server_credentials"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,9 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from gpubroker.billing.budget import BudgetStatus
 from gpubroker.billing.ledger import UsageSummary
@@ -34,7 +32,15 @@ from gpubroker.broker.errors import (
 )
 from gpubroker.broker.model import Attempt, AttemptOutcome, Param, Task, TaskSpec, TaskState
 from gpubroker.protos import agent_pb2, broker_pb2, task_pb2
-from gpubroker.protos.convert import meta_from_proto, meta_to_proto, params_from_proto
+from gpubroker.protos import convert as protos_convert
+from gpubroker.protos.convert import (
+    meta_from_proto,
+    meta_to_proto,
+    params_from_proto,
+    state_to_proto,
+    time_to_proto,
+)
+from gpubroker.protos.states import FailureCode
 
 __all__ = [
     "abort_on_broker_error",
@@ -43,9 +49,7 @@ __all__ = [
     "spec_from_proto",
     "split_stream",
     "state_from_proto",
-    "state_to_proto",
     "task_to_proto",
-    "time_from_proto",
     "usage_to_proto",
 ]
 
@@ -62,28 +66,26 @@ _STATUS_FOR: dict[type[BrokerError], grpc.StatusCode] = {
     PayloadLostError: grpc.StatusCode.DATA_LOSS,
 }
 
-_STATE_TO_PROTO = {
-    TaskState.QUEUED: task_pb2.TASK_STATE_QUEUED,
-    TaskState.RUNNING: task_pb2.TASK_STATE_RUNNING,
-    TaskState.SUCCEEDED: task_pb2.TASK_STATE_SUCCEEDED,
-    TaskState.FAILED: task_pb2.TASK_STATE_FAILED,
-    TaskState.CANCELLED: task_pb2.TASK_STATE_CANCELLED,
-}
-_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
-
 
 def status_for(exc: BrokerError) -> grpc.StatusCode:
     """The gRPC status code of a domain error (looked up along its class hierarchy)."""
     if isinstance(exc, TaskEndedError):
-        return (
-            grpc.StatusCode[exc.code]
-            if exc.code in grpc.StatusCode.__members__
-            else (grpc.StatusCode.ABORTED)
-        )
+        return status_of(exc.code)
     for cls in type(exc).__mro__:
         if cls in _STATUS_FOR:
             return _STATUS_FOR[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def status_of(code: FailureCode) -> grpc.StatusCode:
+    """The gRPC status a failure code names (``FailureCode.ABORTED``: ``ABORTED``).
+
+    A code this build does not know (``UNKNOWN``, from a newer agent) answers ABORTED: the task
+    failed, as it did before failure codes were an enum.
+    """
+    if code is FailureCode.UNKNOWN:
+        return grpc.StatusCode.ABORTED
+    return grpc.StatusCode[code.value]
 
 
 DRAIN_MESSAGES = 64
@@ -134,7 +136,7 @@ async def split_stream(
 
 async def _chunks(iterator: AsyncIterator[Any]) -> AsyncIterator[bytes | memoryview]:
     async for message in iterator:
-        if isinstance(message, memoryview):  # the fast path (client.frames)
+        if isinstance(message, memoryview):  # the fast path (protos.frames)
             yield message
         elif message.WhichOneof("kind") == "chunk":
             yield message.chunk.data
@@ -179,16 +181,12 @@ def outcome_to_proto(outcome: BatchOutcome) -> broker_pb2.InlineOutcome:
     )
 
 
-def state_from_proto(state: int) -> TaskState:
+def state_from_proto(value: int) -> TaskState:
     """Converts a task state; UNSPECIFIED or unknown values are an error."""
-    if state not in _STATE_FROM_PROTO:
-        raise InvalidTaskError(f"unknown task state {state}")
-    return _STATE_FROM_PROTO[state]  # type: ignore[index]
-
-
-def state_to_proto(state: TaskState) -> task_pb2.TaskState.ValueType:
-    """Converts a task state."""
-    return _STATE_TO_PROTO[state]
+    state = protos_convert.state_from_proto(value)
+    if state is None:
+        raise InvalidTaskError(f"unknown task state {value}")
+    return state
 
 
 def task_to_proto(task: Task) -> task_pb2.TaskInfo:
@@ -197,18 +195,18 @@ def task_to_proto(task: Task) -> task_pb2.TaskInfo:
         task_id=task.id,
         tenant=task.tenant,
         workload=task.workload,
-        state=_STATE_TO_PROTO[task.state],
+        state=state_to_proto(task.state),
         attempt=task.attempt,
         priority=task.priority,
         request_id=task.request_id or "",
         inputs=[meta_to_proto(m) for m in task.inputs],
         outputs=[meta_to_proto(m) for m in task.outputs],
-        error_code=task.error_code or "",
+        error_code=task.error_code.value if task.error_code is not None else "",
         error_message=task.error_message or "",
-        created_at=_timestamp(task.created_at),
-        started_at=_timestamp(task.started_at),
-        finished_at=_timestamp(task.finished_at),
-        deadline=_timestamp(task.deadline_at),
+        created_at=time_to_proto(task.created_at),
+        started_at=time_to_proto(task.started_at),
+        finished_at=time_to_proto(task.finished_at),
+        deadline=time_to_proto(task.deadline_at),
         compute_seconds=task.compute_seconds or 0.0,
         gpu_type=task.gpu_type or "",
     )
@@ -234,17 +232,9 @@ def outcome_from_proto(msg: agent_pb2.ResultHeader) -> AttemptOutcome:
         attempt=attempt_from_proto(msg.attempt),
         outputs=tuple(meta_from_proto(t) for t in msg.outputs),
         compute_seconds=max(0.0, msg.compute_seconds),
-        error_code=msg.error_code or None,
+        error_code=FailureCode.parse(msg.error_code),
         error_message=msg.error_message,
     )
-
-
-def time_from_proto(msg: Any, field: str) -> datetime | None:
-    """An optional timestamp field as an aware UTC datetime."""
-    if not msg.HasField(field):
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(msg, field)
-    return stamp.ToDatetime(tzinfo=UTC)
 
 
 def usage_to_proto(summary: UsageSummary, budget: BudgetStatus) -> broker_pb2.GetUsageResponse:
@@ -261,11 +251,3 @@ def usage_to_proto(summary: UsageSummary, budget: BudgetStatus) -> broker_pb2.Ge
         cost_nanousd=summary.cost_nanousd,
         cost_usd=format_usd(summary.cost_nanousd).removeprefix("$"),
     )
-
-
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +16,6 @@ from gpubroker.broker.api.convert import (
     attempt_from_proto,
     outcome_from_proto,
     split_stream,
-    state_to_proto,
 )
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.registry import AgentSession, Assign, Close, Outgoing, Revoke
@@ -25,8 +23,9 @@ from gpubroker.broker.errors import BrokerError, InvalidTaskError
 from gpubroker.broker.model import AgentInfo
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.protos import agent_pb2, agent_pb2_grpc
-from gpubroker.protos.convert import meta_to_proto, params_to_proto
+from gpubroker.protos.convert import meta_to_proto, params_to_proto, state_to_proto
 from gpubroker.protos.frames import chunk_message
+from gpubroker.protos.transport import CONTROL_PROTOCOL_VERSION
 
 __all__ = ["AgentGatewayServicer"]
 
@@ -63,7 +62,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                 welcome=agent_pb2.AgentWelcome(
                     agent_id=session.agent_id,
                     heartbeat_interval_seconds=self._heartbeat_interval_s,
-                    protocol=min(session.info.protocol, PROTOCOL),
+                    protocol=min(session.info.protocol, CONTROL_PROTOCOL_VERSION),
                 )
             )
             while True:
@@ -142,26 +141,14 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
 
     async def _complete(self, session: AgentSession, result: agent_pb2.AgentResult) -> None:
         try:
-            # The session, not the message, says which agent reports: no one speaks for another.
-            outcome = dataclasses.replace(
-                outcome_from_proto(result.header), agent_id=session.agent_id
-            )
-            await self._dispatcher.complete(outcome, _once(result.data))
+            await self._dispatcher.report(session, outcome_from_proto(result.header), result.data)
         except BrokerError as exc:
             logger.info("result from %s not taken: %s", session.agent_id, exc)
         except Exception:
             logger.exception("result from %s failed", session.agent_id)
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
-    if not hello.agent_id:
-        raise InvalidTaskError("hello must carry an agent_id")
-    if hello.slots < 1:
-        raise InvalidTaskError(f"hello offers {hello.slots} slots; at least 1 is needed")
     return AgentInfo(
         agent_id=hello.agent_id,
         gpu_type=hello.gpu_type or "unknown",
@@ -170,16 +157,9 @@ def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
         workloads=frozenset(hello.workloads),
         version=hello.version,
         protocol=max(hello.protocol, 1),
-        prefetch=min(max(hello.prefetch, 0), MAX_PREFETCH),
+        prefetch=hello.prefetch,
     )
 
-
-MAX_PREFETCH = 1024
-"""An agent asking to queue more than this beyond its slots gets this much."""
-
-PROTOCOL = 2
-"""The control-stream protocol this broker speaks: 2 adds batches, and results and draining
-notices on the stream; an agent that announces 1 (or nothing) gets one message per write."""
 
 MAX_BATCH = 64
 """Most messages sent together on a control stream."""

@@ -4,7 +4,7 @@ For tasks of a few bytes the per-call cost (a stream, a header, chunks, state me
 most of the work, so ``RunMany`` carries each task's inputs inline and answers only once per
 task, with its final state and (small) outputs. Every task is still a full task: checked,
 committed durably before it is queued, billed, visible to ``GetTask``. Concurrent submits of
-one batch share one transaction (see ``gpubroker.broker.storage.committer``).
+one batch share one transaction (see ``gpubroker.broker.storage.async_store``).
 
 A ``TaskBatch`` belongs to one call. It bounds the tasks live at once (``max_live``), so a
 caller streaming faster than the agents run waits, through gRPC flow control, instead of
@@ -52,7 +52,7 @@ class BatchOutcome:
 
 
 class TaskBatch:
-    """The tasks of one ``RunMany`` call: submit batches, then read outcomes until done."""
+    """The tasks of one ``RunMany`` call: ``run`` takes its batches and yields its outcomes."""
 
     def __init__(self, tasks: TaskService, tenant: str, max_live: int = MAX_LIVE) -> None:
         self._tasks = tasks
@@ -64,6 +64,27 @@ class TaskBatch:
         self._room = asyncio.Condition()
         self._closed = False
         self._subscription = tasks.follow(self._inbox)
+
+    async def run(
+        self, requests: AsyncIterator[Sequence[InlineTask | BatchOutcome]]
+    ) -> AsyncIterator[list[BatchOutcome]]:
+        """Submits each batch of ``requests`` as it comes and yields outcomes as the tasks end,
+        until the input has ended and no task is live.
+
+        A batch item may be an outcome already: a task refused while it was decoded. A caller
+        who hangs up cancels every task of the call still live.
+        """
+        feeder = asyncio.create_task(self._feed(requests))
+        try:
+            async for outcomes in self.outcomes():
+                yield outcomes
+            await feeder
+        except asyncio.CancelledError:
+            await asyncio.shield(self.cancel_live())  # the caller hung up
+            raise
+        finally:
+            feeder.cancel()
+            self.close()
 
     def close(self) -> None:
         """Stops following the call's tasks (they carry on)."""
@@ -100,6 +121,19 @@ class TaskBatch:
         """Cancels every task of the call that is not final yet (the caller went away)."""
         for task_id in list(self._live):
             await self._tasks.cancel_quietly(task_id)
+
+    async def _feed(self, requests: AsyncIterator[Sequence[InlineTask | BatchOutcome]]) -> None:
+        try:
+            async for items in requests:
+                tasks = []
+                for item in items:
+                    if isinstance(item, InlineTask):
+                        tasks.append(item)
+                    else:
+                        self._inbox.put_nowait(item)
+                await self.submit(tasks)
+        finally:
+            self.end_of_input()
 
     async def _submit(self, item: InlineTask) -> None:
         try:

@@ -1,6 +1,7 @@
 """Moves queued tasks to agents and attempts back to the queue when their agents are lost.
 
-The dispatcher owns the queue, the agent registry and the leases. It never imports grpc: the
+The dispatcher changes the queue, the agent registry and the leases, which the server builds
+and shares with the task service, the scaling loop and the metrics. It never imports grpc: the
 gateway servicer turns agent streams into calls on it, and drains each session's outbox.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -18,6 +20,7 @@ from gpubroker.broker.config import Limits
 from gpubroker.broker.core.events import TaskEvents
 from gpubroker.broker.core.registry import AgentRegistry, AgentSession, Assign, Close, Lease, Revoke
 from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import (
     BrokerError,
     InvalidTaskError,
@@ -25,16 +28,20 @@ from gpubroker.broker.errors import (
     StaleAttemptError,
 )
 from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
-from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.spool import Spool
+from gpubroker.protos.states import FailureCode
 from gpubroker.protos.wire import TensorStream, WireError
 
-__all__ = ["Dispatcher"]
+__all__ = ["MAX_PREFETCH", "Dispatcher"]
 
 logger = logging.getLogger(__name__)
 
 FAILPOINT_EXIT_CODE = 86
 """Exit code of a process killed by an armed failpoint."""
+
+MAX_PREFETCH = 1024
+"""An agent asking to queue more than this beyond its slots gets this much."""
 
 
 def _now() -> datetime:
@@ -49,43 +56,37 @@ class Dispatcher:
         store: AsyncTaskStore,
         spool: Spool,
         events: TaskEvents,
+        queue: FairQueue,
+        registry: AgentRegistry,
+        workloads: KnownWorkloads,
         limits: Limits,
         lease_timeout_s: float,
+        *,
         failpoint: str | None = None,
     ) -> None:
-        self._failpoint = failpoint
         self._store = store
         self._spool = spool
         self._events = events
+        self._queue = queue
+        self._registry = registry
+        self._workloads = workloads
         self._limits = limits
         self._lease_timeout_s = lease_timeout_s
-        self.queue = FairQueue()
-        self.registry = AgentRegistry()
-        self.known_workloads: frozenset[str] = frozenset()
+        self._failpoint = failpoint
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    @property
-    def store(self) -> AsyncTaskStore:
-        """The task store the dispatcher writes through."""
-        return self._store
-
-    @property
-    def spool(self) -> Spool:
-        """Where the tasks' payloads are."""
-        return self._spool
-
     async def start(self) -> None:
         """Loads queued work from the store and starts the dispatch and watchdog loops."""
-        self.known_workloads = await self._store.call(self._store.sync.known_workloads)
-        queued, cancelled = await self._store.call(self._store.sync.recover, _now())
+        self._workloads.add(await self._store.known_workloads())
+        queued, cancelled = await self._store.recover(_now())
         for task in queued:
-            self.queue.push(task.id, task.tenant, task.priority, task.seq)
+            self._queue.push(task.id, task.tenant, task.priority, task.seq)
         for task in cancelled:
             self._spool.release_inputs(task)
         logger.info(
             "recovered %d queued tasks; cancelled %d whose Run calls ended with the last broker",
-            len(self.queue),
+            len(self._queue),
             len(cancelled),
         )
         self._tasks = [
@@ -101,20 +102,20 @@ class Dispatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for session in self.registry.sessions():
+        for session in self._registry.sessions():
             session.outbox.put_nowait(Close("broker shutting down"))
 
     # -- client side -------------------------------------------------------------------------
 
     def enqueue(self, task: Task) -> None:
         """Queues a freshly submitted task."""
-        self.queue.push(task.id, task.tenant, task.priority, task.seq)
+        self._queue.push(task.id, task.tenant, task.priority, task.seq)
         self._events.publish(task)
         self._wake.set()
 
     async def cancel(self, task_id: str, tenant: str | None) -> Task:
         """Cancels a task: drops it from the queue or revokes its running attempt."""
-        before, after = await self._store.call(self._store.sync.cancel, task_id, tenant, _now())
+        before, after = await self._store.cancel(task_id, tenant, _now())
         if before.state is not after.state:
             self._ended(before, after, "cancelled by its owner")
         return after
@@ -122,22 +123,32 @@ class Dispatcher:
     # -- agent side --------------------------------------------------------------------------
 
     async def connect(self, info: AgentInfo) -> AgentSession:
-        """Registers a newly connected agent; a previous session of the same agent is closed."""
-        self._store.sync.check_priced(info.gpu_type)  # a pure lookup: no database thread needed
+        """Registers a newly connected agent; a previous session of the same agent is closed.
+
+        Raises:
+            InvalidTaskError: the agent names no id or offers no slot.
+            AgentRefusedError: its GPU type has no price, so its work could not be billed.
+        """
+        if not info.agent_id:
+            raise InvalidTaskError("hello must carry an agent_id")
+        if info.slots < 1:
+            raise InvalidTaskError(f"hello offers {info.slots} slots; at least 1 is needed")
+        info = dataclasses.replace(info, prefetch=min(max(info.prefetch, 0), MAX_PREFETCH))
+        self._store.check_priced(info.gpu_type)
         session = AgentSession(info)
-        previous = self.registry.add(session)
+        previous = self._registry.add(session)
         if previous is not None:
             previous.outbox.put_nowait(Close("replaced by a new connection"))
             await self._lose_leases(previous, "agent reconnected")
-        if not info.workloads <= self.known_workloads:
-            await self._store.call(self._store.sync.add_workloads, info.workloads, _now())
-            self.known_workloads |= info.workloads
+        if not info.workloads <= self._workloads.names:
+            await self._store.add_workloads(info.workloads, _now())
+            self._workloads.add(info.workloads)
         logger.info("agent %s connected: %s, %d slots", info.agent_id, info.gpu_type, info.slots)
         return session
 
     async def disconnect(self, session: AgentSession, reason: str) -> None:
         """Forgets a session and gives its attempts back to the queue at once."""
-        if self.registry.remove(session):
+        if self._registry.remove(session):
             logger.info("agent %s disconnected: %s", session.agent_id, reason)
         await self._lose_leases(session, reason)
 
@@ -187,7 +198,7 @@ class Dispatcher:
 
     def check_lease(self, agent_id: str, attempt: Attempt) -> AgentSession:
         """Returns the session holding ``attempt``; raises ``StaleAttemptError`` otherwise."""
-        session = self.registry.get(agent_id)
+        session = self._registry.get(agent_id)
         if session is None or not session.holds(attempt):
             raise StaleAttemptError(
                 f"agent {agent_id!r} does not hold attempt {attempt.number} of task "
@@ -198,21 +209,16 @@ class Dispatcher:
     async def leased_task(self, agent_id: str, attempt: Attempt) -> Task:
         """The task of an attempt ``agent_id`` holds; raises ``StaleAttemptError`` otherwise."""
         self.check_lease(agent_id, attempt)
-        return await self._store.call(self._store.sync.get, attempt.task_id)
+        return await self._store.get(attempt.task_id)
 
     async def complete(
         self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview]
     ) -> Task:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
         session = self.check_lease(outcome.agent_id, outcome.attempt)
-        if outcome.error_code:
-            task = await self._store.call(
-                self._store.sync.fail,
-                outcome.attempt,
-                outcome.agent_id,
-                outcome.error_code,
-                outcome.error_message,
-                _now(),
+        if outcome.error_code is not None:
+            task = await self._store.fail(
+                outcome.attempt, outcome.agent_id, outcome.error_code, outcome.error_message, _now()
             )
         else:
             try:
@@ -222,9 +228,7 @@ class Dispatcher:
                 await self._reject_upload(outcome, exc)
                 raise
             try:
-                task = await self._store.call(
-                    self._store.sync.succeed, outcome, _now(), inline, running
-                )
+                task = await self._store.succeed(outcome, _now(), inline, running)
             except StaleAttemptError:
                 self._spool.delete_outputs(outcome.attempt.task_id, outcome.attempt.number)
                 raise
@@ -233,17 +237,20 @@ class Dispatcher:
         self._finished(task)
         return task
 
+    async def report(self, session: AgentSession, outcome: AttemptOutcome, data: bytes) -> Task:
+        """Takes an outcome an agent reported on its control stream, with its outputs' bytes.
+
+        The session, not the report, says which agent reports: no agent speaks for another.
+        """
+        reported = dataclasses.replace(outcome, agent_id=session.agent_id)
+        return await self.complete(reported, _once(data))
+
     async def _reject_upload(self, outcome: AttemptOutcome, exc: BrokerError) -> None:
         """A result that cannot be stored: too large fails the task, corrupt runs it again."""
         self._release(outcome.agent_id, outcome.attempt)
         if isinstance(exc, LimitExceededError):
-            task = await self._store.call(
-                self._store.sync.fail,
-                outcome.attempt,
-                outcome.agent_id,
-                "RESOURCE_EXHAUSTED",
-                str(exc),
-                _now(),
+            task = await self._store.fail(
+                outcome.attempt, outcome.agent_id, FailureCode.RESOURCE_EXHAUSTED, str(exc), _now()
             )
             self._finished(task)
         else:
@@ -293,9 +300,9 @@ class Dispatcher:
             # Every free slot is matched first; then each agent's tasks are claimed with one
             # statement, and the agents' claims share one transaction (group commit).
             claims: dict[AgentSession, dict[str, str]] = {}
-            while (session := self.registry.pick()) is not None and (item := self.queue.pop()):
+            while (session := self._registry.pick()) is not None and (item := self._queue.pop()):
                 session.credits -= 1
-                self.queue.started(item[1])
+                self._queue.started(item[1])
                 claims.setdefault(session, {})[item[0]] = item[1]
             if claims:
                 await asyncio.gather(*(self._assign(s, items) for s, items in claims.items()))
@@ -303,9 +310,7 @@ class Dispatcher:
     async def _assign(self, session: AgentSession, items: dict[str, str]) -> None:
         """Claims popped tasks (task id -> tenant) for slots already taken from ``session``."""
         try:
-            claimed = await self._store.call(
-                self._store.sync.claim_many, list(items), session.info, _now()
-            )
+            claimed = await self._store.claim_many(list(items), session.info, _now())
         except BaseException:
             for tenant in items.values():
                 self._unclaimed(session, tenant)
@@ -318,7 +323,7 @@ class Dispatcher:
 
     async def _hand_over(self, session: AgentSession, task: Task, tenant: str) -> None:
         if session.closed or session.draining:
-            self.queue.finished(tenant)
+            self._queue.finished(tenant)
             await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
             return
         session.leases[task.id] = Lease(task)
@@ -328,7 +333,7 @@ class Dispatcher:
 
     def _unclaimed(self, session: AgentSession, tenant: str) -> None:
         """Gives back the slot and the running count of a claim that did not happen."""
-        self.queue.finished(tenant)
+        self._queue.finished(tenant)
         if not (session.closed or session.draining):
             session.credits += 1
             self._wake.set()
@@ -336,35 +341,33 @@ class Dispatcher:
     async def _lose_leases(self, session: AgentSession, reason: str) -> None:
         leases, session.leases = session.leases, {}
         for task_id, lease in leases.items():
-            self.queue.finished(lease.tenant)
+            self._queue.finished(lease.tenant)
             await self._requeue(Attempt(task_id, lease.attempt), reason)
 
     async def _requeue(self, attempt: Attempt, reason: str) -> None:
         try:
-            task = await self._store.call(
-                self._store.sync.requeue, attempt, self._limits.max_attempts, _now(), reason
-            )
+            task = await self._store.requeue(attempt, self._limits.max_attempts, _now(), reason)
         except StaleAttemptError:
             return  # already finished, cancelled or expired
         if task.state is TaskState.QUEUED:
             logger.info("requeued %s after attempt %d: %s", task.id, attempt.number, reason)
-            self.queue.push(task.id, task.tenant, task.priority, task.seq)
+            self._queue.push(task.id, task.tenant, task.priority, task.seq)
             self._wake.set()
         else:
             self._spool.release_inputs(task)
         self._events.publish(task)
 
     def _release(self, agent_id: str, attempt: Attempt) -> None:
-        session = self.registry.get(agent_id)
+        session = self._registry.get(agent_id)
         if session is not None and session.holds(attempt):
-            self.queue.finished(session.leases.pop(attempt.task_id).tenant)
+            self._queue.finished(session.leases.pop(attempt.task_id).tenant)
 
     def _ended(self, before: Task, after: Task, reason: str) -> None:
         """A live task became final outside an agent's report (cancel, deadline)."""
         if before.state is TaskState.QUEUED:
-            self.queue.remove(before.id)
+            self._queue.remove(before.id)
         elif before.state is TaskState.RUNNING and before.agent_id:
-            session = self.registry.get(before.agent_id)
+            session = self._registry.get(before.agent_id)
             attempt = Attempt(before.id, before.attempt)
             if session is not None and session.holds(attempt):
                 self._release(before.agent_id, attempt)
@@ -380,9 +383,13 @@ class Dispatcher:
         interval = min(1.0, self._lease_timeout_s / 3)
         while True:
             await asyncio.sleep(interval)
-            for session in self.registry.silent_since(time.monotonic() - self._lease_timeout_s):
+            for session in self._registry.silent_since(time.monotonic() - self._lease_timeout_s):
                 logger.warning("agent %s silent for %.1fs", session.agent_id, self._lease_timeout_s)
                 session.outbox.put_nowait(Close("lease expired: no heartbeat"))
                 await self.disconnect(session, "lease expired")
-            for before, after in await self._store.call(self._store.sync.expire, _now()):
+            for before, after in await self._store.expire(_now()):
                 self._ended(before, after, "deadline exceeded")
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -1,11 +1,13 @@
-"""What clients do with tasks: submit, look up, list, watch, fetch results, cancel.
+"""What clients do with tasks: submit, run, look up, list, watch, fetch results, cancel.
 
 Domain logic only: the client servicer converts messages and maps errors around these calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from gpubroker.billing.budget import BudgetStatus
@@ -14,6 +16,8 @@ from gpubroker.broker.config import Limits
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.events import Subscription, TaskEvents, TaskSink
 from gpubroker.broker.core.quota import SubmitQuota
+from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import (
     InvalidTaskError,
     LimitExceededError,
@@ -21,14 +25,16 @@ from gpubroker.broker.errors import (
     UnknownWorkloadError,
 )
 from gpubroker.broker.model import Task, TaskSpec, TaskState
-from gpubroker.broker.storage.committer import AsyncTaskStore
+from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.spool import INLINE_MAX_BYTES, Spool
 from gpubroker.protos.ids import time_ordered_id
-from gpubroker.protos.wire import TensorMeta, TensorStream, WireError
+from gpubroker.protos.states import FailureCode
+from gpubroker.protos.wire import MAX_PAGE_SIZE, TensorMeta, TensorStream, WireError
 
-__all__ = ["TaskService", "check_spec"]
+__all__ = ["DEADLINE_SLACK_S", "TaskService", "check_spec"]
 
-MAX_PAGE_SIZE = 1000
+DEADLINE_SLACK_S = 0.25
+"""A Run call cancelled with less than this left of its deadline is taken to have timed out."""
 
 
 class TaskService:
@@ -40,18 +46,21 @@ class TaskService:
         spool: Spool,
         dispatcher: Dispatcher,
         events: TaskEvents,
+        queue: FairQueue,
+        workloads: KnownWorkloads,
         limits: Limits,
     ) -> None:
         self._store = store
         self._spool = spool
         self._dispatcher = dispatcher
         self._events = events
+        self._workloads = workloads
         self._limits = limits
         self._quota = SubmitQuota(
             limits.submit_rate_per_s,
             limits.submit_burst,
             limits.max_queued_per_tenant,
-            dispatcher.queue.queued,
+            queue.queued,
         )
 
     async def pace(self, tenant: str, tasks: int) -> None:
@@ -74,11 +83,11 @@ class TaskService:
         nothing is spooled for a tenant over its queue or rate quota. A ``call_bound`` task
         (``Run``, ``RunMany``) lives as long as its call: see ``Task.call_bound``.
         """
-        check_spec(spec, self._limits, self._dispatcher.known_workloads)
+        check_spec(spec, self._limits, self._workloads.names)
         if spec.request_id and spec.input_bytes > INLINE_MAX_BYTES:
             # A retry of a large upload is answered before its bytes are spooled a second
             # time; small ones are deduplicated inside the insert's own transaction.
-            existing = await self._store.call(self._store.sync.find_request, tenant, spec)
+            existing = await self._store.find_request(tenant, spec)
             if existing is not None:
                 return existing, True
         # Admission after the header checks, so a malformed header costs no token; before the
@@ -98,15 +107,8 @@ class TaskService:
             now = datetime.now(UTC)
             deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
             try:
-                task, deduplicated = await self._store.call(
-                    self._store.sync.create,
-                    task_id,
-                    tenant,
-                    spec,
-                    now,
-                    deadline,
-                    writer.inline,
-                    call_bound=call_bound,
+                task, deduplicated = await self._store.create(
+                    task_id, tenant, spec, now, deadline, writer.inline, call_bound=call_bound
                 )
             except BaseException:
                 self._spool.delete_inputs(task_id)
@@ -117,13 +119,46 @@ class TaskService:
                 self._dispatcher.enqueue(task)
         return task, deduplicated
 
+    async def run(
+        self,
+        tenant: str,
+        spec: TaskSpec,
+        chunks: AsyncIterator[bytes | memoryview],
+        time_left_s: Callable[[], float | None],
+    ) -> AsyncIterator[Task | bytes]:
+        """Submits a task that lives as long as its call; yields the task now and after every
+        change until it is final, then its outputs' bytes.
+
+        ``time_left_s`` tells the seconds the call has left (None: no deadline): a deadline
+        sooner than the spec's timeout becomes the task's. A caller who hangs up cancels the
+        task; at its deadline the task is left to the sweep, which fails it with
+        DEADLINE_EXCEEDED (the caller's clock runs out a little before ours, hence
+        ``DEADLINE_SLACK_S``).
+        """
+        remaining = time_left_s()
+        if remaining is not None and (spec.timeout_s is None or remaining < spec.timeout_s):
+            spec = replace(spec, timeout_s=max(remaining, 0.001))
+        submitted, deduplicated = await self.submit(tenant, spec, chunks, call_bound=True)
+        try:
+            task = submitted
+            known = None if deduplicated else submitted  # an old task may have moved on
+            async for task in self.watch(tenant, submitted.id, known):
+                yield task
+            async for data in self.result_chunks(task):
+                yield data
+        except asyncio.CancelledError:
+            remaining = time_left_s()
+            if remaining is None or remaining > DEADLINE_SLACK_S:
+                await asyncio.shield(self.cancel_quietly(submitted.id))
+            raise
+
     def follow(self, sink: TaskSink) -> Subscription:
         """Delivers the snapshots of the tasks added to the subscription to ``sink``."""
         return self._events.subscription(sink)
 
     async def get(self, tenant: str, task_id: str) -> Task:
         """Returns one of the tenant's tasks."""
-        return await self._store.call(self._store.sync.get, task_id, tenant)
+        return await self._store.get(task_id, tenant)
 
     async def list(
         self, tenant: str, states: Sequence[TaskState], page_size: int, page_token: str
@@ -136,7 +171,7 @@ class TaskService:
             before = int(page_token) if page_token else None
         except ValueError:
             raise InvalidTaskError(f"page_token {page_token!r} is not valid") from None
-        page = await self._store.call(self._store.sync.page, tenant, states, limit, before)
+        page = await self._store.page(tenant, states, limit, before)
         next_token = str(page[-1].seq) if len(page) == limit else ""
         return page, next_token
 
@@ -170,7 +205,7 @@ class TaskService:
         """Streams a succeeded task's output bytes; a failed or cancelled task raises."""
         if task.state is not TaskState.SUCCEEDED:
             raise TaskEndedError(
-                task.error_code or "FAILED_PRECONDITION",
+                task.error_code or FailureCode.FAILED_PRECONDITION,
                 task.error_message or f"task {task.id} is {task.state.value}",
             )
         return self._spool.outputs(task)
@@ -180,7 +215,7 @@ class TaskService:
     ) -> tuple[UsageSummary, BudgetStatus]:
         """The tenant's own billed usage and budget; no tenant sees another's."""
         now = datetime.now(UTC)
-        return await self._store.call(self._store.sync.usage, tenant, since, until, now)
+        return await self._store.usage(tenant, since, until, now)
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Cancels one of the tenant's queued or running tasks."""

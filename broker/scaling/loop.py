@@ -37,7 +37,8 @@ from gpubroker.billing.vms import (
     record_deleted,
     record_running,
 )
-from gpubroker.broker.core.dispatcher import Dispatcher
+from gpubroker.broker.core.registry import AgentRegistry
+from gpubroker.broker.core.scheduler import FairQueue
 from gpubroker.broker.scaling.policy import (
     Autoscaler,
     InstanceSnapshot,
@@ -51,6 +52,7 @@ from gpubroker.broker.scaling.providers.base import (
     LaunchRequest,
     Provider,
 )
+from gpubroker.broker.storage.async_store import AsyncTaskStore
 
 __all__ = ["PROVIDERS", "ScalingConfig", "ScalingLoop", "load_scaling_config"]
 
@@ -128,13 +130,17 @@ class ScalingLoop:
         self,
         provider: Provider,
         config: ScalingConfig,
-        dispatcher: Dispatcher,
+        store: AsyncTaskStore,
+        queue: FairQueue,
+        registry: AgentRegistry,
         engine: Engine,
         catalog: PriceCatalog,
     ) -> None:
         self.provider = provider
         self._config = config
-        self._dispatcher = dispatcher
+        self._store = store
+        self._queue = queue
+        self._registry = registry
         self._engine = engine
         self._catalog = catalog
         self.autoscaler = Autoscaler(config.policy)
@@ -178,9 +184,9 @@ class ScalingLoop:
         now_s, wall = time.monotonic(), datetime.now(UTC)
         await self._reconcile(instances, now_s, wall)
         snapshot = Snapshot(
-            queue_depth=len(self._dispatcher.queue),
+            queue_depth=len(self._queue),
             oldest_queued_age_s=await self._oldest_queued_age(wall),
-            free_slots=sum(s.room for s in self._dispatcher.registry.sessions() if not s.draining),
+            free_slots=sum(s.room for s in self._registry.sessions() if not s.draining),
             instances=tuple(self._snapshot(i) for i in instances),
             pending_launches=self._pending,
         )
@@ -195,8 +201,7 @@ class ScalingLoop:
                 self._spawn(self._launch(decision.launch.request))
 
     async def _oldest_queued_age(self, wall: datetime) -> float:
-        store = self._dispatcher.store
-        oldest = await store.call(store.sync.oldest_queued)
+        oldest = await self._store.oldest_queued()
         return 0.0 if oldest is None else max((wall - oldest).total_seconds(), 0.0)
 
     async def _reconcile(self, instances: list[Instance], now_s: float, wall: datetime) -> None:
@@ -220,7 +225,7 @@ class ScalingLoop:
             await asyncio.to_thread(record_deleted, self._engine, name, wall, EndReason.PREEMPTED)
 
     def _observe_agent(self, name: str, tracked: _Tracked, now_s: float) -> None:
-        session = self._dispatcher.registry.get(name)
+        session = self._registry.get(name)
         if session is None:
             tracked.idle_since_s = None
             return
@@ -236,7 +241,7 @@ class ScalingLoop:
 
     def _snapshot(self, instance: Instance) -> InstanceSnapshot:
         tracked = self._tracked[instance.name]
-        session = self._dispatcher.registry.get(instance.name)
+        session = self._registry.get(instance.name)
         return InstanceSnapshot(
             name=instance.name,
             status=instance.status,

@@ -16,14 +16,14 @@ The count is then bounded by ``max_instances`` and by ``max_hourly_spend_nanousd
 prices of live instances, pending launches and the new ones together), and by a cooldown after
 the last scale-up; a bounded or refused scale-up still carries a reason that says why.
 
-Scale down (the idle rule). GCE bills a minimum of 60 s, then per second (NOTES.md G.4), and a
-new machine takes the boot time (measured, smoothed, default 90 s) before it serves. Stopping an
-idle machine early therefore saves nothing during its first 60 s, and after that saves its
-price per second, while stopping too early costs a cold start: a boot's worth of billed time
-during which nothing runs, and that much delay for the next task. That is the ski-rental
-problem, whose best deterministic online answer is to keep paying ("renting") for as long as
-one cold start costs, then stop. So an idle instance (connected, no task running, no task
-queued) is stopped once now ≥ ``max(billing_start + 60 s, idle_since + idle_grace)`` with
+Scale down (the idle rule). GCE bills a minimum of 60 s, then per second (docs/deploy.md,
+section 7), and a new machine takes the boot time (measured, smoothed, default 90 s) before it
+serves. Stopping an idle machine early therefore saves nothing during its first 60 s, and after
+that saves its price per second, while stopping too early costs a cold start: a boot's worth of
+billed time during which nothing runs, and that much delay for the next task. That is the
+ski-rental problem, whose best deterministic online answer is to keep paying ("renting") for as
+long as one cold start costs, then stop. So an idle instance (connected, no task running, no
+task queued) is stopped once now ≥ ``max(billing_start + 60 s, idle_since + idle_grace)`` with
 ``idle_grace = max(min_idle_s, boot_time_s * keep_factor)``, longest idle first, never going
 below ``min_instances``. Per-second billing means no later boundary is worth waiting for.
 Independently of idleness, an instance the provider reports ``TERMINATED`` (preempted) is
@@ -189,11 +189,6 @@ class Decision:
     launch: Launch | None = None
     """None when no scale-up was wanted."""
     terminations: tuple[Termination, ...] = ()
-
-    @property
-    def launch_count(self) -> int:
-        """Instances to start now."""
-        return 0 if self.launch is None else self.launch.count
 
     @property
     def terminated_names(self) -> tuple[str, ...]:

@@ -1,0 +1,289 @@
+"""The queue's state changes on task rows, each guarded in SQL.
+
+Every function runs inside the caller's open transaction. A change to a running task names
+its attempt (``WHERE state = ... AND attempt = ...``), so a result from a lost lease can never
+overwrite a newer attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gpubroker.billing.models import tasks
+from gpubroker.broker.errors import StaleAttemptError, TaskNotFoundError
+from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
+from gpubroker.broker.storage.rows import code_to_row, meta_to_json, task_from_row
+from gpubroker.protos.states import FailureCode
+
+__all__ = [
+    "cancel",
+    "claim_many",
+    "expire",
+    "fail",
+    "get",
+    "mark_succeeded",
+    "recover",
+    "requeue",
+]
+
+_LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
+_ORPHAN_MESSAGE = "the Run or RunMany call it belonged to ended when the broker stopped"
+
+
+def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"b_{name}", type_=column.type)
+
+
+# The hot statements are built once: building one per call (and its cache key) cost more than
+# running it. Bind names carry a ``b_`` prefix because UPDATE reserves the column names.
+_CLAIM_MANY = (
+    tasks.update()
+    .where(
+        tasks.c.id.in_(sa.bindparam("b_ids", expanding=True)),
+        tasks.c.state == TaskState.QUEUED.value,
+    )
+    .values(
+        state=TaskState.RUNNING.value,
+        attempt=tasks.c.attempt + 1,
+        agent_id=_bind("agent_id", tasks.c.agent_id),
+        gpu_type=_bind("gpu_type", tasks.c.gpu_type),
+        started_at=_bind("now", tasks.c.started_at),
+    )
+    .returning(*tasks.c)
+)
+_GET = sa.select(tasks).where(tasks.c.id == _bind("id", tasks.c.id))
+_SUCCEED_UNREAD = (
+    tasks.update()
+    .where(
+        tasks.c.id == _bind("id", tasks.c.id),
+        tasks.c.state == TaskState.RUNNING.value,
+        tasks.c.attempt == _bind("attempt", tasks.c.attempt),
+        tasks.c.agent_id == _bind("agent_id", tasks.c.agent_id),
+    )
+    .values(
+        state=TaskState.SUCCEEDED.value,
+        outputs=_bind("outputs", tasks.c.outputs),
+        output_bytes=_bind("output_bytes", tasks.c.output_bytes),
+        inline_outputs=_bind("inline_outputs", tasks.c.inline_outputs),
+        compute_seconds=_bind("compute_seconds", tasks.c.compute_seconds),
+        finished_at=_bind("now", tasks.c.finished_at),
+    )
+)
+"""A success's guarded UPDATE where the caller has the running task (no row to read back)."""
+_SUCCEED = _SUCCEED_UNREAD.returning(*tasks.c)
+
+
+def get(conn: Connection, task_id: str) -> Task:
+    """Reads one task; raises ``TaskNotFoundError`` when there is none."""
+    row = conn.execute(_GET, {"b_id": task_id}).first()
+    if row is None:
+        raise TaskNotFoundError(task_id)
+    return task_from_row(row)
+
+
+def claim_many(
+    conn: Connection, task_ids: Sequence[str], agent: AgentInfo, now: datetime
+) -> list[Task]:
+    """Moves queued tasks to running on ``agent``, each at its next attempt, in one statement;
+    returns those claimed (a task cancelled or expired while queued is left out)."""
+    rows = conn.execute(
+        _CLAIM_MANY,
+        {
+            "b_ids": list(task_ids),
+            "b_agent_id": agent.agent_id,
+            "b_gpu_type": agent.gpu_type,
+            "b_now": now,
+        },
+    )
+    return [task_from_row(row) for row in rows]
+
+
+def requeue(
+    conn: Connection, attempt: Attempt, max_attempts: int, now: datetime, reason: str
+) -> Task:
+    """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
+    current = _running_attempt(conn, attempt)
+    if current.attempt >= max_attempts:
+        message = f"gave up after {current.attempt} attempts; last: {reason}"
+        return _finish(conn, attempt, TaskState.FAILED, now, FailureCode.ABORTED, message)
+    conn.execute(
+        tasks.update()
+        .where(tasks.c.id == attempt.task_id)
+        .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None)
+    )
+    return get(conn, attempt.task_id)
+
+
+def mark_succeeded(
+    conn: Connection,
+    outcome: AttemptOutcome,
+    now: datetime,
+    inline_outputs: bytes | None,
+    running: Task | None,
+) -> Task:
+    """Marks a running attempt succeeded with its outputs; returns the succeeded task.
+
+    ``running`` is the task as its claim returned it, where the caller kept it: the guarded
+    UPDATE then proves the row is still exactly that attempt, and the succeeded snapshot is
+    built from it instead of read back.
+    """
+    attempt = outcome.attempt
+    if running is not None and (
+        running.id != attempt.task_id
+        or running.attempt != attempt.number
+        or running.agent_id != outcome.agent_id
+    ):
+        raise ValueError(f"{running.id} attempt {running.attempt} is not {attempt}")
+    output_bytes = sum(m.nbytes for m in outcome.outputs)
+    params = {
+        "b_id": attempt.task_id,
+        "b_attempt": attempt.number,
+        "b_agent_id": outcome.agent_id,
+        "b_outputs": [meta_to_json(m) for m in outcome.outputs],
+        "b_output_bytes": output_bytes,
+        "b_inline_outputs": inline_outputs,
+        "b_compute_seconds": outcome.compute_seconds,
+        "b_now": now,
+    }
+    # One guarded UPDATE both checks the lease and writes.
+    task: Task | None = None
+    if running is None:
+        row = conn.execute(_SUCCEED, params).first()
+        task = task_from_row(row) if row is not None else None
+    elif conn.execute(_SUCCEED_UNREAD, params).rowcount == 1:
+        task = dataclasses.replace(
+            running,
+            state=TaskState.SUCCEEDED,
+            outputs=tuple(outcome.outputs),
+            output_bytes=output_bytes,
+            inline_outputs=inline_outputs,
+            compute_seconds=outcome.compute_seconds,
+            finished_at=now.astimezone(UTC),
+        )
+    if task is None:
+        _running_attempt(conn, attempt, outcome.agent_id)  # raises, naming the state
+        raise StaleAttemptError(f"attempt {attempt.number} of {attempt.task_id} is stale")
+    return task
+
+
+def fail(
+    conn: Connection,
+    attempt: Attempt,
+    agent_id: str | None,
+    code: FailureCode,
+    message: str,
+    now: datetime,
+) -> Task:
+    """Marks a running attempt failed (the workload raised or rejected its inputs)."""
+    _running_attempt(conn, attempt, agent_id)
+    return _finish(conn, attempt, TaskState.FAILED, now, code, message)
+
+
+def cancel(conn: Connection, task_id: str, tenant: str | None, now: datetime) -> tuple[Task, Task]:
+    """Cancels a live task; returns (before, after). A final task stays as it is."""
+    before = get(conn, task_id)
+    if tenant is not None and before.tenant != tenant:
+        raise TaskNotFoundError(task_id)
+    if before.state.is_final:
+        return before, before
+    after = _finish(
+        conn,
+        Attempt(task_id, before.attempt),
+        TaskState.CANCELLED,
+        now,
+        FailureCode.CANCELLED,
+        "cancelled by its owner",
+    )
+    return before, after
+
+
+def expire(conn: Connection, now: datetime) -> list[tuple[Task, Task]]:
+    """Fails every live task whose deadline has passed; returns (before, after) pairs."""
+    rows = conn.execute(
+        sa.select(tasks).where(
+            tasks.c.state.in_(_LIVE),
+            tasks.c.deadline_at.is_not(None),
+            tasks.c.deadline_at <= now,
+        )
+    ).all()
+    expired = []
+    for row in rows:
+        before = task_from_row(row)
+        after = _finish(
+            conn,
+            Attempt(before.id, before.attempt),
+            TaskState.FAILED,
+            now,
+            FailureCode.DEADLINE_EXCEEDED,
+            "the task's deadline passed before it finished",
+        )
+        expired.append((before, after))
+    return expired
+
+
+def recover(conn: Connection, now: datetime) -> tuple[list[Task], list[Task]]:
+    """On start: running tasks lost their agents with the old process; queue them again.
+    Live call-bound tasks lost their calls with it: they are cancelled.
+
+    Returns every queued task, oldest first, for the scheduler to load, and the tasks
+    cancelled (whose payload files can go).
+    """
+    orphans = conn.execute(
+        tasks.update()
+        .where(tasks.c.call_bound, tasks.c.state.in_(_LIVE))
+        .values(
+            state=TaskState.CANCELLED.value,
+            error_code=code_to_row(FailureCode.CANCELLED),
+            error_message=_ORPHAN_MESSAGE,
+            finished_at=now,
+        )
+        .returning(*tasks.c)
+    )
+    cancelled = [task_from_row(row) for row in orphans]
+    conn.execute(
+        tasks.update()
+        .where(tasks.c.state == TaskState.RUNNING.value)
+        .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None)
+    )
+    rows = conn.execute(
+        sa.select(tasks).where(tasks.c.state == TaskState.QUEUED.value).order_by(tasks.c.seq)
+    )
+    return [task_from_row(row) for row in rows], cancelled
+
+
+def _running_attempt(conn: Connection, attempt: Attempt, agent_id: str | None = None) -> Task:
+    current = get(conn, attempt.task_id)
+    if (
+        current.state is not TaskState.RUNNING
+        or current.attempt != attempt.number
+        or (agent_id is not None and current.agent_id != agent_id)
+    ):
+        raise StaleAttemptError(
+            f"attempt {attempt.number} of task {attempt.task_id} is not current: the task is "
+            f"{current.state.value} at attempt {current.attempt}"
+        )
+    return current
+
+
+def _finish(
+    conn: Connection,
+    attempt: Attempt,
+    state: TaskState,
+    now: datetime,
+    code: FailureCode,
+    message: str,
+) -> Task:
+    conn.execute(
+        tasks.update()
+        .where(tasks.c.id == attempt.task_id)
+        .values(
+            state=state.value, error_code=code_to_row(code), error_message=message, finished_at=now
+        )
+    )
+    return get(conn, attempt.task_id)

@@ -1,0 +1,87 @@
+"""A hand-written agent speaking the raw ``AgentGateway`` protocol to a real broker.
+
+No torch and no subprocess: it says hello, grants credit, fetches inputs and puts results when
+the test says so, so tests can pin down the protocol (credits, fencing, revocation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gpubroker.protos import agent_pb2, agent_pb2_grpc, task_pb2
+from tests.support.rpc import bearer, uint8_header
+
+JOIN_TOKEN = "join-me"
+"""The join token fake agents present unless told otherwise."""
+
+
+class FakeAgent:
+    """Says hello, grants credit, and collects assignments and cancels."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        agent_id: str,
+        slots: int = 1,
+        join_token: str = JOIN_TOKEN,
+    ) -> None:
+        self.stub = agent_pb2_grpc.AgentGatewayStub(channel)
+        self.agent_id = agent_id
+        self.metadata = bearer(join_token)
+        self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        hello = agent_pb2.AgentHello(
+            agent_id=agent_id, gpu_type="cpu", slots=slots, workloads=["echo"]
+        )
+        self.outbox.put_nowait(agent_pb2.AgentMessage(hello=hello))
+        self.call = self.stub.Connect(self._messages(), metadata=self.metadata)
+
+    async def _messages(self) -> AsyncIterator[agent_pb2.AgentMessage]:
+        while True:
+            yield await self.outbox.get()
+
+    @classmethod
+    async def ready(cls, channel: grpc.aio.Channel, agent_id: str) -> FakeAgent:
+        """An agent that was welcomed and granted one slot."""
+        agent = cls(channel, agent_id)
+        await agent.next()
+        agent.credit()
+        return agent
+
+    async def next(self) -> agent_pb2.BrokerMessage:
+        """The next message from the broker (fails the test after 10 s)."""
+        message = await asyncio.wait_for(self.call.read(), 10)
+        assert isinstance(message, agent_pb2.BrokerMessage)
+        return message
+
+    def credit(self, slots: int = 1) -> None:
+        """Grants ``slots`` more credit."""
+        self.outbox.put_nowait(agent_pb2.AgentMessage(credit=agent_pb2.AgentCredit(slots=slots)))
+
+    async def fetch(self, assignment: agent_pb2.TaskAssignment) -> bytes:
+        """The assignment's input bytes, through FetchInputs."""
+        attempt = agent_pb2.TaskAttempt(task_id=assignment.task_id, attempt=assignment.attempt)
+        request = agent_pb2.FetchInputsRequest(agent_id=self.agent_id, attempt=attempt)
+        return b"".join(
+            [r.chunk.data async for r in self.stub.FetchInputs(request, metadata=self.metadata)]
+        )
+
+    async def put(
+        self, assignment: agent_pb2.TaskAssignment, data: bytes, compute_seconds: float = 0.25
+    ) -> int:
+        """Uploads ``data`` as the attempt's one ``uint8`` output; the task's state after."""
+        attempt = agent_pb2.TaskAttempt(task_id=assignment.task_id, attempt=assignment.attempt)
+        header = agent_pb2.ResultHeader(
+            agent_id=self.agent_id,
+            attempt=attempt,
+            outputs=[uint8_header(data)],
+            compute_seconds=compute_seconds,
+        )
+        messages = [
+            agent_pb2.PutResultRequest(header=header),
+            agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=data)),
+        ]
+        reply = await self.stub.PutResult(iter(messages), metadata=self.metadata)
+        return int(reply.state)
