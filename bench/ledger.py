@@ -77,8 +77,9 @@ def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float,
 
     The first two are medians over alternating runs; their difference is what billing costs
     the store, commit included, but on these shared cores it moves by tens of microseconds
-    between runs. The third times only the calls the ledger adds (``usage_record``,
-    ``record_usage``) in the runs with it, which is steady.
+    between runs. The third times only the calls the ledger adds (``usage_record``, then
+    ``priced_usage`` and the batch's ``insert_usage``, or ``record_usage`` outside a batch) in
+    the runs with it, which is steady.
     """
     stores = {True: _store(root / "ledger-on", True), False: _store(root / "ledger-off", False)}
     runs: dict[bool, list[float]] = {True: [], False: []}
@@ -100,7 +101,12 @@ def ledger_cost_us(root: Path, tasks: int = 4000, reps: int = 7) -> tuple[float,
     return statistics.median(runs[True]), statistics.median(runs[False]), statistics.median(inside)
 
 
-_LEDGER_CALLS = ((usage, "usage_record"), (usage, "record_usage"))
+_LEDGER_CALLS = (
+    (usage, "usage_record"),
+    (usage, "priced_usage"),
+    (usage, "insert_usage"),
+    (usage, "record_usage"),
+)
 """What billing adds to a success: building the record; pricing and inserting it."""
 
 

@@ -107,8 +107,12 @@ def main(
         "tls_client_ca_file": tls_client_ca,
         "plaintext": plaintext,
     }
+    try:
+        environment = Settings.from_env()
+    except ValueError as exc:  # a GPUBROKER_* variable that does not parse: one line, no traceback
+        raise click.UsageError(str(exc)) from exc
     settings = dataclasses.replace(
-        Settings.from_env(), **{k: v for k, v in overrides.items() if v is not None}
+        environment, **{k: v for k, v in overrides.items() if v is not None}
     )
     try:
         asyncio.run(_serve(settings, port_file))

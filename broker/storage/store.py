@@ -25,7 +25,7 @@ from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, Tas
 from gpubroker.broker.storage import transitions
 from gpubroker.broker.storage.rows import task_from_row
 from gpubroker.broker.storage.submission import Submissions, find_request
-from gpubroker.broker.storage.usage import bill_success, check_priced, tenant_usage
+from gpubroker.broker.storage.usage import Bills, check_priced, tenant_usage
 from gpubroker.protos.states import FailureCode
 
 __all__ = ["TaskStore"]
@@ -37,7 +37,7 @@ class TaskStore:
     def __init__(self, engine: Engine, catalog: PriceCatalog, *, billing: bool = True) -> None:
         self._engine = engine
         self._catalog = catalog
-        self._billing = billing
+        self._bills = Bills(catalog) if billing else None
         self._submissions = Submissions(engine.dialect)
         self._batch: Connection | None = None
 
@@ -67,16 +67,22 @@ class TaskStore:
             with self._engine.begin() as conn:
                 self._batch = conn
                 self._submissions.begin()
+                if self._bills is not None:
+                    self._bills.open_batch()
                 results: list[object] = []
                 for op in ops:
                     try:
                         results.append(op())
                     except BrokerError as exc:
                         results.append(exc)
+                if self._bills is not None:
+                    self._bills.write_batch(conn)  # the batch's successes, one INSERT
                 self._batch = None
             return results
         except Exception:
             self._batch = None
+            if self._bills is not None:
+                self._bills.drop_batch()
             if len(ops) == 1:
                 raise
             return [_run_alone(op) for op in ops]
@@ -162,8 +168,8 @@ class TaskStore:
         """
         with self._transaction() as conn:
             task = transitions.mark_succeeded(conn, outcome, now, inline_outputs, running)
-            if self._billing:
-                bill_success(conn, task, outcome, self._catalog, now)
+            if self._bills is not None:
+                self._bills.bill(conn, task, outcome, now)
             return task
 
     def fail(
