@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -55,3 +56,21 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         assert f"gpubroker/{module}" in names
     assert "gpubroker/billing/migrations/versions/0001_initial_schema.py" in names
     assert "gpubroker/billing/prices.toml" in names
+    assert _plain_requirements(zipfile.ZipFile(wheel)) == {
+        "grpcio",
+        "protobuf",
+        "torch",
+        "numpy",
+        "crc32c",
+    }
+
+
+def _plain_requirements(wheel: zipfile.ZipFile) -> set[str]:
+    """The distributions a plain ``pip install`` of the wheel pulls in (no extra named)."""
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    found = set()
+    for line in wheel.read(metadata).decode().splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            requirement = line.removeprefix("Requires-Dist:").strip()
+            found.add(re.split(r"[\s<>=!~\[;(]", requirement, maxsplit=1)[0])
+    return found
