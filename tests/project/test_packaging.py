@@ -62,6 +62,7 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         "torch",
         "numpy",
         "crc32c",
+        "safetensors",
     }
 
 
