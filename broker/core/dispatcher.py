@@ -13,8 +13,9 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from gpubroker.broker.config import Limits
 from gpubroker.broker.core.events import TaskEvents
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 FAILPOINT_EXIT_CODE = 86
 """Exit code of a process killed by an armed failpoint."""
+
+_T = TypeVar("_T")
 
 MAX_PREFETCH = 1024
 """An agent asking to queue more than this beyond its slots gets this much."""
@@ -75,6 +78,7 @@ class Dispatcher:
         self._failpoint = failpoint
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._settling: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         """Loads queued work from the store and starts the dispatch and watchdog loops."""
@@ -96,12 +100,14 @@ class Dispatcher:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stops the loops and closes every agent session."""
+        """Stops the loops, lets every commit's follow-up finish, closes every agent session."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._settling:
+            await asyncio.wait(list(self._settling))
         for session in self._registry.sessions():
             session.outbox.put_nowait(Close("broker shutting down"))
 
@@ -217,16 +223,32 @@ class Dispatcher:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
         session = self.check_lease(outcome.agent_id, outcome.attempt)
         if outcome.error_code is not None:
+            return await self._settle(self._end(outcome, None, None))
+        running = session.leases[outcome.attempt.task_id].task
+        try:
+            inline = await self._spool_outputs(outcome, chunks, not running.call_bound)
+        except BrokerError as exc:
+            await self._settle(self._reject_upload(outcome, exc))
+            raise
+        return await self._settle(self._end(outcome, inline, running))
+
+    async def report(self, session: AgentSession, outcome: AttemptOutcome, data: bytes) -> Task:
+        """Takes an outcome an agent reported on its control stream, with its outputs' bytes.
+
+        The session, not the report, says which agent reports: no agent speaks for another.
+        """
+        reported = dataclasses.replace(outcome, agent_id=session.agent_id)
+        return await self.complete(reported, _once(data))
+
+    async def _end(
+        self, outcome: AttemptOutcome, inline: bytes | None, running: Task | None
+    ) -> Task:
+        """Records how an attempt ended (its outputs already spooled), then frees its lease."""
+        if outcome.error_code is not None:
             task = await self._store.fail(
                 outcome.attempt, outcome.agent_id, outcome.error_code, outcome.error_message, _now()
             )
         else:
-            try:
-                running = session.leases[outcome.attempt.task_id].task
-                inline = await self._spool_outputs(outcome, chunks, not running.call_bound)
-            except BrokerError as exc:
-                await self._reject_upload(outcome, exc)
-                raise
             try:
                 task = await self._store.succeed(outcome, _now(), inline, running)
             except StaleAttemptError:
@@ -237,13 +259,15 @@ class Dispatcher:
         self._finished(task)
         return task
 
-    async def report(self, session: AgentSession, outcome: AttemptOutcome, data: bytes) -> Task:
-        """Takes an outcome an agent reported on its control stream, with its outputs' bytes.
-
-        The session, not the report, says which agent reports: no agent speaks for another.
-        """
-        reported = dataclasses.replace(outcome, agent_id=session.agent_id)
-        return await self.complete(reported, _once(data))
+    async def _settle(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Runs ``work`` (a commit and the in-memory change that must follow it) to its end,
+        even when the call that asked for it is cancelled: an agent's RPC torn down while its
+        requeue commits must not leave a row that says queued and a queue that does not hold
+        the task. The caller still sees its own cancellation."""
+        settling = asyncio.ensure_future(work)
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        return await asyncio.shield(settling)
 
     async def _reject_upload(self, outcome: AttemptOutcome, exc: BrokerError) -> None:
         """A result that cannot be stored: too large fails the task, corrupt runs it again."""
@@ -345,6 +369,9 @@ class Dispatcher:
             await self._requeue(Attempt(task_id, lease.attempt), reason)
 
     async def _requeue(self, attempt: Attempt, reason: str) -> None:
+        await self._settle(self._requeue_now(attempt, reason))
+
+    async def _requeue_now(self, attempt: Attempt, reason: str) -> None:
         try:
             task = await self._store.requeue(attempt, self._limits.max_attempts, _now(), reason)
         except StaleAttemptError:
