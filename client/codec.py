@@ -68,13 +68,18 @@ def _encode_torch(tensor: torch.Tensor, name: str) -> tuple[TensorMeta, memoryvi
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    tensor = tensor.contiguous()
+    # A conjugate or negative view shares its bits with the original: materialise the values.
+    tensor = tensor.contiguous().resolve_conj().resolve_neg()
     if tensor.numel() == 0:
         data = memoryview(b"")
     else:
+        flat = tensor.reshape(-1)
+        if flat.stride(-1) != 1:
+            # torch calls a tensor whose dims of size 1 have other strides contiguous (e.g.
+            # randn(4)[::4]), and its flat view keeps that stride, which a byte view refuses.
+            flat = flat.clone(memory_format=torch.contiguous_format)
         # Viewing as bytes works for every dtype, bfloat16 included, which numpy lacks.
-        flat = tensor.reshape(-1).view(torch.uint8)
-        data = memoryview(flat.numpy())  # type: ignore[arg-type]
+        data = memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
     return _meta(dtype_name, tuple(tensor.shape), data, name), data
 
 
