@@ -76,20 +76,12 @@ class DriverInsert:
         ``RETURNING`` gave, or None. The cursor skips even ``exec_driver_sql``'s set-up, a
         third of a task row's insert; a driver error is raised as SQLAlchemy's
         (``sa.exc.IntegrityError``, ...), as ``conn.execute`` would raise it."""
-        return self._execute(conn, row, fetch=True)
-
-    def insert_one(self, conn: Connection, row: Mapping[str, Any]) -> None:
-        """Inserts one row on the driver's own cursor, as ``insert_returning`` does, for an
-        INSERT without ``RETURNING``."""
-        self._execute(conn, row, fetch=False)
-
-    def _execute(self, conn: Connection, row: Mapping[str, Any], *, fetch: bool) -> Any:
         params = self.parameters(row)
         error = conn.dialect.loaded_dbapi.Error
         cursor = conn.connection.cursor()
         try:
             cursor.execute(self.sql, params)
-            return cursor.fetchone() if fetch else None
+            return cursor.fetchone()
         except error as exc:
             raise sa.exc.DBAPIError.instance(self.sql, params, exc, error) from exc
         finally:

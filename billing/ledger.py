@@ -74,27 +74,23 @@ def record_usage(
 
     The caller marks the task succeeded in the same transaction. ``task_id`` is unique, so a
     second row for the same task raises ``IntegrityError`` and rolls the whole transaction back.
-    The broker calls this for every success: the row goes through the driver's own cursor.
     """
     row = priced_usage(record, catalog, now)
-    _driver_insert(conn).insert_one(conn, row)
+    insert_usage(conn, [row])
     return int(row["cost_nanousd"])
 
 
 def insert_usage(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Inserts priced usage rows (from ``priced_usage``) with one statement, inside the
     caller's open transaction; the same guarantees as ``record_usage``."""
-    if rows:
-        _driver_insert(conn).insert(conn, rows)
-
-
-def _driver_insert(conn: Connection) -> DriverInsert:
+    if not rows:
+        return
     dialect = conn.dialect
     insert = _DRIVER_INSERTS.get((dialect.name, dialect.driver))
     if insert is None:
         insert = DriverInsert.compile(usage.insert(), _USAGE_COLUMNS, dialect)
         _DRIVER_INSERTS[dialect.name, dialect.driver] = insert
-    return insert
+    insert.insert(conn, rows)
 
 
 def priced_usage(record: UsageRecord, catalog: PriceCatalog, now: datetime) -> dict[str, Any]:
