@@ -67,6 +67,8 @@ class BrokerServer:
     server: grpc.aio.Server
     port: int
     dispatcher: Dispatcher
+    tasks: TaskService
+    """What the client-facing service calls: submit, watch, cancel, ..."""
     store: AsyncTaskStore
     engine: Engine
     """The database the store, the API keys and the VM log are in."""
@@ -169,6 +171,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         server=server,
         port=port,
         dispatcher=dispatcher,
+        tasks=tasks,
         store=store,
         engine=engine,
         spool=spool,

@@ -121,6 +121,9 @@ class Dispatcher:
 
     async def cancel(self, task_id: str, tenant: str | None) -> Task:
         """Cancels a task: drops it from the queue or revokes its running attempt."""
+        return await self.settle(self._cancel(task_id, tenant))
+
+    async def _cancel(self, task_id: str, tenant: str | None) -> Task:
         before, after = await self._store.cancel(task_id, tenant, _now())
         if before.state is not after.state:
             self._ended(before, after, "cancelled by its owner")
@@ -223,14 +226,14 @@ class Dispatcher:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
         session = self.check_lease(outcome.agent_id, outcome.attempt)
         if outcome.error_code is not None:
-            return await self._settle(self._end(outcome, None, None))
+            return await self.settle(self._end(outcome, None, None))
         running = session.leases[outcome.attempt.task_id].task
         try:
             inline = await self._spool_outputs(outcome, chunks, not running.call_bound)
         except BrokerError as exc:
-            await self._settle(self._reject_upload(outcome, exc))
+            await self.settle(self._reject_upload(outcome, exc))
             raise
-        return await self._settle(self._end(outcome, inline, running))
+        return await self.settle(self._end(outcome, inline, running))
 
     async def report(self, session: AgentSession, outcome: AttemptOutcome, data: bytes) -> Task:
         """Takes an outcome an agent reported on its control stream, with its outputs' bytes.
@@ -259,11 +262,12 @@ class Dispatcher:
         self._finished(task)
         return task
 
-    async def _settle(self, work: Coroutine[Any, Any, _T]) -> _T:
+    async def settle(self, work: Coroutine[Any, Any, _T]) -> _T:
         """Runs ``work`` (a commit and the in-memory change that must follow it) to its end,
-        even when the call that asked for it is cancelled: an agent's RPC torn down while its
-        requeue commits must not leave a row that says queued and a queue that does not hold
-        the task. The caller still sees its own cancellation."""
+        even when the call that asked for it is cancelled: a peer's RPC torn down while its
+        task's change commits must not leave a row that says queued and a queue that does not
+        hold the task. The caller still sees its own cancellation; ``stop`` waits for the rest.
+        """
         settling = asyncio.ensure_future(work)
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
@@ -369,7 +373,7 @@ class Dispatcher:
             await self._requeue(Attempt(task_id, lease.attempt), reason)
 
     async def _requeue(self, attempt: Attempt, reason: str) -> None:
-        await self._settle(self._requeue_now(attempt, reason))
+        await self.settle(self._requeue_now(attempt, reason))
 
     async def _requeue_now(self, attempt: Attempt, reason: str) -> None:
         try:

@@ -104,19 +104,27 @@ class TaskService:
             except BaseException:
                 writer.abort()
                 raise
-            now = datetime.now(UTC)
-            deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
-            try:
-                task, deduplicated = await self._store.create(
-                    task_id, tenant, spec, now, deadline, writer.inline, call_bound=call_bound
-                )
-            except BaseException:
-                self._spool.delete_inputs(task_id)
-                raise
-            if deduplicated:
-                self._spool.delete_inputs(task_id)
-            else:
-                self._dispatcher.enqueue(task)
+            return await self._dispatcher.settle(
+                self._commit(task_id, tenant, spec, writer.inline, call_bound)
+            )
+
+    async def _commit(
+        self, task_id: str, tenant: str, spec: TaskSpec, inline: bytes | None, call_bound: bool
+    ) -> tuple[Task, bool]:
+        """Writes the task's row, then queues it (or drops the inputs of a duplicate)."""
+        now = datetime.now(UTC)
+        deadline = now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None
+        try:
+            task, deduplicated = await self._store.create(
+                task_id, tenant, spec, now, deadline, inline, call_bound=call_bound
+            )
+        except BaseException:
+            self._spool.delete_inputs(task_id)
+            raise
+        if deduplicated:
+            self._spool.delete_inputs(task_id)
+        else:
+            self._dispatcher.enqueue(task)
         return task, deduplicated
 
     async def run(
