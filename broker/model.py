@@ -7,14 +7,42 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 # One TaskState for clients and broker: the states are part of the public contract.
+from gpubroker.protos.modelfile import model_of
 from gpubroker.protos.states import FailureCode, TaskState
 from gpubroker.protos.wire import Param, TensorMeta
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRequirement:
+    """Which agents may run a task: an exact GPU type and/or a least device memory."""
+
+    gpu_type: str | None = None
+    """E.g. ``nvidia-l4`` (``cpu`` for CPU agents); None for any."""
+    min_memory_bytes: int = 0
+    """Least device memory; 0 for any."""
+
+    def __bool__(self) -> bool:
+        return self.gpu_type is not None or self.min_memory_bytes > 0
+
+    def fits(self, gpu_type: str, memory_bytes: int) -> bool:
+        """True when a device of this type and memory satisfies the requirement."""
+        if self.gpu_type is not None and gpu_type != self.gpu_type:
+            return False
+        return memory_bytes >= self.min_memory_bytes
+
+    def __str__(self) -> str:
+        parts = [self.gpu_type or "any GPU"]
+        if self.min_memory_bytes:
+            parts.append(f"with at least {self.min_memory_bytes / 2**30:.1f} GiB")
+        return " ".join(parts)
 
 __all__ = [
     "AgentInfo",
     "Attempt",
     "AttemptOutcome",
     "FailureCode",
+    "GpuRequirement",
+    "ModelRecord",
     "Param",
     "Task",
     "TaskSpec",
@@ -38,6 +66,13 @@ class TaskSpec:
     """Idempotency key; a retried submit with the same key returns the same task."""
     timeout_s: float | None = None
     """Seconds from submission until the task must be done."""
+    requires: GpuRequirement = GpuRequirement()
+    """Where the task may run; an empty one: the model's requirement, else anywhere."""
+
+    @property
+    def model_id(self) -> str | None:
+        """The uploaded model the task runs, or None for an operator workload."""
+        return model_of(self.workload)
 
     @property
     def input_bytes(self) -> int:
@@ -81,6 +116,17 @@ class Task:
     call_bound: bool = False
     """Created by ``Run`` or ``RunMany``: the task lives as long as its call. Its payloads are
     not fsynced, and a broker that restarts cancels it instead of running it for nobody."""
+    requires: GpuRequirement = GpuRequirement()
+    """Where the task may run (already merged with its model's requirement)."""
+    model_load_seconds: float | None = None
+    """Model fetch/check/load time before the successful attempt ran; never billed."""
+    batch_tasks: int | None = None
+    """Tasks in the same model call as the successful attempt (dynamic batching)."""
+
+    @property
+    def model_id(self) -> str | None:
+        """The uploaded model the task runs, or None for an operator workload."""
+        return model_of(self.workload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +151,10 @@ class AgentInfo:
     """Control-stream protocol the agent speaks (2: batches, results on the stream)."""
     prefetch: int = 0
     """Tasks the agent queues beyond ``slots``: its credit is capped at slots + prefetch."""
+    runs_models: bool = False
+    """The agent runs uploaded models (``model:<id>`` workloads)."""
+    models: frozenset[str] = frozenset()
+    """Models the agent held when it connected (its heartbeats update the session's copy)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,3 +168,31 @@ class AttemptOutcome:
     error_code: FailureCode | None = None
     """Why the workload failed; None when it succeeded."""
     error_message: str = ""
+    model_load_seconds: float = 0.0
+    """Model fetch/check/load time before the run; recorded, never billed."""
+    batch_tasks: int = 0
+    """Tasks in the same model call; ``compute_seconds`` is this task's share by rows."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """One tenant's model: the row that says the tenant holds the file of this id."""
+
+    tenant: str
+    model_id: str
+    name: str
+    size_bytes: int
+    metadata: Mapping[str, object]
+    """The model file's metadata section: input/output specs, ``batch_dim_varies``, ..."""
+    created_at: datetime
+    max_batch_size: int = 0
+    """Dynamic batching: most rows per call; 0 off."""
+    max_queue_delay_s: float = 0.0
+    """Dynamic batching: longest a task waits at the agent for others."""
+    requires: GpuRequirement = GpuRequirement()
+    """Default requirement of the model's tasks."""
+
+    @property
+    def batch_dim_varies(self) -> bool:
+        """True when the first dimension of inputs and outputs may vary."""
+        return bool(self.metadata.get("batch_dim_varies"))

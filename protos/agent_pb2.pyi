@@ -33,6 +33,8 @@ class AgentHello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
+    RUNS_MODELS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Stable id chosen by the agent (e.g. its VM name); reconnecting reuses it."""
     gpu_type: _builtins.str
@@ -49,9 +51,15 @@ class AgentHello(_message.Message):
     """Tasks the agent takes beyond `slots`, queued locally so that a slot never waits for a
     round trip to the broker; credit never exceeds slots + prefetch.
     """
+    runs_models: _builtins.bool
+    """True when the agent runs uploaded models ("model:<id>" workloads)."""
     @_builtins.property
     def workloads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Workload names the agent can run."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the models the agent holds already (on disk or on its device)."""
 
     def __init__(
         self,
@@ -64,10 +72,12 @@ class AgentHello(_message.Message):
         version: _builtins.str = ...,
         protocol: _builtins.int = ...,
         prefetch: _builtins.int = ...,
+        runs_models: _builtins.bool = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "prefetch", b"prefetch", "protocol", b"protocol", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "models", b"models", "prefetch", b"prefetch", "protocol", b"protocol", "runs_models", b"runs_models", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -80,18 +90,24 @@ class AgentHeartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNNING_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAttempt]:
         """Attempts in progress."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the models the agent holds now (on disk or on its device), most recently used first."""
 
     def __init__(
         self,
         *,
         running: _abc.Iterable[Global___TaskAttempt] | None = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,6 +397,7 @@ class TaskAssignment(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     INLINE_INPUTS_FIELD_NUMBER: _builtins.int
     INPUTS_INLINE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     attempt: _builtins.int
@@ -401,6 +418,10 @@ class TaskAssignment(_message.Message):
     def params(self) -> _containers.MessageMap[_builtins.str, _task_pb2.ParamValue]:
         """Workload parameters."""
 
+    @_builtins.property
+    def model(self) -> Global___ModelRef:
+        """The model to run, when `workload` is "model:<id>"."""
+
     def __init__(
         self,
         *,
@@ -412,14 +433,105 @@ class TaskAssignment(_message.Message):
         timeout_seconds: _builtins.float = ...,
         inline_inputs: _builtins.bytes = ...,
         inputs_inline: _builtins.bool = ...,
+        model: Global___ModelRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "inline_inputs", b"inline_inputs", "inputs", b"inputs", "inputs_inline", b"inputs_inline", "params", b"params", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "inline_inputs", b"inline_inputs", "inputs", b"inputs", "inputs_inline", b"inputs_inline", "model", b"model", "params", b"params", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskAssignment: _TypeAlias = TaskAssignment  # noqa: Y015
+
+@_typing.final
+class ModelRef(_message.Message):
+    """A model an assignment runs, and how to batch it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """sha256 of the model file; fetch it with FetchModel unless held."""
+    size_bytes: _builtins.int
+    """Length of the model file in bytes."""
+    max_batch_size: _builtins.int
+    """Most rows stacked in one call; 0 or 1: no batching."""
+    max_queue_delay_seconds: _builtins.float
+    """Longest a task waits at the agent for others to stack with it."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        max_batch_size: _builtins.int = ...,
+        max_queue_delay_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_queue_delay_seconds", b"max_queue_delay_seconds", "model_id", b"model_id", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelRef: _TypeAlias = ModelRef  # noqa: Y015
+
+@_typing.final
+class FetchModelRequest(_message.Message):
+    """Which model file to stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent asking."""
+    model_id: _builtins.str
+    """The model's id."""
+    @_builtins.property
+    def attempt(self) -> Global___TaskAttempt:
+        """An attempt the agent holds whose task runs the model."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        attempt: Global___TaskAttempt | None = ...,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchModelRequest: _TypeAlias = FetchModelRequest  # noqa: Y015
+
+@_typing.final
+class FetchModelResponse(_message.Message):
+    """Model file bytes, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunk(self) -> _task_pb2.DataChunk:
+        """The bytes."""
+
+    def __init__(
+        self,
+        *,
+        chunk: _task_pb2.DataChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchModelResponse: _TypeAlias = FetchModelResponse  # noqa: Y015
 
 @_typing.final
 class TaskCancel(_message.Message):
@@ -581,6 +693,8 @@ class ResultHeader(_message.Message):
     COMPUTE_SECONDS_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    MODEL_LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    BATCH_TASKS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent reporting."""
     compute_seconds: _builtins.float
@@ -591,6 +705,12 @@ class ResultHeader(_message.Message):
     """
     error_message: _builtins.str
     """Why the workload failed."""
+    model_load_seconds: _builtins.float
+    """Seconds spent fetching, checking and loading the model before the run (never billed)."""
+    batch_tasks: _builtins.int
+    """Tasks that ran in the same model call (dynamic batching); compute_seconds is this task's
+    share of the call, by rows. 0 for operator workloads.
+    """
     @_builtins.property
     def attempt(self) -> Global___TaskAttempt:
         """The attempt."""
@@ -608,10 +728,12 @@ class ResultHeader(_message.Message):
         compute_seconds: _builtins.float = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        model_load_seconds: _builtins.float = ...,
+        batch_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "compute_seconds", b"compute_seconds", "error_code", b"error_code", "error_message", b"error_message", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "batch_tasks", b"batch_tasks", "compute_seconds", b"compute_seconds", "error_code", b"error_code", "error_message", b"error_message", "model_load_seconds", b"model_load_seconds", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

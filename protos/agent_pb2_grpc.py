@@ -53,6 +53,11 @@ class AgentGatewayStub:
                 request_serializer=gpubroker_dot_protos_dot_agent__pb2.PutResultRequest.SerializeToString,
                 response_deserializer=gpubroker_dot_protos_dot_agent__pb2.PutResultResponse.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/gpubroker.v1.AgentGateway/FetchModel',
+                request_serializer=gpubroker_dot_protos_dot_agent__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_agent__pb2.FetchModelResponse.FromString,
+                _registered_method=True)
 
 
 class AgentGatewayServicer:
@@ -84,6 +89,13 @@ class AgentGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """Streams a model file for an attempt the agent holds whose task runs that model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +113,11 @@ def add_AgentGatewayServicer_to_server(servicer, server):
                     servicer.PutResult,
                     request_deserializer=gpubroker_dot_protos_dot_agent__pb2.PutResultRequest.FromString,
                     response_serializer=gpubroker_dot_protos_dot_agent__pb2.PutResultResponse.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=gpubroker_dot_protos_dot_agent__pb2.FetchModelRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_agent__pb2.FetchModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +205,33 @@ class AgentGateway:
             '/gpubroker.v1.AgentGateway/PutResult',
             gpubroker_dot_protos_dot_agent__pb2.PutResultRequest.SerializeToString,
             gpubroker_dot_protos_dot_agent__pb2.PutResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpubroker.v1.AgentGateway/FetchModel',
+            gpubroker_dot_protos_dot_agent__pb2.FetchModelRequest.SerializeToString,
+            gpubroker_dot_protos_dot_agent__pb2.FetchModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class AgentGatewayStub:
     """Streams an assigned task's input bytes to the agent holding the current attempt."""
     PutResult: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutResultRequest, _agent_pb2.PutResultResponse]
     """Uploads a task attempt's outcome: `header` first, then the outputs' bytes as chunks."""
+    FetchModel: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchModelRequest, _agent_pb2.FetchModelResponse]
+    """Streams a model file for an attempt the agent holds whose task runs that model."""
 
 @_typing.type_check_only
 class AgentGatewayAsyncStub(AgentGatewayStub):
@@ -63,6 +65,8 @@ class AgentGatewayAsyncStub(AgentGatewayStub):
     """Streams an assigned task's input bytes to the agent holding the current attempt."""
     PutResult: _aio.StreamUnaryMultiCallable[_agent_pb2.PutResultRequest, _agent_pb2.PutResultResponse]  # type: ignore[assignment]
     """Uploads a task attempt's outcome: `header` first, then the outputs' bytes as chunks."""
+    FetchModel: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchModelRequest, _agent_pb2.FetchModelResponse]  # type: ignore[assignment]
+    """Streams a model file for an attempt the agent holds whose task runs that model."""
 
 class AgentGatewayServicer(metaclass=_abc_1.ABCMeta):
     """Lets GPU agents join, take assignments and move task data.
@@ -96,5 +100,13 @@ class AgentGatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.PutResultResponse, _abc.Awaitable[_agent_pb2.PutResultResponse]]:
         """Uploads a task attempt's outcome: `header` first, then the outputs' bytes as chunks."""
+
+    @_abc_1.abstractmethod
+    def FetchModel(
+        self,
+        request: _agent_pb2.FetchModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.FetchModelResponse], _abc.AsyncIterator[_agent_pb2.FetchModelResponse]]:
+        """Streams a model file for an attempt the agent holds whose task runs that model."""
 
 def add_AgentGatewayServicer_to_server(servicer: AgentGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

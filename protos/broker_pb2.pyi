@@ -53,8 +53,11 @@ class TaskHeader(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
     workload: _builtins.str
-    """Registered workload name, e.g. "matmul", "conv2d", "linalg.solve"."""
+    """Registered workload name, e.g. "matmul", "conv2d", "linalg.solve"; or "model:<model_id>"
+    to run one of the caller's uploaded models (ModelInfo.workload).
+    """
     priority: _builtins.int
     """Higher runs first among the tenant's own tasks; -100..100."""
     request_id: _builtins.str
@@ -69,6 +72,12 @@ class TaskHeader(_message.Message):
     def params(self) -> _containers.MessageMap[_builtins.str, _task_pb2.ParamValue]:
         """Workload parameters."""
 
+    @_builtins.property
+    def requires(self) -> _task_pb2.GpuRequirement:
+        """The GPU the task needs; unset: the model's own requirement, else any agent.
+        FAILED_PRECONDITION when no GPU type the broker can start or reach matches.
+        """
+
     def __init__(
         self,
         *,
@@ -78,10 +87,11 @@ class TaskHeader(_message.Message):
         priority: _builtins.int = ...,
         request_id: _builtins.str = ...,
         timeout_seconds: _builtins.float = ...,
+        requires: _task_pb2.GpuRequirement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requires", b"requires"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "params", b"params", "priority", b"priority", "request_id", b"request_id", "timeout_seconds", b"timeout_seconds", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "params", b"params", "priority", b"priority", "request_id", b"request_id", "requires", b"requires", "timeout_seconds", b"timeout_seconds", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,3 +684,320 @@ class GetUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class ModelHeader(_message.Message):
+    """What a model upload is; sent once, before the bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """sha256 of the model file, 64 lowercase hex digits; checked against the bytes."""
+    size_bytes: _builtins.int
+    """Length of the model file in bytes; checked against the bytes and the caller's quota."""
+    name: _builtins.str
+    """A name to list the model under; need not be unique."""
+    max_batch_size: _builtins.int
+    """Dynamic batching: most rows stacked into one call of the model (models whose batch
+    dimension varies only); 0 or 1 turns batching off.
+    """
+    max_queue_delay_seconds: _builtins.float
+    """Dynamic batching: longest an agent holds a task waiting for others to stack with it."""
+    @_builtins.property
+    def requires(self) -> _task_pb2.GpuRequirement:
+        """The GPU the model's tasks need unless a task says otherwise."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        name: _builtins.str = ...,
+        max_batch_size: _builtins.int = ...,
+        max_queue_delay_seconds: _builtins.float = ...,
+        requires: _task_pb2.GpuRequirement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requires", b"requires"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_queue_delay_seconds", b"max_queue_delay_seconds", "model_id", b"model_id", "name", b"name", "requires", b"requires", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelHeader: _TypeAlias = ModelHeader  # noqa: Y015
+
+@_typing.final
+class UploadModelRequest(_message.Message):
+    """One message of an UploadModel stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ModelHeader:
+        """Sent first, exactly once."""
+
+    @_builtins.property
+    def chunk(self) -> _task_pb2.DataChunk:
+        """Model file bytes."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ModelHeader | None = ...,
+        chunk: _task_pb2.DataChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___UploadModelRequest: _TypeAlias = UploadModelRequest  # noqa: Y015
+
+@_typing.final
+class ModelInfo(_message.Message):
+    """A model the caller holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    BATCH_DIM_VARIES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """sha256 of the model file."""
+    name: _builtins.str
+    """The name it was uploaded under."""
+    size_bytes: _builtins.int
+    """Length of the model file in bytes (what counts against the quota)."""
+    batch_dim_varies: _builtins.bool
+    """True when the first dimension of every input and output may vary."""
+    max_batch_size: _builtins.int
+    """Dynamic batching: most rows in one call; 0 when off."""
+    max_queue_delay_seconds: _builtins.float
+    """Dynamic batching: longest a task waits for others."""
+    workload: _builtins.str
+    """What a task names to run it: "model:<model_id>"."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was first uploaded."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TensorSpec]:
+        """What the model takes, in order."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TensorSpec]:
+        """What the model returns, in order."""
+
+    @_builtins.property
+    def requires(self) -> _task_pb2.GpuRequirement:
+        """The GPU its tasks need by default."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        inputs: _abc.Iterable[_task_pb2.TensorSpec] | None = ...,
+        outputs: _abc.Iterable[_task_pb2.TensorSpec] | None = ...,
+        batch_dim_varies: _builtins.bool = ...,
+        max_batch_size: _builtins.int = ...,
+        max_queue_delay_seconds: _builtins.float = ...,
+        requires: _task_pb2.GpuRequirement | None = ...,
+        workload: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "requires", b"requires"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim_varies", b"batch_dim_varies", "created_at", b"created_at", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "max_queue_delay_seconds", b"max_queue_delay_seconds", "model_id", b"model_id", "name", b"name", "outputs", b"outputs", "requires", b"requires", "size_bytes", b"size_bytes", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class UploadModelResponse(_message.Message):
+    """The stored model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
+    """True when the caller already held these bytes and none were sent."""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """The model as stored."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+        deduplicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadModelResponse: _TypeAlias = UploadModelResponse  # noqa: Y015
+
+@_typing.final
+class GetModelRequest(_message.Message):
+    """Which model to read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """The model's id."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class GetModelResponse(_message.Message):
+    """The model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """The model."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    """Lists the caller's models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    """The caller's models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    total_bytes: _builtins.int
+    """Bytes of all of them, and the caller's quota (0: none)."""
+    quota_bytes: _builtins.int
+    """The caller's model quota in bytes."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
+        total_bytes: _builtins.int = ...,
+        quota_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "quota_bytes", b"quota_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteModelRequest(_message.Message):
+    """Which model to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """The model's id."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelRequest: _TypeAlias = DeleteModelRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelResponse(_message.Message):
+    """The deleted model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """The model as it was."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015

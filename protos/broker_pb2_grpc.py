@@ -82,6 +82,26 @@ class BrokerStub:
                 request_serializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.UploadModel = channel.stream_unary(
+                '/gpubroker.v1.Broker/UploadModel',
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.UploadModelRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.UploadModelResponse.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/gpubroker.v1.Broker/GetModel',
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetModelResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/gpubroker.v1.Broker/ListModels',
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/gpubroker.v1.Broker/DeleteModel',
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -161,6 +181,40 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadModel(self, request_iterator, context):
+        """Uploads a model file (made by the Python client's upload_model): `header` first, then
+        `chunk`s with exactly `header.size_bytes` bytes. When the caller already holds a model with
+        that id, the header alone updates its name and options and no bytes may follow.
+        INVALID_ARGUMENT for a malformed, mismatched or refused model; RESOURCE_EXHAUSTED over the
+        tenant's model quota.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """Returns one of the caller's models; NOT_FOUND for an id the caller does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Lists the caller's models, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes one of the caller's models. FAILED_PRECONDITION while queued or running tasks of
+        the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
+        does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +262,26 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageRequest.FromString,
                     response_serializer=gpubroker_dot_protos_dot_broker__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'UploadModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModel,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.UploadModelRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.UploadModelResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetModelRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.GetModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.ListModelsRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -456,6 +530,114 @@ class Broker:
             '/gpubroker.v1.Broker/GetUsage',
             gpubroker_dot_protos_dot_broker__pb2.GetUsageRequest.SerializeToString,
             gpubroker_dot_protos_dot_broker__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gpubroker.v1.Broker/UploadModel',
+            gpubroker_dot_protos_dot_broker__pb2.UploadModelRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.UploadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpubroker.v1.Broker/GetModel',
+            gpubroker_dot_protos_dot_broker__pb2.GetModelRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpubroker.v1.Broker/ListModels',
+            gpubroker_dot_protos_dot_broker__pb2.ListModelsRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpubroker.v1.Broker/DeleteModel',
+            gpubroker_dot_protos_dot_broker__pb2.DeleteModelRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,22 @@ class BrokerStub:
     """Lists the caller's tasks, newest first, a page at a time."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetUsageRequest, _broker_pb2.GetUsageResponse]
     """Returns the caller's billed usage over a time range (only the caller's own)."""
+    UploadModel: _grpc.StreamUnaryMultiCallable[_broker_pb2.UploadModelRequest, _broker_pb2.UploadModelResponse]
+    """Uploads a model file (made by the Python client's upload_model): `header` first, then
+    `chunk`s with exactly `header.size_bytes` bytes. When the caller already holds a model with
+    that id, the header alone updates its name and options and no bytes may follow.
+    INVALID_ARGUMENT for a malformed, mismatched or refused model; RESOURCE_EXHAUSTED over the
+    tenant's model quota.
+    """
+    GetModel: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetModelRequest, _broker_pb2.GetModelResponse]
+    """Returns one of the caller's models; NOT_FOUND for an id the caller does not hold."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListModelsRequest, _broker_pb2.ListModelsResponse]
+    """Lists the caller's models, newest first."""
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DeleteModelRequest, _broker_pb2.DeleteModelResponse]
+    """Deletes one of the caller's models. FAILED_PRECONDITION while queued or running tasks of
+    the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
+    does not hold.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -105,6 +121,22 @@ class BrokerAsyncStub(BrokerStub):
     """Lists the caller's tasks, newest first, a page at a time."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetUsageRequest, _broker_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Returns the caller's billed usage over a time range (only the caller's own)."""
+    UploadModel: _aio.StreamUnaryMultiCallable[_broker_pb2.UploadModelRequest, _broker_pb2.UploadModelResponse]  # type: ignore[assignment]
+    """Uploads a model file (made by the Python client's upload_model): `header` first, then
+    `chunk`s with exactly `header.size_bytes` bytes. When the caller already holds a model with
+    that id, the header alone updates its name and options and no bytes may follow.
+    INVALID_ARGUMENT for a malformed, mismatched or refused model; RESOURCE_EXHAUSTED over the
+    tenant's model quota.
+    """
+    GetModel: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetModelRequest, _broker_pb2.GetModelResponse]  # type: ignore[assignment]
+    """Returns one of the caller's models; NOT_FOUND for an id the caller does not hold."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListModelsRequest, _broker_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Lists the caller's models, newest first."""
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_broker_pb2.DeleteModelRequest, _broker_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """Deletes one of the caller's models. FAILED_PRECONDITION while queued or running tasks of
+    the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
+    does not hold.
+    """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """Queues tensor work, runs it on GPU agents and streams results back.
@@ -195,5 +227,45 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.GetUsageResponse, _abc.Awaitable[_broker_pb2.GetUsageResponse]]:
         """Returns the caller's billed usage over a time range (only the caller's own)."""
+
+    @_abc_1.abstractmethod
+    def UploadModel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.UploadModelRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.UploadModelResponse, _abc.Awaitable[_broker_pb2.UploadModelResponse]]:
+        """Uploads a model file (made by the Python client's upload_model): `header` first, then
+        `chunk`s with exactly `header.size_bytes` bytes. When the caller already holds a model with
+        that id, the header alone updates its name and options and no bytes may follow.
+        INVALID_ARGUMENT for a malformed, mismatched or refused model; RESOURCE_EXHAUSTED over the
+        tenant's model quota.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _broker_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetModelResponse, _abc.Awaitable[_broker_pb2.GetModelResponse]]:
+        """Returns one of the caller's models; NOT_FOUND for an id the caller does not hold."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _broker_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListModelsResponse, _abc.Awaitable[_broker_pb2.ListModelsResponse]]:
+        """Lists the caller's models, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _broker_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.DeleteModelResponse, _abc.Awaitable[_broker_pb2.DeleteModelResponse]]:
+        """Deletes one of the caller's models. FAILED_PRECONDITION while queued or running tasks of
+        the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
+        does not hold.
+        """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

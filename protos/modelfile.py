@@ -35,11 +35,15 @@ __all__ = [
     "MAGIC",
     "ModelFile",
     "ModelFileError",
+    "WORKLOAD_PREFIX",
     "TensorEntry",
+    "is_model_id",
     "model_id",
+    "model_of",
     "pack",
     "parse",
     "parse_safetensors_header",
+    "workload_for",
 ]
 
 MAGIC = b"GBMODEL\0"
@@ -68,6 +72,26 @@ DTYPE_SIZES: Mapping[str, int] = {
     "F64": 8,
 }
 """The safetensors dtypes a weight may have, and their sizes in bytes."""
+
+
+WORKLOAD_PREFIX = "model:"
+"""A task whose workload is ``model:<model_id>`` runs the tenant's uploaded model of that id."""
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_model_id(value: str) -> bool:
+    """True for 64 lowercase hex digits, the form of a model id."""
+    return len(value) == 64 and set(value) <= _HEX
+
+
+def workload_for(model_id: str) -> str:
+    """The workload name a task gives to run the model ``model_id``."""
+    return WORKLOAD_PREFIX + model_id
+
+
+def model_of(workload: str) -> str | None:
+    """The model id a workload name runs, or None for an operator workload."""
+    return workload.removeprefix(WORKLOAD_PREFIX) if workload.startswith(WORKLOAD_PREFIX) else None
 
 
 class ModelFileError(ValueError):

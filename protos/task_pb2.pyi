@@ -183,6 +183,10 @@ class TaskInfo(_message.Message):
     COMPUTE_SECONDS_FIELD_NUMBER: _builtins.int
     GPU_TYPE_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    MODEL_LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    BATCH_TASKS_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Broker-assigned id."""
     tenant: _builtins.str
@@ -205,6 +209,18 @@ class TaskInfo(_message.Message):
     """Measured compute time of the successful attempt, in seconds."""
     gpu_type: _builtins.str
     """GPU type of the agent that ran the successful attempt ("cpu" for CPU agents)."""
+    model_load_seconds: _builtins.float
+    """Seconds the agent spent fetching, checking and loading the task's model before the
+    successful attempt could run. Never billed; 0 when the model was already resident.
+    """
+    batch_tasks: _builtins.int
+    """How many tasks ran in the same model call as this one (dynamic batching); 1 alone, 0 for
+    an operator workload or a task that has not run.
+    """
+    waiting_for: _builtins.str
+    """Why a queued task still waits, e.g. "waiting for an nvidia-l4 VM to boot"; empty when it
+    is not waiting or nothing in particular holds it.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorHeader]:
         """Input tensors."""
@@ -229,6 +245,10 @@ class TaskInfo(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Deadline, if any; the task fails with DEADLINE_EXCEEDED after it."""
 
+    @_builtins.property
+    def requires(self) -> Global___GpuRequirement:
+        """The GPU the task must run on (from the submit, else from its model)."""
+
     def __init__(
         self,
         *,
@@ -249,11 +269,69 @@ class TaskInfo(_message.Message):
         compute_seconds: _builtins.float = ...,
         gpu_type: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        model_load_seconds: _builtins.float = ...,
+        batch_tasks: _builtins.int = ...,
+        requires: Global___GpuRequirement | None = ...,
+        waiting_for: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "finished_at", b"finished_at", "requires", b"requires", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_seconds", b"compute_seconds", "created_at", b"created_at", "deadline", b"deadline", "error_code", b"error_code", "error_message", b"error_message", "finished_at", b"finished_at", "gpu_type", b"gpu_type", "inputs", b"inputs", "outputs", b"outputs", "priority", b"priority", "request_id", b"request_id", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_tasks", b"batch_tasks", "compute_seconds", b"compute_seconds", "created_at", b"created_at", "deadline", b"deadline", "error_code", b"error_code", "error_message", b"error_message", "finished_at", b"finished_at", "gpu_type", b"gpu_type", "inputs", b"inputs", "model_load_seconds", b"model_load_seconds", "outputs", b"outputs", "priority", b"priority", "request_id", b"request_id", "requires", b"requires", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "waiting_for", b"waiting_for", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskInfo: _TypeAlias = TaskInfo  # noqa: Y015
+
+@_typing.final
+class GpuRequirement(_message.Message):
+    """Which GPUs may run a task. Empty fields place no constraint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    MIN_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    gpu_type: _builtins.str
+    """Exact GPU type, e.g. "nvidia-l4" ("cpu" for CPU agents); empty for any."""
+    min_memory_bytes: _builtins.int
+    """Least device memory, in bytes; 0 for any."""
+    def __init__(
+        self,
+        *,
+        gpu_type: _builtins.str = ...,
+        min_memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_type", b"gpu_type", "min_memory_bytes", b"min_memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuRequirement: _TypeAlias = GpuRequirement  # noqa: Y015
+
+@_typing.final
+class TensorSpec(_message.Message):
+    """The dtype and shape of one tensor a model takes or returns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    dtype: _builtins.str
+    """As in TensorHeader.dtype."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Dimensions; -1 marks the batch dimension of a model whose batch size may vary."""
+
+    def __init__(
+        self,
+        *,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorSpec: _TypeAlias = TensorSpec  # noqa: Y015

@@ -77,7 +77,9 @@ def test_a_varying_batch_dimension_runs_at_batch_sizes_1_3_and_7(name: str) -> N
     for batch in (1, 3, 7):
         x = torch.randn(batch, *features)
         (out,) = model(x)
-        assert torch.equal(out, _reference(module, x)), batch
+        # A symbolic batch can change how the graph's matmuls are tiled (the transformer's
+        # attention differed in the last bit at batch 3): equal to float32 rounding, not exact.
+        torch.testing.assert_close(out, _reference(module, x), rtol=1e-5, atol=1e-6)
 
 
 def test_exporting_the_same_module_twice_gives_the_same_id() -> None:
