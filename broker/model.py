@@ -36,6 +36,7 @@ class GpuRequirement:
             parts.append(f"with at least {self.min_memory_bytes / 2**30:.1f} GiB")
         return " ".join(parts)
 
+
 __all__ = [
     "AgentInfo",
     "Attempt",
