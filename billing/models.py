@@ -36,6 +36,7 @@ __all__ = [
     "api_keys",
     "budgets",
     "metadata",
+    "models",
     "tasks",
     "tenants",
     "usage",
@@ -99,6 +100,12 @@ tasks = Table(
     Column("deadline_at", UtcDateTime, nullable=True),
     # Created by Run or RunMany: the task lives as long as its call (see broker.tasks).
     Column("call_bound", Boolean, nullable=False, default=False, server_default=false()),
+    # Where the task may run (GpuRequirement): an exact GPU type and/or least device memory.
+    Column("requires_gpu_type", String(64), nullable=True),
+    Column("requires_gpu_memory", BigInteger, nullable=False, default=0, server_default="0"),
+    # A model task's success: its model's load time (never billed) and its batch's size.
+    Column("model_load_seconds", Float, nullable=True),
+    Column("batch_tasks", Integer, nullable=True),
     UniqueConstraint("tenant", "request_id", name="uq_tasks_tenant_request_id"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_tenant_seq", "tenant", "seq"),
@@ -203,4 +210,25 @@ api_keys = Table(
 
 The key itself is never stored. ``revoked_at`` may lie in the future: a rotated key keeps
 working until its grace period ends. Rows are never deleted, so a revoked key id is never reused.
+"""
+
+models = Table(
+    "models",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("model_id", String(64), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("max_batch_size", Integer, nullable=False, default=0),
+    Column("max_queue_delay_s", Float, nullable=False, default=0.0),
+    Column("requires_gpu_type", String(64), nullable=True),
+    Column("requires_gpu_memory", BigInteger, nullable=False, default=0),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_models_model_id", "model_id"),
+)
+"""One row per model a tenant holds: the tenant holds the file whose sha256 is ``model_id``.
+
+Two tenants that upload the same bytes get a row each and share one file in the broker's model
+directory, deleted with the last row that names it (``ix_models_model_id`` finds the others).
 """

@@ -20,6 +20,7 @@ from gpubroker.billing.errors import PriceCatalogError, UnknownPriceError
 __all__ = [
     "CURRENCY",
     "DEFAULT_GPU_TYPE",
+    "GPU_MEMORY_BYTES",
     "NANO",
     "BillingPolicy",
     "Price",
@@ -38,6 +39,22 @@ CURRENCY = "USD"
 
 DEFAULT_GPU_TYPE = "default"
 """The catalog entry, if any, that prices GPU types the catalog does not list."""
+
+GPU_MEMORY_BYTES: Mapping[str, int] = {
+    "nvidia-tesla-p4": 8 << 30,
+    "nvidia-tesla-t4": 16 << 30,
+    "nvidia-tesla-v100": 16 << 30,
+    "nvidia-tesla-p100": 16 << 30,
+    "nvidia-l4": 24 << 30,
+    "nvidia-tesla-a100": 40 << 30,
+    "nvidia-a100-80gb": 80 << 30,
+    "nvidia-h100-80gb": 80 << 30,
+    "nvidia-h100-mega-80gb": 80 << 30,
+    "nvidia-h200-141gb": 141 << 30,
+    "nvidia-b200": 180 << 30,
+}
+"""Device memory of each GCE accelerator type (its nominal size, in GiB), for placing tasks
+that need a least memory on machines not started yet; a type not listed counts as unknown."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,23 @@ logger = logging.getLogger("gpubroker.broker")
     type=click.IntRange(min=0),
     help="MiB of Run inputs held in memory instead of files (default 512; 0: none).",
 )
+@click.option(
+    "--model-quota-mb",
+    type=click.IntRange(min=0),
+    help="MiB of uploaded models each tenant may hold (default 4096).",
+)
+@click.option(
+    "--max-model-mb", type=click.IntRange(min=1), help="Largest model file, MiB (default 4096)."
+)
 @click.option("--api-keys", help="KEY=TENANT[,KEY=TENANT...]; none means open mode.")
 @click.option("--join-token", help="Token agents must present.")
 @click.option("--heartbeat", type=float, help="Agent heartbeat interval, seconds.")
 @click.option("--lease-timeout", type=float, help="Seconds of agent silence before requeue.")
+@click.option(
+    "--model-affinity-wait",
+    type=click.FloatRange(min=0),
+    help="Seconds a model task waits for an agent holding its model (default 2; 0: off).",
+)
 @click.option("--metrics", "metrics_address", help="host:port for Prometheus /metrics.")
 @click.option("--migrate", is_flag=True, default=None, help="Upgrade the schema on start.")
 @click.option(
@@ -70,10 +83,13 @@ def main(
     database_url: str | None,
     spool_dir: Path | None,
     spool_memory_mb: int | None,
+    model_quota_mb: int | None,
+    max_model_mb: int | None,
     api_keys: str | None,
     join_token: str | None,
     heartbeat: float | None,
     lease_timeout: float | None,
+    model_affinity_wait: float | None,
     metrics_address: str | None,
     migrate: bool | None,
     provider: str | None,
@@ -98,6 +114,7 @@ def main(
         "join_token": join_token,
         "heartbeat_interval_s": heartbeat,
         "lease_timeout_s": lease_timeout,
+        "model_affinity_wait_s": model_affinity_wait,
         "migrate": migrate,
         "metrics_address": metrics_address,
         "provider": provider,
@@ -114,6 +131,18 @@ def main(
     settings = dataclasses.replace(
         environment, **{k: v for k, v in overrides.items() if v is not None}
     )
+    if model_quota_mb is not None or max_model_mb is not None:
+        models = settings.models
+        settings = dataclasses.replace(
+            settings,
+            models=dataclasses.replace(
+                models,
+                quota_bytes=models.quota_bytes if model_quota_mb is None else model_quota_mb << 20,
+                max_file_bytes=(
+                    models.max_file_bytes if max_model_mb is None else max_model_mb << 20
+                ),
+            ),
+        )
     try:
         asyncio.run(_serve(settings, port_file))
     except (SchemaOutdatedError, ConfigError) as exc:

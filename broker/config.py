@@ -11,7 +11,7 @@ from gpubroker.broker.storage.spool import DEFAULT_MEMORY_BYTES
 from gpubroker.env import env_flag
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, MAX_RANK
 
-__all__ = ["Limits", "Settings", "parse_api_keys"]
+__all__ = ["Limits", "ModelLimits", "Settings", "parse_api_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,33 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """How many bytes of uploaded models each tenant may hold, and the largest one file."""
+
+    quota_bytes: int = 4 << 30
+    """Bytes of model files one tenant may hold (every tenant gets this quota)."""
+    max_file_bytes: int = 4 << 30
+    """Largest single model file accepted."""
+
+    def __post_init__(self) -> None:
+        if self.quota_bytes < 0 or self.max_file_bytes <= 0:
+            raise ValueError(
+                f"model quota_bytes {self.quota_bytes} must be >= 0 and max_file_bytes "
+                f"{self.max_file_bytes} positive"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ModelLimits:
+        """Reads ``GPUBROKER_MODEL_QUOTA_MB`` and ``GPUBROKER_MAX_MODEL_MB``."""
+        d = cls()
+        get = environ.get
+        return cls(
+            quota_bytes=int(get("GPUBROKER_MODEL_QUOTA_MB", d.quota_bytes >> 20)) << 20,
+            max_file_bytes=int(get("GPUBROKER_MAX_MODEL_MB", d.max_file_bytes >> 20)) << 20,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the broker process is configured with."""
 
@@ -103,8 +130,14 @@ class Settings:
     """How often agents send heartbeats."""
     lease_timeout_s: float = 15.0
     """An agent silent for this long loses its tasks to the queue."""
+    model_affinity_wait_s: float = 2.0
+    """How long a queued model task waits for a connected agent that holds its model before
+    any agent that may run it takes it; 0 turns model affinity off."""
     limits: Limits = field(default_factory=Limits)
     """Per-task limits."""
+    models: ModelLimits = field(default_factory=ModelLimits)
+    """Users' models: each tenant's quota and the largest file (files live in
+    ``spool_dir/models``)."""
     metrics_address: str | None = None
     """``host:port`` to serve Prometheus ``/metrics`` on; None serves none."""
     migrate: bool = False
@@ -150,6 +183,9 @@ class Settings:
                 get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
             ),
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
+            model_affinity_wait_s=float(
+                get("GPUBROKER_MODEL_AFFINITY_WAIT_S", str(defaults.model_affinity_wait_s))
+            ),
             metrics_address=get("GPUBROKER_METRICS") or None,
             migrate=env_flag(environ, "GPUBROKER_MIGRATE"),
             failpoint=get("GPUBROKER_FAILPOINT") or None,
@@ -161,6 +197,7 @@ class Settings:
             tls_client_ca_file=Path(p) if (p := get("GPUBROKER_TLS_CLIENT_CA")) else None,
             plaintext=env_flag(environ, "GPUBROKER_PLAINTEXT"),
             limits=Limits.from_env(environ),
+            models=ModelLimits.from_env(environ),
         )
 
 

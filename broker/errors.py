@@ -2,14 +2,19 @@
 
 BrokerError
 ├── InvalidTaskError          INVALID_ARGUMENT  (malformed header, bytes, params)
-│   └── UnknownWorkloadError  INVALID_ARGUMENT
+│   ├── UnknownWorkloadError  INVALID_ARGUMENT
+│   └── InvalidModelError     INVALID_ARGUMENT  (a malformed, mismatched or refused model)
 ├── LimitExceededError        RESOURCE_EXHAUSTED (a size or count limit)
-│   └── BudgetExceededError   RESOURCE_EXHAUSTED (the month's budget is spent)
+│   ├── BudgetExceededError   RESOURCE_EXHAUSTED (the month's budget is spent)
+│   └── ModelQuotaError       RESOURCE_EXHAUSTED (the tenant's model quota is full)
 ├── TaskNotFoundError         NOT_FOUND          (also another tenant's task)
+├── ModelNotFoundError        NOT_FOUND          (also another tenant's model)
+├── ModelInUseError           FAILED_PRECONDITION (a delete while live tasks name the model)
 ├── RequestConflictError      ALREADY_EXISTS     (request_id reused for other work)
 ├── UnauthenticatedError      UNAUTHENTICATED
 ├── StaleAttemptError         FAILED_PRECONDITION (a result or fetch from a lost lease)
 ├── AgentRefusedError         FAILED_PRECONDITION (an agent the broker cannot bill for)
+├── NoMatchingGpuError        FAILED_PRECONDITION (no GPU type the broker can get fits a task)
 ├── PayloadLostError          DATA_LOSS          (a result file gone, e.g. after an OS crash)
 ├── SchemaOutdatedError       (start-up)         the database needs `make migrate`
 └── TaskEndedError            the task ended without a result; carries its status code
@@ -24,8 +29,13 @@ __all__ = [
     "BrokerError",
     "BudgetExceededError",
     "ConfigError",
+    "InvalidModelError",
     "InvalidTaskError",
     "LimitExceededError",
+    "ModelInUseError",
+    "ModelNotFoundError",
+    "ModelQuotaError",
+    "NoMatchingGpuError",
     "PayloadLostError",
     "RequestConflictError",
     "SchemaOutdatedError",
@@ -49,6 +59,10 @@ class UnknownWorkloadError(InvalidTaskError):
     """No agent has advertised the named workload."""
 
 
+class InvalidModelError(InvalidTaskError):
+    """A model upload is malformed, does not match its header, or calls what agents refuse."""
+
+
 class LimitExceededError(BrokerError):
     """A task is larger than the broker accepts."""
 
@@ -65,6 +79,22 @@ class TaskNotFoundError(BrokerError):
         self.task_id = task_id
 
 
+class ModelQuotaError(LimitExceededError):
+    """A model upload would take the tenant past its model quota."""
+
+
+class ModelNotFoundError(BrokerError):
+    """No model with this id belongs to the caller (nothing says whether another tenant's does)."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"no model {model_id}")
+        self.model_id = model_id
+
+
+class ModelInUseError(BrokerError):
+    """Queued or running tasks still name the model a caller asked to delete."""
+
+
 class RequestConflictError(BrokerError):
     """A request_id was reused for a different task."""
 
@@ -79,6 +109,10 @@ class StaleAttemptError(BrokerError):
 
 class AgentRefusedError(BrokerError):
     """An agent cannot join, e.g. because its GPU type has no price."""
+
+
+class NoMatchingGpuError(BrokerError):
+    """A task requires a GPU that no type the broker can start or reach provides."""
 
 
 class ConfigError(BrokerError):

@@ -28,8 +28,10 @@ from gpubroker.broker.api.gateway import AgentGatewayServicer
 from gpubroker.broker.api.registration import add_servicer
 from gpubroker.broker.api.servicer import BrokerServicer
 from gpubroker.broker.config import Settings
+from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.models import ModelService
 from gpubroker.broker.core.registry import AgentRegistry
 from gpubroker.broker.core.scheduler import FairQueue
 from gpubroker.broker.core.tasks import TaskService
@@ -46,6 +48,7 @@ from gpubroker.broker.scaling.providers.base import Provider
 from gpubroker.broker.scaling.providers.local import LocalProvider, LocalSettings
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.engine import create_engine
+from gpubroker.broker.storage.model_files import ModelFiles
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.broker.storage.store import TaskStore
 from gpubroker.protos import agent_pb2, broker_pb2
@@ -69,6 +72,8 @@ class BrokerServer:
     dispatcher: Dispatcher
     tasks: TaskService
     """What the client-facing service calls: submit, watch, cancel, ..."""
+    models: ModelService
+    """Tenants' uploaded models."""
     store: AsyncTaskStore
     engine: Engine
     """The database the store, the API keys and the VM log are in."""
@@ -133,6 +138,8 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         workloads,
         settings.limits,
         settings.lease_timeout_s,
+        capacity=(capacity := Capacity()),
+        affinity_wait_s=settings.model_affinity_wait_s,
         failpoint=settings.failpoint,
     )
     metrics.watch_state(
@@ -145,14 +152,16 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     await auth.refresh()
     if auth.is_open:
         logger.warning("no API keys configured: every caller is tenant 'default'")
-    tasks = TaskService(store, spool, dispatcher, events, queue, workloads, settings.limits)
-    gateway = AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s)
-    server, health_servicer = _grpc_server(BrokerServicer(tasks), gateway, auth)
+    models = ModelService(store, ModelFiles(settings.spool_dir / "models"), settings.models)
+    await models.start()
+    tasks = TaskService(store, spool, dispatcher, events, queue, workloads, settings.limits, models)
+    gateway = AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s, models)
+    server, health_servicer = _grpc_server(BrokerServicer(tasks, models), gateway, auth)
     port = bind_port(server, settings)
     scaling = None
     if (scaled := _scaling(settings, port, catalog, metrics)) is not None:
         provider, config = scaled
-        scaling = ScalingLoop(provider, config, store, queue, registry, engine, catalog)
+        scaling = ScalingLoop(provider, config, store, queue, registry, engine, catalog, capacity)
     await dispatcher.start()
     await server.start()
     auth.start()
@@ -172,6 +181,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         port=port,
         dispatcher=dispatcher,
         tasks=tasks,
+        models=models,
         store=store,
         engine=engine,
         spool=spool,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ __all__ = [
     "WORKLOAD_PREFIX",
     "ModelFile",
     "ModelFileError",
+    "ModelSummary",
     "TensorEntry",
+    "check",
     "is_model_id",
     "model_id",
     "model_of",
@@ -120,7 +123,17 @@ class ModelFile:
     tensors: tuple[TensorEntry, ...]
 
 
-def model_id(data: bytes | memoryview) -> str:
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """A checked model file without its weights' bytes (see ``check``)."""
+
+    model_id: str
+    metadata: dict[str, Any]
+    graph: bytes
+    tensors: tuple[TensorEntry, ...]
+
+
+def model_id(data: bytes | memoryview | mmap.mmap) -> str:
     """The content address of a model file: the sha256 of all its bytes, as 64 hex digits."""
     return hashlib.sha256(data).hexdigest()
 
@@ -141,9 +154,41 @@ def parse(
     ``max_bytes`` caps the whole file (the tenant's model quota); ``expected_id`` is the id the
     sender claimed, compared with the sha256 of what arrived.
     """
+    with memoryview(data) as view:
+        summary, weights_start = _check(view, max_bytes, expected_id, None)
+    return ModelFile(
+        summary.model_id,
+        summary.metadata,
+        summary.graph,
+        data[weights_start:],
+        summary.tensors,
+    )
+
+
+def check(
+    data: bytes | memoryview | mmap.mmap,
+    *,
+    max_bytes: int | None = None,
+    expected_id: str | None = None,
+    digest: str | None = None,
+) -> ModelSummary:
+    """``parse``'s checks on any buffer (a memory map of a large file, say), without copying
+    the weights: returns what the file holds except their bytes.
+
+    ``digest`` is the sha256 a caller already computed while the bytes arrived; the buffer is
+    hashed only without one.
+    """
+    with memoryview(data) as view:
+        summary, _ = _check(view, max_bytes, expected_id, digest)
+    return summary
+
+
+def _check(
+    data: memoryview, max_bytes: int | None, expected_id: str | None, digest: str | None
+) -> tuple[ModelSummary, int]:
     if max_bytes is not None and len(data) > max_bytes:
         raise ModelFileError(f"model file is {len(data)} bytes, over the limit of {max_bytes}")
-    digest = model_id(data)
+    digest = digest or model_id(data)
     if expected_id is not None and digest != expected_id:
         raise ModelFileError(
             f"model id mismatch: expected {expected_id}, the bytes hash to {digest}"
@@ -171,16 +216,19 @@ def parse(
         )
     graph_start = HEADER_SIZE + meta_len
     weights_start = graph_start + graph_len
-    metadata = _json_object(data[HEADER_SIZE:graph_start], "metadata")
-    graph = data[graph_start:weights_start]
+    # Copies, not views, go where an error may be raised: a traceback that kept a view alive
+    # would keep a caller's memory map from closing.
+    metadata = _json_object(bytes(data[HEADER_SIZE:graph_start]), "metadata")
+    graph = bytes(data[graph_start:weights_start])
     _json_object(graph, "graph")
-    weights = data[weights_start:]
-    return ModelFile(digest, metadata, graph, weights, parse_safetensors_header(weights))
+    with data[weights_start:] as weights:
+        tensors = parse_safetensors_header(weights)
+    return ModelSummary(digest, metadata, graph, tensors), weights_start
 
 
-def _json_object(raw: bytes, section: str) -> dict[str, Any]:
+def _json_object(raw: bytes | memoryview, section: str) -> dict[str, Any]:
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(bytes(raw).decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ModelFileError(f"{section} is not UTF-8 (byte {e.start})") from None
     except (json.JSONDecodeError, RecursionError) as e:
@@ -190,7 +238,7 @@ def _json_object(raw: bytes, section: str) -> dict[str, Any]:
     return value
 
 
-def parse_safetensors_header(weights: bytes) -> tuple[TensorEntry, ...]:
+def parse_safetensors_header(weights: bytes | memoryview) -> tuple[TensorEntry, ...]:
     """Check a safetensors section: header in bounds, tensors contiguous, sizes that add up."""
     if len(weights) < 8:
         raise ModelFileError(
@@ -202,7 +250,7 @@ def parse_safetensors_header(weights: bytes) -> tuple[TensorEntry, ...]:
             f"safetensors header declares {header_len} bytes; the section has {len(weights) - 8} "
             f"after the length (limit {MAX_SAFETENSORS_HEADER_BYTES})"
         )
-    header = _json_object(weights[8 : 8 + header_len], "safetensors header")
+    header = _json_object(bytes(weights[8 : 8 + header_len]), "safetensors header")
     header.pop("__metadata__", None)
     entries = sorted(
         (_tensor_entry(name, spec) for name, spec in header.items()), key=lambda t: t.begin

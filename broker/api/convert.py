@@ -18,11 +18,15 @@ from gpubroker.billing.budget import BudgetStatus
 from gpubroker.billing.ledger import UsageSummary
 from gpubroker.billing.prices import format_usd
 from gpubroker.broker.core.batch import BatchOutcome
+from gpubroker.broker.core.models import ModelOptions
 from gpubroker.broker.errors import (
     AgentRefusedError,
     BrokerError,
     InvalidTaskError,
     LimitExceededError,
+    ModelInUseError,
+    ModelNotFoundError,
+    NoMatchingGpuError,
     PayloadLostError,
     RequestConflictError,
     StaleAttemptError,
@@ -30,7 +34,16 @@ from gpubroker.broker.errors import (
     TaskNotFoundError,
     UnauthenticatedError,
 )
-from gpubroker.broker.model import Attempt, AttemptOutcome, Param, Task, TaskSpec, TaskState
+from gpubroker.broker.model import (
+    Attempt,
+    AttemptOutcome,
+    GpuRequirement,
+    ModelRecord,
+    Param,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from gpubroker.protos import agent_pb2, broker_pb2, task_pb2
 from gpubroker.protos import convert as protos_convert
 from gpubroker.protos.convert import (
@@ -40,12 +53,17 @@ from gpubroker.protos.convert import (
     state_to_proto,
     time_to_proto,
 )
+from gpubroker.protos.modelfile import workload_for
 from gpubroker.protos.states import FailureCode
 
 __all__ = [
     "abort_on_broker_error",
     "attempt_from_proto",
+    "model_options_from_proto",
+    "model_to_proto",
     "outcome_from_proto",
+    "requirement_from_proto",
+    "requirement_to_proto",
     "spec_from_proto",
     "split_stream",
     "state_from_proto",
@@ -63,7 +81,10 @@ _STATUS_FOR: dict[type[BrokerError], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     StaleAttemptError: grpc.StatusCode.FAILED_PRECONDITION,
     AgentRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
+    NoMatchingGpuError: grpc.StatusCode.FAILED_PRECONDITION,
     PayloadLostError: grpc.StatusCode.DATA_LOSS,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ModelInUseError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -160,7 +181,15 @@ def spec_from_proto(msg: broker_pb2.TaskHeader) -> TaskSpec:
         priority=msg.priority,
         request_id=msg.request_id or None,
         timeout_s=msg.timeout_seconds or None,
+        requires=requirement_from_proto(msg.requires),
     )
+
+
+def requirement_from_proto(msg: task_pb2.GpuRequirement) -> GpuRequirement:
+    """Converts a GPU requirement; a negative memory is an error."""
+    if msg.min_memory_bytes < 0:
+        raise InvalidTaskError(f"min_memory_bytes {msg.min_memory_bytes} is negative")
+    return GpuRequirement(msg.gpu_type or None, msg.min_memory_bytes)
 
 
 def outcome_to_proto(outcome: BatchOutcome) -> broker_pb2.InlineOutcome:
@@ -189,8 +218,8 @@ def state_from_proto(value: int) -> TaskState:
     return state
 
 
-def task_to_proto(task: Task) -> task_pb2.TaskInfo:
-    """Converts a task snapshot."""
+def task_to_proto(task: Task, waiting_for: str = "") -> task_pb2.TaskInfo:
+    """Converts a task snapshot; ``waiting_for`` says why a queued task still waits."""
     return task_pb2.TaskInfo(
         task_id=task.id,
         tenant=task.tenant,
@@ -209,6 +238,10 @@ def task_to_proto(task: Task) -> task_pb2.TaskInfo:
         deadline=time_to_proto(task.deadline_at),
         compute_seconds=task.compute_seconds or 0.0,
         gpu_type=task.gpu_type or "",
+        waiting_for=waiting_for,
+        model_load_seconds=task.model_load_seconds or 0.0,
+        batch_tasks=task.batch_tasks or 0,
+        requires=requirement_to_proto(task.requires),
     )
 
 
@@ -234,6 +267,11 @@ def outcome_from_proto(msg: agent_pb2.ResultHeader) -> AttemptOutcome:
         compute_seconds=max(0.0, msg.compute_seconds),
         error_code=FailureCode.parse(msg.error_code),
         error_message=msg.error_message,
+        # Reported, never billed: a nonsense load time is recorded as none.
+        model_load_seconds=(
+            msg.model_load_seconds if math.isfinite(msg.model_load_seconds) else 0.0
+        ),
+        batch_tasks=max(0, msg.batch_tasks),
     )
 
 
@@ -251,3 +289,48 @@ def usage_to_proto(summary: UsageSummary, budget: BudgetStatus) -> broker_pb2.Ge
         cost_nanousd=summary.cost_nanousd,
         cost_usd=format_usd(summary.cost_nanousd).removeprefix("$"),
     )
+
+
+def requirement_to_proto(requires: GpuRequirement) -> task_pb2.GpuRequirement:
+    """Converts a GPU requirement (an empty one is an empty message)."""
+    return task_pb2.GpuRequirement(
+        gpu_type=requires.gpu_type or "", min_memory_bytes=requires.min_memory_bytes
+    )
+
+
+def model_options_from_proto(msg: broker_pb2.ModelHeader) -> ModelOptions:
+    """The name and options of an upload's header (the service checks their ranges)."""
+    return ModelOptions(
+        name=msg.name,
+        max_batch_size=msg.max_batch_size,
+        max_queue_delay_s=msg.max_queue_delay_seconds,
+        requires=requirement_from_proto(msg.requires),
+    )
+
+
+def model_to_proto(record: ModelRecord) -> broker_pb2.ModelInfo:
+    """Converts a model record; a varying batch dimension is -1 in its specs."""
+    return broker_pb2.ModelInfo(
+        model_id=record.model_id,
+        name=record.name,
+        size_bytes=record.size_bytes,
+        created_at=time_to_proto(record.created_at),
+        inputs=_tensor_specs(record.metadata.get("inputs")),
+        outputs=_tensor_specs(record.metadata.get("outputs")),
+        batch_dim_varies=record.batch_dim_varies,
+        max_batch_size=record.max_batch_size,
+        max_queue_delay_seconds=record.max_queue_delay_s,
+        requires=requirement_to_proto(record.requires),
+        workload=workload_for(record.model_id),
+    )
+
+
+def _tensor_specs(specs: object) -> list[task_pb2.TensorSpec]:
+    if not isinstance(specs, list):
+        return []
+    return [
+        task_pb2.TensorSpec(
+            dtype=spec["dtype"], shape=[-1 if d is None else d for d in spec["shape"]]
+        )
+        for spec in specs
+    ]

@@ -18,9 +18,10 @@ from gpubroker.broker.api.convert import (
     split_stream,
 )
 from gpubroker.broker.core.dispatcher import Dispatcher
+from gpubroker.broker.core.models import ModelService
 from gpubroker.broker.core.registry import AgentSession, Assign, Close, Outgoing, Revoke
 from gpubroker.broker.errors import BrokerError, InvalidTaskError
-from gpubroker.broker.model import AgentInfo
+from gpubroker.broker.model import AgentInfo, ModelRecord
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.protos import agent_pb2, agent_pb2_grpc
 from gpubroker.protos.convert import meta_to_proto, params_to_proto, state_to_proto
@@ -38,9 +39,15 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
     """Lets agents join, take work and move task data."""
 
     def __init__(
-        self, dispatcher: Dispatcher, spool: Spool, auth: Authenticator, heartbeat_interval_s: float
+        self,
+        dispatcher: Dispatcher,
+        spool: Spool,
+        auth: Authenticator,
+        heartbeat_interval_s: float,
+        models: ModelService,
     ) -> None:
         self._dispatcher = dispatcher
+        self._models = models
         self._spool = spool
         self._auth = auth
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -68,10 +75,10 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             while True:
                 items, close = _take_pending(session.outbox, await session.outbox.get())
                 if items and session.info.protocol >= 2:
-                    yield _batch([_outgoing_to_proto(item) for item in items])
+                    yield _batch([_outgoing_to_proto(item, self._models) for item in items])
                 else:  # an older agent: one message per write
                     for item in items:
-                        yield _outgoing_to_proto(item)
+                        yield _outgoing_to_proto(item, self._models)
                 if close is not None:
                     break
             logger.info("closing control stream of %s: %s", session.agent_id, close.reason)
@@ -90,6 +97,16 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             task = await self._dispatcher.leased_task(request.agent_id, attempt)
             async for data in self._spool.inputs(task):
                 yield chunk_message(agent_pb2.FetchInputsResponse, data)
+
+    async def FetchModel(  # type: ignore[override]  # chunks go out as bytes
+        self, request: agent_pb2.FetchModelRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.FetchModelResponse | bytes]:
+        async with abort_on_broker_error(context):
+            self._auth.check_agent(context.invocation_metadata())
+            attempt = attempt_from_proto(request.attempt)
+            task = await self._dispatcher.leased_task(request.agent_id, attempt)
+            async for data in self._models.file_chunks(task, request.model_id):
+                yield chunk_message(agent_pb2.FetchModelResponse, data)
 
     async def PutResult(
         self, request_iterator: AsyncIterator[agent_pb2.PutResultRequest], context: Context
@@ -121,7 +138,8 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             self._dispatcher.released(session, attempt_from_proto(message.released.attempt))
         elif kind == "heartbeat":
             running = {attempt_from_proto(a) for a in message.heartbeat.running}
-            await self._dispatcher.heartbeat(session, running)
+            models = message.heartbeat.models
+            await self._dispatcher.heartbeat(session, running, models)
         elif kind == "result":
             self._complete_later(session, message.result)
         elif kind == "draining":
@@ -158,6 +176,8 @@ def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
         version=hello.version,
         protocol=max(hello.protocol, 1),
         prefetch=hello.prefetch,
+        runs_models=hello.runs_models,
+        models=frozenset(hello.models),
     )
 
 
@@ -185,7 +205,7 @@ def _batch(messages: list[agent_pb2.BrokerMessage]) -> agent_pb2.BrokerMessage:
     return agent_pb2.BrokerMessage(batch=agent_pb2.BrokerBatch(messages=messages))
 
 
-def _outgoing_to_proto(item: Outgoing) -> agent_pb2.BrokerMessage:
+def _outgoing_to_proto(item: Outgoing, models: ModelService) -> agent_pb2.BrokerMessage:
     if isinstance(item, Revoke):
         attempt = agent_pb2.TaskAttempt(task_id=item.attempt.task_id, attempt=item.attempt.number)
         return agent_pb2.BrokerMessage(
@@ -206,5 +226,17 @@ def _outgoing_to_proto(item: Outgoing) -> agent_pb2.BrokerMessage:
             timeout_seconds=timeout,
             inline_inputs=task.inline_inputs or b"",
             inputs_inline=task.inline_inputs is not None,
+            model=_model_ref(models.record_for(task)),
         )
+    )
+
+
+def _model_ref(record: ModelRecord | None) -> agent_pb2.ModelRef | None:
+    if record is None:
+        return None
+    return agent_pb2.ModelRef(
+        model_id=record.model_id,
+        size_bytes=record.size_bytes,
+        max_batch_size=record.max_batch_size,
+        max_queue_delay_seconds=record.max_queue_delay_s,
     )

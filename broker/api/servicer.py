@@ -22,8 +22,10 @@ from gpubroker.broker.api.convert import (
     task_to_proto,
     usage_to_proto,
 )
+from gpubroker.broker.api.models import ModelRpcs
 from gpubroker.broker.api.tenancy import calling_tenant
 from gpubroker.broker.core.batch import BatchOutcome, InlineTask, TaskBatch
+from gpubroker.broker.core.models import ModelService
 from gpubroker.broker.core.tasks import TaskService
 from gpubroker.broker.errors import BrokerError
 from gpubroker.broker.model import Task
@@ -36,11 +38,12 @@ __all__ = ["BrokerServicer"]
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class BrokerServicer(broker_pb2_grpc.BrokerServicer):
-    """Serves tasks to authenticated tenants."""
+class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
+    """Serves tasks and models (``ModelRpcs``) to authenticated tenants."""
 
-    def __init__(self, tasks: TaskService) -> None:
+    def __init__(self, tasks: TaskService, models: ModelService) -> None:
         self._tasks = tasks
+        self._models = models
 
     async def Submit(
         self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Context
@@ -61,7 +64,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             updates = self._tasks.run(calling_tenant(), spec, chunks, context.time_remaining)
             async for update in updates:
                 if isinstance(update, Task):
-                    yield broker_pb2.RunResponse(task=task_to_proto(update))
+                    info = task_to_proto(update, self._tasks.waiting_for(update))
+                    yield broker_pb2.RunResponse(task=info)
                 else:
                     yield chunk_message(broker_pb2.RunResponse, update)
 
@@ -77,7 +81,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> AsyncIterator[broker_pb2.WatchTaskResponse]:
         async with abort_on_broker_error(context):
             async for task in self._tasks.watch(calling_tenant(), request.task_id):
-                yield broker_pb2.WatchTaskResponse(task=task_to_proto(task))
+                info = task_to_proto(task, self._tasks.waiting_for(task))
+                yield broker_pb2.WatchTaskResponse(task=info)
 
     async def GetResult(  # type: ignore[override]  # chunks go out as bytes
         self, request: broker_pb2.GetResultRequest, context: Context
@@ -101,7 +106,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.GetTaskResponse:
         async with abort_on_broker_error(context):
             task = await self._tasks.get(calling_tenant(), request.task_id)
-        return broker_pb2.GetTaskResponse(task=task_to_proto(task))
+        return broker_pb2.GetTaskResponse(task=task_to_proto(task, self._tasks.waiting_for(task)))
 
     async def ListTasks(
         self, request: broker_pb2.ListTasksRequest, context: Context

@@ -13,12 +13,14 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from gpubroker.broker.config import Limits
+from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.placement import key_for, match, waiting_reason
 from gpubroker.broker.core.registry import AgentRegistry, AgentSession, Assign, Close, Lease, Revoke
 from gpubroker.broker.core.scheduler import FairQueue
 from gpubroker.broker.core.workloads import KnownWorkloads
@@ -28,7 +30,14 @@ from gpubroker.broker.errors import (
     LimitExceededError,
     StaleAttemptError,
 )
-from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
+from gpubroker.broker.model import (
+    AgentInfo,
+    Attempt,
+    AttemptOutcome,
+    GpuRequirement,
+    Task,
+    TaskState,
+)
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.protos.states import FailureCode
@@ -65,6 +74,8 @@ class Dispatcher:
         limits: Limits,
         lease_timeout_s: float,
         *,
+        capacity: Capacity | None = None,
+        affinity_wait_s: float = 2.0,
         failpoint: str | None = None,
     ) -> None:
         self._store = store
@@ -75,8 +86,12 @@ class Dispatcher:
         self._workloads = workloads
         self._limits = limits
         self._lease_timeout_s = lease_timeout_s
+        self._capacity = capacity or Capacity()
+        self._affinity_wait_s = affinity_wait_s
         self._failpoint = failpoint
         self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: set[asyncio.Future[Any]] = set()
 
@@ -85,7 +100,7 @@ class Dispatcher:
         self._workloads.add(await self._store.known_workloads())
         queued, cancelled = await self._store.recover(_now())
         for task in queued:
-            self._queue.push(task.id, task.tenant, task.priority, task.seq)
+            self._push(task)
         for task in cancelled:
             self._spool.release_inputs(task)
         logger.info(
@@ -101,6 +116,8 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """Stops the loops, lets every commit's follow-up finish, closes every agent session."""
+        if self._timer is not None:
+            self._timer.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -115,9 +132,24 @@ class Dispatcher:
 
     def enqueue(self, task: Task) -> None:
         """Queues a freshly submitted task."""
-        self._queue.push(task.id, task.tenant, task.priority, task.seq)
+        self._push(task)
         self._events.publish(task)
         self._wake.set()
+
+    def check_requirement(self, requires: GpuRequirement) -> None:
+        """Refuses a requirement no GPU type the broker can get fits (``Capacity.check``)."""
+        self._capacity.check(requires)
+
+    def waiting_for(self, task: Task) -> str:
+        """Why a queued task still waits ("" when it is next in line or not queued)."""
+        found = self._queue.where(task.id) if task.state is TaskState.QUEUED else None
+        if found is None:
+            return ""
+        key = key_for(task)
+        holders = self._registry.holders(key.model_id) if key.model_id is not None else ()
+        booting = self._capacity.booting_for(key.requires)
+        sessions, now = self._registry.sessions(), time.monotonic()
+        return waiting_reason(key, found[1], sessions, holders, booting, now, self._affinity_wait_s)
 
     async def cancel(self, task_id: str, tenant: str | None) -> Task:
         """Cancels a task: drops it from the queue or revokes its running attempt."""
@@ -144,6 +176,7 @@ class Dispatcher:
             raise InvalidTaskError(f"hello offers {info.slots} slots; at least 1 is needed")
         info = dataclasses.replace(info, prefetch=min(max(info.prefetch, 0), MAX_PREFETCH))
         self._store.check_priced(info.gpu_type)
+        self._capacity.saw(info)
         session = AgentSession(info)
         previous = self._registry.add(session)
         if previous is not None:
@@ -188,14 +221,20 @@ class Dispatcher:
             session.outbox.put_nowait(Revoke(attempt, f"agent draining: {reason}"))
         await self._lose_leases(session, f"agent draining: {reason}")
 
-    async def heartbeat(self, session: AgentSession, running: set[Attempt]) -> None:
-        """Notes a sign of life; requeues attempts the agent has stopped reporting.
+    async def heartbeat(
+        self, session: AgentSession, running: set[Attempt], models: Iterable[str] | None = None
+    ) -> None:
+        """Notes a sign of life and the models the agent holds now (None: it did not say);
+        requeues attempts the agent has stopped reporting.
 
         An attempt whose result upload failed is forgotten by the agent but still leased here;
         without this it would stay running forever. Attempts younger than the lease timeout are
         spared: the agent may not have seen the assignment yet.
         """
         session.touch()
+        changed = models is not None and session.info.runs_models
+        if changed and self._registry.set_models(session, models or ()):
+            self._wake.set()  # a task waiting for a holder may go elsewhere now
         for attempt in session.forgotten(running, time.monotonic() - self._lease_timeout_s):
             self._release(session.agent_id, attempt)
             await self._requeue(attempt, "the agent no longer reports it")
@@ -327,13 +366,24 @@ class Dispatcher:
             self._wake.clear()
             # Every free slot is matched first; then each agent's tasks are claimed with one
             # statement, and the agents' claims share one transaction (group commit).
-            claims: dict[AgentSession, dict[str, str]] = {}
-            while (session := self._registry.pick()) is not None and (item := self._queue.pop()):
-                session.credits -= 1
-                self._queue.started(item[1])
-                claims.setdefault(session, {})[item[0]] = item[1]
-            if claims:
-                await asyncio.gather(*(self._assign(s, items) for s, items in claims.items()))
+            now, free = time.monotonic(), self._registry.with_credit()
+            round_ = match(free, self._queue, self._registry.holders, now, self._affinity_wait_s)
+            if round_.wake_at is not None:
+                self._wake_at(round_.wake_at, now)
+            if round_.claims:
+                claims = round_.claims.items()
+                await asyncio.gather(*(self._assign(s, items) for s, items in claims))
+
+    def _wake_at(self, when: float, now: float) -> None:
+        """Runs a round at monotonic time ``when`` (a task's wait for its model's holder ends)."""
+        if self._timer is not None:
+            if now < self._timer_at <= when:
+                return  # an earlier round is due anyway
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_later(
+            max(when - now, 0.0) + 0.001, self._wake.set
+        )
 
     async def _assign(self, session: AgentSession, items: dict[str, str]) -> None:
         """Claims popped tasks (task id -> tenant) for slots already taken from ``session``."""
@@ -382,11 +432,15 @@ class Dispatcher:
             return  # already finished, cancelled or expired
         if task.state is TaskState.QUEUED:
             logger.info("requeued %s after attempt %d: %s", task.id, attempt.number, reason)
-            self._queue.push(task.id, task.tenant, task.priority, task.seq)
+            self._push(task)
             self._wake.set()
         else:
             self._spool.release_inputs(task)
         self._events.publish(task)
+
+    def _push(self, task: Task) -> None:
+        key, now = key_for(task), time.monotonic()
+        self._queue.push(task.id, task.tenant, task.priority, task.seq, key=key, queued_at=now)
 
     def _release(self, agent_id: str, attempt: Attempt) -> None:
         session = self._registry.get(agent_id)

@@ -1,9 +1,11 @@
-"""Connected agents: what each can take (credits) and which attempts each holds (leases)."""
+"""Connected agents: what each can take (credits), which attempts each holds (leases), and
+which models each holds (for model affinity)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gpubroker.broker.model import AgentInfo, Attempt, Task
@@ -78,6 +80,12 @@ class AgentSession:
     """The agent said it is going away: it gets no more work."""
     granted: bool = False
     """The agent has granted credit at least once (it does right after its hello)."""
+    models: frozenset[str] = frozenset()
+    """Models the agent holds now: its hello's list, then each heartbeat's (``set_models``)."""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            self.models = self.info.models
 
     @property
     def room(self) -> int:
@@ -115,6 +123,8 @@ class AgentRegistry:
 
     def __init__(self) -> None:
         self._sessions: dict[str, AgentSession] = {}
+        self._holders: dict[str, set[AgentSession]] = {}
+        """model id -> the live sessions holding it."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -123,6 +133,9 @@ class AgentRegistry:
         """Registers a session; returns the session it replaces (same agent id), if any."""
         previous = self._sessions.get(session.agent_id)
         self._sessions[session.agent_id] = session
+        if previous is not None:
+            self._index(previous, ())
+        self._index(session, session.models)
         return previous
 
     def remove(self, session: AgentSession) -> bool:
@@ -130,17 +143,41 @@ class AgentRegistry:
         session.closed = True
         if self._sessions.get(session.agent_id) is session:
             del self._sessions[session.agent_id]
+            self._index(session, ())
             return True
         return False
+
+    def set_models(self, session: AgentSession, models: Iterable[str]) -> bool:
+        """Records the models a live session holds now; True when the set changed."""
+        held = frozenset(models)
+        if held == session.models:
+            return False
+        if self._sessions.get(session.agent_id) is session:
+            self._index(session, held)
+        session.models = held
+        return True
+
+    def holders(self, model_id: str) -> frozenset[AgentSession]:
+        """The live sessions that hold ``model_id``."""
+        return frozenset(self._holders.get(model_id, ()))
+
+    def _index(self, session: AgentSession, models: Iterable[str]) -> None:
+        for model_id in session.models:
+            holders = self._holders.get(model_id)
+            if holders is not None:
+                holders.discard(session)
+                if not holders:
+                    del self._holders[model_id]
+        for model_id in models:
+            self._holders.setdefault(model_id, set()).add(session)
 
     def get(self, agent_id: str) -> AgentSession | None:
         """The live session of an agent."""
         return self._sessions.get(agent_id)
 
-    def pick(self) -> AgentSession | None:
-        """The session with the most free credit, or None when no agent can take work."""
-        best = max(self._sessions.values(), key=lambda s: s.credits, default=None)
-        return best if best is not None and best.credits > 0 else None
+    def with_credit(self) -> list[AgentSession]:
+        """The sessions that can take work now (credit left, not draining)."""
+        return [s for s in self._sessions.values() if s.credits > 0 and not s.draining]
 
     def silent_since(self, deadline: float) -> list[AgentSession]:
         """Sessions not heard from since the monotonic time ``deadline``."""

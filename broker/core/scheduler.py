@@ -4,6 +4,11 @@ Pure data structure, no I/O. A tenant's own ``priority`` orders only that tenant
 tenant cannot jump ahead of others by raising its priorities; across tenants, the one with the
 fewest running tasks goes next, ties going to the one served least recently.
 
+Tasks are kept in one queue per placement class (any hashable key; the dispatcher uses
+``placement.PlacementKey``: workload and GPU requirement), and every class shares the tenants'
+running counts and turns. ``pop`` takes only from the classes its caller accepts, so a class
+no agent can serve costs one check per pop however many tasks it holds, and blocks nobody.
+
 It also counts each tenant's queued tasks in O(1) (per tenant, not per task), so the per-tenant
 queue quota costs a dictionary lookup on the submit path.
 """
@@ -13,56 +18,111 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
 
-__all__ = ["FairQueue"]
+__all__ = ["FairQueue", "Head"]
+
+_Entry = tuple[int, int, str]
+"""``(-priority, seq, task_id)``: a heap orders a tenant's tasks by priority, then age."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The task a class would give next: what ``pop``'s ``accept`` is asked about."""
+
+    key: Hashable
+    """The placement class."""
+    task_id: str
+    tenant: str
+    queued_at: float
+    """When the task was (re)queued, on the caller's clock."""
+
+
+@dataclass(eq=False)
+class _Class:
+    """One placement class: per-tenant heaps of its tasks."""
+
+    heaps: dict[str, list[_Entry]] = field(default_factory=dict)
+    size: int = 0
+    """Live (not removed) tasks in the class."""
 
 
 class FairQueue:
-    """Queued task ids, per tenant, in a heap of ``(-priority, seq, task_id)``."""
+    """Queued task ids, per placement class and tenant, in heaps of ``(-priority, seq, id)``."""
 
     def __init__(self) -> None:
-        self._heaps: dict[str, list[tuple[int, int, str]]] = {}
-        self._tenant_of: dict[str, str] = {}
+        self._classes: dict[Hashable, _Class] = {}
+        self._where: dict[str, tuple[str, Hashable, float]] = {}
+        """task id -> (tenant, class key, queued_at) of every live queued task."""
         self._running: Counter[str] = Counter()
         self._queued: Counter[str] = Counter()
         self._last_served: dict[str, int] = {}
         self._clock = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._tenant_of)
+        return len(self._where)
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._tenant_of
+        return task_id in self._where
 
-    def push(self, task_id: str, tenant: str, priority: int, seq: int) -> None:
-        """Queues a task; pushing a queued task again does nothing."""
-        if task_id in self._tenant_of:
+    def push(
+        self,
+        task_id: str,
+        tenant: str,
+        priority: int,
+        seq: int,
+        *,
+        key: Hashable = None,
+        queued_at: float = 0.0,
+    ) -> None:
+        """Queues a task in class ``key``; pushing a queued task again does nothing."""
+        if task_id in self._where:
             return
-        self._tenant_of[task_id] = tenant
+        self._where[task_id] = (tenant, key, queued_at)
         self._queued[tenant] += 1
-        heapq.heappush(self._heaps.setdefault(tenant, []), (-priority, seq, task_id))
+        queue = self._classes.setdefault(key, _Class())
+        queue.size += 1
+        heapq.heappush(queue.heaps.setdefault(tenant, []), (-priority, seq, task_id))
 
     def remove(self, task_id: str) -> bool:
         """Drops a queued task (lazily: its heap entry is skipped later)."""
-        tenant = self._tenant_of.pop(task_id, None)
-        if tenant is None:
+        found = self._where.pop(task_id, None)
+        if found is None:
             return False
-        self._unqueue(tenant)
+        tenant, key, _ = found
+        self._unqueue(tenant, key)
         return True
 
-    def pop(self) -> tuple[str, str] | None:
-        """Takes the next task as ``(task_id, tenant)``, or None when nothing is queued."""
-        while self._heaps:
-            tenant = min(self._heaps, key=self._tenant_rank)
-            heap = self._heaps[tenant]
-            _, _, task_id = heapq.heappop(heap)
-            if not heap:
-                del self._heaps[tenant]
-            if self._tenant_of.pop(task_id, None) is not None:
-                self._unqueue(tenant)
-                self._last_served[tenant] = next(self._clock)
-                return task_id, tenant
-        return None
+    def pop(self, accept: Callable[[Head], bool] | None = None) -> tuple[str, str] | None:
+        """Takes the next task as ``(task_id, tenant)``, or None when nothing is queued.
+
+        With ``accept``, only classes whose next task it accepts are considered: the fairest
+        of those goes (tenant turn first, then priority and age).
+        """
+        best: tuple[tuple[int, int, int, int], Head] | None = None
+        for key in list(self._classes):
+            head = self._head(key)
+            if head is None or (accept is not None and not accept(head)):
+                continue
+            entry = self._classes[key].heaps[head.tenant][0]
+            rank = (*self._tenant_rank(head.tenant), entry[0], entry[1])
+            if best is None or rank < best[0]:
+                best = (rank, head)
+        if best is None:
+            return None
+        return self._take(best[1])
+
+    def classes(self) -> Iterator[tuple[Hashable, int]]:
+        """Every class with queued tasks, and how many it holds."""
+        for key, queue in self._classes.items():
+            if queue.size:
+                yield key, queue.size
+
+    def where(self, task_id: str) -> tuple[Hashable, float] | None:
+        """A queued task's class and the time it was queued; None when it is not queued."""
+        found = self._where.get(task_id)
+        return None if found is None else (found[1], found[2])
 
     def started(self, tenant: str) -> None:
         """Counts a task of ``tenant`` as running (it weighs on the tenant's share)."""
@@ -82,10 +142,42 @@ class FairQueue:
         """How many of the tenant's tasks run now."""
         return self._running[tenant]
 
-    def _unqueue(self, tenant: str) -> None:
+    def _head(self, key: Hashable) -> Head | None:
+        """The class's next task: its fairest tenant's first live entry (stale ones dropped)."""
+        queue = self._classes[key]
+        while queue.heaps:
+            tenant = min(queue.heaps, key=self._tenant_rank)
+            heap = queue.heaps[tenant]
+            task_id = heap[0][2]
+            found = self._where.get(task_id)
+            if found is not None and found[1] == key:
+                return Head(key, task_id, tenant, found[2])
+            heapq.heappop(heap)  # removed, or requeued into another class
+            if not heap:
+                del queue.heaps[tenant]
+        if not queue.size:
+            del self._classes[key]
+        return None
+
+    def _take(self, head: Head) -> tuple[str, str]:
+        queue = self._classes[head.key]
+        heap = queue.heaps[head.tenant]
+        heapq.heappop(heap)
+        if not heap:
+            del queue.heaps[head.tenant]
+        del self._where[head.task_id]
+        self._unqueue(head.tenant, head.key)
+        self._last_served[head.tenant] = next(self._clock)
+        return head.task_id, head.tenant
+
+    def _unqueue(self, tenant: str, key: Hashable) -> None:
         self._queued[tenant] -= 1
         if not self._queued[tenant]:
             del self._queued[tenant]
+        queue = self._classes[key]
+        queue.size -= 1
+        if not queue.size and not queue.heaps:
+            del self._classes[key]
 
     def _tenant_rank(self, tenant: str) -> tuple[int, int]:
         return self._running[tenant], self._last_served.get(tenant, -1)

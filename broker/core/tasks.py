@@ -15,6 +15,7 @@ from gpubroker.billing.ledger import UsageSummary
 from gpubroker.broker.config import Limits
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.events import Subscription, TaskEvents, TaskSink
+from gpubroker.broker.core.models import ModelService
 from gpubroker.broker.core.quota import SubmitQuota
 from gpubroker.broker.core.scheduler import FairQueue
 from gpubroker.broker.core.workloads import KnownWorkloads
@@ -49,6 +50,7 @@ class TaskService:
         queue: FairQueue,
         workloads: KnownWorkloads,
         limits: Limits,
+        models: ModelService,
     ) -> None:
         self._store = store
         self._spool = spool
@@ -56,6 +58,7 @@ class TaskService:
         self._events = events
         self._workloads = workloads
         self._limits = limits
+        self._models = models
         self._quota = SubmitQuota(
             limits.submit_rate_per_s,
             limits.submit_burst,
@@ -84,6 +87,8 @@ class TaskService:
         (``Run``, ``RunMany``) lives as long as its call: see ``Task.call_bound``.
         """
         check_spec(spec, self._limits, self._workloads.names)
+        spec = self._models.resolve(tenant, spec)  # a model task: its inputs and requirement
+        self._dispatcher.check_requirement(spec.requires)  # FAILED_PRECONDITION: no such GPU
         if spec.request_id and spec.input_bytes > INLINE_MAX_BYTES:
             # A retry of a large upload is answered before its bytes are spooled a second
             # time; small ones are deduplicated inside the insert's own transaction.
@@ -159,6 +164,10 @@ class TaskService:
             if remaining is None or remaining > DEADLINE_SLACK_S:
                 await asyncio.shield(self.cancel_quietly(submitted.id))
             raise
+
+    def waiting_for(self, task: Task) -> str:
+        """Why a queued task still waits, for its status ("" when next in line or not queued)."""
+        return self._dispatcher.waiting_for(task)
 
     def follow(self, sink: TaskSink) -> Subscription:
         """Delivers the snapshots of the tasks added to the subscription to ``sink``."""
@@ -238,7 +247,8 @@ def check_spec(spec: TaskSpec, limits: Limits, known_workloads: frozenset[str]) 
     """Raises unless the spec is well-formed, within limits and names a known workload."""
     if not spec.workload:
         raise InvalidTaskError("the task header names no workload")
-    if known_workloads and spec.workload not in known_workloads:
+    # A model task's workload is checked against the tenant's models instead (ModelService).
+    if known_workloads and spec.model_id is None and spec.workload not in known_workloads:
         known = ", ".join(sorted(known_workloads))
         raise UnknownWorkloadError(f"unknown workload {spec.workload!r}; known: {known}")
     _check_counts(spec, limits)

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from gpubroker.billing.errors import UnknownPriceError
-from gpubroker.billing.prices import PriceCatalog, to_nanousd
+from gpubroker.billing.prices import GPU_MEMORY_BYTES, PriceCatalog, to_nanousd
 from gpubroker.billing.vms import (
     EndReason,
     VmLaunch,
@@ -37,8 +38,12 @@ from gpubroker.billing.vms import (
     record_deleted,
     record_running,
 )
+from gpubroker.broker.core.capacity import Capacity, GpuOffer
+from gpubroker.broker.core.placement import PlacementKey, may_run
 from gpubroker.broker.core.registry import AgentRegistry
 from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.model import GpuRequirement
+from gpubroker.broker.scaling.demand import Demand, GpuChoice
 from gpubroker.broker.scaling.policy import (
     Autoscaler,
     InstanceSnapshot,
@@ -73,7 +78,7 @@ class ScalingConfig:
     """Seconds between decisions."""
 
 
-_COMPUTED = {"launch_request", "launch_price_nanousd", "max_hourly_spend_nanousd"}
+_COMPUTED = {"launch_request", "launch_price_nanousd", "max_hourly_spend_nanousd", "choices"}
 """ScalingPolicy fields the loader derives (from gpu_types, spot, max_hourly_spend_usd...)."""
 
 
@@ -103,11 +108,34 @@ def load_scaling_config(path: Path | None, provider: str, catalog: PriceCatalog)
             | table
             | {
                 "launch_price_nanousd": worst_case_price_nanousd(catalog, request),
+                "choices": _choices(catalog, request),
                 "max_hourly_spend_nanousd": None if spend is None else to_nanousd(str(spend)),
             }
         )
     )
     return ScalingConfig(policy, data.get(provider, {}), interval)
+
+
+def _choices(catalog: PriceCatalog, request: LaunchRequest) -> tuple[GpuChoice, ...]:
+    """The configured GPU types with their memory and prices (Spot or not, as configured)."""
+    return tuple(
+        GpuChoice(
+            g,
+            GPU_MEMORY_BYTES.get(g, 0),
+            catalog.price_for(g, spot=request.spot).per_hour_nanousd,
+            catalog.price_for(g, spot=False).per_hour_nanousd,
+        )
+        for g in request.gpu_types
+    )
+
+
+def offers_of(config: ScalingConfig) -> list[GpuOffer]:
+    """What the autoscaler can start, for the submit check (``Capacity``)."""
+    policy = config.policy
+    choices = policy.choices or [GpuChoice(g) for g in policy.launch_request.gpu_types]
+    return [
+        GpuOffer(c.gpu_type, c.memory_bytes or GPU_MEMORY_BYTES.get(c.gpu_type)) for c in choices
+    ]
 
 
 @dataclass
@@ -135,6 +163,7 @@ class ScalingLoop:
         registry: AgentRegistry,
         engine: Engine,
         catalog: PriceCatalog,
+        capacity: Capacity | None = None,
     ) -> None:
         self.provider = provider
         self._config = config
@@ -143,9 +172,12 @@ class ScalingLoop:
         self._registry = registry
         self._engine = engine
         self._catalog = catalog
+        self._capacity = capacity or Capacity()
+        self._capacity.configure(offers_of(config))
         self.autoscaler = Autoscaler(config.policy)
         self._tracked: dict[str, _Tracked] = {}
         self._pending = 0
+        self._pending_types: Counter[str] = Counter()
         self._terminating: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -189,16 +221,44 @@ class ScalingLoop:
             free_slots=sum(s.room for s in self._registry.sessions() if not s.draining),
             instances=tuple(self._snapshot(i) for i in instances),
             pending_launches=self._pending,
+            demands=self._demands(),
+            pending_types=tuple(self._pending_types.elements()),
         )
         decision = self.autoscaler.decide(snapshot, now_s)
         for termination in decision.terminations:
             logger.info("stopping %s: %s", termination.name, termination.reason)
             self._spawn(self._terminate(termination.name, _END_REASONS[termination.kind]))
-        if decision.launch is not None and decision.launch.count:
-            logger.info("launching %d: %s", decision.launch.count, decision.launch.reason)
-            for _ in range(decision.launch.count):
+        for launch in decision.launches:
+            if launch.count:
+                logger.info("launching %d of %s: %s", launch.count, launch.request, launch.reason)
+            for _ in range(launch.count):
                 self._pending += 1
-                self._spawn(self._launch(decision.launch.request))
+                self._pending_types[launch.request.gpu_types[0]] += 1
+                self._spawn(self._launch(launch.request))
+        starting = (InstanceStatus.PROVISIONING, InstanceStatus.STAGING, InstanceStatus.RUNNING)
+        booting = [
+            i.gpu_type for i in snapshot.instances if i.status in starting and not i.connected
+        ]
+        self._capacity.set_booting([*booting, *self._pending_types.elements()])
+
+    def _demands(self) -> list[Demand]:
+        """Queued tasks per GPU requirement, with the free slots of agents that may run them.
+
+        A class no connected agent may run has no free slots: its tasks count as demand even
+        when other agents idle (the machines the autoscaler starts run every workload of the
+        configured agent).
+        """
+        sessions = [s for s in self._registry.sessions() if not s.draining]
+        totals: dict[GpuRequirement, list[int]] = {}
+        for key, queued in self._queue.classes():
+            if isinstance(key, PlacementKey):
+                requires, rooms = key.requires, [s.room for s in sessions if may_run(s.info, key)]
+            else:
+                requires, rooms = GpuRequirement(), [s.room for s in sessions]
+            total = totals.setdefault(requires, [0, 0])
+            total[0] += queued
+            total[1] += min(sum(rooms), queued)
+        return [Demand(r, queued, free) for r, (queued, free) in totals.items()]
 
     async def _oldest_queued_age(self, wall: datetime) -> float:
         oldest = await self._store.oldest_queued()
@@ -287,6 +347,8 @@ class ScalingLoop:
             return
         finally:
             self._pending -= 1
+            self._pending_types[request.gpu_types[0]] -= 1
+            self._pending_types += Counter()  # drops the types that reached 0
         logger.info("launched %s (%s, %s)", instance.name, instance.gpu_type, instance.zone)
         if (tracked := self._tracked.get(instance.name)) is not None:
             tracked.launched = True  # a tick listed it while the launch call was returning

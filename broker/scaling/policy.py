@@ -12,6 +12,12 @@ that, it launches ``ceil(excess / slots_per_instance)`` instances, so a burst on
 starts them all at once and work arriving while they boot does not start them twice. When the
 oldest queued task has waited longer than ``target_queue_wait_s`` and nothing is booting, it
 launches at least one, whatever the free slots say. It also launches up to ``min_instances``.
+
+Per requirement. When the snapshot carries ``demands`` (queued tasks per GPU requirement, with
+the free slots of the connected agents that may run them), excess is counted per requirement
+instead (``demand.plan``): booting machines serve only the requirements their type fits, and
+each requirement short of slots launches the cheapest configured types that fit it, so one
+decision may hold several launches (``Decision.launches``).
 The count is then bounded by ``max_instances`` and by ``max_hourly_spend_nanousd`` (the hourly
 prices of live instances, pending launches and the new ones together), and by a cooldown after
 the last scale-up; a bounded or refused scale-up still carries a reason that says why.
@@ -34,10 +40,12 @@ created, or since the agent was last seen) is treated as stuck and deleted.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gpubroker.billing.prices import PriceCatalog, format_usd
+from gpubroker.broker.scaling.demand import Demand, GpuChoice, Want, choices_of, plan
 from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest
 
 __all__ = [
@@ -69,6 +77,9 @@ class ScalingPolicy:
     """What every scale-up asks the provider for (default: one Spot ``nvidia-l4``)."""
     launch_price_nanousd: int = 0
     """Hourly price assumed for each new instance; see ``worst_case_price_nanousd``."""
+    choices: tuple[GpuChoice, ...] = ()
+    """The configured GPU types with memory and prices, for per-requirement launches; empty:
+    ``launch_request``'s types, unpriced, memory from ``billing.prices.GPU_MEMORY_BYTES``."""
     min_instances: int = 0
     """Instances kept even when idle; 0 scales to zero."""
     max_instances: int = 4
@@ -159,6 +170,10 @@ class Snapshot:
     """Every instance the provider knows of."""
     pending_launches: int = 0
     """Launches ordered whose instance is not in ``instances`` yet."""
+    demands: Sequence[Demand] | None = None
+    """Queued tasks per GPU requirement; None: count ``queue_depth`` against ``free_slots``."""
+    pending_types: Sequence[str] = ()
+    """The first GPU type of each pending launch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +199,16 @@ class Termination:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What to do now: at most one ``Launch`` and any number of ``Termination``s."""
+    """What to do now: a ``Launch`` per launch request wanted, and any ``Termination``s."""
 
-    launch: Launch | None = None
-    """None when no scale-up was wanted."""
+    launches: tuple[Launch, ...] = ()
+    """Empty when no scale-up was wanted."""
     terminations: tuple[Termination, ...] = ()
+
+    @property
+    def launch(self) -> Launch | None:
+        """The first launch; None when no scale-up was wanted."""
+        return self.launches[0] if self.launches else None
 
     @property
     def terminated_names(self) -> tuple[str, ...]:
@@ -254,12 +274,12 @@ class Autoscaler:
         removed = [t for i in snapshot.instances if (t := self._broken(i, now_s)) is not None]
         gone = {t.name for t in removed}
         kept = [i for i in snapshot.instances if i.name not in gone]
-        launch = self._scale_up(snapshot, kept, now_s)
-        if launch is not None and launch.count > 0:
+        launches = self._scale_up(snapshot, kept, now_s)
+        if any(launch.count > 0 for launch in launches):
             self._last_scale_up_s = now_s
         elif snapshot.queue_depth == 0:
             removed += self._idle_stops(snapshot, kept, now_s)
-        return Decision(launch=launch, terminations=tuple(removed))
+        return Decision(launches=launches, terminations=tuple(removed))
 
     def _broken(self, instance: InstanceSnapshot, now_s: float) -> Termination | None:
         if instance.status is InstanceStatus.TERMINATED:
@@ -283,19 +303,48 @@ class Autoscaler:
 
     def _scale_up(
         self, snapshot: Snapshot, kept: Sequence[InstanceSnapshot], now_s: float
-    ) -> Launch | None:
-        wanted, reasons = self._wanted(snapshot, kept)
-        if wanted == 0:
-            return None
-        count, limits = self._bounded(wanted, snapshot, kept)
+    ) -> tuple[Launch, ...]:
+        launches: list[Launch] = []
         cooling = self._cooldown_left_s(now_s)
-        if count > 0 and cooling > 0:
-            count = 0
-            limits.append(f"in the scale-up cooldown for another {cooling:.0f} s")
-        reason = "; ".join(reasons)
-        if limits:
-            reason += f"; wanted {wanted}, launching {count}: " + "; ".join(limits)
-        return Launch(count, self.policy.launch_request, reason)
+        extra = (0, 0)  # instances and hourly spend granted to earlier launches of this decision
+        for want in self._wants(snapshot, kept):
+            price = self._price_of(want.request)
+            count, limits = self._bounded(want.count, snapshot, kept, price, extra)
+            if count > 0 and cooling > 0:
+                count = 0
+                limits.append(f"in the scale-up cooldown for another {cooling:.0f} s")
+            reason = "; ".join(want.reasons)
+            if limits:
+                reason += f"; wanted {want.count}, launching {count}: " + "; ".join(limits)
+            launches.append(Launch(count, want.request, reason))
+            extra = (extra[0] + count, extra[1] + count * price)
+        return tuple(launches)
+
+    def _wants(self, snapshot: Snapshot, kept: Sequence[InstanceSnapshot]) -> list[Want]:
+        """Instances wanted per launch request: per requirement when the snapshot has demands."""
+        if snapshot.demands is None:
+            wanted, reasons = self._wanted(snapshot, kept)
+            return [Want(self.policy.launch_request, wanted, tuple(reasons))] if wanted else []
+        policy = self.policy
+        serving = [i for i in kept if i.status is not InstanceStatus.STOPPING]
+        booting = Counter(i.gpu_type for i in serving if not i.connected)
+        booting.update(snapshot.pending_types)
+        choices = policy.choices or choices_of(policy.launch_request)
+        wants = plan(
+            snapshot.demands, choices, booting, policy.slots_per_instance, policy.launch_request
+        )
+        short = policy.min_instances - len(serving) - snapshot.pending_launches
+        if short > sum(w.count for w in wants):
+            reason = f"{short} below min_instances {policy.min_instances}"
+            wants = [Want(policy.launch_request, short, (reason,))]
+        return wants
+
+    def _price_of(self, request: LaunchRequest) -> int:
+        """The dearest hourly price a launch of ``request`` may pay, for the spend cap."""
+        if request == self.policy.launch_request or not self.policy.choices:
+            return self.policy.launch_price_nanousd
+        prices = {c.gpu_type: c.worst_price_nanousd for c in self.policy.choices}
+        return max(prices.get(g, 0) for g in request.gpu_types)
 
     def _wanted(
         self, snapshot: Snapshot, kept: Sequence[InstanceSnapshot]
@@ -331,19 +380,24 @@ class Autoscaler:
         )
 
     def _bounded(
-        self, wanted: int, snapshot: Snapshot, kept: Sequence[InstanceSnapshot]
+        self,
+        wanted: int,
+        snapshot: Snapshot,
+        kept: Sequence[InstanceSnapshot],
+        price: int,
+        extra: tuple[int, int] = (0, 0),
     ) -> tuple[int, list[str]]:
         policy = self.policy
         live = [i for i in kept if i.status.is_live]
         limits: list[str] = []
-        room = max(policy.max_instances - len(live) - snapshot.pending_launches, 0)
+        room = max(policy.max_instances - len(live) - snapshot.pending_launches - extra[0], 0)
         count = min(wanted, room)
         if count < wanted:
             limits.append(f"max_instances {policy.max_instances} leaves room for {room}")
         cap = policy.max_hourly_spend_nanousd
-        price = policy.launch_price_nanousd
         if cap is not None and price > 0:
-            committed = hourly_spend(live) + snapshot.pending_launches * price
+            pending = snapshot.pending_launches * policy.launch_price_nanousd
+            committed = hourly_spend(live) + pending + extra[1]
             affordable = max((cap - committed) // price, 0)
             if affordable < count:
                 count = affordable

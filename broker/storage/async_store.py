@@ -19,7 +19,15 @@ from typing import Any, TypeVar, cast
 
 from gpubroker.billing.budget import BudgetStatus
 from gpubroker.billing.ledger import UsageSummary
-from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
+from gpubroker.broker.model import (
+    AgentInfo,
+    Attempt,
+    AttemptOutcome,
+    ModelRecord,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from gpubroker.broker.storage.store import TaskStore
 from gpubroker.protos.states import FailureCode
 
@@ -153,6 +161,22 @@ class AsyncTaskStore:
         """Raises ``AgentRefusedError`` unless ``gpu_type`` can be billed: a pure lookup in
         the price catalog, so it needs no database thread."""
         self._store.check_priced(gpu_type)
+
+    async def models(self) -> list[ModelRecord]:
+        """Every tenant's models, oldest first."""
+        return await self._run(self._store.models)
+
+    async def add_model(self, record: ModelRecord) -> None:
+        """Adds a model the tenant does not hold yet."""
+        await self._run(functools.partial(self._store.add_model, record))
+
+    async def update_model(self, record: ModelRecord) -> None:
+        """Writes a held model's name and options."""
+        await self._run(functools.partial(self._store.update_model, record))
+
+    async def delete_model(self, tenant: str, model_id: str) -> tuple[ModelRecord, bool]:
+        """Deletes a model no live task names; returns it and whether its file is unreferenced."""
+        return await self._run(functools.partial(self._store.delete_model, tenant, model_id))
 
     async def close(self) -> None:
         """Finishes queued calls, then stops the database thread."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.engine import Row
 
-from gpubroker.broker.model import Task, TaskSpec, TaskState
+from gpubroker.broker.model import GpuRequirement, Task, TaskSpec, TaskState
 from gpubroker.protos.states import FailureCode
 from gpubroker.protos.wire import TensorMeta
 
@@ -70,6 +70,8 @@ def new_task_row(
         "created_at": now,
         "deadline_at": deadline,
         "call_bound": call_bound,
+        "requires_gpu_type": spec.requires.gpu_type,
+        "requires_gpu_memory": spec.requires.min_memory_bytes,
     }
 
 
@@ -98,6 +100,7 @@ def new_task(row: dict[str, Any], spec: TaskSpec, seq: int) -> Task:
         deadline_at=deadline.astimezone(UTC) if deadline is not None else None,
         inline_inputs=row["inline_inputs"],
         call_bound=row["call_bound"],
+        requires=spec.requires,
     )
 
 
@@ -130,4 +133,7 @@ def task_from_row(row: Row[Any]) -> Task:
         inline_inputs=m["inline_inputs"],
         inline_outputs=m["inline_outputs"],
         call_bound=m["call_bound"],
+        requires=GpuRequirement(m["requires_gpu_type"], m["requires_gpu_memory"] or 0),
+        model_load_seconds=m["model_load_seconds"],
+        batch_tasks=m["batch_tasks"],
     )

@@ -21,8 +21,16 @@ from gpubroker.billing.ledger import UsageSummary
 from gpubroker.billing.models import tasks, workloads
 from gpubroker.billing.prices import PriceCatalog
 from gpubroker.broker.errors import BrokerError, TaskNotFoundError
-from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
-from gpubroker.broker.storage import transitions
+from gpubroker.broker.model import (
+    AgentInfo,
+    Attempt,
+    AttemptOutcome,
+    ModelRecord,
+    Task,
+    TaskSpec,
+    TaskState,
+)
+from gpubroker.broker.storage import models, transitions
 from gpubroker.broker.storage.rows import task_from_row
 from gpubroker.broker.storage.submission import Submissions, find_request
 from gpubroker.broker.storage.usage import Bills, check_priced, tenant_usage
@@ -223,6 +231,27 @@ class TaskStore:
     def check_priced(self, gpu_type: str) -> None:
         """Raises ``AgentRefusedError`` unless the price catalog can bill ``gpu_type``."""
         check_priced(self._catalog, gpu_type)
+
+    def models(self) -> list[ModelRecord]:
+        """Every tenant's models, oldest first."""
+        with self._transaction() as conn:
+            return models.load_all(conn)
+
+    def add_model(self, record: ModelRecord) -> None:
+        """Adds a model the tenant does not hold yet."""
+        with self._transaction() as conn:
+            models.insert(conn, record)
+
+    def update_model(self, record: ModelRecord) -> None:
+        """Writes a held model's name and options."""
+        with self._transaction() as conn:
+            models.update(conn, record)
+
+    def delete_model(self, tenant: str, model_id: str) -> tuple[ModelRecord, bool]:
+        """Deletes a model no live task names; returns it and whether its file is unreferenced
+        (see ``models.delete``)."""
+        with self._transaction() as conn:
+            return models.delete(conn, tenant, model_id)
 
 
 def _run_alone(op: Callable[[], object]) -> object:

@@ -13,8 +13,9 @@ from gpubroker.billing.budget import budget_status, monthly_limit, next_month
 from gpubroker.billing.driver import DriverInsert
 from gpubroker.billing.models import tasks
 from gpubroker.billing.prices import format_usd
-from gpubroker.broker.errors import BudgetExceededError, RequestConflictError
+from gpubroker.broker.errors import BudgetExceededError, ModelNotFoundError, RequestConflictError
 from gpubroker.broker.model import Task, TaskSpec
+from gpubroker.broker.storage import models
 from gpubroker.broker.storage.rows import new_task, new_task_row, task_from_row
 
 __all__ = ["Submissions", "find_request"]
@@ -66,6 +67,13 @@ class Submissions:
         """Inserts a queued task; returns it and whether its request_id already existed."""
         if not self._dedup_on_insert and (existing := find_request(conn, tenant, spec)):
             return existing, True
+        model_id = spec.model_id
+        if model_id is not None and not models.exists(conn, tenant, model_id):
+            # Checked in the transaction that inserts: a delete of the model either committed
+            # before (and the task is refused) or runs after (and sees the task).
+            if existing := find_request(conn, tenant, spec):
+                return existing, True
+            raise ModelNotFoundError(model_id)
         try:
             self._check_budget(conn, tenant, now)
         except BudgetExceededError:

@@ -72,6 +72,8 @@ _SUCCEED_UNREAD = (
         output_bytes=_bind("output_bytes", tasks.c.output_bytes),
         inline_outputs=_bind("inline_outputs", tasks.c.inline_outputs),
         compute_seconds=_bind("compute_seconds", tasks.c.compute_seconds),
+        model_load_seconds=_bind("model_load_seconds", tasks.c.model_load_seconds),
+        batch_tasks=_bind("batch_tasks", tasks.c.batch_tasks),
         finished_at=_bind("now", tasks.c.finished_at),
     )
 )
@@ -141,6 +143,10 @@ def mark_succeeded(
     ):
         raise ValueError(f"{running.id} attempt {running.attempt} is not {attempt}")
     output_bytes = sum(m.nbytes for m in outcome.outputs)
+    # Only a model call has a load time and a batch; an operator workload's stay NULL.
+    model_call = outcome.batch_tasks > 0 or outcome.model_load_seconds > 0
+    model_load_seconds = outcome.model_load_seconds if model_call else None
+    batch_tasks = max(outcome.batch_tasks, 1) if model_call else None
     params = {
         "b_id": attempt.task_id,
         "b_attempt": attempt.number,
@@ -149,6 +155,8 @@ def mark_succeeded(
         "b_output_bytes": output_bytes,
         "b_inline_outputs": inline_outputs,
         "b_compute_seconds": outcome.compute_seconds,
+        "b_model_load_seconds": model_load_seconds,
+        "b_batch_tasks": batch_tasks,
         "b_now": now,
     }
     # One guarded UPDATE both checks the lease and writes.
@@ -164,6 +172,8 @@ def mark_succeeded(
             output_bytes=output_bytes,
             inline_outputs=inline_outputs,
             compute_seconds=outcome.compute_seconds,
+            model_load_seconds=model_load_seconds,
+            batch_tasks=batch_tasks,
             finished_at=now.astimezone(UTC),
         )
     if task is None:

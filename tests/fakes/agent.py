@@ -7,7 +7,8 @@ the test says so, so tests can pin down the protocol (credits, fencing, revocati
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -27,13 +28,25 @@ class FakeAgent:
         agent_id: str,
         slots: int = 1,
         join_token: str = JOIN_TOKEN,
+        *,
+        gpu_type: str = "cpu",
+        gpu_memory: int = 0,
+        workloads: Sequence[str] = ("echo",),
+        runs_models: bool = False,
+        models: Sequence[str] = (),
     ) -> None:
         self.stub = agent_pb2_grpc.AgentGatewayStub(channel)
         self.agent_id = agent_id
         self.metadata = bearer(join_token)
         self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         hello = agent_pb2.AgentHello(
-            agent_id=agent_id, gpu_type="cpu", slots=slots, workloads=["echo"]
+            agent_id=agent_id,
+            gpu_type=gpu_type,
+            gpu_memory_bytes=gpu_memory,
+            slots=slots,
+            workloads=list(workloads),
+            runs_models=runs_models,
+            models=list(models),
         )
         self.outbox.put_nowait(agent_pb2.AgentMessage(hello=hello))
         self.call = self.stub.Connect(self._messages(), metadata=self.metadata)
@@ -43,12 +56,17 @@ class FakeAgent:
             yield await self.outbox.get()
 
     @classmethod
-    async def ready(cls, channel: grpc.aio.Channel, agent_id: str) -> FakeAgent:
-        """An agent that was welcomed and granted one slot."""
-        agent = cls(channel, agent_id)
+    async def ready(cls, channel: grpc.aio.Channel, agent_id: str, **hello: Any) -> FakeAgent:
+        """An agent that was welcomed and granted one slot; ``hello`` as in the constructor."""
+        agent = cls(channel, agent_id, **hello)
         await agent.next()
         agent.credit()
         return agent
+
+    def heartbeat(self, models: Sequence[str] = ()) -> None:
+        """Sends a heartbeat that reports no running attempt and holds ``models``."""
+        beat = agent_pb2.AgentHeartbeat(models=list(models))
+        self.outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=beat))
 
     async def next(self) -> agent_pb2.BrokerMessage:
         """The next message from the broker (fails the test after 10 s)."""

@@ -11,7 +11,15 @@ import sqlalchemy as sa
 from gpubroker.billing.models import tasks, usage
 from gpubroker.billing.prices import PriceCatalog
 from gpubroker.broker.errors import RequestConflictError, StaleAttemptError, TaskNotFoundError
-from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskSpec, TaskState
+from gpubroker.broker.model import (
+    AgentInfo,
+    Attempt,
+    AttemptOutcome,
+    GpuRequirement,
+    Task,
+    TaskSpec,
+    TaskState,
+)
 from gpubroker.broker.storage.store import TaskStore
 from gpubroker.protos.states import FailureCode
 from gpubroker.protos.wire import TensorMeta
@@ -69,7 +77,10 @@ def test_the_drivers_task_insert_stores_what_sqlalchemys_insert_stores(
 ) -> None:
     # create() inserts on the driver's cursor; every column, in its stored form, must come out
     # as from a plain Core insert of the same values.
-    spec = TaskSpec("echo", (META,), {"f": 0.1, "s": "é", "b": True, "i": 7}, 3, "r1", 60.0)
+    requires = GpuRequirement("nvidia-l4", 16 << 30)
+    spec = TaskSpec(
+        "echo", (META,), {"f": 0.1, "s": "é", "b": True, "i": 7}, 3, "r1", 60.0, requires
+    )
     local = datetime(2026, 11, 24, 7, 0, 0, 123456, tzinfo=timezone(timedelta(hours=-5)))
     store.create(
         "fast", "tenant", spec, local, local + timedelta(minutes=1), b"\x00x", call_bound=True
@@ -83,6 +94,8 @@ def test_the_drivers_task_insert_stores_what_sqlalchemys_insert_stores(
         state="queued",
         params=dict(spec.params),
         inputs=[{"name": "", "dtype": "float32", "shape": [4], "nbytes": 16, "crc32c": 123}],
+        requires_gpu_type=requires.gpu_type,
+        requires_gpu_memory=requires.min_memory_bytes,
     )
     del values["outputs"]  # not part of a new task: NULL, not JSON null
     with engine.begin() as conn:

@@ -81,6 +81,10 @@ class GceSettings:
     """What the VM pip-installs: a pinned requirement from an index you control, or a wheel URL
     (e.g. in a bucket). Required: a bare name could install someone else's package, and the VM
     hands the agent its join token."""
+    agent_extra_packages: tuple[str, ...] = ()
+    """More requirements the VM installs in the same ``uv pip install`` as ``agent_package``,
+    e.g. an operator's workload package; pinned or URLs, for the same reason. One resolve: an
+    extra cannot quietly change a version the agent needs."""
     agent_python: str = "3.11"
     """Python version ``uv`` installs for the agent (the image's own Python may be older)."""
     agent_env: Mapping[str, str] = field(default_factory=dict)
@@ -118,10 +122,7 @@ class GceSettings:
     def __post_init__(self) -> None:
         if not self.project or not self.zones:
             raise ValueError("GCE settings need a project and at least one zone")
-        if not self.agent_package:
-            raise ValueError(
-                "GCE settings need agent_package: the agent wheel's URL or a pinned requirement"
-            )
+        self._check_packages()
         if not _BROKER_ID.fullmatch(self.broker_id):
             raise ValueError(
                 f"broker_id must be 1-40 lowercase letters, digits or inner hyphens, "
@@ -140,3 +141,32 @@ class GceSettings:
                 f"need boot_disk_gb >= 10, operation_timeout_s > 0 and poll_interval_s >= 0, "
                 f"got {self.boot_disk_gb}, {self.operation_timeout_s} and {self.poll_interval_s}"
             )
+
+    def _check_packages(self) -> None:
+        if not self.agent_package:
+            raise ValueError(
+                "GCE settings need agent_package: the agent wheel's URL or a pinned requirement"
+            )
+        _check_requirement("agent_package", self.agent_package)
+        if isinstance(self.agent_extra_packages, str):
+            raise ValueError(
+                f"agent_extra_packages must be a list of requirements, not the string "
+                f"{self.agent_extra_packages!r}"
+            )
+        # TOML gives a list; the field is a tuple so that settings stay immutable.
+        object.__setattr__(self, "agent_extra_packages", tuple(self.agent_extra_packages))
+        for requirement in self.agent_extra_packages:
+            _check_requirement("agent_extra_packages entry", requirement)
+
+
+def _check_requirement(what: str, requirement: object) -> None:
+    # A word starting with "-" would reach uv as an option (--index-url ...), not a package.
+    if (
+        not isinstance(requirement, str)
+        or not requirement.strip()
+        or requirement.lstrip().startswith("-")
+        or any(c in requirement for c in "\n\r\0")
+    ):
+        raise ValueError(
+            f"{what} {requirement!r} is not a pip requirement (a single line, not an option)"
+        )

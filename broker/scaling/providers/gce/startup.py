@@ -1,8 +1,9 @@
 """The ``startup-script`` of an agent VM: install the agent, then run it under systemd.
 
-The script installs the agent package into its own Python (``uv``; the image's Python may be
-older) on first boot, and on every boot writes a systemd service that runs
-``python -m gpubroker.gpu_agent`` and restarts it on failure. The agent's id is the VM's name.
+On first boot the script installs the agent package and any extra packages (an operator's
+workloads), in one ``uv pip install``, into a Python of its own (the image's may be older). On
+every boot it writes a systemd service that runs ``python -m gpubroker.gpu_agent`` and restarts
+it on failure. The agent's id is the VM's name.
 The join token travels in its own metadata key (``JOIN_TOKEN_METADATA_KEY``) and reaches the
 agent through a root-only environment file; it appears in neither the script nor any log.
 """
@@ -31,7 +32,7 @@ if [ ! -f /opt/gpubroker/installed ]; then
       | env UV_INSTALL_DIR=/usr/local/bin INSTALLER_NO_MODIFY_PATH=1 sh
   fi
   uv venv --python {python} "$agent"
-  uv pip install --python "$agent/bin/python" {package}
+  uv pip install --python "$agent/bin/python" {packages}
   touch /opt/gpubroker/installed
 fi
 
@@ -82,7 +83,9 @@ def startup_script(settings: GceSettings, name: str, offering: GpuOffering) -> s
     )
     return _SCRIPT.format(
         python=shlex.quote(settings.agent_python),
-        package=shlex.quote(settings.agent_package),
+        packages=" ".join(
+            shlex.quote(p) for p in (settings.agent_package, *settings.agent_extra_packages)
+        ),
         env=env,
         token=_TOKEN_LINES if settings.join_token else "",
         exec_start=exec_start,

@@ -108,6 +108,36 @@ def test_startup_script_is_valid_bash(provider: GceProvider, fake: FakeCompute) 
     subprocess.run(["bash", "-n"], input=script, text=True, check=True, timeout=10)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_extra_packages_join_the_agent_in_one_uv_install_each_as_one_word(
+    make_provider: Callable[..., GceProvider], fake: FakeCompute
+) -> None:
+    extras = [
+        "gpubroker-example-workloads @ https://example.com/w-0.1.0-py3-none-any.whl",
+        "x'; touch /tmp/gpubroker-pwned; echo '$(id)",
+        "torch==2.5.1",
+    ]
+    provider = make_provider(agent_extra_packages=extras)
+
+    provider.launch(LaunchRequest(gpu_types=["nvidia-l4"]))
+
+    script = metadata(fake.inserted()[0])["startup-script"]
+    (install,) = [line for line in script.splitlines() if "pip install" in line]
+    # The install line, run by bash against a uv that prints the words it was given.
+    fake_uv = 'uv() { printf "%s\\n" "$@"; }\nagent=/venv\n'
+    words = subprocess.run(
+        ["bash", "-c", fake_uv + install], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.splitlines()
+    assert words == [
+        "pip",
+        "install",
+        "--python",
+        "/venv/bin/python",
+        "gpubroker[gpu]==0.1.0",
+        *extras,
+    ]
+
+
 def test_cpu_offering_runs_the_agent_on_the_cpu(
     make_provider: Callable[..., GceProvider], fake: FakeCompute
 ) -> None:
