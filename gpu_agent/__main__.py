@@ -8,6 +8,7 @@ the process exits 0); a second one exits at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import sys
 import click
 
 from gpubroker.gpu_agent.agent import Agent
-from gpubroker.gpu_agent.config import DEVICE_CHOICES, Settings
+from gpubroker.gpu_agent.config import DEVICE_CHOICES, ModelCacheSettings, Settings
 from gpubroker.gpu_agent.errors import WorkloadLoadError
 from gpubroker.gpu_agent.preemption import PREEMPTED, PreemptionWatcher
 from gpubroker.gpu_agent.preemption import metadata_url as default_metadata_url
@@ -44,6 +45,21 @@ logger = logging.getLogger("gpubroker.gpu_agent")
 @click.option("--cert-file", help="PEM client certificate, for a broker that requires one (mTLS).")
 @click.option("--key-file", help="PEM private key of --cert-file.")
 @click.option(
+    "--model-dir",
+    help="Folder of users' model files, kept across restarts [default: ~/.cache/gpubroker/models].",
+)
+@click.option(
+    "--model-disk-bytes",
+    type=click.IntRange(min=1),
+    help="Most bytes of model files kept on disk, least recently used out first [default: 50 GiB].",
+)
+@click.option(
+    "--model-device-bytes",
+    type=click.IntRange(min=0),
+    help="Most bytes of models (by file size) kept loaded on the device; 0: half its memory "
+    "[default: 0].",
+)
+@click.option(
     "--metadata-url",
     help="GCE metadata server to watch for preemption; 'off' disables "
     "[default: $GCE_METADATA_HOST or metadata.google.internal, if it answers].",
@@ -65,6 +81,9 @@ def main(
     ca_file: str | None,
     cert_file: str | None,
     key_file: str | None,
+    model_dir: str | None,
+    model_disk_bytes: int | None,
+    model_device_bytes: int | None,
     metadata_url: str | None,
     log_level: str,
 ) -> None:
@@ -87,6 +106,13 @@ def main(
             cert_file=cert_file,
             key_file=key_file,
         )
+        models = _overridden(
+            settings.models,
+            directory=model_dir,
+            disk_bytes=model_disk_bytes,
+            device_bytes=model_device_bytes,
+        )
+        settings = dataclasses.replace(settings, models=models)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     favour_workload_threads()
@@ -99,6 +125,19 @@ def main(
         asyncio.run(_serve(settings, runner, watch))
     finally:
         runner.close()
+
+
+def _overridden(
+    settings: ModelCacheSettings,
+    directory: str | None,
+    disk_bytes: int | None,
+    device_bytes: int | None,
+) -> ModelCacheSettings:
+    return ModelCacheSettings(
+        directory=settings.directory if directory is None else directory,
+        disk_bytes=settings.disk_bytes if disk_bytes is None else disk_bytes,
+        device_bytes=settings.device_bytes if device_bytes is None else device_bytes,
+    )
 
 
 async def _serve(settings: Settings, runner: Runner, metadata_url: str | None) -> None:

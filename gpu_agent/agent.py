@@ -14,15 +14,18 @@ import asyncio
 import contextlib
 import logging
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import grpc
 
-from gpubroker.gpu_agent.attempt import Attempt, Revocation
+from gpubroker.gpu_agent.attempt import Attempt, ModelServices, Revocation
+from gpubroker.gpu_agent.batcher import Batcher
 from gpubroker.gpu_agent.config import Settings
 from gpubroker.gpu_agent.credit import CreditPolicy
 from gpubroker.gpu_agent.errors import BrokerProtocolError
 from gpubroker.gpu_agent.gateway import GatewayClient, open_channel
 from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
+from gpubroker.gpu_agent.model_cache import ModelCache
 from gpubroker.gpu_agent.runner import Runner
 from gpubroker.gpu_agent.session import Session
 
@@ -54,17 +57,41 @@ class Agent:
         self._leaving: str | None = None
         self._credit = CreditPolicy(runner.slots, settings.prefetch, settings.prefetch_horizon_s)
         self._outstanding = 0  # credit granted on this session and not yet used
+        cache = settings.models
+        self.models = ModelCache(
+            Path(cache.directory),
+            cache.disk_bytes,
+            cache.device_bytes or runner.device.memory_bytes // 2,
+            runner,
+        )
+        """Users' models on disk and on the device."""
+        self.batcher = Batcher(runner)
+        """Stacks model tasks into shared calls."""
 
     @property
     def free_slots(self) -> int:
         """Room for more attempts: slots plus the current prefetch, less the attempts held
         (work that has not yet stopped counts as held) and the credit not yet used."""
-        return max(self._credit.capacity - len(self._attempts) - self._outstanding, 0)
+        capacity = self._credit.capacity_for_batch(self._batch_tasks())
+        return max(capacity - len(self._attempts) - self._outstanding, 0)
+
+    def _batch_tasks(self) -> int:
+        """The largest batch size of the models of the attempts held (0 for none)."""
+        sizes = (
+            a.assignment.model.max_batch_size for a in self._attempts.values() if a.assignment.model
+        )
+        return max(sizes, default=0)
 
     async def run(self) -> None:
         """Connects and serves, reconnecting with backoff, until ``stop`` has drained the work."""
         self._stopped.clear()
         try:
+            await asyncio.to_thread(self.models.scan)
+            logger.info(
+                "model cache %s holds %d model(s)",
+                self.models.directory,
+                len(self.models.on_disk()),
+            )
             async with open_channel(self._settings) as channel:
                 self._gateway = GatewayClient(
                     channel, self._settings.agent_id, self._settings.join_token
@@ -72,6 +99,8 @@ class Agent:
                 await self._connect_loop(self._gateway)
                 await self._drain()
         finally:
+            await self.batcher.close()
+            await self.models.close()
             self._stopped.set()
 
     async def stop(self) -> None:
@@ -109,9 +138,13 @@ class Agent:
         logger.debug("assigned %s: %s", ref, assignment.workload)
         loop = asyncio.get_running_loop()
         deadline = None if assignment.timeout_s is None else loop.time() + assignment.timeout_s
-        attempt = Attempt(assignment, session, self._gateway, self._runner, deadline)
+        models = ModelServices(self.models, self.batcher)
+        attempt = Attempt(assignment, session, self._gateway, self._runner, deadline, models)
         self._attempts[ref] = attempt
         self._tasks[ref] = asyncio.create_task(self._work(attempt), name=f"work-{ref}")
+        batching = assignment.model is not None and assignment.model.max_batch_size > 1
+        if batching and not self._stopping.is_set():
+            self._top_up(session)  # a batch can use more tasks than the prefetch gives now
 
     def on_cancel(self, session: Session, ref: AttemptRef, reason: str) -> None:
         """Revokes an attempt; its slot is released once its work has stopped."""
@@ -127,6 +160,10 @@ class Agent:
         return [
             a.ref for a in self._attempts.values() if a.session is session and a.revocation is None
         ]
+
+    def held_models(self) -> list[str]:
+        """Models on disk or on the device, most recently used first, for the heartbeat."""
+        return self.models.held()
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -196,6 +233,8 @@ class Agent:
             workloads=tuple(sorted(self._runner.workloads)),
             version=agent_version(),
             prefetch=self._settings.prefetch,
+            runs_models=True,
+            models=tuple(self.models.on_disk()),
         )
 
     # -- attempts -------------------------------------------------------------------------------

@@ -9,18 +9,21 @@ thread cannot be interrupted, only asked (through ``WorkloadContext.cancelled``)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from gpubroker.client.codec import encode
+from gpubroker.gpu_agent.batcher import Batcher
 from gpubroker.gpu_agent.errors import (
     AgentError,
+    ModelUnusableError,
     TaskCancelledError,
     TaskDeadlineError,
     UnknownWorkloadError,
@@ -29,13 +32,15 @@ from gpubroker.gpu_agent.errors import (
 )
 from gpubroker.gpu_agent.gateway import GatewayClient
 from gpubroker.gpu_agent.model import Assignment, AttemptRef
+from gpubroker.gpu_agent.model_cache import ModelCache
 from gpubroker.gpu_agent.runner import Runner, RunOutcome
 from gpubroker.gpu_agent.session import Session
 from gpubroker.protos import agent_pb2, task_pb2
+from gpubroker.protos.modelfile import model_of
 from gpubroker.protos.states import FailureCode
 from gpubroker.protos.wire import INLINE_MAX_BYTES, ChecksumMismatchError, WireError
 
-__all__ = ["ERROR_CODES", "Attempt", "Revocation"]
+__all__ = ["ERROR_CODES", "Attempt", "ModelServices", "Revocation"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ ERROR_CODES: dict[type[AgentError], FailureCode] = {
     UnknownWorkloadError: FailureCode.INVALID_ARGUMENT,
     WorkloadArgumentError: FailureCode.INVALID_ARGUMENT,
     WorkloadFailedError: FailureCode.ABORTED,
+    ModelUnusableError: FailureCode.INVALID_ARGUMENT,
     TaskDeadlineError: FailureCode.DEADLINE_EXCEEDED,
     TaskCancelledError: FailureCode.ABORTED,  # only reported when the workload cancelled itself
 }
@@ -58,6 +64,14 @@ class Revocation(enum.Enum):
 
     CANCELLED = "cancelled by the broker"
     LOST = "lost with its control stream"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelServices:
+    """What a model task needs beyond an operator task: the model cache and the batcher."""
+
+    cache: ModelCache
+    batcher: Batcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +90,7 @@ class Attempt:
         gateway: GatewayClient,
         runner: Runner,
         deadline: float | None,
+        models: ModelServices | None = None,
     ) -> None:
         self.assignment = assignment
         self.session = session
@@ -84,6 +99,7 @@ class Attempt:
         """The workload's measured time, once it ran to completion."""
         self._gateway = gateway
         self._runner = runner
+        self._models = models
         self._deadline = deadline
         self._cancelled = threading.Event()
         self._revoked: asyncio.Future[Revocation] = asyncio.get_running_loop().create_future()
@@ -131,6 +147,8 @@ class Attempt:
         try:
             fetch = self._spawn(self._gateway.fetch_inputs(assignment))
             inputs = await self._bounded(fetch, abandon=True)
+            if model_of(assignment.workload) is not None:
+                return await self._run_model(inputs)
             run = self._runner.run(assignment.workload, inputs, assignment.params, self._cancelled)
             return await self._bounded(self._spawn(run), abandon=False)
         except ChecksumMismatchError as exc:
@@ -139,6 +157,27 @@ class Attempt:
             return _Failure(FailureCode.INVALID_ARGUMENT, str(exc))
         except AgentError as exc:
             return _Failure(ERROR_CODES.get(type(exc), FailureCode.INTERNAL), str(exc))
+
+    async def _run_model(self, inputs: list[Any]) -> RunOutcome | _Failure:
+        workload, ref = self.assignment.workload, self.assignment.model
+        if self._models is None or ref is None or ref.model_id != model_of(workload):
+            return _Failure(
+                FailureCode.INVALID_ARGUMENT,
+                f"workload {workload!r} came without its model reference or this agent runs "
+                f"no models",
+            )
+        model_id, gateway = ref.model_id, self._gateway
+
+        def fetch() -> AsyncIterator[bytes]:
+            return gateway.fetch_model(self.ref, model_id)
+
+        # Abandoning either step is safe: the shared load and the batch's call go on without
+        # this attempt (see ModelCache.acquire and Batcher.run).
+        acquire = self._spawn(self._models.cache.acquire(ref, fetch))
+        acquired = await self._bounded(acquire, abandon=True)
+        run = self._spawn(self._models.batcher.run(acquired.model, ref, inputs))
+        outcome = await self._bounded(run, abandon=True)
+        return dataclasses.replace(outcome, model_load_seconds=acquired.load_seconds)
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=f"attempt-{self.ref}")

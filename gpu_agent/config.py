@@ -9,11 +9,12 @@ import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpubroker.env import env_flag
 
-__all__ = ["DEVICE_CHOICES", "Backoff", "Settings"]
+__all__ = ["DEVICE_CHOICES", "Backoff", "ModelCacheSettings", "Settings", "default_model_dir"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 """Values of ``Settings.device``: ``auto`` picks CUDA when present."""
@@ -23,6 +24,34 @@ _ENV_PREFIX = "GPUBROKER_AGENT_"
 
 def _default_agent_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+def default_model_dir() -> str:
+    """Where model files are kept unless configured: ``~/.cache/gpubroker/models``."""
+    return str(Path.home() / ".cache" / "gpubroker" / "models")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCacheSettings:
+    """Where users' model files are kept and how many stay on disk and on the device."""
+
+    directory: str = field(default_factory=default_model_dir)
+    """Folder of the model files; it survives restarts (rescanned at start)."""
+    disk_bytes: int = 50 << 30
+    """Most bytes of model files kept on disk (least recently used go first); a GPU VM's boot
+    disk is usually 100 GB or more. The model in use is kept even when it alone is larger."""
+    device_bytes: int = 0
+    """Most bytes of models kept loaded on the device, by file size; 0: half the device's
+    memory (the other half is for activations). At least one model always stays loaded."""
+
+    def __post_init__(self) -> None:
+        if not self.directory:
+            raise ValueError("the model directory must not be empty")
+        if self.disk_bytes < 1 or self.device_bytes < 0:
+            raise ValueError(
+                f"model disk_bytes must be at least 1 and device_bytes at least 0, "
+                f"got {self.disk_bytes} and {self.device_bytes}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +96,12 @@ class Settings:
     """Stable id (a VM's name is a good choice); reconnects reuse it."""
     slots: int = 2
     """How many tasks run at once."""
-    prefetch: int = 32
+    prefetch: int = 64
     """Most tasks taken beyond ``slots`` and queued here, so a freed slot starts its next task
     at once instead of after a round trip to the broker. How many are actually taken follows
-    the task times (``prefetch_horizon_s``, see ``gpubroker.gpu_agent.credit``)."""
+    the task times (``prefetch_horizon_s``, see ``gpubroker.gpu_agent.credit``), but never
+    fewer than a batching model's ``max_batch_size`` while one runs, up to this number: it
+    bounds the largest batch that single-row tasks can form here."""
     prefetch_horizon_s: float = 0.05
     """The prefetch covers about this much work: many tiny tasks, none of the long ones."""
     device: str = "auto"
@@ -87,6 +118,8 @@ class Settings:
     """PEM private key of ``cert_file``."""
     backoff: Backoff = field(default_factory=Backoff)
     """How long to wait between reconnects."""
+    models: ModelCacheSettings = field(default_factory=ModelCacheSettings)
+    """The model cache."""
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -117,8 +150,9 @@ class Settings:
 
         ``BROKER``, ``ID``, ``SLOTS``, ``PREFETCH``, ``PREFETCH_HORIZON_S``, ``DEVICE``,
         ``JOIN_TOKEN`` (falling back to the broker's ``GPUBROKER_JOIN_TOKEN``), ``TLS``,
-        ``CA_FILE``, ``CERT_FILE``, ``KEY_FILE``, ``RECONNECT_INITIAL_S`` and
-        ``RECONNECT_MAX_S``, each after the ``GPUBROKER_AGENT_`` prefix.
+        ``CA_FILE``, ``CERT_FILE``, ``KEY_FILE``, ``RECONNECT_INITIAL_S``,
+        ``RECONNECT_MAX_S``, ``MODEL_DIR``, ``MODEL_DISK_BYTES`` and ``MODEL_DEVICE_BYTES``,
+        each after the ``GPUBROKER_AGENT_`` prefix.
 
         Raises:
             ValueError: a variable does not parse; the message names it.
@@ -130,6 +164,11 @@ class Settings:
         backoff = Backoff(
             initial_s=_number(env, "RECONNECT_INITIAL_S", defaults.backoff.initial_s),
             max_s=_number(env, "RECONNECT_MAX_S", defaults.backoff.max_s),
+        )
+        models = ModelCacheSettings(
+            directory=env.get("MODEL_DIR") or defaults.models.directory,
+            disk_bytes=int(_number(env, "MODEL_DISK_BYTES", defaults.models.disk_bytes)),
+            device_bytes=int(_number(env, "MODEL_DEVICE_BYTES", defaults.models.device_bytes)),
         )
         token = env.get("JOIN_TOKEN") or environ.get("GPUBROKER_JOIN_TOKEN") or None
         return cls(
@@ -145,6 +184,7 @@ class Settings:
             cert_file=env.get("CERT_FILE") or None,
             key_file=env.get("KEY_FILE") or None,
             backoff=backoff,
+            models=models,
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
+from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello, ModelRef
 from gpubroker.protos import agent_pb2
 from gpubroker.protos.convert import meta_from_proto, params_from_proto
 from gpubroker.protos.transport import CONTROL_PROTOCOL_VERSION
@@ -29,6 +29,16 @@ def assignment_from_proto(msg: agent_pb2.TaskAssignment) -> Assignment:
         params=params_from_proto(msg.params),
         timeout_s=msg.timeout_seconds if msg.timeout_seconds > 0 else None,
         inline_inputs=msg.inline_inputs if msg.inputs_inline else None,
+        model=_model_from_proto(msg.model) if msg.HasField("model") else None,
+    )
+
+
+def _model_from_proto(msg: agent_pb2.ModelRef) -> ModelRef:
+    return ModelRef(
+        model_id=msg.model_id,
+        size_bytes=msg.size_bytes,
+        max_batch_size=max(msg.max_batch_size, 1),
+        max_queue_delay_s=max(msg.max_queue_delay_seconds, 0.0),
     )
 
 
@@ -43,4 +53,6 @@ def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
         version=hello.version,
         protocol=CONTROL_PROTOCOL_VERSION,
         prefetch=hello.prefetch,
+        runs_models=hello.runs_models,
+        models=hello.models,
     )

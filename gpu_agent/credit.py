@@ -52,3 +52,11 @@ class CreditPolicy:
     def capacity(self) -> int:
         """Tasks to hold in all: slots plus prefetch."""
         return self.slots + self.prefetch
+
+    def capacity_for_batch(self, batch_tasks: int) -> int:
+        """Tasks to hold while a model batching up to ``batch_tasks`` tasks runs here.
+
+        The prefetch is then at least ``batch_tasks`` (up to ``max_prefetch``), so that a batch
+        can fill even before the task times have driven the prefetch up.
+        """
+        return self.slots + max(self.prefetch, min(batch_tasks, self.max_prefetch))

@@ -4,6 +4,7 @@ AgentError
 ├── UnknownWorkloadError    INVALID_ARGUMENT   no workload of that name on this agent
 ├── WorkloadArgumentError   INVALID_ARGUMENT   inputs or params the workload's validation refused
 ├── WorkloadFailedError     ABORTED            the workload raised anything else
+├── ModelUnusableError      INVALID_ARGUMENT   a model file failed its size, hash or graph checks
 ├── TaskDeadlineError       DEADLINE_EXCEEDED  the task's timeout passed
 ├── TaskCancelledError      (nothing reported) the broker revoked the attempt, or it was lost
 ├── WorkloadLoadError       (start-up)         an entry-point workload cannot be loaded
@@ -15,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "AgentError",
     "BrokerProtocolError",
+    "ModelUnusableError",
     "TaskCancelledError",
     "TaskDeadlineError",
     "UnknownWorkloadError",
@@ -38,6 +40,10 @@ class WorkloadArgumentError(AgentError):
 
 class WorkloadFailedError(AgentError):
     """The workload raised an exception of its own; the message names its type."""
+
+
+class ModelUnusableError(AgentError):
+    """A model file came with the wrong size or hash, or the loader refused its graph."""
 
 
 class TaskDeadlineError(AgentError):

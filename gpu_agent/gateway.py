@@ -85,6 +85,23 @@ class GatewayClient:
             _decode(meta, buffer) for meta, buffer in zip(assignment.inputs, buffers, strict=True)
         ]
 
+    async def fetch_model(self, ref: AttemptRef, model_id: str) -> AsyncIterator[bytes]:
+        """The bytes of model ``model_id``, for attempt ``ref`` whose task runs it.
+
+        Raises:
+            grpc.aio.AioRpcError: the broker refused (a stale attempt, an unknown model) or is
+                gone.
+        """
+        request = agent_pb2.FetchModelRequest(
+            agent_id=self._agent_id, attempt=ref_to_proto(ref), model_id=model_id
+        )
+        call = self._stub.FetchModel(request, metadata=self._metadata)
+        try:
+            async for reply in call:
+                yield reply.chunk.data
+        finally:
+            call.cancel()  # a consumer that stops early (a size check) ends the stream
+
     def result_header(
         self, ref: AttemptRef, outcome: RunOutcome, metas: Sequence[TensorMeta]
     ) -> agent_pb2.ResultHeader:
@@ -94,6 +111,8 @@ class GatewayClient:
             attempt=ref_to_proto(ref),
             outputs=[meta_to_proto(meta) for meta in metas],
             compute_seconds=outcome.compute_seconds,
+            model_load_seconds=outcome.model_load_seconds,
+            batch_tasks=outcome.batch_tasks,
         )
 
     def failure_header(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from gpubroker.protos.wire import Param, TensorMeta
 
-__all__ = ["Assignment", "AttemptRef", "Hello"]
+__all__ = ["Assignment", "AttemptRef", "Hello", "ModelRef"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,20 @@ class AttemptRef:
 
     def __str__(self) -> str:
         return f"{self.task_id}#{self.number}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """The uploaded model an assignment runs, and how its calls may be batched."""
+
+    model_id: str
+    """sha256 of the model file."""
+    size_bytes: int
+    """Length of the model file."""
+    max_batch_size: int = 1
+    """Most rows stacked into one call; 1 (or 0) turns batching off."""
+    max_queue_delay_s: float = 0.0
+    """Longest a task waits here for others to stack with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +49,8 @@ class Assignment:
     """Seconds left until the task's deadline when the assignment arrived; None for none."""
     inline_inputs: bytes | None = None
     """The inputs' bytes when they rode along with the assignment (skip FetchInputs)."""
+    model: ModelRef | None = None
+    """The model to run when ``workload`` is ``model:<id>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +69,7 @@ class Hello:
     """Agent software version."""
     prefetch: int = 0
     """Tasks it queues beyond ``slots``."""
+    runs_models: bool = False
+    """True when it runs uploaded models (``model:<id>`` workloads)."""
+    models: tuple[str, ...] = ()
+    """Ids of the models it holds already."""

@@ -3,9 +3,10 @@
 The steps, each refusing with ``ModelRejectedError`` (which names the cause):
 
 1. ``gpubroker.protos.modelfile.parse`` checks the id, the lengths and the safetensors header.
-2. The graph JSON is walked: every node's target must pass ``operators.check_target`` and every
-   symbolic expression ``operators.check_sym_expr``; script objects, subgraphs and operators
-   passed as arguments are refused. Node and graph metadata are dropped unread.
+2. The graph JSON is checked by ``gpubroker.protos.modelcheck`` (the policy the broker also
+   applies at upload: depth, symbolic expressions, no script objects, subgraphs or operators
+   passed as arguments), then every node's target by ``operators.check_target``, which adds
+   what needs torch. Node and graph metadata are dropped unread.
 3. The weights are read by ``safetensors.torch.load`` (a Rust parser of plain tensor bytes).
 4. torch's ``ExportedProgramDeserializer().deserialize`` rebuilds the program from the schema
    dataclasses, given the state dict and constants as dicts: ``GraphModuleDeserializer.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import safetensors.torch
@@ -27,15 +28,10 @@ from torch._export.serde import schema
 from torch._export.serde import serialize as serde
 
 from gpubroker.client.export import CONSTANT_PREFIX, STATE_PREFIX
-from gpubroker.gpu_agent.operators import OperatorRefusedError, check_sym_expr, check_target
-from gpubroker.protos import modelfile
+from gpubroker.gpu_agent.operators import OperatorRefusedError, check_target
+from gpubroker.protos import modelcheck, modelfile
 
 __all__ = ["LoadedModel", "ModelRejectedError", "load_model"]
-
-_MAX_JSON_DEPTH = 64
-_REFUSED_KEYS = frozenset({"as_custom_obj", "custom_obj", "custom_obj_values", "as_graph"})
-_REFUSED_KEYS |= {"as_operator"}
-"""Schema fields for script objects, subgraphs and operators passed as values: never allowed."""
 
 
 class ModelRejectedError(ValueError):
@@ -50,6 +46,12 @@ class LoadedModel:
     metadata: dict[str, Any]
     program: torch.export.ExportedProgram
     _forward: Callable[..., Any]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The rebuilt graph module (an ``fx.GraphModule``), for finding a failing node."""
+        module: torch.nn.Module = self._forward  # type: ignore[assignment]
+        return module
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -89,14 +91,7 @@ def load_model(
 
 def _checked_program(graph: bytes) -> schema.ExportedProgram:
     document = json.loads(graph)
-    _check_depth(document)
-    for key, value in _walk(document):
-        if key == "expr_str":
-            if not isinstance(value, str):
-                raise OperatorRefusedError(f"symbolic expression {value!r} is not a string")
-            check_sym_expr(value)
-        elif key in _REFUSED_KEYS and value:
-            raise OperatorRefusedError(f"the graph uses {key!r}, which is not allowed")
+    modelcheck.check_document(document)
     try:
         program = serde._dict_to_dataclass(schema.ExportedProgram, document)  # type: ignore[no-untyped-call]
     except Exception as e:
@@ -115,28 +110,6 @@ def _checked_program(graph: bytes) -> schema.ExportedProgram:
             metadata={},
         ),
     )
-
-
-def _walk(value: object) -> Iterator[tuple[str, object]]:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield key, item
-            yield from _walk(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _walk(item)
-
-
-def _check_depth(document: object) -> None:
-    stack: list[tuple[object, int]] = [(document, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > _MAX_JSON_DEPTH:
-            raise OperatorRefusedError(f"the graph JSON nests deeper than {_MAX_JSON_DEPTH}")
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
 
 
 def _tensors(

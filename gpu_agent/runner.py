@@ -23,13 +23,16 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
+from gpubroker.gpu_agent.diagnosis import describe_exception, describe_model_failure
 from gpubroker.gpu_agent.errors import AgentError, WorkloadFailedError
+from gpubroker.gpu_agent.model_loader import LoadedModel
 from gpubroker.gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, Param
 
@@ -44,6 +47,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SWITCH_INTERVAL_S = 0.0001
 """The GIL switch interval in an agent process (Python's default: 5 ms). With a busy Python thread
@@ -73,6 +78,11 @@ class RunOutcome:
     """On the CPU, contiguous."""
     compute_seconds: float
     """CUDA-event time on a GPU; wall time of the (synchronous) call on the CPU."""
+    model_load_seconds: float = 0.0
+    """Seconds this task waited for its model to be fetched, checked, loaded and warmed up
+    (never billed); 0 when it was resident."""
+    batch_tasks: int = 0
+    """Tasks that shared the model call (1: alone); 0 for an operator workload."""
 
 
 # Most specific first: the 80 GB A100 is sold under a different name than the 40 GB one.
@@ -164,6 +174,20 @@ class Runner:
             self._executor, self._execute, workload_name, fn, inputs, params, cancelled
         )
 
+    async def call_model(self, model: LoadedModel, inputs: Sequence[torch.Tensor]) -> RunOutcome:
+        """Calls a loaded model once on a worker thread and times the call alone.
+
+        Raises:
+            WorkloadFailedError: the call raised; the message names the graph node that failed.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call_model, model, inputs)
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        """Runs blocking device work (loading a model, say) on a worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
     async def warm_up(self) -> float:
         """Runs each workload that has an example once on every worker thread; returns seconds.
 
@@ -240,7 +264,7 @@ class Runner:
         except Exception as exc:
             # Workloads are operator code and torch raises plain RuntimeErrors (CUDA out of
             # memory too): whatever they raise is the attempt's failure, never the agent's.
-            raise WorkloadFailedError(f"{type(exc).__name__}: {exc}") from exc
+            raise WorkloadFailedError(describe_exception(exc, (__file__,))) from exc
         logger.debug(
             "%s: %.6f s compute, %.6f s wall",
             name,
@@ -248,6 +272,23 @@ class Runner:
             time.perf_counter() - started,
         )
         return outcome
+
+    def _call_model(self, model: LoadedModel, inputs: Sequence[torch.Tensor]) -> RunOutcome:
+        device = self.device.device
+        try:
+            if device.type == "cuda":
+                ctx = WorkloadContext(device=device, cancelled=threading.Event())
+                return self._execute_cuda(model.model_id, _model_workload(model), inputs, {}, ctx)
+            on_device = [t.to(device) for t in inputs]
+            start = time.perf_counter()
+            outputs = model(*on_device)
+            seconds = time.perf_counter() - start
+            return RunOutcome(_to_host(model.model_id, outputs), seconds)
+        except AgentError:
+            raise
+        except Exception as exc:
+            on_device = [t.to(device) for t in inputs]
+            raise WorkloadFailedError(describe_model_failure(model.module, on_device, exc)) from exc
 
     def _execute_cuda(
         self,
@@ -268,6 +309,15 @@ class Runner:
             host = _to_host(name, outputs)  # the copy back waits for the stream anyway
         end.synchronize()
         return RunOutcome(host, start.elapsed_time(end) / 1000.0)
+
+
+def _model_workload(model: LoadedModel) -> Workload:
+    def call(
+        inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
+    ) -> Sequence[torch.Tensor]:
+        return model(*inputs)
+
+    return call
 
 
 def _execute_cpu(

@@ -49,6 +49,9 @@ class SessionHandler(Protocol):
     def running(self, session: Session) -> list[AttemptRef]:
         """The attempts of this session still in progress, for the heartbeat."""
 
+    def held_models(self) -> list[str]:
+        """Ids of the models held now, most recently used first, for the heartbeat."""
+
 
 class Session:
     """A welcomed control stream; ``open`` it, ``serve`` it until it ends."""
@@ -167,7 +170,7 @@ class Session:
         while not self._closing.is_set():
             await asyncio.sleep(self.heartbeat_s)
             running = [ref_to_proto(ref) for ref in handler.running(self)]
-            heartbeat = agent_pb2.AgentHeartbeat(running=running)
+            heartbeat = agent_pb2.AgentHeartbeat(running=running, models=handler.held_models())
             self._send(agent_pb2.AgentMessage(heartbeat=heartbeat))
 
 

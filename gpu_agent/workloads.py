@@ -25,6 +25,7 @@ from gpubroker.gpu_agent.errors import (
     WorkloadArgumentError,
     WorkloadLoadError,
 )
+from gpubroker.protos.modelfile import WORKLOAD_PREFIX
 from gpubroker.protos.wire import Param
 
 # Param is part of what a workload author writes against (``Workload.__call__``'s ``params``).
@@ -104,18 +105,24 @@ def registry() -> dict[str, Workload]:
     """Every workload: the built-ins plus those installed as ``gpubroker.workloads`` entry points.
 
     Raises:
-        WorkloadLoadError: an entry point fails to import, is not callable, or reuses the name
-            of a built-in.
+        WorkloadLoadError: an entry point fails to import (whatever its import raises), is not
+            callable, reuses the name of a built-in, or takes a name of the form that runs an
+            uploaded model (``model:...``).
     """
     found = dict(_BUILTINS)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name.startswith(WORKLOAD_PREFIX):
+            raise WorkloadLoadError(
+                f"entry point {entry.value!r} is named {entry.name!r}; names starting with "
+                f"{WORKLOAD_PREFIX!r} run users' uploaded models"
+            )
         if entry.name in found:
             raise WorkloadLoadError(
                 f"entry point {entry.value!r} reuses the workload name {entry.name!r}"
             )
         try:
             loaded = entry.load()
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # an operator's package: any import-time error is its own
             raise WorkloadLoadError(f"entry point {entry.value!r} failed to load: {exc}") from exc
         if not callable(loaded):
             raise WorkloadLoadError(f"entry point {entry.value!r} is not callable")

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from gpubroker.gpu_agent.__main__ import main
-from gpubroker.gpu_agent.config import Backoff, Settings
+from gpubroker.gpu_agent.config import Backoff, ModelCacheSettings, Settings
 from tests.fakes.gateway import TOKEN, WAIT_S, FakeGatewayServer, make_assignment, next_upload
 from tests.support.waiting import wait_for
 
@@ -33,6 +33,9 @@ def test_settings_come_from_gpubroker_agent_variables() -> None:
             "GPUBROKER_AGENT_TLS": "true",
             "GPUBROKER_AGENT_CA_FILE": "/etc/ca.pem",
             "GPUBROKER_AGENT_RECONNECT_MAX_S": "9",
+            "GPUBROKER_AGENT_MODEL_DIR": "/var/cache/models",
+            "GPUBROKER_AGENT_MODEL_DISK_BYTES": "1000000",
+            "GPUBROKER_AGENT_MODEL_DEVICE_BYTES": "2000",
         }
     )
 
@@ -45,6 +48,7 @@ def test_settings_come_from_gpubroker_agent_variables() -> None:
         tls=True,
         ca_file="/etc/ca.pem",
         backoff=Backoff(max_s=9.0),
+        models=ModelCacheSettings("/var/cache/models", disk_bytes=1_000_000, device_bytes=2000),
     )
 
 
@@ -64,6 +68,8 @@ def test_unset_variables_keep_the_defaults_and_the_id_is_the_hostname_plus_a_suf
         ({"GPUBROKER_AGENT_SLOTS": "0"}, "slots must be at least 1, got 0"),
         ({"GPUBROKER_AGENT_DEVICE": "tpu"}, "device must be one of auto, cpu, cuda, not 'tpu'"),
         ({"GPUBROKER_AGENT_TLS": "maybe"}, "GPUBROKER_AGENT_TLS must be true or false"),
+        ({"GPUBROKER_AGENT_MODEL_DISK_BYTES": "0"}, "model disk_bytes must be at least 1"),
+        ({"GPUBROKER_AGENT_MODEL_DEVICE_BYTES": "1.5"}, "MODEL_DEVICE_BYTES must be an integer"),
     ],
 )
 def test_bad_variables_are_refused_by_name(environ: dict[str, str], message: str) -> None:
@@ -109,6 +115,7 @@ def test_the_cli_exits_1_when_cuda_is_asked_for_and_absent() -> None:
 async def _spawn_agent(port: int, log: Path) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBROKER_")}
     args = ["--broker", f"localhost:{port}", "--slots", "1", "--device", "cpu"]
+    args += ["--model-dir", str(log.parent / "models")]
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gpubroker.gpu_agent", *args,

@@ -44,3 +44,11 @@ def test_a_zero_maximum_or_horizon_turns_prefetch_off() -> None:
 def test_nonsense_settings_are_refused(args: tuple[int, int, float, float]) -> None:
     with pytest.raises(ValueError):
         CreditPolicy(*args)
+
+
+def test_a_batching_model_raises_the_prefetch_to_its_batch_up_to_the_maximum() -> None:
+    policy = CreditPolicy(slots=2, max_prefetch=64, horizon_s=0.05)
+
+    assert policy.capacity_for_batch(0) == policy.capacity == 4
+    assert policy.capacity_for_batch(32) == 34
+    assert policy.capacity_for_batch(500) == 66

@@ -172,7 +172,8 @@ async def test_an_exception_in_a_workload_becomes_a_failure_naming_its_type(
 ) -> None:
     runner = runner_factory(extra={"boom": _returning(RuntimeError("kaput at step 3"))})
 
-    with pytest.raises(WorkloadFailedError, match=r"^RuntimeError: kaput at step 3$"):
+    where = r"\n  at test_runner\.py:\d+ in workload$"
+    with pytest.raises(WorkloadFailedError, match=r"^RuntimeError: kaput at step 3" + where):
         await runner.run("boom", [], {}, threading.Event())
 
 

@@ -117,6 +117,30 @@ def test_a_broken_entry_point_is_reported_by_name(monkeypatch: pytest.MonkeyPatc
         registry()
 
 
+def test_an_entry_point_named_like_a_model_workload_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entry = EntryPoint("model:abc", f"{__name__}:_custom_workload", "gpubroker.workloads")
+    monkeypatch.setattr(workloads, "entry_points", lambda group: [entry])
+
+    with pytest.raises(WorkloadLoadError, match="uploaded models"):
+        registry()
+
+
+def test_an_entry_point_whose_import_raises_anything_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Exploding(EntryPoint):
+        def load(self) -> object:
+            raise RuntimeError("needs a licence server")
+
+    entry = Exploding("boom", "pkg:fn", "gpubroker.workloads")
+    monkeypatch.setattr(workloads, "entry_points", lambda group: [entry])
+
+    with pytest.raises(WorkloadLoadError, match="licence server"):
+        registry()
+
+
 def _conv_inputs() -> list[torch.Tensor]:
     return [
         rnd((2, 4, 9, 9), torch.float32, 1),
