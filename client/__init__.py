@@ -10,15 +10,27 @@ Example::
         spectrum = client.submit("fft", torch.randn(1024)).result(timeout=60).output
         sums = [r.output for r in client.map("add", [[torch.ones(3), torch.ones(3)]] * 100)]
 
+        # Your own nn.Module: exported here (data only, no pickles), uploaded once, run there.
+        model = client.upload_model(net, [torch.randn(8, 3, 224, 224)], batch_dim_varies=True)
+        logits = client.run(model, torch.randn(1, 3, 224, 224), gpu="nvidia-l4").output
+
 ``AsyncClient`` offers the same methods as coroutines. Every failed call raises a subclass of
 ``GpuBrokerError`` named after its gRPC status (see ``gpubroker.client.errors``).
 """
 
 from __future__ import annotations
 
-from gpubroker.client._async import AsyncClient, AsyncTaskHandle
-from gpubroker.client._sync import Client, TaskHandle
-from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client._async import AsyncClient
+from gpubroker.client._handle import AsyncTaskHandle, TaskHandle
+from gpubroker.client._sync import Client
+from gpubroker.client._types import (
+    GpuRequirement,
+    Model,
+    TaskResult,
+    TaskStatus,
+    TensorSpec,
+    Usage,
+)
 from gpubroker.client.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -27,6 +39,7 @@ from gpubroker.client.errors import (
     GpuBrokerError,
     InternalError,
     InvalidArgumentError,
+    ModelExportError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -47,8 +60,11 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "GpuBrokerError",
+    "GpuRequirement",
     "InternalError",
     "InvalidArgumentError",
+    "Model",
+    "ModelExportError",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -59,6 +75,7 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "TensorMeta",
+    "TensorSpec",
     "UnavailableError",
     "Usage",
     "client_credentials",

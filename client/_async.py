@@ -1,13 +1,12 @@
-"""The asyncio client: ``AsyncClient`` and ``AsyncTaskHandle``, same surface as ``Client``."""
+"""The asyncio client, ``AsyncClient``: the same surface as ``Client``, awaitable."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -17,8 +16,8 @@ from gpubroker.client._batch import (
     Encoder,
     Packer,
     Reorder,
-    encode_item,
     failed_input,
+    map_encoder,
 )
 from gpubroker.client._convert import (
     SUBMIT_BACKOFF_S,
@@ -31,15 +30,31 @@ from gpubroker.client._convert import (
     usage_from_proto,
     usage_request,
 )
-from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client._handle import AsyncTaskHandle
+from gpubroker.client._models import (
+    DEFAULT_MAX_QUEUE_DELAY_S,
+    model_from_proto,
+    model_id_of,
+    prepare_upload,
+)
+from gpubroker.client._requirement import requirement
+from gpubroker.client._types import Model, TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind
-from gpubroker.client.errors import InternalError, UnavailableError, translate_rpc_errors
+from gpubroker.client.errors import (
+    InternalError,
+    NotFoundError,
+    UnavailableError,
+    translate_rpc_errors,
+)
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
 from gpubroker.protos.transport import CLIENT_CHANNEL_OPTIONS, bearer_metadata
 from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES
 
-__all__ = ["AsyncClient", "AsyncTaskHandle"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["AsyncClient"]
 
 
 class AsyncClient:
@@ -67,8 +82,12 @@ class AsyncClient:
         self._run = self._channel.stream_stream(*framed("Run"))
         self._submit = self._channel.stream_unary(*framed("Submit"))
         self._get_result = self._channel.unary_stream(*framed("GetResult"))
+        self._upload = self._channel.stream_unary(*framed("UploadModel"))
         self._metadata = bearer_metadata(api_key)
         self._chunk_bytes = chunk_bytes
+        self.model_bytes_sent = 0
+        """Model file bytes this client has uploaded: a re-upload of a model you already hold
+        (same bytes, same id) adds nothing, as only its header (or nothing) is sent."""
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -87,13 +106,15 @@ class AsyncClient:
 
     async def submit(
         self,
-        workload: str,
+        workload: str | Model,
         inputs: ArrayLike | Sequence[ArrayLike],
         *,
         priority: int = 0,
         request_id: str | None = None,
         timeout: float | None = None,
         output: OutputKind | None = None,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> AsyncTaskHandle:
         """Queues a task and returns a handle once it is stored; see ``Client.submit``."""
@@ -105,6 +126,7 @@ class AsyncClient:
             request_id=request_id,
             timeout=timeout,
             output=output,
+            requires=requirement(gpu, min_gpu_memory),
         )
         for delay in SUBMIT_BACKOFF_S:
             try:
@@ -115,12 +137,14 @@ class AsyncClient:
 
     async def run(
         self,
-        workload: str,
+        workload: str | Model,
         inputs: ArrayLike | Sequence[ArrayLike],
         *,
         priority: int = 0,
         timeout: float | None = None,
         output: OutputKind | None = None,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> TaskResult:
         """Submits a task and waits for its result on one call; see ``Client.run``."""
@@ -132,6 +156,7 @@ class AsyncClient:
             request_id=None,
             timeout=timeout,
             output=output,
+            requires=requirement(gpu, min_gpu_memory),
         )
         collector = ResultCollector(task.output)
         requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
@@ -146,7 +171,7 @@ class AsyncClient:
 
     async def map(
         self,
-        workload: str,
+        workload: str | Model,
         inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
         *,
         priority: int = 0,
@@ -154,19 +179,22 @@ class AsyncClient:
         output: OutputKind | None = None,
         window: int = DEFAULT_WINDOW,
         batch: int = DEFAULT_BATCH,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> AsyncGenerator[TaskResult, None]:
         """Runs ``workload`` once per item on one call, yielding results in input order; see
         ``Client.map``."""
-        if window < 1 or batch < 1:
-            raise ValueError(f"window and batch must be at least 1, got {window} and {batch}")
-        encoder = functools.partial(
-            encode_item,
-            workload=workload,
-            params=params,
+        encoder = map_encoder(
+            workload,
+            params,
+            window=window,
+            batch=batch,
             priority=priority,
             timeout=timeout,
             output=output,
+            gpu=gpu,
+            min_gpu_memory=min_gpu_memory,
         )
         reorder = Reorder()
         room = asyncio.Semaphore(window)
@@ -220,6 +248,71 @@ class AsyncClient:
         with translate_rpc_errors():
             reply = await self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
         return usage_from_proto(reply)
+
+    async def upload_model(
+        self,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        name: str | None = None,
+        batch_dim_varies: bool = False,
+        max_batch_size: int = 0,
+        max_queue_delay: float = DEFAULT_MAX_QUEUE_DELAY_S,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
+    ) -> Model:
+        """Exports ``module`` and stores it with the broker, once; see ``Client.upload_model``.
+
+        The export runs in a worker thread (``asyncio.to_thread``), so the event loop goes on.
+        """
+        upload = await asyncio.to_thread(
+            prepare_upload,
+            module,
+            example_inputs,
+            name=name,
+            batch_dim_varies=batch_dim_varies,
+            max_batch_size=max_batch_size,
+            max_queue_delay=max_queue_delay,
+            gpu=gpu,
+            min_gpu_memory=min_gpu_memory,
+        )
+        try:
+            held: broker_pb2.ModelInfo | None = await self._held_model(upload.model_id)
+        except NotFoundError:
+            held = None
+        if held is not None and upload.is_held_as(held):
+            return model_from_proto(held)
+        with translate_rpc_errors():
+            reply = await self._upload(
+                upload.requests(held, self._chunk_bytes), metadata=self._metadata
+            )
+        if held is None:
+            self.model_bytes_sent += len(upload.data)
+        return model_from_proto(reply.model)
+
+    async def model(self, model: Model | str) -> Model:
+        """One of your models, by ``Model`` or id; see ``Client.model``."""
+        return model_from_proto(await self._held_model(model_id_of(model)))
+
+    async def models(self) -> list[Model]:
+        """Your models, newest first."""
+        request = broker_pb2.ListModelsRequest()
+        with translate_rpc_errors():
+            reply = await self._stub.ListModels(request, metadata=self._metadata)
+        return [model_from_proto(m) for m in reply.models]
+
+    async def delete_model(self, model: Model | str) -> Model:
+        """Deletes one of your models; see ``Client.delete_model``."""
+        request = broker_pb2.DeleteModelRequest(model_id=model_id_of(model))
+        with translate_rpc_errors():
+            reply = await self._stub.DeleteModel(request, metadata=self._metadata)
+        return model_from_proto(reply.model)
+
+    async def _held_model(self, model_id: str) -> broker_pb2.ModelInfo:
+        request = broker_pb2.GetModelRequest(model_id=model_id)
+        with translate_rpc_errors():
+            reply = await self._stub.GetModel(request, metadata=self._metadata)
+        return reply.model
 
     async def _submit_once(self, task: PreparedTask) -> AsyncTaskHandle:
         requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
@@ -288,40 +381,3 @@ async def _map_requests(
         reorder.sent(failed_input(count, exc))
     if (message := packer.flush()) is not None:
         yield message
-
-
-class AsyncTaskHandle:
-    """A submitted task with awaitable methods; see ``TaskHandle``."""
-
-    def __init__(self, client: AsyncClient, task_id: str, output: OutputKind) -> None:
-        self._client = client
-        self.task_id = task_id
-        self._output = output
-
-    def __repr__(self) -> str:
-        return f"AsyncTaskHandle({self.task_id!r})"
-
-    async def status(self) -> TaskStatus:
-        """The task's current status."""
-        return await self._client._status(self.task_id)
-
-    async def done(self) -> bool:
-        """True once the task is final (succeeded, failed or cancelled)."""
-        return (await self.status()).state.is_final
-
-    async def result(
-        self, timeout: float | None = None, *, output: OutputKind | None = None
-    ) -> TaskResult:
-        """Waits for the task and returns its outputs; see ``TaskHandle.result``."""
-        return await self._client._result(self.task_id, output or self._output, timeout)
-
-    async def wait(self, timeout: float | None = None) -> TaskStatus:
-        """Waits until the task is final and returns its status; see ``TaskHandle.wait``."""
-        final = None
-        async for status in self._client.watch(self.task_id, timeout):
-            final = status
-        return final if final is not None else await self.status()
-
-    async def cancel(self) -> TaskStatus:
-        """Cancels the task if it is still queued or running; returns its status after."""
-        return await self._client._cancel(self.task_id)

@@ -2,19 +2,26 @@
 
 ``map`` runs one small task per input item on a single call: items are encoded and packed
 into batches (``pack``), at most ``window`` tasks are in flight, and outcomes, which arrive in
-completion order, are handed back in input order (``Reorder``). No I/O here.
+completion order, are handed back in input order (``Reorder``). No I/O here: ``MapRun`` holds
+the blocking client's side of one call, and the async client's lives in ``_async``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import functools
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+
 from gpubroker.client._convert import prepare_task, status_from_proto, task_error
-from gpubroker.client._types import TaskResult
+from gpubroker.client._models import workload_name
+from gpubroker.client._requirement import requirement
+from gpubroker.client._types import GpuRequirement, Model, TaskResult
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer
-from gpubroker.client.errors import error_from_code
+from gpubroker.client.errors import InternalError, error_from_code
 from gpubroker.protos import broker_pb2
 from gpubroker.protos.states import FailureCode, TaskState
 from gpubroker.protos.wire import INLINE_MAX_BYTES, Assembler
@@ -24,10 +31,12 @@ __all__ = [
     "DEFAULT_WINDOW",
     "Encoder",
     "MapItem",
+    "MapRun",
     "Packer",
     "Reorder",
     "encode_item",
     "failed_input",
+    "map_encoder",
     "pack",
 ]
 
@@ -57,6 +66,7 @@ def encode_item(
     priority: int,
     timeout: float | None,
     output: OutputKind | None,
+    requires: GpuRequirement | None = None,
 ) -> MapItem:
     """Encodes one item; a bad input becomes the item's error, raised when its turn comes."""
     try:
@@ -68,6 +78,7 @@ def encode_item(
             request_id=None,
             timeout=timeout,
             output=output,
+            requires=requires,
         )
     except (TypeError, ValueError) as exc:
         return MapItem(index, None, output or "torch", exc)
@@ -86,6 +97,32 @@ def encode_item(
 
 Encoder = Callable[[int, "ArrayLike | Sequence[ArrayLike]"], MapItem]
 """``encode_item`` with everything but the index and the inputs bound."""
+
+
+def map_encoder(
+    workload: str | Model,
+    params: Mapping[str, Any],
+    *,
+    window: int,
+    batch: int,
+    priority: int,
+    timeout: float | None,
+    output: OutputKind | None,
+    gpu: str | None,
+    min_gpu_memory: int | str | None,
+) -> Encoder:
+    """Checks a ``map`` call's arguments, before any item is read, and binds them."""
+    if window < 1 or batch < 1:
+        raise ValueError(f"window and batch must be at least 1, got {window} and {batch}")
+    return functools.partial(
+        encode_item,
+        workload=workload_name(workload),
+        params=params,
+        priority=priority,
+        timeout=timeout,
+        output=output,
+        requires=requirement(gpu, min_gpu_memory),
+    )
 
 
 def pack(items: Sequence[MapItem]) -> broker_pb2.RunManyRequest:
@@ -179,3 +216,64 @@ def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult
 def failed_input(index: int, exc: Exception) -> MapItem:
     """The item standing for an input iterator that raised: its error ends the results."""
     return MapItem(index, None, "torch", exc)
+
+
+class MapRun:
+    """One blocking ``Client.map`` call's two sides: requests (sent from gRPC's thread) and
+    outcomes (taken on the caller's)."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
+        window: int,
+        batch: int,
+    ) -> None:
+        self._encoder = encoder
+        self._inputs = inputs
+        self._batch = batch
+        self._room = threading.Semaphore(window)
+        self._lock = threading.Lock()
+        self._reorder = Reorder()
+
+    def requests(self) -> Iterator[broker_pb2.RunManyRequest]:
+        """Encodes and packs the items, never more than ``window`` in flight."""
+        packer = Packer(self._batch)
+        count = 0
+        try:
+            for inputs in self._inputs:
+                item = self._encoder(count, inputs)
+                count += 1
+                if item.task is not None and not self._room.acquire(blocking=False):
+                    if (message := packer.flush()) is not None:
+                        yield message  # send what is packed before waiting for room
+                    self._room.acquire()
+                self._note(item)
+                if (message := packer.add(item)) is not None:
+                    yield message
+        except Exception as exc:  # the caller's iterator raised: its error ends the results
+            self._note(failed_input(count, exc))
+        if (message := packer.flush()) is not None:
+            yield message
+
+    def take(
+        self, outcomes: Iterable[broker_pb2.InlineOutcome]
+    ) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
+        """Records outcomes; returns the items now ready, in input order."""
+        with self._lock:
+            for outcome in outcomes:
+                self._reorder.add(outcome)
+                self._room.release()
+            return self._reorder.pop_ready()
+
+    def check_complete(self) -> None:
+        """Raises if the call ended with items unanswered."""
+        if self._reorder.pending:
+            raise InternalError(
+                grpc.StatusCode.INTERNAL,
+                f"the broker ended map with {self._reorder.pending} tasks unanswered",
+            )
+
+    def _note(self, item: MapItem) -> None:
+        with self._lock:
+            self._reorder.sent(item)

@@ -14,7 +14,9 @@ from typing import Any, TypeVar, cast
 import grpc
 import numpy as np
 
-from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client._models import workload_name
+from gpubroker.client._requirement import requirement_from_proto, requirement_to_proto
+from gpubroker.client._types import GpuRequirement, Model, TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
 from gpubroker.client.errors import GpuBrokerError, InternalError, error_from_code
 from gpubroker.protos import broker_pb2, task_pb2
@@ -106,7 +108,7 @@ class PreparedTask:
 
 
 def prepare_task(
-    workload: str,
+    workload: str | Model,
     inputs: ArrayLike | Sequence[ArrayLike],
     params: Mapping[str, Any],
     *,
@@ -114,16 +116,21 @@ def prepare_task(
     request_id: str | None,
     timeout: float | None,
     output: OutputKind | None,
+    requires: GpuRequirement | None = None,
 ) -> PreparedTask:
-    """Encodes a task; raises ``TypeError`` or ``WireError`` before anything is sent."""
+    """Encodes a task; raises ``TypeError`` or ``WireError`` before anything is sent.
+
+    ``requires`` None leaves the header's requirement unset: the model's own, else any GPU.
+    """
     metas, buffers, all_numpy = encode_inputs(inputs)
     header = broker_pb2.TaskHeader(
-        workload=workload,
+        workload=workload_name(workload),
         inputs=[meta_to_proto(meta) for meta in metas],
         params=params_to_proto(params),
         priority=priority,
         request_id=request_id or new_request_id(),
         timeout_seconds=timeout or 0.0,
+        requires=requirement_to_proto(requires) if requires else None,
     )
     return PreparedTask(header, tuple(buffers), resolve_output(output, all_numpy))
 
@@ -168,6 +175,10 @@ def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
         gpu_type=msg.gpu_type,
         inputs=tuple(meta_from_proto(h) for h in msg.inputs),
         outputs=tuple(meta_from_proto(h) for h in msg.outputs),
+        model_load_seconds=msg.model_load_seconds,
+        batch_tasks=msg.batch_tasks,
+        requires=requirement_from_proto(msg.requires),
+        waiting_for=msg.waiting_for,
     )
 
 

@@ -1,26 +1,20 @@
-"""The blocking client: ``Client`` and its future-like ``TaskHandle``."""
+"""The blocking client, ``Client``; its tasks come back as ``TaskHandle``s."""
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from gpubroker.client._batch import (
     DEFAULT_BATCH,
     DEFAULT_WINDOW,
-    Encoder,
-    MapItem,
-    Packer,
-    Reorder,
-    encode_item,
-    failed_input,
+    MapRun,
+    map_encoder,
 )
 from gpubroker.client._convert import (
     SUBMIT_BACKOFF_S,
@@ -33,15 +27,31 @@ from gpubroker.client._convert import (
     usage_from_proto,
     usage_request,
 )
-from gpubroker.client._types import TaskResult, TaskStatus, Usage
+from gpubroker.client._handle import TaskHandle
+from gpubroker.client._models import (
+    DEFAULT_MAX_QUEUE_DELAY_S,
+    ModelUpload,
+    model_from_proto,
+    model_id_of,
+    prepare_upload,
+)
+from gpubroker.client._requirement import requirement
+from gpubroker.client._types import Model, TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind
-from gpubroker.client.errors import InternalError, UnavailableError, translate_rpc_errors
+from gpubroker.client.errors import (
+    NotFoundError,
+    UnavailableError,
+    translate_rpc_errors,
+)
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
 from gpubroker.protos.transport import CLIENT_CHANNEL_OPTIONS, bearer_metadata
 from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES
 
-__all__ = ["Client", "TaskHandle"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Client"]
 
 
 class Client:
@@ -73,8 +83,12 @@ class Client:
         self._run = self._channel.stream_stream(*framed("Run"))
         self._submit = self._channel.stream_unary(*framed("Submit"))
         self._get_result = self._channel.unary_stream(*framed("GetResult"))
+        self._upload = self._channel.stream_unary(*framed("UploadModel"))
         self._metadata = bearer_metadata(api_key)
         self._chunk_bytes = chunk_bytes
+        self.model_bytes_sent = 0
+        """Model file bytes this client has uploaded: a re-upload of a model you already hold
+        (same bytes, same id) adds nothing, as only its header (or nothing) is sent."""
 
     def __enter__(self) -> Client:
         return self
@@ -93,19 +107,22 @@ class Client:
 
     def submit(
         self,
-        workload: str,
+        workload: str | Model,
         inputs: ArrayLike | Sequence[ArrayLike],
         *,
         priority: int = 0,
         request_id: str | None = None,
         timeout: float | None = None,
         output: OutputKind | None = None,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> TaskHandle:
         """Queues a task and returns a handle once the broker has stored it durably.
 
         Args:
-            workload: Registered workload name, e.g. ``"matmul"``.
+            workload: Registered workload name, e.g. ``"matmul"``, or a ``Model`` from
+                ``upload_model`` (or its ``workload``, ``"model:<id>"``).
             inputs: A torch tensor or numpy array, or a sequence of them.
             priority: -100..100; higher runs first among your own tasks.
             request_id: Idempotency key; a fresh one when None. Resubmitting with the same key
@@ -113,12 +130,20 @@ class Client:
             timeout: The task's deadline, in seconds from now.
             output: ``"torch"`` or ``"numpy"`` for the result; None means numpy when every
                 input was a numpy array, torch otherwise.
+            gpu: The GPU type the task must run on, e.g. ``"nvidia-l4"``; None for the
+                model's own requirement, else any.
+            min_gpu_memory: Least device memory: bytes, or a string such as ``"16GiB"`` or
+                ``"24GB"``; None for the model's own requirement, else any.
             **params: Workload parameters: int, float, str or bool.
 
         Raises:
             TypeError: A parameter or input is of an unsupported type.
-            GpuBrokerError: The broker refused the task (see ``gpubroker.client.errors``);
-                UNAVAILABLE only after three attempts.
+            ValueError: ``min_gpu_memory`` is not a size, or ``gpu`` is empty.
+            FailedPreconditionError: No GPU the broker can start or reach meets ``gpu`` and
+                ``min_gpu_memory``.
+            NotFoundError: The workload names a model you do not hold.
+            GpuBrokerError: The broker refused the task otherwise (see
+                ``gpubroker.client.errors``); UNAVAILABLE only after three attempts.
         """
         task = prepare_task(
             workload,
@@ -128,6 +153,7 @@ class Client:
             request_id=request_id,
             timeout=timeout,
             output=output,
+            requires=requirement(gpu, min_gpu_memory),
         )
         for delay in SUBMIT_BACKOFF_S:
             try:
@@ -138,12 +164,14 @@ class Client:
 
     def run(
         self,
-        workload: str,
+        workload: str | Model,
         inputs: ArrayLike | Sequence[ArrayLike],
         *,
         priority: int = 0,
         timeout: float | None = None,
         output: OutputKind | None = None,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> TaskResult:
         """Submits a task and waits for its result on one call; see ``submit`` for the arguments.
@@ -163,6 +191,7 @@ class Client:
             request_id=None,
             timeout=timeout,
             output=output,
+            requires=requirement(gpu, min_gpu_memory),
         )
         collector = ResultCollector(task.output)
         requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
@@ -177,7 +206,7 @@ class Client:
 
     def map(
         self,
-        workload: str,
+        workload: str | Model,
         inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
         *,
         priority: int = 0,
@@ -185,6 +214,8 @@ class Client:
         output: OutputKind | None = None,
         window: int = DEFAULT_WINDOW,
         batch: int = DEFAULT_BATCH,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> Generator[TaskResult, None, None]:
         """Runs ``workload`` once per item of ``inputs`` on one call; yields results in order.
@@ -200,17 +231,18 @@ class Client:
                 other ``GpuBrokerError`` classes for a task the broker refused or cancelled.
             TypeError: an item is not a tensor or array (when its turn comes).
         """
-        if window < 1 or batch < 1:
-            raise ValueError(f"window and batch must be at least 1, got {window} and {batch}")
-        encoder = functools.partial(
-            encode_item,
-            workload=workload,
-            params=params,
+        encoder = map_encoder(
+            workload,
+            params,
+            window=window,
+            batch=batch,
             priority=priority,
             timeout=timeout,
             output=output,
+            gpu=gpu,
+            min_gpu_memory=min_gpu_memory,
         )
-        run = _MapRun(encoder, inputs, window, batch)
+        run = MapRun(encoder, inputs, window, batch)
         call = self._stub.RunMany(run.requests(), metadata=self._metadata)
         try:
             with translate_rpc_errors():
@@ -258,6 +290,107 @@ class Client:
             reply = self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
         return usage_from_proto(reply)
 
+    def upload_model(
+        self,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        name: str | None = None,
+        batch_dim_varies: bool = False,
+        max_batch_size: int = 0,
+        max_queue_delay: float = DEFAULT_MAX_QUEUE_DELAY_S,
+        gpu: str | None = None,
+        min_gpu_memory: int | str | None = None,
+    ) -> Model:
+        """Exports ``module`` on this machine and stores it with the broker, once.
+
+        The module's forward, called on ``example_inputs``, is captured by ``torch.export``
+        into a data-only model file (no pickles) whose id is its sha256. When you already hold
+        that file, nothing is sent but the options, and only when they changed.
+
+        Args:
+            module: The ``torch.nn.Module`` to run remotely.
+            example_inputs: Tensors to trace it with; their dtypes and shapes are what the
+                model takes.
+            name: What to list it under; None keeps the name of a model you already hold,
+                else takes the module's class name.
+            batch_dim_varies: The first dimension of every input and output may have any
+                size (the example's must be at least 2).
+            max_batch_size: Dynamic batching: stack up to this many rows of concurrent tasks
+                into one call of the model (needs ``batch_dim_varies``); 0 or 1 is off.
+            max_queue_delay: Dynamic batching: the longest, in seconds, an agent holds a task
+                waiting for others to stack with it (5 ms by default).
+            gpu: The GPU type the model's tasks need unless a task says otherwise.
+            min_gpu_memory: Least device memory its tasks need: bytes, or ``"16GiB"``.
+
+        Returns:
+            The model as the broker holds it; pass it to ``run``, ``submit`` or ``map``.
+
+        Raises:
+            ModelExportError: ``torch.export`` could not capture the module (raised before
+                anything is sent).
+            ValueError: An option is out of range.
+            InvalidArgumentError: The broker refused the model file.
+            ResourceExhaustedError: The model does not fit in your model quota.
+        """
+        upload = prepare_upload(
+            module,
+            example_inputs,
+            name=name,
+            batch_dim_varies=batch_dim_varies,
+            max_batch_size=max_batch_size,
+            max_queue_delay=max_queue_delay,
+            gpu=gpu,
+            min_gpu_memory=min_gpu_memory,
+        )
+        return self._store_model(upload)
+
+    def model(self, model: Model | str) -> Model:
+        """One of your models, by ``Model`` or id, as the broker holds it now.
+
+        Raises:
+            NotFoundError: You hold no model of that id.
+        """
+        return model_from_proto(self._held_model(model_id_of(model)))
+
+    def models(self) -> list[Model]:
+        """Your models, newest first."""
+        with translate_rpc_errors():
+            reply = self._stub.ListModels(broker_pb2.ListModelsRequest(), metadata=self._metadata)
+        return [model_from_proto(m) for m in reply.models]
+
+    def delete_model(self, model: Model | str) -> Model:
+        """Deletes one of your models (by ``Model`` or id); returns it as it was.
+
+        Raises:
+            NotFoundError: You hold no model of that id.
+            FailedPreconditionError: Queued or running tasks still name it.
+        """
+        request = broker_pb2.DeleteModelRequest(model_id=model_id_of(model))
+        with translate_rpc_errors():
+            reply = self._stub.DeleteModel(request, metadata=self._metadata)
+        return model_from_proto(reply.model)
+
+    def _store_model(self, upload: ModelUpload) -> Model:
+        try:
+            held: broker_pb2.ModelInfo | None = self._held_model(upload.model_id)
+        except NotFoundError:
+            held = None
+        if held is not None and upload.is_held_as(held):
+            return model_from_proto(held)
+        requests = upload.requests(held, self._chunk_bytes)
+        with translate_rpc_errors():
+            reply = self._upload(requests, metadata=self._metadata)
+        if held is None:
+            self.model_bytes_sent += len(upload.data)
+        return model_from_proto(reply.model)
+
+    def _held_model(self, model_id: str) -> broker_pb2.ModelInfo:
+        request = broker_pb2.GetModelRequest(model_id=model_id)
+        with translate_rpc_errors():
+            reply = self._stub.GetModel(request, metadata=self._metadata)
+        return reply.model
+
     def _submit_once(self, task: PreparedTask) -> TaskHandle:
         requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
         with translate_rpc_errors():
@@ -296,111 +429,3 @@ class Client:
         finally:
             call.cancel()
         return collector.result()
-
-
-class _MapRun:
-    """One ``map`` call's two sides: requests (sent from gRPC's thread) and outcomes."""
-
-    def __init__(
-        self,
-        encoder: Encoder,
-        inputs: Iterable[ArrayLike | Sequence[ArrayLike]],
-        window: int,
-        batch: int,
-    ) -> None:
-        self._encoder = encoder
-        self._inputs = inputs
-        self._batch = batch
-        self._room = threading.Semaphore(window)
-        self._lock = threading.Lock()
-        self._reorder = Reorder()
-
-    def requests(self) -> Iterator[broker_pb2.RunManyRequest]:
-        """Encodes and packs the items, never more than ``window`` in flight."""
-        packer = Packer(self._batch)
-        count = 0
-        try:
-            for inputs in self._inputs:
-                item = self._encoder(count, inputs)
-                count += 1
-                if item.task is not None and not self._room.acquire(blocking=False):
-                    if (message := packer.flush()) is not None:
-                        yield message  # send what is packed before waiting for room
-                    self._room.acquire()
-                self._note(item)
-                if (message := packer.add(item)) is not None:
-                    yield message
-        except Exception as exc:  # the caller's iterator raised: its error ends the results
-            self._note(failed_input(count, exc))
-        if (message := packer.flush()) is not None:
-            yield message
-
-    def take(
-        self, outcomes: Iterable[broker_pb2.InlineOutcome]
-    ) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
-        """Records outcomes; returns the items now ready, in input order."""
-        with self._lock:
-            for outcome in outcomes:
-                self._reorder.add(outcome)
-                self._room.release()
-            return self._reorder.pop_ready()
-
-    def check_complete(self) -> None:
-        """Raises if the call ended with items unanswered."""
-        if self._reorder.pending:
-            raise InternalError(
-                grpc.StatusCode.INTERNAL,
-                f"the broker ended map with {self._reorder.pending} tasks unanswered",
-            )
-
-    def _note(self, item: MapItem) -> None:
-        with self._lock:
-            self._reorder.sent(item)
-
-
-class TaskHandle:
-    """A submitted task, future-style: poll it, wait for it, fetch its result or cancel it."""
-
-    def __init__(self, client: Client, task_id: str, output: OutputKind) -> None:
-        self._client = client
-        self.task_id = task_id
-        self._output = output
-
-    def __repr__(self) -> str:
-        return f"TaskHandle({self.task_id!r})"
-
-    def status(self) -> TaskStatus:
-        """The task's current status."""
-        return self._client._status(self.task_id)
-
-    def done(self) -> bool:
-        """True once the task is final (succeeded, failed or cancelled)."""
-        return self.status().state.is_final
-
-    def result(
-        self, timeout: float | None = None, *, output: OutputKind | None = None
-    ) -> TaskResult:
-        """Waits for the task and returns its outputs, as ``output`` kind if given.
-
-        Raises:
-            DeadlineExceededError: ``timeout`` seconds passed first (the task goes on).
-            TaskFailedError: The workload raised (or the task's own error class, e.g.
-                ``InvalidArgumentError``).
-            TaskCancelledError: The task was cancelled.
-        """
-        return self._client._result(self.task_id, output or self._output, timeout)
-
-    def wait(self, timeout: float | None = None) -> TaskStatus:
-        """Waits until the task is final and returns its status, whether it succeeded or not.
-
-        Raises:
-            DeadlineExceededError: ``timeout`` seconds passed first (the task goes on).
-        """
-        final = None
-        for status in self._client.watch(self.task_id, timeout):
-            final = status
-        return final if final is not None else self.status()
-
-    def cancel(self) -> TaskStatus:
-        """Cancels the task if it is still queued or running; returns its status after."""
-        return self._client._cancel(self.task_id)

@@ -7,10 +7,31 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from gpubroker.protos.modelfile import model_of
 from gpubroker.protos.states import TaskState
 from gpubroker.protos.wire import TensorMeta
 
-__all__ = ["TaskResult", "TaskStatus", "Usage"]
+
+@dataclass(frozen=True, slots=True)
+class GpuRequirement:
+    """Which GPUs may run a task: an exact GPU type and/or a least device memory."""
+
+    gpu_type: str | None = None
+    """E.g. ``"nvidia-l4"`` (``"cpu"`` for CPU agents); None for any."""
+    min_memory_bytes: int = 0
+    """Least device memory in bytes; 0 for any."""
+
+    def __bool__(self) -> bool:
+        return self.gpu_type is not None or self.min_memory_bytes > 0
+
+    def __str__(self) -> str:
+        parts = [self.gpu_type or "any GPU"]
+        if self.min_memory_bytes:
+            parts.append(f"with at least {self.min_memory_bytes / 2**30:.1f} GiB")
+        return " ".join(parts)
+
+
+__all__ = ["GpuRequirement", "Model", "TaskResult", "TaskStatus", "TensorSpec", "Usage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +72,23 @@ class TaskStatus:
     """The input tensors' headers."""
     outputs: tuple[TensorMeta, ...]
     """The output tensors' headers, once succeeded."""
+    model_load_seconds: float = 0.0
+    """Time the agent spent fetching, checking and loading the task's model before the
+    successful attempt; never billed. 0 when the model was already loaded (or for an operator
+    workload)."""
+    batch_tasks: int = 0
+    """How many tasks ran in the same model call as this one (dynamic batching): 1 alone, 0
+    for an operator workload or a task that has not run."""
+    requires: GpuRequirement = GpuRequirement()
+    """The GPU the task must run on (from the submit, else from its model); empty for any."""
+    waiting_for: str = ""
+    """Why a queued task still waits, e.g. ``"waiting for an nvidia-l4 VM to boot"``; empty
+    when it is not waiting or nothing in particular holds it."""
+
+    @property
+    def model_id(self) -> str | None:
+        """The uploaded model the task runs, or None for an operator workload."""
+        return model_of(self.workload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +128,16 @@ class TaskResult:
         """Which attempt produced the result."""
         return self.status.attempt
 
+    @property
+    def model_load_seconds(self) -> float:
+        """Model load time before the successful attempt (unbilled); 0 when it was resident."""
+        return self.status.model_load_seconds
+
+    @property
+    def batch_tasks(self) -> int:
+        """Tasks that shared the model call (dynamic batching); 0 for an operator workload."""
+        return self.status.batch_tasks
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -111,3 +159,46 @@ class Usage:
     """Spent since the start of this calendar month (UTC)."""
     monthly_budget_usd: Decimal | None
     """The monthly budget; None when there is none."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The dtype and shape of one tensor a model takes or returns."""
+
+    dtype: str
+    """E.g. ``"float32"``, as in ``TensorMeta.dtype``."""
+    shape: tuple[int | None, ...]
+    """Dimensions; None marks the batch dimension of a model whose batch size may vary."""
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """An uploaded model, as the broker holds it: pass it to ``run``, ``submit`` or ``map``
+    in place of a workload name.
+
+    A plain value (frozen, hashable, picklable): it names the model by its id and does not tie
+    to a client or a connection.
+    """
+
+    model_id: str
+    """sha256 of the model file, 64 lowercase hex digits: the same module gives the same id."""
+    name: str
+    """The name it is listed under (not necessarily unique)."""
+    size_bytes: int
+    """Length of the model file: what counts against your model quota."""
+    workload: str
+    """What a task names to run it: ``"model:<model_id>"``."""
+    inputs: tuple[TensorSpec, ...]
+    """What the model takes, in order."""
+    outputs: tuple[TensorSpec, ...]
+    """What the model returns, in order."""
+    batch_dim_varies: bool
+    """True when the first dimension of every input and output may vary."""
+    max_batch_size: int
+    """Dynamic batching: most rows stacked into one call of the model; 0 when off."""
+    max_queue_delay: float
+    """Dynamic batching: longest, in seconds, a task waits on the agent for others."""
+    requires: GpuRequirement
+    """The GPU the model's tasks need unless a task says otherwise; empty for any."""
+    created_at: datetime | None
+    """When it was first uploaded (UTC)."""

@@ -1,23 +1,32 @@
 """Errors the client raises, one class per gRPC status code, mapped in exactly one place.
 
 GpuBrokerError                    (any failed call; .code, .details)
-├── InvalidArgumentError          INVALID_ARGUMENT
-├── NotFoundError                 NOT_FOUND (also another tenant's task)
+├── InvalidArgumentError          INVALID_ARGUMENT (also a refused model)
+├── NotFoundError                 NOT_FOUND (also another tenant's task or model)
 ├── AlreadyExistsError            ALREADY_EXISTS (request_id reused for other work)
 ├── AuthenticationError           UNAUTHENTICATED
 ├── PermissionDeniedError         PERMISSION_DENIED
 ├── ResourceExhaustedError        RESOURCE_EXHAUSTED (size limits, quotas, budgets)
-├── FailedPreconditionError       FAILED_PRECONDITION
+├── FailedPreconditionError       FAILED_PRECONDITION (e.g. no GPU meets the requirement)
 ├── UnavailableError              UNAVAILABLE (retryable)
 ├── DeadlineExceededError         DEADLINE_EXCEEDED (also a TimeoutError)
 ├── TaskCancelledError            CANCELLED
 ├── TaskFailedError               ABORTED (the workload raised)
 └── InternalError                 INTERNAL, UNKNOWN and the rest
+
+ModelExportError (a ValueError)   upload_model: torch.export could not capture the module;
+                                  raised on the client, before anything is sent
+
+A task that failed on an agent carries the agent's message in ``details``, e.g.
+``"RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 8x16)"`` followed by lines
+naming the failing graph node or the last frames of the traceback; ``remote_type`` is the
+exception type it names (``"RuntimeError"``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import grpc
@@ -32,6 +41,7 @@ __all__ = [
     "GpuBrokerError",
     "InternalError",
     "InvalidArgumentError",
+    "ModelExportError",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -44,18 +54,33 @@ __all__ = [
 ]
 
 
+# "<ExceptionType>: <message>", the type maybe dotted (torch.OutOfMemoryError). Its last part
+# must be CamelCase with a lower-case letter, so that a broker's "refused: ..." or a status name
+# such as "INVALID_ARGUMENT: ..." is not taken for an exception type.
+_REMOTE_TYPE = re.compile(r"((?:[A-Za-z_]\w*\.)*[A-Z]\w*[a-z]\w*): ")
+
+
 class GpuBrokerError(Exception):
-    """A call to the broker failed; ``code`` is the gRPC status, ``details`` its message."""
+    """A call to the broker failed; ``code`` is the gRPC status, ``details`` its message.
+
+    ``str(error)`` is ``"<STATUS>: <details>"`` with the whole of ``details``, so a remote
+    traceback's lines are all there when the error is printed.
+    """
 
     code: grpc.StatusCode
     """The call's gRPC status code."""
     details: str
-    """The broker's explanation, e.g. the workload's own error message."""
+    """The broker's explanation, e.g. the workload's own error message, in full."""
+    remote_type: str | None
+    """The name of the exception the workload raised on the agent (e.g. ``"RuntimeError"``,
+    ``"torch.OutOfMemoryError"``) when ``details`` starts with one; None otherwise."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        match = _REMOTE_TYPE.match(details)
+        self.remote_type = match.group(1) if match else None
 
     def __reduce__(self) -> tuple[type[GpuBrokerError], tuple[grpc.StatusCode, str]]:
         # Exception pickles its str() args by default, which this __init__ does not take.
@@ -63,11 +88,12 @@ class GpuBrokerError(Exception):
 
 
 class InvalidArgumentError(GpuBrokerError):
-    """The request, its tensors or its parameters are malformed."""
+    """The request, its tensors or its parameters are malformed, or the broker refused a model
+    (malformed file, or an operator it does not allow)."""
 
 
 class NotFoundError(GpuBrokerError):
-    """No such task (or it belongs to another tenant)."""
+    """No such task or model (or it belongs to another tenant)."""
 
 
 class AlreadyExistsError(GpuBrokerError):
@@ -83,11 +109,13 @@ class PermissionDeniedError(GpuBrokerError):
 
 
 class ResourceExhaustedError(GpuBrokerError):
-    """A size limit, quota or budget was hit."""
+    """A size limit, quota (the model quota too) or budget was hit."""
 
 
 class FailedPreconditionError(GpuBrokerError):
-    """The task is not in a state that allows this."""
+    """Not possible as things stand: no GPU the broker can start or reach meets the task's
+    ``gpu``/``min_gpu_memory``, a model still has queued or running tasks, or the task is
+    not in a state that allows this."""
 
 
 class UnavailableError(GpuBrokerError):
@@ -108,6 +136,13 @@ class TaskFailedError(GpuBrokerError):
 
 class InternalError(GpuBrokerError):
     """Something went wrong inside the broker."""
+
+
+class ModelExportError(ValueError):
+    """``torch.export`` could not capture the module; the message is export's own explanation.
+
+    Raised by ``upload_model`` on the client, before anything is sent to the broker.
+    """
 
 
 _ERROR_FOR: dict[grpc.StatusCode, type[GpuBrokerError]] = {

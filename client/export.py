@@ -19,6 +19,8 @@ import safetensors.torch
 import torch
 from torch._export.serde import serialize as serde
 
+from gpubroker.client._models import EXPORT_MAX_BATCH
+from gpubroker.client.errors import ModelExportError
 from gpubroker.protos import modelfile
 
 __all__ = ["CONSTANT_PREFIX", "STATE_PREFIX", "ModelExportError", "export_model"]
@@ -27,11 +29,8 @@ STATE_PREFIX = "state/"
 """Safetensors names of parameters and persistent buffers: this prefix + the state-dict key."""
 CONSTANT_PREFIX = "constant/"
 """Safetensors names of tensor constants and non-persistent buffers."""
-DEFAULT_MAX_BATCH = 1 << 16
-
-
-class ModelExportError(ValueError):
-    """``torch.export`` could not capture the module; the message is export's own explanation."""
+DEFAULT_MAX_BATCH = EXPORT_MAX_BATCH
+"""The bound of a varying batch dimension unless ``max_batch`` says otherwise."""
 
 
 def export_model(

@@ -11,7 +11,8 @@ source tree, such as mypy and import-linter)::
     gpubroker.billing    the usage ledger, prices, reports (``python -m gpubroker.billing``)
 
 ``from gpubroker import Client, AsyncClient`` (or any other name of ``gpubroker.client``) is the
-SDK's front door. The names are loaded on first use, so that ``import gpubroker.broker`` never loads the SDK, numpy or torch.
+SDK's front door. The names are loaded on first use, so that ``import gpubroker.broker`` never
+loads the SDK, numpy or torch.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
         DeadlineExceededError,
         FailedPreconditionError,
         GpuBrokerError,
+        GpuRequirement,
         InternalError,
         InvalidArgumentError,
+        Model,
+        ModelExportError,
         NotFoundError,
         PermissionDeniedError,
         ResourceExhaustedError,
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
         TaskState,
         TaskStatus,
         TensorMeta,
+        TensorSpec,
         UnavailableError,
         Usage,
         client_credentials,
@@ -56,8 +61,11 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "GpuBrokerError",
+    "GpuRequirement",
     "InternalError",
     "InvalidArgumentError",
+    "Model",
+    "ModelExportError",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -68,6 +76,7 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "TensorMeta",
+    "TensorSpec",
     "UnavailableError",
     "Usage",
     "client_credentials",

@@ -20,7 +20,7 @@ from gpubroker.client import (
     TaskState,
     UnavailableError,
 )
-from tests.fakes.broker import KEY, FakeBroker
+from tests.fakes.broker import KEY, FakeBroker, run_map
 
 
 async def test_the_api_key_arrives_as_bearer_metadata_on_every_call(
@@ -59,6 +59,28 @@ async def test_a_workload_that_raised_is_a_task_failed_error(client: Any) -> Non
         await handle.result()
     status = await handle.wait(timeout=10)
     assert (status.state, status.error_code) == (TaskState.FAILED, "ABORTED")
+
+
+async def test_a_failed_task_carries_the_remote_type_and_the_agents_whole_message(
+    client: Any, fake: FakeBroker
+) -> None:
+    fake.failure_message = (
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 8x16)\n"
+        "  at graph node linear (aten.linear.default)"
+    )
+
+    with pytest.raises(TaskFailedError) as ran:
+        await client.run("fail", torch.ones(1))
+    handle = await client.submit("fail", torch.ones(1))
+    with pytest.raises(TaskFailedError) as fetched:
+        await handle.result()
+    with pytest.raises(TaskFailedError) as mapped:
+        await run_map(client, "fail", [torch.ones(1)])
+
+    for error in (ran.value, fetched.value, mapped.value):
+        assert error.remote_type == "RuntimeError"
+        assert error.details == fake.failure_message
+        assert str(error) == f"ABORTED: {fake.failure_message}"
 
 
 async def test_submit_is_retried_on_unavailable_with_the_same_request_id(

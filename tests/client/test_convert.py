@@ -10,7 +10,13 @@ import pytest
 import torch
 from google.protobuf import timestamp_pb2
 
-from gpubroker.client import InternalError, TaskFailedError, TaskResult, TaskState
+from gpubroker.client import (
+    GpuRequirement,
+    InternalError,
+    TaskFailedError,
+    TaskResult,
+    TaskState,
+)
 from gpubroker.client._convert import (
     ResultCollector,
     TaskPager,
@@ -185,6 +191,34 @@ def test_a_task_info_becomes_a_status_with_aware_datetimes() -> None:
     assert status.started_at is None and status.finished_at is None and status.deadline is None
     assert status.inputs == status.outputs == (meta,)
     assert (status.compute_seconds, status.gpu_type) == (1.25, "nvidia-l4")
+
+
+def test_a_model_tasks_snapshot_carries_its_load_time_batch_and_requirement() -> None:
+    model_id = "c0" * 32
+    info = _info(
+        workload=f"model:{model_id}",
+        model_load_seconds=0.75,
+        batch_tasks=6,
+        requires=task_pb2.GpuRequirement(gpu_type="nvidia-l4", min_memory_bytes=2**34),
+    )
+
+    status = status_from_proto(info)
+
+    assert status.model_id == model_id
+    assert (status.model_load_seconds, status.batch_tasks) == (0.75, 6)
+    assert status.requires == GpuRequirement("nvidia-l4", 2**34)
+    assert str(status.requires) == "nvidia-l4 with at least 16.0 GiB"
+
+
+def test_an_operator_tasks_snapshot_has_no_model_and_no_requirement() -> None:
+    status = status_from_proto(
+        _info(task_pb2.TASK_STATE_QUEUED, workload="matmul", waiting_for="waiting for a VM")
+    )
+
+    assert status.model_id is None
+    assert not status.requires and status.requires == GpuRequirement(None, 0)
+    assert (status.model_load_seconds, status.batch_tasks) == (0.0, 0)
+    assert status.waiting_for == "waiting for a VM"
 
 
 @pytest.mark.parametrize(

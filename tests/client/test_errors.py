@@ -103,3 +103,33 @@ def test_an_error_survives_pickling_with_its_code_and_details() -> None:
 
     assert type(copy) is NotFoundError
     assert (copy.code, copy.details) == (grpc.StatusCode.NOT_FOUND, "no task abc")
+
+
+@pytest.mark.parametrize(
+    ("details", "remote_type"),
+    [
+        ("ValueError: boom", "ValueError"),
+        ("KeyError: 'x'", "KeyError"),
+        ("torch.OutOfMemoryError: CUDA out of memory", "torch.OutOfMemoryError"),
+        ("RuntimeError: shapes differ\n  at node linear_1 (aten.linear.default)", "RuntimeError"),
+        ("refused: too many tasks", None),
+        ("INVALID_ARGUMENT: wrapped", None),
+        ("no model abc", None),
+        ("Task abc: deadline passed", None),
+        ("", None),
+    ],
+)
+def test_the_remote_exception_type_is_read_from_the_start_of_the_details(
+    details: str, remote_type: str | None
+) -> None:
+    assert error_from_code("ABORTED", details).remote_type == remote_type
+
+
+def test_a_remote_error_keeps_its_type_and_every_line_through_pickling() -> None:
+    details = 'RuntimeError: bad\n  File "model.py", line 3, in forward\n    return x @ w'
+    error = error_from_code("ABORTED", details)
+
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert str(copy) == f"ABORTED: {details}"
+    assert copy.remote_type == "RuntimeError"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -10,20 +9,11 @@ import pytest
 import torch
 
 from gpubroker.client import (
-    AsyncClient,
     InvalidArgumentError,
     TaskFailedError,
 )
-from tests.fakes.broker import FakeBroker
+from tests.fakes.broker import FakeBroker, run_map
 from tests.support.tensors import assert_same_tensors, mixed_torch_inputs
-
-
-async def run_map(client: Any, workload: str, items: list[Any], **kwargs: Any) -> list[Any]:
-    """Runs ``map`` to the end with either client flavour."""
-    if isinstance(client, AsyncClient):
-        return [r async for r in client.map(workload, items, **kwargs)]
-    sync = client.wrapped
-    return await asyncio.to_thread(lambda: list(sync.map(workload, items, **kwargs)))
 
 
 async def test_map_returns_results_in_input_order_in_batches_bit_exact(
