@@ -4,10 +4,14 @@ Model tasks waiting here for the same model, with inputs of the same dtypes and 
 non-batch dimensions, are stacked along dimension 0 into one call of up to ``max_batch_size``
 rows. The first task of a batch waits at most ``max_queue_delay_s`` for others; a batch that
 is full runs at once, and a task with more rows than a batch holds runs alone. Calls run on the
-runner's worker threads, so no more than its slots run on the device at once. The outputs are
-split back by rows, and each task's compute time is its share of the call's, by rows
-(``shares_ns``). A task withdrawn while its batch waits leaves the batch; one withdrawn while
-its batch runs just loses its result.
+runner's worker threads, so no more than its slots run on the device at once, and a batch whose
+delay has run out while every slot is busy stays open, taking more tasks, until a slot frees
+(as Triton forms a batch when a model instance is free): sealed early, it would only wait in
+the runner's queue while the tasks arriving behind it started a batch of their own. Measured
+with 16 callers sending one row each, sealing on the timer alone gave batches of 1 to 7 tasks,
+this rule 15. The outputs are split back by rows, and each task's compute time is its share of
+the call's, by rows (``shares_ns``). A task withdrawn while its batch waits leaves the batch;
+one withdrawn while its batch runs just loses its result.
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ class _Pending:
     entries: list[_Entry] = field(default_factory=list)
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
+    ready: bool = False
+    """Its delay has run out: it runs as soon as a slot is free."""
 
 
 class Batcher:
@@ -110,7 +116,18 @@ class Batcher:
         """Model calls made (a batch or a lone task is one call), for tests and logs."""
         self._runner = runner
         self._pending: dict[_BatchKey, _Pending] = {}
+        self._ready: list[_BatchKey] = []
+        """Batches whose delay ran out while every slot was busy, oldest first."""
+        self._in_flight = 0
+        """Model calls started by this batcher and not yet ended."""
         self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready_batches(self) -> int:
+        """Batches whose delay has run out, waiting for a free slot (taking tasks meanwhile)."""
+        return sum(
+            1 for key in set(self._ready) if (p := self._pending.get(key)) is not None and p.ready
+        )
 
     async def run(
         self, model: LoadedModel, ref: ModelRef, inputs: Sequence[torch.Tensor]
@@ -127,7 +144,11 @@ class Batcher:
         max_rows = min(ref.max_batch_size, int(model.metadata.get("max_batch") or 1))
         rows = inputs[0].shape[0] if inputs else 0
         if max_rows <= 1 or not _batchable(model.metadata) or not 0 < rows < max_rows:
-            outcome = await self._runner.call_model(model, inputs)
+            self._in_flight += 1
+            try:
+                outcome = await self._runner.call_model(model, inputs)
+            finally:
+                self._slot_freed()
             self.calls += 1
             return RunOutcome(outcome.outputs, outcome.compute_seconds, batch_tasks=1)
         entry = _Entry(inputs, rows, asyncio.get_running_loop().create_future())
@@ -163,8 +184,22 @@ class Batcher:
             self._flush(key)
 
     def _expire(self, key: _BatchKey, pending: _Pending) -> None:
-        if self._pending.get(key) is pending:
+        if self._pending.get(key) is not pending:
+            return
+        pending.timer = None
+        if self._in_flight < self._runner.slots:
             self._flush(key)
+        else:
+            pending.ready = True
+            self._ready.append(key)
+
+    def _slot_freed(self) -> None:
+        self._in_flight -= 1
+        while self._ready and self._in_flight < self._runner.slots:
+            key = self._ready.pop(0)
+            pending = self._pending.get(key)
+            if pending is not None and pending.ready:
+                self._flush(key)
 
     def _withdraw(self, key: _BatchKey, entry: _Entry) -> None:
         entry.future.cancel()  # a result or failure that comes later is dropped, not logged
@@ -182,6 +217,7 @@ class Batcher:
         pending = self._pending.pop(key)
         if pending.timer is not None:
             pending.timer.cancel()
+        self._in_flight += 1
         task = asyncio.create_task(self._call(pending), name=f"batch-{key[0][:12]}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -198,6 +234,8 @@ class Batcher:
                 if not entry.future.done():
                     entry.future.set_exception(exc)
             return
+        finally:
+            self._slot_freed()
         logger.debug("model %s: %d tasks in one call", pending.model.model_id, len(entries))
         for entry, result in zip(entries, results, strict=True):
             if not entry.future.done():

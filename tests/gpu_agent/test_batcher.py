@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from gpubroker.gpu_agent.batcher import Batcher, check_inputs, shares_ns
 from gpubroker.gpu_agent.errors import WorkloadArgumentError, WorkloadFailedError
 from gpubroker.gpu_agent.model import ModelRef
 from gpubroker.gpu_agent.model_loader import LoadedModel, load_model
-from gpubroker.gpu_agent.runner import Runner, detect_device
+from gpubroker.gpu_agent.runner import Runner, RunOutcome, detect_device
 from tests.gpu_agent.models import FEATURES, model_file
 from tests.support.waiting import wait_for
 
@@ -139,6 +139,40 @@ async def test_a_lone_task_runs_after_the_queue_delay(runner: Runner) -> None:
     )
 
     assert result.batch_tasks == 1 and batcher.calls == 1
+
+
+class _BusyRunner(Runner):
+    """A runner whose model calls wait until ``free`` is set: a device busy for as long."""
+
+    def __init__(self) -> None:
+        super().__init__(detect_device("cpu"), 1, {})
+        self.free = asyncio.Event()
+
+    async def call_model(self, model: LoadedModel, inputs: Sequence[torch.Tensor]) -> RunOutcome:
+        await self.free.wait()
+        return await super().call_model(model, inputs)
+
+
+async def test_a_batch_whose_delay_ran_out_takes_tasks_until_a_slot_is_free() -> None:
+    runner = _BusyRunner()
+    model = _loaded("mlp")
+    batcher = Batcher(runner)
+    try:
+        big = asyncio.create_task(batcher.run(model, _ref(model, 4, 0.0), [torch.ones(9, 8)]))
+        first = asyncio.create_task(batcher.run(model, _ref(model, 8, 0.01), [torch.ones(1, 8)]))
+        await wait_for(lambda: batcher.ready_batches == 1, 5, "the delay to run out")
+        later = [batcher.run(model, _ref(model, 8, 0.01), [torch.ones(1, 8)]) for _ in range(4)]
+        rest = [asyncio.ensure_future(call) for call in later]
+        await asyncio.sleep(0)  # let them join the open batch
+
+        runner.free.set()
+        results = await asyncio.gather(first, *rest)
+
+        assert (await big).batch_tasks == 1
+        assert [r.batch_tasks for r in results] == [5] * 5
+        assert batcher.calls == 2
+    finally:
+        runner.close()
 
 
 async def test_a_task_with_more_rows_than_a_batch_runs_alone_at_once(runner: Runner) -> None:
