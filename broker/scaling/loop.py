@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import tomllib
 from collections import Counter
@@ -130,12 +131,20 @@ def _choices(catalog: PriceCatalog, request: LaunchRequest) -> tuple[GpuChoice, 
 
 
 def offers_of(config: ScalingConfig) -> list[GpuOffer]:
-    """What the autoscaler can start, for the submit check (``Capacity``)."""
+    """What the autoscaler can start, for the submit check (``Capacity``).
+
+    A ``cpu`` agent is one the local provider starts on this host, so its memory is this
+    host's RAM, as the agent itself reports it.
+    """
     policy = config.policy
     choices = policy.choices or [GpuChoice(g) for g in policy.launch_request.gpu_types]
-    return [
-        GpuOffer(c.gpu_type, c.memory_bytes or GPU_MEMORY_BYTES.get(c.gpu_type)) for c in choices
-    ]
+    return [GpuOffer(c.gpu_type, c.memory_bytes or _known_memory(c.gpu_type)) for c in choices]
+
+
+def _known_memory(gpu_type: str) -> int | None:
+    if gpu_type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return GPU_MEMORY_BYTES.get(gpu_type)
 
 
 @dataclass

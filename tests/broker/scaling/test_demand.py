@@ -4,6 +4,7 @@ only for what they fit. Pure decisions on a made-up clock, plus the config loade
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from gpubroker.billing.prices import PriceCatalog
@@ -120,3 +121,12 @@ def test_the_loader_prices_each_configured_type_and_knows_its_memory(tmp_path: P
         "nvidia-tesla-a100 (40 GiB)",
         "nvidia-l4 (24 GiB)",
     ]
+
+
+def test_the_local_providers_cpu_agents_offer_this_hosts_memory() -> None:
+    config = load_scaling_config(None, "local", PriceCatalog.load())
+
+    (offer,) = offers_of(config)
+
+    assert offer.gpu_type == "cpu"
+    assert offer.memory_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
