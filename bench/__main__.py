@@ -13,10 +13,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from bench.batching import batching
 from bench.scenarios import Row, billing_overhead, large_tensors, queue_depth, tiny_tasks
 from tests.support.cluster import AGENT_DEVICE_ENV
 
-SCENARIOS = ("large", "tiny", "queue", "billing")
+SCENARIOS = ("large", "tiny", "queue", "billing", "batching")
 
 
 @click.command()
@@ -54,7 +55,11 @@ def main(
     work_dir: Path,
     device: str,
 ) -> None:
-    """Runs the benchmarks and prints medians with the broker/direct ratio."""
+    """Runs the benchmarks and prints medians with the broker/direct ratio.
+
+    The batching scenario compares the broker with itself: batching on in the "broker" column,
+    off in the "direct" one, so its ratio is on/off.
+    """
     os.environ[AGENT_DEVICE_ENV] = device  # read by the agent processes and the direct server
     console = Console(width=150)
     rows: list[Row] = []
@@ -93,6 +98,9 @@ def _run(name: str, quick: bool, queue_tasks: int | None, work_dir: Path) -> lis
             reps=2 if quick else 3,
             mapped=250 if quick else 1000,
         )
+    if name == "batching":
+        return batching(work_dir / "batching", requests=500 if quick else 2000, callers=16,
+                        reps=1 if quick else 3)  # fmt: skip
     if name == "queue":
         return queue_depth(work_dir, queue_tasks or (2_000 if quick else 50_000), concurrency=32)
     return billing_overhead(

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +189,12 @@ class AgentProcess(_Process):
         ca_file: Path | None = None,
         cert_file: Path | None = None,
         key_file: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(root / f"agent-{agent_id}.log")
+        self.model_dir = root / f"models-{agent_id}"
+        """The agent's model cache: its own, so no test sees another's (or the user's) models."""
+        self.extra_args = tuple(extra_args)
         self.broker_address = broker_address
         self.agent_id = agent_id
         self.slots = slots
@@ -219,7 +223,10 @@ class AgentProcess(_Process):
                 self.device,
                 "--metadata-url",
                 self.metadata_url,
+                "--model-dir",
+                str(self.model_dir),
                 *self.tls_args,
+                *self.extra_args,
             ]
         )
         return self
