@@ -20,8 +20,7 @@ from gpubroker.billing.models import usage, vm_instances
 from gpubroker.billing.prices import format_usd, to_nanousd
 from gpubroker.billing.report import FORMATS, render, render_overhead
 from gpubroker.billing.vms import idle_overhead
-
-DEFAULT_DATABASE_URL = "sqlite:///gpubroker-data/broker.db"
+from gpubroker.env import default_data_dir
 
 _T = TypeVar("_T")
 
@@ -38,8 +37,10 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> date
 
 
 def _database_url(database_url: str | None) -> str:
-    """The URL given, else ``$GPUBROKER_DATABASE_URL``, else the broker's default SQLite file."""
-    return database_url or os.environ.get("GPUBROKER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    """The URL given, else ``$GPUBROKER_DATABASE_URL``, else the broker's default SQLite file
+    (``broker.db`` in ``gpubroker.env.default_data_dir()``, as the broker resolves it)."""
+    explicit = database_url or os.environ.get("GPUBROKER_DATABASE_URL")
+    return explicit or f"sqlite:///{default_data_dir() / 'broker.db'}"
 
 
 def _missing_sqlite_file(url: str) -> bool:
@@ -59,7 +60,10 @@ def cli() -> None:
 @cli.command()
 @click.option(
     "--database-url",
-    help="SQLAlchemy URL (default: $GPUBROKER_DATABASE_URL or the broker's SQLite file).",
+    help=(
+        "SQLAlchemy URL (default: $GPUBROKER_DATABASE_URL, else the broker's SQLite file: "
+        "broker.db in $GPUBROKER_DATA_DIR, $XDG_DATA_HOME/gpubroker or ~/.local/share/gpubroker)."
+    ),
 )
 @click.option("--since", callback=_when, help="Start of the range, ISO 8601 (inclusive).")
 @click.option("--until", callback=_when, help="End of the range, ISO 8601 (exclusive).")

@@ -37,6 +37,7 @@ __all__ = [
     "budgets",
     "metadata",
     "models",
+    "spools",
     "tasks",
     "tenants",
     "usage",
@@ -106,11 +107,18 @@ tasks = Table(
     # A model task's success: its model's load time (never billed) and its batch's size.
     Column("model_load_seconds", Float, nullable=True),
     Column("batch_tasks", Integer, nullable=True),
+    # When the retention sweep deleted the task's outputs (spool file and inline bytes).
+    Column("outputs_expired_at", UtcDateTime, nullable=True),
+    # Attempts lost to infrastructure (agent crash or silence, drain, broker restart), counted
+    # apart from those the task's own outcome used up (``broker.storage.transitions.requeue``).
+    Column("lost_attempts", Integer, nullable=False, server_default="0"),
     UniqueConstraint("tenant", "request_id", name="uq_tasks_tenant_request_id"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_tenant_seq", "tenant", "seq"),
     # The deadline sweep runs every second; without this it scans every queued task.
     Index("ix_tasks_deadline_at", "deadline_at"),
+    # The retention sweep looks for final tasks whose outputs have not expired yet.
+    Index("ix_tasks_outputs_expiry", "outputs_expired_at", "finished_at"),
 )
 """One row per task; ``attempt`` fences results from agents that lost their lease.
 
@@ -231,4 +239,18 @@ models = Table(
 
 Two tenants that upload the same bytes get a row each and share one file in the broker's model
 directory, deleted with the last row that names it (``ix_models_model_id`` finds the others).
+"""
+
+spools = Table(
+    "spools",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("spool_id", String(32), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+)
+"""The spool directories the broker has run with, one row each time it changed.
+
+``spool_id`` is the id in the directory's marker file; the directory in use at a time is the
+last row started before it, so a missing payload can say which directory held it.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,8 @@ import click
 
 from gpubroker.broker.config import Settings, parse_api_keys
 from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
+from gpubroker.broker.logformat import FORMAT, EscapingFormatter, quiet_grpc_core
 from gpubroker.broker.scaling.loop import PROVIDERS
-from gpubroker.broker.server import create_server
 
 logger = logging.getLogger("gpubroker.broker")
 
@@ -22,7 +23,24 @@ logger = logging.getLogger("gpubroker.broker")
 @click.command()
 @click.option("--listen", help="host:port to listen on (port 0 picks one).")
 @click.option("--database-url", help="SQLAlchemy URL; default: a SQLite file.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where the default database and spool live (default: $XDG_DATA_HOME/gpubroker or "
+    "~/.local/share/gpubroker).",
+)
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Payload directory.")
+@click.option(
+    "--result-ttl",
+    type=click.FloatRange(min=0),
+    help="Seconds a submitted task's result is kept after it finishes (default 604800: 7 days).",
+)
+@click.option(
+    "--spool-min-free-mb",
+    type=click.IntRange(min=0),
+    help="MiB kept free on the spool's disk: uploads that would go below are refused "
+    "(default 1024).",
+)
 @click.option(
     "--spool-memory-mb",
     type=click.IntRange(min=0),
@@ -81,7 +99,10 @@ logger = logging.getLogger("gpubroker.broker")
 def main(
     listen: str | None,
     database_url: str | None,
+    data_dir: Path | None,
     spool_dir: Path | None,
+    result_ttl: float | None,
+    spool_min_free_mb: int | None,
     spool_memory_mb: int | None,
     model_quota_mb: int | None,
     max_model_mb: int | None,
@@ -102,9 +123,7 @@ def main(
     log_level: str,
 ) -> None:
     """Runs the GPU broker. Flags override GPUBROKER_* environment variables."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(log_level)
     overrides: dict[str, Any] = {
         "listen_address": listen,
         "database_url": database_url,
@@ -125,12 +144,13 @@ def main(
         "plaintext": plaintext,
     }
     try:
-        environment = Settings.from_env()
+        environment = Settings.from_env(_with_data_dir(data_dir))
     except ValueError as exc:  # a GPUBROKER_* variable that does not parse: one line, no traceback
         raise click.UsageError(str(exc)) from exc
     settings = dataclasses.replace(
         environment, **{k: v for k, v in overrides.items() if v is not None}
     )
+    settings = _with_spool_flags(settings, result_ttl, spool_min_free_mb)
     if model_quota_mb is not None or max_model_mb is not None:
         models = settings.models
         settings = dataclasses.replace(
@@ -149,7 +169,38 @@ def main(
         raise click.ClickException(str(exc)) from exc
 
 
+def _with_data_dir(data_dir: Path | None) -> dict[str, str]:
+    """The environment, with ``--data-dir`` in place of ``GPUBROKER_DATA_DIR`` when given."""
+    environ = dict(os.environ)
+    if data_dir is not None:
+        environ["GPUBROKER_DATA_DIR"] = str(data_dir)
+    return environ
+
+
+def _with_spool_flags(
+    settings: Settings, result_ttl: float | None, spool_min_free_mb: int | None
+) -> Settings:
+    if result_ttl is not None:
+        retention = dataclasses.replace(settings.retention, result_ttl_s=result_ttl)
+        settings = dataclasses.replace(settings, retention=retention)
+    if spool_min_free_mb is not None:
+        floor = dataclasses.replace(settings.spool_floor, min_free_bytes=spool_min_free_mb << 20)
+        settings = dataclasses.replace(settings, spool_floor=floor)
+    return settings
+
+
+def _configure_logging(level: str) -> None:
+    """One escaped line per record (peers' text included); gRPC's C core only on errors."""
+    quiet_grpc_core()  # before the first server or channel starts the C core
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter(FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 async def _serve(settings: Settings, port_file: Path | None) -> None:
+    # Imported (and grpc with it) only now: the C core reads GRPC_VERBOSITY as it loads.
+    from gpubroker.broker.server import create_server
+
     running = await create_server(settings)
     if port_file is not None:
         port_file.write_text(f"{running.port}\n")

@@ -7,11 +7,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpubroker.broker.storage.spool import DEFAULT_MEMORY_BYTES
-from gpubroker.env import env_flag
+from gpubroker.broker.storage.retention import RetentionPolicy
+from gpubroker.broker.storage.spool import DEFAULT_MEMORY_BYTES, DiskFloor
+from gpubroker.env import default_data_dir, env_flag
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, MAX_RANK
 
-__all__ = ["Limits", "ModelLimits", "Settings", "parse_api_keys"]
+__all__ = [
+    "Limits",
+    "ModelLimits",
+    "Settings",
+    "StreamLimits",
+    "default_data_dir",
+    "parse_api_keys",
+    "retention_from_env",
+    "spool_floor_from_env",
+]
+
+
+def retention_from_env(environ: Mapping[str, str]) -> RetentionPolicy:
+    """Reads ``GPUBROKER_RESULT_TTL_S``, ``GPUBROKER_CALL_RESULT_TTL_S``,
+    ``GPUBROKER_SPOOL_SWEEP_S`` and ``GPUBROKER_ORPHAN_GRACE_S``."""
+    d = RetentionPolicy()
+    get = environ.get
+    return RetentionPolicy(
+        result_ttl_s=float(get("GPUBROKER_RESULT_TTL_S", d.result_ttl_s)),
+        call_result_ttl_s=float(get("GPUBROKER_CALL_RESULT_TTL_S", d.call_result_ttl_s)),
+        sweep_interval_s=float(get("GPUBROKER_SPOOL_SWEEP_S", d.sweep_interval_s)),
+        orphan_grace_s=float(get("GPUBROKER_ORPHAN_GRACE_S", d.orphan_grace_s)),
+    )
+
+
+def spool_floor_from_env(environ: Mapping[str, str]) -> DiskFloor:
+    """Reads ``GPUBROKER_SPOOL_MIN_FREE_MB`` and ``GPUBROKER_SPOOL_MIN_FREE_PERCENT``."""
+    d = DiskFloor()
+    get = environ.get
+    return DiskFloor(
+        min_free_bytes=int(get("GPUBROKER_SPOOL_MIN_FREE_MB", d.min_free_bytes >> 20)) << 20,
+        min_free_percent=float(get("GPUBROKER_SPOOL_MIN_FREE_PERCENT", d.min_free_percent)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +62,12 @@ class Limits:
     max_priority: int = 100
     """Priorities run from ``-max_priority`` to ``max_priority``."""
     max_attempts: int = 3
-    """A task whose agent is lost this many times fails instead of being requeued again."""
+    """Attempts a task may use of its own: a result the broker could not use (corrupt) is
+    retried until then. A workload error fails the task at once, and attempts lost to
+    infrastructure count against ``max_lost_attempts`` instead."""
+    max_lost_attempts: int = 10
+    """A task whose agent is lost this many times (crash, disconnect, silence, drain, broker
+    restart) fails as a poison task instead of being requeued again."""
     max_rank: int = MAX_RANK
     """Most dimensions per tensor; at most the wire format's ``MAX_RANK``."""
     max_dim: int = 4 << 30
@@ -51,6 +89,11 @@ class Limits:
             raise ValueError(f"max_rank {self.max_rank} is outside 0..{MAX_RANK}")
         if unknown := sorted(self.allowed_dtypes - DTYPE_ITEMSIZE.keys()):
             raise ValueError(f"allowed_dtypes names unknown dtypes: {', '.join(unknown)}")
+        if self.max_attempts < 1 or self.max_lost_attempts < 1:
+            raise ValueError(
+                f"max_attempts {self.max_attempts} and max_lost_attempts "
+                f"{self.max_lost_attempts} must be at least 1"
+            )
         if not (self.submit_rate_per_s > 0 and self.submit_burst >= 1):
             raise ValueError(
                 f"submit_rate_per_s {self.submit_rate_per_s} must be positive and "
@@ -68,6 +111,8 @@ class Limits:
             max_tensor_bytes=int(get("GPUBROKER_MAX_TENSOR_BYTES", d.max_tensor_bytes)),
             max_task_bytes=int(get("GPUBROKER_MAX_TASK_BYTES", d.max_task_bytes)),
             max_rank=int(get("GPUBROKER_MAX_RANK", d.max_rank)),
+            max_attempts=int(get("GPUBROKER_MAX_ATTEMPTS", d.max_attempts)),
+            max_lost_attempts=int(get("GPUBROKER_MAX_LOST_ATTEMPTS", d.max_lost_attempts)),
             max_dim=int(get("GPUBROKER_MAX_DIM", d.max_dim)),
             allowed_dtypes=(
                 frozenset(filter(None, (t.strip() for t in dtypes.split(","))))
@@ -111,15 +156,96 @@ class ModelLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """How long a peer may hold the broker: uploads, calls, connections and metadata.
+
+    Uploads are the client streams (``Submit``, ``Run``, ``RunMany``, ``UploadModel``, the
+    agents' ``PutResult``); see ``gpubroker.broker.api.limits``.
+    """
+
+    upload_idle_timeout_s: float = 30.0
+    """An upload that sends no message for this long is cut (RESOURCE_EXHAUSTED)."""
+    upload_min_rate_bytes_per_s: int = 8 << 10
+    """An upload that, after ``upload_rate_window_s`` of waiting on its peer, received fewer
+    bytes per second than this over the last window is cut; 0 turns the check off."""
+    upload_rate_window_s: float = 30.0
+    """The window ``upload_min_rate_bytes_per_s`` is measured over."""
+    max_calls_per_tenant: int = 1_000
+    """Calls one tenant may have in flight at once; past it a call is RESOURCE_EXHAUSTED."""
+    max_streams_per_connection: int = 1_000
+    """HTTP/2 streams (calls) one connection may have open at once (grpc.max_concurrent_streams)."""
+    connection_idle_s: float = 300.0
+    """A connection with no call for this long is closed (grpc.max_connection_idle_ms)."""
+    connection_max_age_s: float = 3_600.0
+    """A connection is asked to go away after this long (grpc.max_connection_age_ms); clients
+    and agents reconnect for their next call."""
+    connection_age_grace_s: float | None = None
+    """How long calls still running on a connection past its age may go on
+    (grpc.max_connection_age_grace_ms); None lets them finish (an agent's control stream and a
+    long ``Run`` live on)."""
+    max_metadata_bytes: int = 16 << 10
+    """Largest metadata (headers) of a call (grpc.max_metadata_size)."""
+
+    def __post_init__(self) -> None:
+        timeouts = (self.upload_idle_timeout_s, self.upload_rate_window_s, self.connection_idle_s)
+        if min(*timeouts, self.connection_max_age_s) <= 0 or self.upload_min_rate_bytes_per_s < 0:
+            raise ValueError("stream timeouts must be positive and the minimum upload rate >= 0")
+        if min(self.max_calls_per_tenant, self.max_streams_per_connection) < 1:
+            raise ValueError("max_calls_per_tenant and max_streams_per_connection must be >= 1")
+        if self.max_metadata_bytes < 1024:
+            raise ValueError(f"max_metadata_bytes {self.max_metadata_bytes} is below 1024")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> StreamLimits:
+        """Reads ``GPUBROKER_UPLOAD_*``, ``GPUBROKER_CONNECTION_*``,
+        ``GPUBROKER_MAX_CALLS_PER_TENANT``, ``GPUBROKER_MAX_STREAMS_PER_CONNECTION`` and
+        ``GPUBROKER_MAX_METADATA_BYTES``; unset ones keep their defaults."""
+        d = cls()
+        get = environ.get
+        grace = get("GPUBROKER_CONNECTION_AGE_GRACE_S")
+        return cls(
+            upload_idle_timeout_s=float(
+                get("GPUBROKER_UPLOAD_IDLE_TIMEOUT_S", d.upload_idle_timeout_s)
+            ),
+            upload_min_rate_bytes_per_s=int(
+                float(get("GPUBROKER_UPLOAD_MIN_RATE_KIB", d.upload_min_rate_bytes_per_s / 1024))
+                * 1024
+            ),
+            upload_rate_window_s=float(
+                get("GPUBROKER_UPLOAD_RATE_WINDOW_S", d.upload_rate_window_s)
+            ),
+            max_calls_per_tenant=int(get("GPUBROKER_MAX_CALLS_PER_TENANT", d.max_calls_per_tenant)),
+            max_streams_per_connection=int(
+                get("GPUBROKER_MAX_STREAMS_PER_CONNECTION", d.max_streams_per_connection)
+            ),
+            connection_idle_s=float(get("GPUBROKER_CONNECTION_IDLE_S", d.connection_idle_s)),
+            connection_max_age_s=float(
+                get("GPUBROKER_CONNECTION_MAX_AGE_S", d.connection_max_age_s)
+            ),
+            connection_age_grace_s=float(grace) if grace else None,
+            max_metadata_bytes=int(get("GPUBROKER_MAX_METADATA_BYTES", d.max_metadata_bytes)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the broker process is configured with."""
 
     listen_address: str = "127.0.0.1:50051"
     """Where the gRPC server listens; port 0 picks a free port."""
-    database_url: str = "sqlite:///gpubroker-data/broker.db"
-    """Any SQLAlchemy URL; the default is a SQLite file beside the spool."""
-    spool_dir: Path = Path("gpubroker-data/spool")
-    """Where task payloads are written (and fsynced) before a submit is acknowledged."""
+    database_url: str = field(
+        default_factory=lambda: f"sqlite:///{default_data_dir() / 'broker.db'}"
+    )
+    """Any SQLAlchemy URL; the default is ``broker.db`` in ``default_data_dir()``, beside the
+    spool."""
+    spool_dir: Path = field(default_factory=lambda: default_data_dir() / "spool")
+    """Where task payloads are written (and fsynced) before a submit is acknowledged; the
+    default is ``spool`` in ``default_data_dir()``."""
+    spool_floor: DiskFloor = field(default_factory=DiskFloor)
+    """Free space kept on the spool's filesystem: uploads that would go below are refused."""
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    """How long results stay, and how often the spool is swept of expired results and
+    orphaned files."""
     spool_memory_bytes: int = DEFAULT_MEMORY_BYTES
     """Inputs of call-bound tasks (``Run``) held in memory at once; past it they are files."""
     api_keys: Mapping[str, str] = field(default_factory=dict)
@@ -129,7 +255,11 @@ class Settings:
     heartbeat_interval_s: float = 5.0
     """How often agents send heartbeats."""
     lease_timeout_s: float = 15.0
-    """An agent silent for this long loses its tasks to the queue."""
+    """An agent silent for this long loses its tasks to the queue. One silent for 1.5
+    heartbeat intervals already gets no new work."""
+    reconcile_interval_s: float = 30.0
+    """How often the queued and running tasks in the database are compared with the queue and
+    the agents' leases in memory, and any difference repaired; 0 turns it off."""
     model_affinity_wait_s: float = 2.0
     """How long a queued model task waits for a connected agent that holds its model before
     any agent that may run it takes it; 0 turns model affinity off."""
@@ -138,6 +268,8 @@ class Settings:
     models: ModelLimits = field(default_factory=ModelLimits)
     """Users' models: each tenant's quota and the largest file (files live in
     ``spool_dir/models``)."""
+    streams: StreamLimits = field(default_factory=StreamLimits)
+    """How long and how much a peer may hold: uploads, calls, connections, metadata."""
     metrics_address: str | None = None
     """``host:port`` to serve Prometheus ``/metrics`` on; None serves none."""
     migrate: bool = False
@@ -169,10 +301,13 @@ class Settings:
         """
         defaults = cls()
         get = environ.get
+        data_dir = default_data_dir(environ)
         return cls(
             listen_address=get("GPUBROKER_LISTEN", defaults.listen_address),
-            database_url=get("GPUBROKER_DATABASE_URL", defaults.database_url),
-            spool_dir=Path(get("GPUBROKER_SPOOL_DIR", str(defaults.spool_dir))),
+            database_url=get("GPUBROKER_DATABASE_URL", f"sqlite:///{data_dir / 'broker.db'}"),
+            spool_dir=Path(get("GPUBROKER_SPOOL_DIR", str(data_dir / "spool"))),
+            spool_floor=spool_floor_from_env(environ),
+            retention=retention_from_env(environ),
             spool_memory_bytes=int(
                 get("GPUBROKER_SPOOL_MEMORY_MB", str(defaults.spool_memory_bytes >> 20))
             )
@@ -183,6 +318,9 @@ class Settings:
                 get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
             ),
             lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
+            reconcile_interval_s=float(
+                get("GPUBROKER_RECONCILE_S", str(defaults.reconcile_interval_s))
+            ),
             model_affinity_wait_s=float(
                 get("GPUBROKER_MODEL_AFFINITY_WAIT_S", str(defaults.model_affinity_wait_s))
             ),
@@ -198,6 +336,7 @@ class Settings:
             plaintext=env_flag(environ, "GPUBROKER_PLAINTEXT"),
             limits=Limits.from_env(environ),
             models=ModelLimits.from_env(environ),
+            streams=StreamLimits.from_env(environ),
         )
 
 

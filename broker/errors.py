@@ -3,12 +3,15 @@
 BrokerError
 ├── InvalidTaskError          INVALID_ARGUMENT  (malformed header, bytes, params)
 │   ├── UnknownWorkloadError  INVALID_ARGUMENT
-│   └── InvalidModelError     INVALID_ARGUMENT  (a malformed, mismatched or refused model)
+│   ├── InvalidModelError     INVALID_ARGUMENT  (a malformed, mismatched or refused model)
+│   └── UploadCutShortError   INVALID_ARGUMENT  (a stream ended before its declared bytes)
 ├── LimitExceededError        RESOURCE_EXHAUSTED (a size or count limit)
 │   ├── BudgetExceededError   RESOURCE_EXHAUSTED (the month's budget is spent)
-│   └── ModelQuotaError       RESOURCE_EXHAUSTED (the tenant's model quota is full)
+│   ├── ModelQuotaError       RESOURCE_EXHAUSTED (the tenant's model quota is full)
+│   └── SpoolFullError        RESOURCE_EXHAUSTED (the spool's disk is below its free floor)
 ├── TaskNotFoundError         NOT_FOUND          (also another tenant's task)
 ├── ModelNotFoundError        NOT_FOUND          (also another tenant's model)
+├── ResultExpiredError        NOT_FOUND          (a result deleted by the retention sweep)
 ├── ModelInUseError           FAILED_PRECONDITION (a delete while live tasks name the model)
 ├── RequestConflictError      ALREADY_EXISTS     (request_id reused for other work)
 ├── UnauthenticatedError      UNAUTHENTICATED
@@ -38,12 +41,15 @@ __all__ = [
     "NoMatchingGpuError",
     "PayloadLostError",
     "RequestConflictError",
+    "ResultExpiredError",
     "SchemaOutdatedError",
+    "SpoolFullError",
     "StaleAttemptError",
     "TaskEndedError",
     "TaskNotFoundError",
     "UnauthenticatedError",
     "UnknownWorkloadError",
+    "UploadCutShortError",
 ]
 
 
@@ -61,6 +67,10 @@ class UnknownWorkloadError(InvalidTaskError):
 
 class InvalidModelError(InvalidTaskError):
     """A model upload is malformed, does not match its header, or calls what agents refuse."""
+
+
+class UploadCutShortError(InvalidTaskError):
+    """An upload ended before every declared byte arrived (its sender most likely died)."""
 
 
 class LimitExceededError(BrokerError):
@@ -81,6 +91,15 @@ class TaskNotFoundError(BrokerError):
 
 class ModelQuotaError(LimitExceededError):
     """A model upload would take the tenant past its model quota."""
+
+
+class SpoolFullError(LimitExceededError):
+    """The spool's filesystem has less free space than the broker keeps free: uploads that
+    would be written to it are refused before any byte is."""
+
+
+class ResultExpiredError(BrokerError):
+    """A succeeded task's outputs were deleted once their retention ran out."""
 
 
 class ModelNotFoundError(BrokerError):

@@ -10,7 +10,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from gpubroker.broker.core.reconcile import Drift
 from gpubroker.broker.model import Task, TaskState
+from gpubroker.broker.storage.retention import SweepReport
 
 __all__ = ["Metrics"]
 
@@ -35,6 +37,12 @@ class Metrics:
         self.requeued = Counter(
             "gpubroker_tasks_requeued", "Attempts given back to the queue.", registry=r
         )
+        self.reconciled = Counter(
+            "gpubroker_reconciled_tasks",
+            "Differences between the database and the queue or leases, repaired.",
+            ["kind"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "gpubroker_queue_wait_seconds",
             "Submission to start of an attempt.",
@@ -54,6 +62,29 @@ class Metrics:
             ["reason", "zone", "gpu_type"],
             registry=r,
         )
+        self.spool_bytes = Gauge(
+            "gpubroker_spool_bytes", "Bytes of payload files in the spool, at the last sweep.",
+            registry=r,
+        )  # fmt: skip
+        self.spool_files = Gauge(
+            "gpubroker_spool_files", "Payload files in the spool, at the last sweep.", registry=r
+        )
+        self.spool_free_bytes = Gauge(
+            "gpubroker_spool_free_bytes",
+            "Free bytes on the spool's filesystem, at the last sweep.",
+            registry=r,
+        )
+        self.results_expired = Counter(
+            "gpubroker_results_expired", "Tasks whose outputs expired and were deleted.",
+            registry=r,
+        )  # fmt: skip
+        self.orphans_removed = Counter(
+            "gpubroker_spool_orphans_removed", "Orphaned spool files deleted.", registry=r
+        )
+        self.orphan_bytes_removed = Counter(
+            "gpubroker_spool_orphan_bytes_removed", "Bytes of orphaned spool files deleted.",
+            registry=r,
+        )  # fmt: skip
         self._server: WSGIServer | None = None
 
     def watch_state(
@@ -79,6 +110,19 @@ class Metrics:
             "Run inputs held in memory (at most --spool-memory-mb).",
             registry=r,
         ).set_function(held_bytes)
+
+    def record_sweep(self, report: SweepReport) -> None:
+        """Takes one spool sweep's report (``SpoolKeeper``)."""
+        self.spool_bytes.set(report.bytes)
+        self.spool_files.set(report.files)
+        self.spool_free_bytes.set(report.free_bytes)
+        self.results_expired.inc(report.expired)
+        self.orphans_removed.inc(report.orphans)
+        self.orphan_bytes_removed.inc(report.orphan_bytes)
+
+    def reconciled_task(self, drift: Drift) -> None:
+        """Counts one repair reconciliation made."""
+        self.reconciled.labels(drift.value).inc()
 
     def fallback(self, reason: str, zone: str, gpu_type: str) -> None:
         """Counts one provider fallback."""

@@ -25,14 +25,17 @@ from gpubroker.billing.prices import PriceCatalog
 from gpubroker.broker.access.auth import Authenticator, database_keys
 from gpubroker.broker.access.tls import bind_port
 from gpubroker.broker.api.gateway import AgentGatewayServicer
+from gpubroker.broker.api.limits import CallLimits
 from gpubroker.broker.api.registration import add_servicer
 from gpubroker.broker.api.servicer import BrokerServicer
-from gpubroker.broker.config import Settings
+from gpubroker.broker.api.tenancy import TenantCalls
+from gpubroker.broker.config import Settings, StreamLimits
 from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.events import TaskEvents
 from gpubroker.broker.core.models import ModelService
-from gpubroker.broker.core.registry import AgentRegistry
+from gpubroker.broker.core.reconcile import Reconciler
+from gpubroker.broker.core.registry import AgentRegistry, Liveness
 from gpubroker.broker.core.scheduler import FairQueue
 from gpubroker.broker.core.tasks import TaskService
 from gpubroker.broker.core.workloads import KnownWorkloads
@@ -49,10 +52,11 @@ from gpubroker.broker.scaling.providers.local import LocalProvider, LocalSetting
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.engine import create_engine
 from gpubroker.broker.storage.model_files import ModelFiles
+from gpubroker.broker.storage.retention import SpoolKeeper
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.broker.storage.store import TaskStore
 from gpubroker.protos import agent_pb2, broker_pb2
-from gpubroker.protos.transport import SERVER_OPTIONS
+from gpubroker.protos.transport import server_options
 
 __all__ = ["BrokerServer", "create_server"]
 
@@ -88,6 +92,10 @@ class BrokerServer:
     metrics_port: int | None
     scaling: ScalingLoop | None = None
     auth: Authenticator | None = None
+    keeper: SpoolKeeper | None = None
+    """Expires results and sweeps orphaned payload files."""
+    reconciler: Reconciler | None = None
+    """Compares the database's live tasks with the queue and the leases, repairs differences."""
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Reports NOT_SERVING, stops the server and the dispatcher, closes the store.
@@ -99,10 +107,14 @@ class BrokerServer:
         if self.scaling is not None:
             await self.scaling.stop(release=self.scaling.provider.name == "local")
         self.metrics.close()
+        if self.reconciler is not None:
+            await self.reconciler.stop()
         await self.dispatcher.stop()
         await self.server.stop(grace)
         if self.auth is not None:
             await self.auth.stop()
+        if self.keeper is not None:
+            await self.keeper.stop()
         await self.store.close()
 
 
@@ -124,7 +136,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     _prepare_schema(engine, settings.migrate)
     catalog = catalog or PriceCatalog.load()
     store = AsyncTaskStore(TaskStore(engine, catalog, billing=settings.billing))
-    spool = Spool(settings.spool_dir, settings.spool_memory_bytes)
+    spool = Spool(settings.spool_dir, settings.spool_memory_bytes, settings.spool_floor)
     spool.open()
     queue, registry, workloads = FairQueue(), AgentRegistry(), KnownWorkloads()
     metrics = Metrics()
@@ -137,7 +149,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         registry,
         workloads,
         settings.limits,
-        settings.lease_timeout_s,
+        Liveness(settings.heartbeat_interval_s, settings.lease_timeout_s),
         capacity=(capacity := Capacity()),
         affinity_wait_s=settings.model_affinity_wait_s,
         failpoint=settings.failpoint,
@@ -152,17 +164,29 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     await auth.refresh()
     if auth.is_open:
         logger.warning("no API keys configured: every caller is tenant 'default'")
-    models = ModelService(store, ModelFiles(settings.spool_dir / "models"), settings.models)
+    models = ModelService(
+        store, ModelFiles(settings.spool_dir / "models"), settings.models, spool.check_room
+    )
     await models.start()
-    tasks = TaskService(store, spool, dispatcher, events, queue, workloads, settings.limits, models)
+    keeper = SpoolKeeper(engine, spool, settings.retention, on_sweep=metrics.record_sweep)
+    tasks = TaskService(
+        store, spool, dispatcher, events, queue, workloads, settings.limits, models, keeper
+    )
     gateway = AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s, models)
-    server, health_servicer = _grpc_server(BrokerServicer(tasks, models), gateway, auth)
+    server, health_servicer = _grpc_server(
+        BrokerServicer(tasks, models), gateway, auth, settings.streams
+    )
     port = bind_port(server, settings)
     scaling = None
     if (scaled := _scaling(settings, port, catalog, metrics)) is not None:
         provider, config = scaled
         scaling = ScalingLoop(provider, config, store, queue, registry, engine, catalog, capacity)
+    reconciler = Reconciler(
+        store, queue, registry, dispatcher, settings.reconcile_interval_s, metrics.reconciled_task
+    )
     await dispatcher.start()
+    reconciler.start()
+    await keeper.start()
     await server.start()
     auth.start()
     for name in ("", *_SERVICE_NAMES):
@@ -193,15 +217,35 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         metrics_port=metrics_port,
         scaling=scaling,
         auth=auth,
+        keeper=keeper,
+        reconciler=reconciler,
     )
 
 
 def _grpc_server(
-    broker: BrokerServicer, gateway: AgentGatewayServicer, auth: Authenticator
+    broker: BrokerServicer,
+    gateway: AgentGatewayServicer,
+    auth: Authenticator,
+    limits: StreamLimits,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """The server with both services, health and reflection (these two need no key)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    add_servicer(server, _BROKER_SERVICE, broker, authenticate=auth.tenant)
+    """The server with both services, health and reflection (these two need no key), and
+    ``limits`` on what a connection, a tenant and an upload may hold."""
+    server = grpc.aio.server(
+        options=server_options(
+            max_connection_idle_ms=round(limits.connection_idle_s * 1000),
+            max_connection_age_ms=round(limits.connection_max_age_s * 1000),
+            max_connection_age_grace_ms=(
+                None
+                if limits.connection_age_grace_s is None
+                else round(limits.connection_age_grace_s * 1000)
+            ),
+            max_concurrent_streams=limits.max_streams_per_connection,
+            max_metadata_bytes=limits.max_metadata_bytes,
+        ),
+        interceptors=(CallLimits(limits),),
+    )
+    calls = TenantCalls(auth.tenant, limits.max_calls_per_tenant)
+    add_servicer(server, _BROKER_SERVICE, broker, authenticate=calls)
     add_servicer(server, _AGENT_SERVICE, gateway)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -6,9 +6,11 @@ billing may each import only what their own layer allows, and this imports nothi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
-__all__ = ["env_flag"]
+__all__ = ["default_data_dir", "env_flag"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -27,3 +29,14 @@ def env_flag(environ: Mapping[str, str], name: str, default: bool = False) -> bo
     if raw not in _TRUE | _FALSE:
         raise ValueError(f"{name} must be true or false, got {environ[name]!r}")
     return raw in _TRUE
+
+
+def default_data_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the broker keeps its database and spool, and where billing reads them, unless
+    told: ``GPUBROKER_DATA_DIR``, else ``$XDG_DATA_HOME/gpubroker``, else
+    ``~/.local/share/gpubroker`` (always absolute)."""
+    if explicit := environ.get("GPUBROKER_DATA_DIR"):
+        return Path(explicit).expanduser().absolute()
+    xdg = environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "gpubroker"

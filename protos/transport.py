@@ -19,6 +19,7 @@ __all__ = [
     "bearer_metadata",
     "bearer_token",
     "client_credentials",
+    "server_options",
 ]
 
 MAX_MESSAGE_BYTES = 16 << 20
@@ -54,9 +55,41 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *_KEEPALIVE,
     # Half the agents' ping interval, so an agent's keepalive pings are never counted as abuse.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", _KEEPALIVE_TIME_MS // 2),
-    ("grpc.http2.max_ping_strikes", 0),
+    # A peer pinging faster than that twice is sent GOAWAY (keepalive enforcement).
+    ("grpc.http2.max_ping_strikes", 2),
 )
-"""Options of the broker's gRPC server."""
+"""Options of the broker's gRPC server that are not configurable (see ``server_options``)."""
+
+
+def server_options(
+    *,
+    max_connection_idle_ms: int,
+    max_connection_age_ms: int,
+    max_connection_age_grace_ms: int | None,
+    max_concurrent_streams: int,
+    max_metadata_bytes: int,
+) -> tuple[tuple[str, int], ...]:
+    """``SERVER_OPTIONS`` and the limits on what one connection may hold.
+
+    Idle connections are closed, every connection is asked to go away at its age (its running
+    calls get ``max_connection_age_grace_ms`` more; None: until they end), and its concurrent
+    streams and each call's metadata are bounded.
+    """
+    grace = (
+        ()
+        if max_connection_age_grace_ms is None
+        else (("grpc.max_connection_age_grace_ms", max_connection_age_grace_ms),)
+    )
+    return (
+        *SERVER_OPTIONS,
+        ("grpc.max_connection_idle_ms", max_connection_idle_ms),
+        ("grpc.max_connection_age_ms", max_connection_age_ms),
+        *grace,
+        ("grpc.max_concurrent_streams", max_concurrent_streams),
+        ("grpc.max_metadata_size", max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", max_metadata_bytes),
+    )
+
 
 CONTROL_PROTOCOL_VERSION = 2
 """The agent control-stream protocol this build speaks; each end uses the lower of the two

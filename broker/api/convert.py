@@ -29,6 +29,7 @@ from gpubroker.broker.errors import (
     NoMatchingGpuError,
     PayloadLostError,
     RequestConflictError,
+    ResultExpiredError,
     StaleAttemptError,
     TaskEndedError,
     TaskNotFoundError,
@@ -83,6 +84,7 @@ _STATUS_FOR: dict[type[BrokerError], grpc.StatusCode] = {
     AgentRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
     NoMatchingGpuError: grpc.StatusCode.FAILED_PRECONDITION,
     PayloadLostError: grpc.StatusCode.DATA_LOSS,
+    ResultExpiredError: grpc.StatusCode.NOT_FOUND,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ModelInUseError: grpc.StatusCode.FAILED_PRECONDITION,
 }

@@ -22,6 +22,7 @@ from gpubroker.broker.api.convert import (
     task_to_proto,
     usage_to_proto,
 )
+from gpubroker.broker.api.limits import OutcomesOwed, excuse_idle
 from gpubroker.broker.api.models import ModelRpcs
 from gpubroker.broker.api.tenancy import calling_tenant
 from gpubroker.broker.core.batch import BatchOutcome, InlineTask, TaskBatch
@@ -73,7 +74,10 @@ class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
         self, request_iterator: AsyncIterator[broker_pb2.RunManyRequest], context: Context
     ) -> AsyncIterator[broker_pb2.RunManyResponse]:
         batch = TaskBatch(self._tasks, calling_tenant())
-        async for outcomes in batch.run(_batches(request_iterator)):
+        owed = OutcomesOwed()
+        excuse_idle(request_iterator, owed.any)  # a client whose window is full waits on us
+        async for outcomes in batch.run(_batches(request_iterator, owed)):
+            owed.answered(len(outcomes))
             yield broker_pb2.RunManyResponse(outcomes=[outcome_to_proto(o) for o in outcomes])
 
     async def WatchTask(
@@ -133,10 +137,11 @@ class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
 
 
 async def _batches(
-    requests: AsyncIterator[broker_pb2.RunManyRequest],
+    requests: AsyncIterator[broker_pb2.RunManyRequest], owed: OutcomesOwed
 ) -> AsyncIterator[list[InlineTask | BatchOutcome]]:
     """Each request's tasks, decoded; a malformed header refuses only its task."""
     async for request in requests:
+        owed.taken(len(request.tasks))
         yield [_inline_task(task) for task in request.tasks]
 
 

@@ -3,20 +3,25 @@
 ``gpubroker.broker.api.registration.add_servicer`` wraps every method of the client-facing
 service with ``authenticated``; the method reads the tenant with ``calling_tenant()``. A call
 with a missing or bad key ends with UNAUTHENTICATED before the method is entered. Health and
-reflection are registered without the wrapper, so they need no key.
+reflection are registered without the wrapper, so they need no key. Given a ``TenantCalls``
+as its ``authenticate``, each call also holds one of its tenant's places while it runs: a call
+past the tenant's cap ends with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
 from gpubroker.broker.api.convert import abort_on_broker_error
+from gpubroker.broker.errors import LimitExceededError
 
-__all__ = ["Authenticate", "authenticated", "calling_tenant"]
+__all__ = ["Authenticate", "TenantCalls", "authenticated", "calling_tenant"]
 
 Authenticate = Callable[[Iterable[tuple[str, Any]] | None], str]
 """Maps a call's metadata to its tenant; raises ``UnauthenticatedError`` for a bad key."""
@@ -25,6 +30,42 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 _TENANT: ContextVar[str] = ContextVar("tenant")
 """Set in each call's own asyncio task, so no call sees another's tenant."""
+
+
+class TenantCalls:
+    """An ``Authenticate`` that also caps the calls each tenant has in flight at once."""
+
+    def __init__(self, authenticate: Authenticate, max_calls: int) -> None:
+        self._authenticate = authenticate
+        self.max_calls = max_calls
+        self._calls: Counter[str] = Counter()
+
+    def __call__(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
+        return self._authenticate(metadata)
+
+    def in_flight(self, tenant: str) -> int:
+        """The tenant's calls running now."""
+        return self._calls[tenant]
+
+    @contextlib.contextmanager
+    def place(self, tenant: str) -> Iterator[None]:
+        """Holds one of the tenant's places for the block.
+
+        Raises:
+            LimitExceededError: the tenant already has ``max_calls`` calls in flight.
+        """
+        if self._calls[tenant] >= self.max_calls:
+            raise LimitExceededError(
+                f"tenant {tenant!r} has {self._calls[tenant]} calls in flight, the most this "
+                f"broker allows (max_calls_per_tenant {self.max_calls})"
+            )
+        self._calls[tenant] += 1
+        try:
+            yield
+        finally:
+            self._calls[tenant] -= 1
+            if not self._calls[tenant]:
+                del self._calls[tenant]
 
 
 def calling_tenant() -> str:
@@ -45,21 +86,28 @@ def authenticated(
     ``abort_on_broker_error``).
     """
 
-    async def check(request: Any, context: Context) -> None:
+    calls = authenticate if isinstance(authenticate, TenantCalls) else None
+
+    async def check(request: Any, context: Context, places: contextlib.ExitStack) -> None:
         async with abort_on_broker_error(context, request if client_streaming else None):
-            _TENANT.set(authenticate(context.invocation_metadata()))
+            tenant = authenticate(context.invocation_metadata())
+            if calls is not None:
+                places.enter_context(calls.place(tenant))
+            _TENANT.set(tenant)
 
     if server_streaming:
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await check(request, context)
-            async for response in method(request, context):
-                yield response
+            with contextlib.ExitStack() as places:
+                await check(request, context, places)
+                async for response in method(request, context):
+                    yield response
 
         return stream
 
     async def unary(request: Any, context: Context) -> Any:
-        await check(request, context)
-        return await method(request, context)
+        with contextlib.ExitStack() as places:
+            await check(request, context, places)
+            return await method(request, context)
 
     return unary

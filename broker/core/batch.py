@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gpubroker.broker.core.tasks import TaskService
 from gpubroker.broker.errors import BrokerError, InvalidTaskError
@@ -64,6 +65,8 @@ class TaskBatch:
         self._room = asyncio.Condition()
         self._closed = False
         self._subscription = tasks.follow(self._inbox)
+        self._orphans: set[asyncio.Future[Any]] = set()
+        """Cancels of tasks whose submit committed after the call hung up (see ``_submit``)."""
 
     async def run(
         self, requests: AsyncIterator[Sequence[InlineTask | BatchOutcome]]
@@ -145,9 +148,19 @@ class TaskBatch:
                     f"{INLINE_MAX_BYTES} per task (use Submit or Run for larger inputs)"
                 )
             self._indexes.add(item.index)
-            task, _ = await self._tasks.submit(
-                self._tenant, item.spec, _once(item.data), paced=True, call_bound=True
+            submitting = asyncio.ensure_future(
+                self._tasks.submit(
+                    self._tenant, item.spec, _once(item.data), paced=True, call_bound=True
+                )
             )
+            try:
+                task, _ = await asyncio.shield(submitting)
+            except asyncio.CancelledError:
+                # The caller hung up while the task's commit ran: the commit carries on (the
+                # dispatcher settles it), and the task is not in ``_live`` for ``cancel_live``
+                # to find, so it would run, and be billed, for nobody. Cancel it once created.
+                submitting.add_done_callback(self._cancel_orphan)
+                raise
         except BrokerError as exc:
             self._inbox.put_nowait(BatchOutcome(item.index, error=exc))
             return
@@ -157,6 +170,15 @@ class TaskBatch:
         elif task.id not in self._live:
             self._live[task.id] = item.index
             self._subscription.add(task.id)
+
+    def _cancel_orphan(self, submitting: asyncio.Future[tuple[Task, bool]]) -> None:
+        if submitting.cancelled() or submitting.exception() is not None:
+            return  # nothing was created
+        task, _ = submitting.result()
+        if not task.state.is_final:
+            cancel = asyncio.ensure_future(self._tasks.cancel_quietly(task.id))
+            self._orphans.add(cancel)
+            cancel.add_done_callback(self._orphans.discard)
 
     def _take(self, item: Task | BatchOutcome | None) -> list[BatchOutcome]:
         if item is None or isinstance(item, BatchOutcome):

@@ -20,15 +20,27 @@ from typing import Any, TypeVar
 from gpubroker.broker.config import Limits
 from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.outputs import spool_outputs
 from gpubroker.broker.core.placement import key_for, match, waiting_reason
-from gpubroker.broker.core.registry import AgentRegistry, AgentSession, Assign, Close, Lease, Revoke
+from gpubroker.broker.core.reconcile import InFlight
+from gpubroker.broker.core.registry import (
+    AgentRegistry,
+    AgentSession,
+    Assign,
+    Close,
+    Lease,
+    Liveness,
+    Revoke,
+)
 from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.core.wakeup import Wakeup
 from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import (
     BrokerError,
     InvalidTaskError,
     LimitExceededError,
     StaleAttemptError,
+    UploadCutShortError,
 )
 from gpubroker.broker.model import (
     AgentInfo,
@@ -40,8 +52,8 @@ from gpubroker.broker.model import (
 )
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.spool import Spool
+from gpubroker.broker.storage.transitions import Cause, Retries
 from gpubroker.protos.states import FailureCode
-from gpubroker.protos.wire import TensorStream, WireError
 
 __all__ = ["MAX_PREFETCH", "Dispatcher"]
 
@@ -72,7 +84,7 @@ class Dispatcher:
         registry: AgentRegistry,
         workloads: KnownWorkloads,
         limits: Limits,
-        lease_timeout_s: float,
+        liveness: Liveness,
         *,
         capacity: Capacity | None = None,
         affinity_wait_s: float = 2.0,
@@ -85,15 +97,16 @@ class Dispatcher:
         self._registry = registry
         self._workloads = workloads
         self._limits = limits
-        self._lease_timeout_s = lease_timeout_s
+        self._retries = Retries(limits.max_attempts, limits.max_lost_attempts)
+        self._liveness = liveness
         self._capacity = capacity or Capacity()
         self._affinity_wait_s = affinity_wait_s
         self._failpoint = failpoint
-        self._wake = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._wake = Wakeup()
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: set[asyncio.Future[Any]] = set()
+        self.in_flight = InFlight()
+        """Tasks with a commit in flight here (reconciliation leaves them alone)."""
 
     async def start(self) -> None:
         """Loads queued work from the store and starts the dispatch and watchdog loops."""
@@ -116,8 +129,7 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """Stops the loops, lets every commit's follow-up finish, closes every agent session."""
-        if self._timer is not None:
-            self._timer.cancel()
+        self._wake.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -153,7 +165,7 @@ class Dispatcher:
 
     async def cancel(self, task_id: str, tenant: str | None) -> Task:
         """Cancels a task: drops it from the queue or revokes its running attempt."""
-        return await self.settle(self._cancel(task_id, tenant))
+        return await self.settle(self._cancel(task_id, tenant), task_id)
 
     async def _cancel(self, task_id: str, tenant: str | None) -> Task:
         before, after = await self._store.cancel(task_id, tenant, _now())
@@ -196,7 +208,7 @@ class Dispatcher:
 
     def grant(self, session: AgentSession, slots: int) -> None:
         """Adds credit: the agent can take ``slots`` more tasks."""
-        session.touch()
+        self._heard(session)
         if session.draining:
             return
         cap = session.info.slots + session.info.prefetch
@@ -211,7 +223,7 @@ class Dispatcher:
         The lost attempts are never billed (only a success writes a usage row), and the agent
         is told to stop them so a late result cannot race the rerun.
         """
-        session.touch()
+        self._heard(session)
         session.draining = True
         session.credits = 0
         logger.warning("agent %s is draining (%s): requeueing its work", session.agent_id, reason)
@@ -231,17 +243,18 @@ class Dispatcher:
         without this it would stay running forever. Attempts younger than the lease timeout are
         spared: the agent may not have seen the assignment yet.
         """
-        session.touch()
+        self._heard(session)
         changed = models is not None and session.info.runs_models
         if changed and self._registry.set_models(session, models or ()):
             self._wake.set()  # a task waiting for a holder may go elsewhere now
-        for attempt in session.forgotten(running, time.monotonic() - self._lease_timeout_s):
+        older = time.monotonic() - self._liveness.lease_timeout_s
+        for attempt in session.forgotten(running, older):
             self._release(session.agent_id, attempt)
-            await self._requeue(attempt, "the agent no longer reports it")
+            await self.requeue_lost(attempt, "the agent no longer reports it")
 
     def released(self, session: AgentSession, attempt: Attempt) -> None:
         """The agent stopped a revoked attempt."""
-        session.touch()
+        self._heard(session)
         session.revoked.discard(attempt)
 
     def check_lease(self, agent_id: str, attempt: Attempt) -> AgentSession:
@@ -264,15 +277,17 @@ class Dispatcher:
     ) -> Task:
         """Takes an attempt's outcome; on success spools and checks its outputs first."""
         session = self.check_lease(outcome.agent_id, outcome.attempt)
+        task_id = outcome.attempt.task_id
         if outcome.error_code is not None:
-            return await self.settle(self._end(outcome, None, None))
+            return await self.settle(self._end(outcome, None, None), task_id)
         running = session.leases[outcome.attempt.task_id].task
         try:
-            inline = await self._spool_outputs(outcome, chunks, not running.call_bound)
+            durable = not running.call_bound
+            inline = await spool_outputs(self._spool, self._limits, outcome, chunks, durable)
         except BrokerError as exc:
-            await self.settle(self._reject_upload(outcome, exc))
+            await self.settle(self._reject_upload(outcome, exc), task_id)
             raise
-        return await self.settle(self._end(outcome, inline, running))
+        return await self.settle(self._end(outcome, inline, running), task_id)
 
     async def report(self, session: AgentSession, outcome: AttemptOutcome, data: bytes) -> Task:
         """Takes an outcome an agent reported on its control stream, with its outputs' bytes.
@@ -285,7 +300,10 @@ class Dispatcher:
     async def _end(
         self, outcome: AttemptOutcome, inline: bytes | None, running: Task | None
     ) -> Task:
-        """Records how an attempt ended (its outputs already spooled), then frees its lease."""
+        """Records how an attempt ended (its outputs already spooled), then frees its lease.
+
+        A workload error fails the task at once: it is never retried (``transitions``).
+        """
         if outcome.error_code is not None:
             task = await self._store.fail(
                 outcome.attempt, outcome.agent_id, outcome.error_code, outcome.error_message, _now()
@@ -301,19 +319,23 @@ class Dispatcher:
         self._finished(task)
         return task
 
-    async def settle(self, work: Coroutine[Any, Any, _T]) -> _T:
+    async def settle(self, work: Coroutine[Any, Any, _T], *task_ids: str) -> _T:
         """Runs ``work`` (a commit and the in-memory change that must follow it) to its end,
         even when the call that asked for it is cancelled: a peer's RPC torn down while its
         task's change commits must not leave a row that says queued and a queue that does not
         hold the task. The caller still sees its own cancellation; ``stop`` waits for the rest.
+        Reconciliation leaves ``task_ids`` alone until then (``in_flight``).
         """
         settling = asyncio.ensure_future(work)
+        self.in_flight.add(task_ids)
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
+        settling.add_done_callback(lambda _: self.in_flight.discard(task_ids))
         return await asyncio.shield(settling)
 
     async def _reject_upload(self, outcome: AttemptOutcome, exc: BrokerError) -> None:
-        """A result that cannot be stored: too large fails the task, corrupt runs it again."""
+        """A result that cannot be stored: too large fails the task; cut short (the agent died
+        mid-upload) runs it again as a lost attempt; corrupt runs it again as one of its own."""
         self._release(outcome.agent_id, outcome.attempt)
         if isinstance(exc, LimitExceededError):
             task = await self._store.fail(
@@ -321,36 +343,9 @@ class Dispatcher:
             )
             self._finished(task)
         else:
-            await self._requeue(outcome.attempt, str(exc))
-
-    async def _spool_outputs(
-        self, outcome: AttemptOutcome, chunks: AsyncIterator[bytes | memoryview], durable: bool
-    ) -> bytes | None:
-        """Checks and stores the outputs; returns them when small enough to live in the row."""
-        for meta in outcome.outputs:
-            meta.validate(self._limits.max_tensor_bytes)
-        total = sum(m.nbytes for m in outcome.outputs)
-        if total > self._limits.max_task_bytes:
-            raise LimitExceededError(
-                f"outputs of {total} bytes exceed the limit of {self._limits.max_task_bytes} bytes"
-            )
-        writer = self._spool.write_outputs(
-            outcome.attempt.task_id, outcome.attempt.number, total, durable=durable
-        )
-        stream = TensorStream(outcome.outputs)
-        try:
-            async for chunk in chunks:
-                for _, _, piece in stream.feed(chunk):
-                    writer.write(piece)
-            stream.finish()
-            await writer.commit()
-        except WireError as exc:
-            writer.abort()
-            raise InvalidTaskError(f"result upload rejected: {exc}") from exc
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.inline
+            lost = isinstance(exc, UploadCutShortError)
+            cause = Cause.LOST if lost else Cause.REJECTED
+            await self._requeue_now(outcome.attempt, str(exc), cause)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -363,46 +358,36 @@ class Dispatcher:
     async def _dispatch_loop(self) -> None:
         while True:
             await self._wake.wait()
-            self._wake.clear()
             # Every free slot is matched first; then each agent's tasks are claimed with one
             # statement, and the agents' claims share one transaction (group commit).
-            now, free = time.monotonic(), self._registry.with_credit()
+            now = time.monotonic()
+            free = self._registry.with_credit(now - self._liveness.silent_after_s)
             round_ = match(free, self._queue, self._registry.holders, now, self._affinity_wait_s)
             if round_.wake_at is not None:
-                self._wake_at(round_.wake_at, now)
+                self._wake.at(round_.wake_at, now)
             if round_.claims:
                 claims = round_.claims.items()
                 await asyncio.gather(*(self._assign(s, items) for s, items in claims))
 
-    def _wake_at(self, when: float, now: float) -> None:
-        """Runs a round at monotonic time ``when`` (a task's wait for its model's holder ends)."""
-        if self._timer is not None:
-            if now < self._timer_at <= when:
-                return  # an earlier round is due anyway
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = asyncio.get_running_loop().call_later(
-            max(when - now, 0.0) + 0.001, self._wake.set
-        )
-
     async def _assign(self, session: AgentSession, items: dict[str, str]) -> None:
         """Claims popped tasks (task id -> tenant) for slots already taken from ``session``."""
-        try:
-            claimed = await self._store.claim_many(list(items), session.info, _now())
-        except BaseException:
-            for tenant in items.values():
-                self._unclaimed(session, tenant)
-            raise
-        for task_id in items.keys() - {t.id for t in claimed}:  # cancelled or expired
-            self._unclaimed(session, items[task_id])
-        order = {task_id: i for i, task_id in enumerate(items)}  # the queue's order
-        for task in sorted(claimed, key=lambda t: order[t.id]):
-            await self._hand_over(session, task, items[task.id])
+        with self.in_flight.working(items):
+            try:
+                claimed = await self._store.claim_many(list(items), session.info, _now())
+            except BaseException:
+                for tenant in items.values():
+                    self._unclaimed(session, tenant)
+                raise
+            for task_id in items.keys() - {t.id for t in claimed}:  # cancelled or expired
+                self._unclaimed(session, items[task_id])
+            order = {task_id: i for i, task_id in enumerate(items)}  # the queue's order
+            for task in sorted(claimed, key=lambda t: order[t.id]):
+                await self._hand_over(session, task, items[task.id])
 
     async def _hand_over(self, session: AgentSession, task: Task, tenant: str) -> None:
         if session.closed or session.draining:
             self._queue.finished(tenant)
-            await self._requeue(Attempt(task.id, task.attempt), "agent left during assignment")
+            await self.requeue_lost(Attempt(task.id, task.attempt), "agent left during assignment")
             return
         session.leases[task.id] = Lease(task)
         session.outbox.put_nowait(Assign(task))
@@ -417,23 +402,24 @@ class Dispatcher:
             self._wake.set()
 
     async def _lose_leases(self, session: AgentSession, reason: str) -> None:
+        """Requeues every attempt of a lost session; settled as a whole, since the leases
+        leave the session at once and the caller may be cancelled between two requeues."""
         leases, session.leases = session.leases, {}
+        await self.settle(self._requeue_leases(leases, reason), *leases)
+
+    async def _requeue_leases(self, leases: dict[str, Lease], reason: str) -> None:
         for task_id, lease in leases.items():
             self._queue.finished(lease.tenant)
-            await self._requeue(Attempt(task_id, lease.attempt), reason)
+            await self._requeue_now(Attempt(task_id, lease.attempt), reason, Cause.LOST)
 
-    async def _requeue(self, attempt: Attempt, reason: str) -> None:
-        await self.settle(self._requeue_now(attempt, reason))
-
-    async def _requeue_now(self, attempt: Attempt, reason: str) -> None:
+    async def _requeue_now(self, attempt: Attempt, reason: str, cause: Cause) -> None:
         try:
-            task = await self._store.requeue(attempt, self._limits.max_attempts, _now(), reason)
+            task = await self._store.requeue(attempt, self._retries, _now(), reason, cause)
         except StaleAttemptError:
             return  # already finished, cancelled or expired
         if task.state is TaskState.QUEUED:
             logger.info("requeued %s after attempt %d: %s", task.id, attempt.number, reason)
-            self._push(task)
-            self._wake.set()
+            self.restore(task)
         else:
             self._spool.release_inputs(task)
         self._events.publish(task)
@@ -441,6 +427,31 @@ class Dispatcher:
     def _push(self, task: Task) -> None:
         key, now = key_for(task), time.monotonic()
         self._queue.push(task.id, task.tenant, task.priority, task.seq, key=key, queued_at=now)
+
+    def _heard(self, session: AgentSession) -> None:
+        """Notes a sign of life; an agent that was silent (so passed over) may take work again."""
+        if not session.is_heard_since(time.monotonic() - self._liveness.silent_after_s):
+            self._wake.set()
+        session.touch()
+
+    # -- reconciliation's repairs (``reconcile.Repairs``) ---------------------------------------
+
+    def restore(self, task: Task) -> None:
+        """Pushes a queued task back into the queue."""
+        self._push(task)
+        self._wake.set()
+
+    async def requeue_lost(self, attempt: Attempt, reason: str) -> None:
+        """Requeues a running attempt as lost to infrastructure (or fails a poison task)."""
+        await self.settle(self._requeue_now(attempt, reason, Cause.LOST), attempt.task_id)
+
+    def revoke(self, agent_id: str, attempt: Attempt, reason: str) -> None:
+        """Releases a lease and tells its agent to stop the attempt; nothing if not held."""
+        session = self._registry.get(agent_id)
+        if session is not None and session.holds(attempt):
+            self._release(agent_id, attempt)
+            session.revoked.add(attempt)
+            session.outbox.put_nowait(Revoke(attempt, reason))
 
     def _release(self, agent_id: str, attempt: Attempt) -> None:
         session = self._registry.get(agent_id)
@@ -452,12 +463,7 @@ class Dispatcher:
         if before.state is TaskState.QUEUED:
             self._queue.remove(before.id)
         elif before.state is TaskState.RUNNING and before.agent_id:
-            session = self._registry.get(before.agent_id)
-            attempt = Attempt(before.id, before.attempt)
-            if session is not None and session.holds(attempt):
-                self._release(before.agent_id, attempt)
-                session.revoked.add(attempt)
-                session.outbox.put_nowait(Revoke(attempt, reason))
+            self.revoke(before.agent_id, Attempt(before.id, before.attempt), reason)
         self._finished(after)
 
     def _finished(self, task: Task) -> None:
@@ -465,11 +471,13 @@ class Dispatcher:
         self._events.publish(task)
 
     async def _watchdog_loop(self) -> None:
-        interval = min(1.0, self._lease_timeout_s / 3)
+        lease_timeout_s = self._liveness.lease_timeout_s
         while True:
-            await asyncio.sleep(interval)
-            for session in self._registry.silent_since(time.monotonic() - self._lease_timeout_s):
-                logger.warning("agent %s silent for %.1fs", session.agent_id, self._lease_timeout_s)
+            await asyncio.sleep(min(1.0, lease_timeout_s / 3))
+            now = time.monotonic()
+            for session in self._registry.silent_since(now - lease_timeout_s):
+                silence = now - session.last_seen
+                logger.warning("agent %s silent for %.1fs", session.agent_id, silence)
                 session.outbox.put_nowait(Close("lease expired: no heartbeat"))
                 await self.disconnect(session, "lease expired")
             for before, after in await self._store.expire(_now()):

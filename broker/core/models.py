@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -72,9 +72,17 @@ class ModelOptions:
 class ModelService:
     """Tenants' models: their rows (cached), their files, and each tenant's quota."""
 
-    def __init__(self, store: AsyncTaskStore, files: ModelFiles, limits: ModelLimits) -> None:
+    def __init__(
+        self,
+        store: AsyncTaskStore,
+        files: ModelFiles,
+        limits: ModelLimits,
+        check_room: Callable[[int, str], None] | None = None,
+    ) -> None:
         self._store = store
         self._files = files
+        self._check_room = check_room
+        """Refuses (``SpoolFullError``) an upload that would fill the spool's disk."""
         self._limits = limits
         self._records: dict[tuple[str, str], ModelRecord] = {}
         self._reserved: defaultdict[str, int] = defaultdict(int)
@@ -233,6 +241,8 @@ class ModelService:
         options: ModelOptions,
         chunks: AsyncIterator[bytes | memoryview],
     ) -> tuple[ModelRecord, bool]:
+        if self._check_room is not None:
+            self._check_room(size_bytes, "a model upload")
         writer = self._files.writer(size_bytes)
         try:
             async for chunk in _idle_bounded(chunks, UPLOAD_IDLE_S):

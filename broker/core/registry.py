@@ -10,7 +10,36 @@ from dataclasses import dataclass, field
 
 from gpubroker.broker.model import AgentInfo, Attempt, Task
 
-__all__ = ["AgentRegistry", "AgentSession", "Assign", "Close", "Lease", "Outgoing", "Revoke"]
+__all__ = [
+    "SILENT_HEARTBEATS",
+    "AgentRegistry",
+    "AgentSession",
+    "Assign",
+    "Close",
+    "Lease",
+    "Liveness",
+    "Outgoing",
+    "Revoke",
+]
+
+SILENT_HEARTBEATS = 1.5
+"""An agent not heard from for this many heartbeat intervals has missed one: it gets no new
+work until it speaks again (its leases last until ``lease_timeout_s``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """How long agents may stay silent."""
+
+    heartbeat_interval_s: float
+    """How often agents send heartbeats."""
+    lease_timeout_s: float
+    """An agent silent for this long loses its tasks to the queue."""
+
+    @property
+    def silent_after_s(self) -> float:
+        """Silence after which an agent has missed a heartbeat and is passed over."""
+        return SILENT_HEARTBEATS * self.heartbeat_interval_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +146,10 @@ class AgentSession:
         """Records a sign of life."""
         self.last_seen = time.monotonic()
 
+    def is_heard_since(self, since: float) -> bool:
+        """True when the agent spoke at or after the monotonic time ``since``."""
+        return self.last_seen >= since
+
 
 class AgentRegistry:
     """The sessions of connected agents, by agent id."""
@@ -175,9 +208,17 @@ class AgentRegistry:
         """The live session of an agent."""
         return self._sessions.get(agent_id)
 
-    def with_credit(self) -> list[AgentSession]:
-        """The sessions that can take work now (credit left, not draining)."""
-        return [s for s in self._sessions.values() if s.credits > 0 and not s.draining]
+    def with_credit(self, heard_since: float | None = None) -> list[AgentSession]:
+        """The sessions that can take work now: credit left, not draining, and (when
+        ``heard_since`` is given) heard from at or after that monotonic time; a frozen agent's
+        open stream and credit alone do not make it able to run anything."""
+        return [
+            s
+            for s in self._sessions.values()
+            if s.credits > 0
+            and not s.draining
+            and (heard_since is None or s.is_heard_since(heard_since))
+        ]
 
     def silent_since(self, deadline: float) -> list[AgentSession]:
         """Sessions not heard from since the monotonic time ``deadline``."""

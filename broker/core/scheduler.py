@@ -119,6 +119,10 @@ class FairQueue:
             if queue.size:
                 yield key, queue.size
 
+    def ids(self) -> list[str]:
+        """Every queued task's id (for reconciliation with the database)."""
+        return list(self._where)
+
     def where(self, task_id: str) -> tuple[Hashable, float] | None:
         """A queued task's class and the time it was queued; None when it is not queued."""
         found = self._where.get(task_id)

@@ -6,7 +6,7 @@ Domain logic only: the client servicer converts messages and maps errors around 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -22,11 +22,13 @@ from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import (
     InvalidTaskError,
     LimitExceededError,
+    PayloadLostError,
     TaskEndedError,
     UnknownWorkloadError,
 )
 from gpubroker.broker.model import Task, TaskSpec, TaskState
 from gpubroker.broker.storage.async_store import AsyncTaskStore
+from gpubroker.broker.storage.retention import SpoolKeeper
 from gpubroker.broker.storage.spool import INLINE_MAX_BYTES, Spool
 from gpubroker.protos.ids import time_ordered_id
 from gpubroker.protos.states import FailureCode
@@ -51,8 +53,10 @@ class TaskService:
         workloads: KnownWorkloads,
         limits: Limits,
         models: ModelService,
+        keeper: SpoolKeeper | None = None,
     ) -> None:
         self._store = store
+        self._keeper = keeper
         self._spool = spool
         self._dispatcher = dispatcher
         self._events = events
@@ -99,6 +103,9 @@ class TaskService:
         # bytes, so a tenant over quota costs no disk or SQL. The place is held until queued.
         with self._quota.admit(tenant, paid=paced):
             task_id = time_ordered_id()
+            # No room (memory, a file, a writer thread) is taken before bytes arrive: a stream
+            # that declares gigabytes and sends nothing holds nothing until it is cut.
+            chunks = await _started(chunks)
             writer = self._spool.write_inputs(task_id, spec.input_bytes, call_bound=call_bound)
             try:
                 await _spool(writer.write, spec, chunks)
@@ -219,13 +226,26 @@ class TaskService:
         return last
 
     def result_chunks(self, task: Task) -> AsyncIterator[bytes]:
-        """Streams a succeeded task's output bytes; a failed or cancelled task raises."""
+        """Streams a succeeded task's output bytes; a failed or cancelled task raises.
+
+        Outputs that are not there raise while streaming: ``ResultExpiredError`` once their
+        retention ran out, else ``PayloadLostError`` saying why (see ``SpoolKeeper``). A
+        call-bound task's output file is deleted once streamed to the end (delivered).
+        """
         if task.state is not TaskState.SUCCEEDED:
             raise TaskEndedError(
                 task.error_code or FailureCode.FAILED_PRECONDITION,
                 task.error_message or f"task {task.id} is {task.state.value}",
             )
-        return self._spool.outputs(task)
+        if self._keeper is None:
+            return self._spool.outputs(task)
+        try:
+            chunks = self._spool.outputs(task)
+        except PayloadLostError as lost:
+            return _raising(self._keeper.explain_missing(task, lost))
+        if task.call_bound:
+            return _delivering(chunks, self._keeper, task)
+        return chunks
 
     async def usage(
         self, tenant: str, since: datetime | None, until: datetime | None
@@ -308,6 +328,37 @@ def _check_counts(spec: TaskSpec, limits: Limits) -> None:
         raise InvalidTaskError(
             f"timeout_seconds {timeout_s} is outside 0..{limits.max_timeout_s:g} (max_timeout_s)"
         )
+
+
+async def _raising(error: Awaitable[BaseException]) -> AsyncIterator[bytes]:
+    """Raises ``error`` once iterated (the explanation of a missing result needs a query)."""
+    raise await error
+    yield b""  # pragma: no cover  # makes this an async generator
+
+
+async def _delivering(
+    chunks: AsyncIterator[bytes], keeper: SpoolKeeper, task: Task
+) -> AsyncIterator[bytes]:
+    """Yields ``chunks``; once all are taken, the call-bound result has been delivered."""
+    async for chunk in chunks:
+        yield chunk
+    await keeper.expire_delivered(task)
+
+
+async def _started(
+    chunks: AsyncIterator[bytes | memoryview],
+) -> AsyncIterator[bytes | memoryview]:
+    """Waits for the first chunk (or the end); returns an iterator of all the chunks."""
+    iterator = aiter(chunks)
+    first = await anext(iterator, None)
+
+    async def replay() -> AsyncIterator[bytes | memoryview]:
+        if first is not None:
+            yield first
+            async for chunk in iterator:
+                yield chunk
+
+    return replay()
 
 
 async def _spool(

@@ -29,6 +29,7 @@ from gpubroker.broker.model import (
     TaskState,
 )
 from gpubroker.broker.storage.store import TaskStore
+from gpubroker.broker.storage.transitions import Cause, LiveRow, Retries
 from gpubroker.protos.states import FailureCode
 
 __all__ = ["MAX_BATCH", "AsyncTaskStore"]
@@ -99,12 +100,21 @@ class AsyncTaskStore:
         return await self._run(functools.partial(self._store.claim_many, task_ids, agent, now))
 
     async def requeue(
-        self, attempt: Attempt, max_attempts: int, now: datetime, reason: str
+        self, attempt: Attempt, retries: Retries, now: datetime, reason: str, cause: Cause
     ) -> Task:
-        """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
+        """Gives an attempt's task back to the queue, or fails it once the cap of ``cause`` is
+        reached."""
         return await self._run(
-            functools.partial(self._store.requeue, attempt, max_attempts, now, reason)
+            functools.partial(self._store.requeue, attempt, retries, now, reason, cause)
         )
+
+    async def live(self) -> list[LiveRow]:
+        """Every queued or running task's state, attempt and agent (for reconciliation)."""
+        return await self._run(self._store.live)
+
+    async def lost_attempts(self, task_id: str) -> int:
+        """How many of the task's attempts were lost to infrastructure."""
+        return await self._run(functools.partial(self._store.lost_attempts, task_id))
 
     async def succeed(
         self,

@@ -12,6 +12,12 @@ page-cache copy of a spool write was the broker's largest cost on a large tensor
 and for its outputs (which ``GetResult`` may still fetch after the call), it gets files that
 are written like the others but not fsynced, since the disk flush would only make the caller
 wait (~15 % of a 64 MiB round trip).
+
+The spool keeps its filesystem from filling: a payload that would become a file is refused
+(``SpoolFullError``) before a byte is written when the free space, less the payload, would fall
+below ``DiskFloor``. Its directory carries a marker file with a random id (``Spool.identity``)
+that the database records (``gpubroker.broker.storage.retention``), so a broker started with
+another directory can say so instead of reporting its payloads lost.
 """
 
 from __future__ import annotations
@@ -19,20 +25,26 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import shutil
 import threading
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from gpubroker.broker.errors import PayloadLostError
+from gpubroker.broker.errors import PayloadLostError, SpoolFullError
 from gpubroker.broker.model import Task
 from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES, INLINE_MAX_BYTES
 
 __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "INLINE_MAX_BYTES",
+    "MARKER_NAME",
+    "DiskFloor",
     "InlineWriter",
     "MemoryWriter",
+    "PayloadFile",
     "Spool",
     "SpoolWriter",
     "read_chunks",
@@ -40,6 +52,51 @@ __all__ = [
 
 DEFAULT_MEMORY_BYTES = 512 << 20
 """Call-bound inputs held in memory at once, by default (``Settings.spool_memory_bytes``)."""
+
+MARKER_NAME = "spool-id"
+"""The file in the spool's root that holds its id."""
+
+_PART = ".part"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFloor:
+    """Free space the spool's filesystem keeps: uploads that would go below it are refused."""
+
+    min_free_bytes: int = 1 << 30
+    """Bytes that stay free (``GPUBROKER_SPOOL_MIN_FREE_MB``)."""
+    min_free_percent: float = 1.0
+    """Percent of the filesystem that stays free (``GPUBROKER_SPOOL_MIN_FREE_PERCENT``)."""
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0 or not 0 <= self.min_free_percent <= 100:
+            raise ValueError(
+                f"spool min_free_bytes {self.min_free_bytes} must be >= 0 and "
+                f"min_free_percent {self.min_free_percent} within 0..100"
+            )
+
+    def floor(self, total_bytes: int) -> int:
+        """The bytes to keep free on a filesystem of ``total_bytes``."""
+        return max(self.min_free_bytes, int(total_bytes * self.min_free_percent / 100))
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadFile:
+    """One file in the spool's ``in/`` or ``out/`` directory."""
+
+    path: Path
+    task_id: str
+    """The task it belongs to ("" for a name the spool never writes)."""
+    attempt: int | None
+    """The attempt of an output file; None for inputs."""
+    size: int
+    mtime: float
+    """Last modification, seconds since the epoch (a file being written keeps it fresh)."""
+
+    @property
+    def is_partial(self) -> bool:
+        """A ``.part`` file: written now, or left by a crash."""
+        return self.path.name.endswith(_PART)
 
 
 class InlineWriter:
@@ -106,7 +163,7 @@ class SpoolWriter:
         self.path = path
         self.durable = durable
         """fsync the file and its directory on commit."""
-        self._part = path.with_name(path.name + ".part")
+        self._part = path.with_name(path.name + _PART)
         self._file: BinaryIO = open(self._part, "wb", buffering=0)  # noqa: SIM115
         self.bytes_written = 0
         self._pending: queue.Queue[memoryview | None] = queue.Queue(self.MAX_PENDING)
@@ -166,22 +223,64 @@ class SpoolWriter:
 class Spool:
     """Where payload files live: ``in/<task>.bin`` and ``out/<task>.<attempt>.bin``."""
 
-    def __init__(self, root: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        disk_floor: DiskFloor | None = None,
+    ) -> None:
         self.root = root
         self._inputs = root / "in"
         self._outputs = root / "out"
         self.memory_bytes = memory_bytes
         """Room for call-bound inputs held in memory."""
+        self.disk_floor = disk_floor or DiskFloor(0, 0.0)
+        """Free space kept on the spool's filesystem (none by default: tests, tools)."""
         self.held_bytes = 0
         """Bytes of inputs held in memory now, reserved from the moment a writer starts."""
+        self.identity = ""
+        """The id in the directory's marker file (set by ``open``)."""
+        self.marker_was_new = False
+        """Whether ``open`` wrote the marker: the directory had none (new, or from before
+        markers)."""
         self._held: dict[str, tuple[list[memoryview], int]] = {}
 
     def open(self) -> None:
-        """Creates the directories and drops partial files left by a crash."""
+        """Creates the directories, reads (or writes) the marker and drops partial files left
+        by a crash."""
         for folder in (self._inputs, self._outputs):
             folder.mkdir(parents=True, exist_ok=True)
-            for part in folder.glob("*.part"):
+            for part in folder.glob(f"*{_PART}"):
                 part.unlink(missing_ok=True)
+        self.identity, self.marker_was_new = _read_or_write_marker(self.root / MARKER_NAME)
+
+    def check_room(self, nbytes: int, what: str) -> None:
+        """Raises ``SpoolFullError`` when writing ``nbytes`` would leave the filesystem below
+        its floor; ``what`` names the upload in the message."""
+        usage = shutil.disk_usage(self.root)
+        floor = self.disk_floor.floor(usage.total)
+        if usage.free - nbytes < floor:
+            raise SpoolFullError(
+                f"{what} of {nbytes} bytes refused: the broker's spool disk ({self.root}) has "
+                f"{usage.free} bytes free and keeps at least {floor} free "
+                "(--spool-min-free-mb, GPUBROKER_SPOOL_MIN_FREE_MB / _PERCENT); try again later"
+            )
+
+    def free_bytes(self) -> int:
+        """Free bytes on the spool's filesystem now."""
+        return shutil.disk_usage(self.root).free
+
+    def files(self) -> Iterator[PayloadFile]:
+        """Every file in ``in/`` and ``out/`` now (one may vanish while this runs)."""
+        for folder, is_output in ((self._inputs, False), (self._outputs, True)):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        stat = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if entry.is_file(follow_symlinks=False):
+                        yield _payload_file(Path(entry.path), is_output, stat)
 
     def input_path(self, task_id: str) -> Path:
         """Where a task's inputs live."""
@@ -201,6 +300,7 @@ class Spool:
         if call_bound and self.held_bytes + nbytes <= self.memory_bytes:
             self.held_bytes += nbytes
             return MemoryWriter(self, task_id, nbytes)
+        self.check_room(nbytes, "an upload of task inputs")
         return SpoolWriter(self.input_path(task_id), durable=not call_bound)
 
     def write_outputs(
@@ -209,6 +309,7 @@ class Spool:
         """Starts writing an attempt's ``nbytes`` of outputs (in memory when small)."""
         if nbytes <= INLINE_MAX_BYTES:
             return InlineWriter()
+        self.check_room(nbytes, "a result upload")
         return SpoolWriter(self.output_path(task_id, attempt), durable=durable)
 
     def inputs(self, task: Task) -> AsyncIterator[bytes | memoryview]:
@@ -234,10 +335,15 @@ class Spool:
         except FileNotFoundError:
             size = -1
         if size != task.output_bytes:
+            cause = (
+                "results of run/map are not flushed to disk: the broker's machine crashed, or "
+                "the file was deleted"
+                if task.call_bound
+                else "the file was deleted or its disk lost it"
+            )
             raise PayloadLostError(
                 f"the result of task {task.id} is lost ({max(size, 0)} of {task.output_bytes} "
-                "bytes on disk): results of run/map are not flushed to disk, and the broker's "
-                "machine crashed since; run the task again"
+                f"bytes in spool directory {self.root}): {cause}; run the task again"
             )
         return read_chunks(path)
 
@@ -285,6 +391,40 @@ async def _from_parts(parts: list[memoryview]) -> AsyncIterator[memoryview]:
     for part in parts:
         yield part
         await asyncio.sleep(0)  # as read_chunks: let other calls run between chunks
+
+
+def _payload_file(path: Path, is_output: bool, stat: os.stat_result) -> PayloadFile:
+    """Parses ``<task>.bin`` (inputs) or ``<task>.<attempt>.bin`` (outputs), ``.part`` too."""
+    name = path.name.removesuffix(_PART)
+    stem, dot, suffix = name.rpartition(".")
+    task_id, attempt = "", None
+    if dot and suffix == "bin":
+        if not is_output:
+            task_id = stem
+        else:
+            head, _, number = stem.rpartition(".")
+            if head and number.isdigit():
+                task_id, attempt = head, int(number)
+    return PayloadFile(path, task_id, attempt, stat.st_size, stat.st_mtime)
+
+
+def _read_or_write_marker(path: Path) -> tuple[str, bool]:
+    """The id in the marker file, written (and fsynced) first when there is none."""
+    try:
+        identity = path.read_text().strip()
+    except FileNotFoundError:
+        identity = ""
+    if identity:
+        return identity, False
+    identity = uuid.uuid4().hex
+    part = path.with_name(path.name + _PART)
+    with open(part, "w") as file:
+        file.write(identity + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(part, path)
+    _fsync_dir(path.parent)
+    return identity, True
 
 
 def _fsync_dir(path: Path) -> None:

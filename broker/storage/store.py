@@ -33,6 +33,7 @@ from gpubroker.broker.model import (
 from gpubroker.broker.storage import models, transitions
 from gpubroker.broker.storage.rows import task_from_row
 from gpubroker.broker.storage.submission import Submissions, find_request
+from gpubroker.broker.storage.transitions import Cause, LiveRow, Retries
 from gpubroker.broker.storage.usage import Bills, check_priced, tenant_usage
 from gpubroker.protos.states import FailureCode
 
@@ -157,10 +158,23 @@ class TaskStore:
         with self._transaction() as conn:
             return transitions.claim_many(conn, task_ids, agent, now)
 
-    def requeue(self, attempt: Attempt, max_attempts: int, now: datetime, reason: str) -> Task:
-        """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
+    def requeue(
+        self, attempt: Attempt, retries: Retries, now: datetime, reason: str, cause: Cause
+    ) -> Task:
+        """Gives an attempt's task back to the queue, or fails it once the cap of ``cause`` is
+        reached (see ``transitions``)."""
         with self._transaction() as conn:
-            return transitions.requeue(conn, attempt, max_attempts, now, reason)
+            return transitions.requeue(conn, attempt, retries, now, reason, cause)
+
+    def live(self) -> list[LiveRow]:
+        """Every queued or running task's state, attempt and agent (for reconciliation)."""
+        with self._transaction() as conn:
+            return transitions.live(conn)
+
+    def lost_attempts(self, task_id: str) -> int:
+        """How many of the task's attempts were lost to infrastructure."""
+        with self._transaction() as conn:
+            return transitions.lost_attempts(conn, task_id)
 
     def succeed(
         self,

@@ -3,12 +3,23 @@
 Every function runs inside the caller's open transaction. A change to a running task names
 its attempt (``WHERE state = ... AND attempt = ...``), so a result from a lost lease can never
 overwrite a newer attempt.
+
+Attempts, counted two ways. ``attempt`` numbers every claim (it is the fencing token).
+``lost_attempts`` counts the attempts lost to infrastructure (``Cause.LOST``: the agent crashed,
+disconnected, drained, went silent past its lease or stopped reporting the attempt, the broker
+restarted, or reconciliation found nobody running it); the task's own attempts are the rest.
+A workload error fails a task at once (``fail``) and is never retried; an attempt whose result
+the broker could not use (``Cause.REJECTED``: a corrupt upload) is retried until the task has
+used ``max_attempts`` of its own. A task lost ``max_lost_attempts`` times is failed as a poison
+task: it most likely kills whatever agent runs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,11 +33,16 @@ from gpubroker.broker.storage.rows import code_to_row, meta_to_json, task_from_r
 from gpubroker.protos.states import FailureCode
 
 __all__ = [
+    "Cause",
+    "LiveRow",
+    "Retries",
     "cancel",
     "claim_many",
     "expire",
     "fail",
     "get",
+    "live",
+    "lost_attempts",
     "mark_succeeded",
     "recover",
     "requeue",
@@ -34,6 +50,35 @@ __all__ = [
 
 _LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
 _ORPHAN_MESSAGE = "the Run or RunMany call it belonged to ended when the broker stopped"
+
+
+class Cause(enum.Enum):
+    """Why an attempt goes back to the queue: what its requeue counts against."""
+
+    LOST = "lost"
+    """Lost to infrastructure; counts against ``Retries.max_lost_attempts``."""
+    REJECTED = "rejected"
+    """Its own result could not be used; counts against ``Retries.max_attempts``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How many attempts a task may use before a requeue fails it instead."""
+
+    max_attempts: int
+    """Attempts of the task's own (claims less those lost to infrastructure)."""
+    max_lost_attempts: int
+    """Attempts lost to infrastructure; reaching it fails the task as a poison task."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRow:
+    """Where the database says a live task is (what reconciliation compares with memory)."""
+
+    task_id: str
+    state: TaskState
+    attempt: int
+    agent_id: str | None
 
 
 def _bind(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
@@ -107,19 +152,46 @@ def claim_many(
 
 
 def requeue(
-    conn: Connection, attempt: Attempt, max_attempts: int, now: datetime, reason: str
+    conn: Connection, attempt: Attempt, retries: Retries, now: datetime, reason: str, cause: Cause
 ) -> Task:
-    """Gives a lost attempt's task back to the queue, or fails it after ``max_attempts``."""
+    """Gives an attempt's task back to the queue, or fails it once ``cause``'s cap is reached
+    (see the module's docstring)."""
     current = _running_attempt(conn, attempt)
-    if current.attempt >= max_attempts:
-        message = f"gave up after {current.attempt} attempts; last: {reason}"
+    lost = lost_attempts(conn, attempt.task_id)
+    if cause is Cause.LOST:
+        lost += 1
+        if lost >= retries.max_lost_attempts:
+            message = (
+                f"poison task: its agent was lost {lost} times (crash, disconnect, silence, "
+                f"drain or broker restart; the limit is {retries.max_lost_attempts}); "
+                f"last: {reason}"
+            )
+            return _finish(conn, attempt, TaskState.FAILED, now, FailureCode.ABORTED, message)
+    elif (own := current.attempt - lost) >= retries.max_attempts:
+        message = f"gave up after {own} attempts whose results could not be used; last: {reason}"
         return _finish(conn, attempt, TaskState.FAILED, now, FailureCode.ABORTED, message)
     conn.execute(
         tasks.update()
         .where(tasks.c.id == attempt.task_id)
-        .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None)
+        .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None, lost_attempts=lost)
     )
     return get(conn, attempt.task_id)
+
+
+def lost_attempts(conn: Connection, task_id: str) -> int:
+    """How many of the task's attempts were lost to infrastructure."""
+    found = conn.execute(sa.select(tasks.c.lost_attempts).where(tasks.c.id == task_id))
+    return int(found.scalar_one())
+
+
+def live(conn: Connection) -> list[LiveRow]:
+    """Every queued or running task: its state, attempt and agent, oldest first."""
+    query = (
+        sa.select(tasks.c.id, tasks.c.state, tasks.c.attempt, tasks.c.agent_id)
+        .where(tasks.c.state.in_(_LIVE))
+        .order_by(tasks.c.seq)
+    )
+    return [LiveRow(r.id, TaskState(r.state), r.attempt, r.agent_id) for r in conn.execute(query)]
 
 
 def mark_succeeded(
@@ -238,8 +310,9 @@ def expire(conn: Connection, now: datetime) -> list[tuple[Task, Task]]:
 
 
 def recover(conn: Connection, now: datetime) -> tuple[list[Task], list[Task]]:
-    """On start: running tasks lost their agents with the old process; queue them again.
-    Live call-bound tasks lost their calls with it: they are cancelled.
+    """On start: running tasks lost their agents with the old process; queue them again, the
+    attempt counted as lost (never as one of the task's own). Live call-bound tasks lost their
+    calls with it: they are cancelled.
 
     Returns every queued task, oldest first, for the scheduler to load, and the tasks
     cancelled (whose payload files can go).
@@ -259,7 +332,12 @@ def recover(conn: Connection, now: datetime) -> tuple[list[Task], list[Task]]:
     conn.execute(
         tasks.update()
         .where(tasks.c.state == TaskState.RUNNING.value)
-        .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None)
+        .values(
+            state=TaskState.QUEUED.value,
+            agent_id=None,
+            started_at=None,
+            lost_attempts=tasks.c.lost_attempts + 1,
+        )
     )
     rows = conn.execute(
         sa.select(tasks).where(tasks.c.state == TaskState.QUEUED.value).order_by(tasks.c.seq)

@@ -164,6 +164,7 @@ def test_python_m_billing_reads_the_database_url_from_the_environment(tmp_path: 
 def test_without_a_url_the_report_looks_for_the_brokers_default_file(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "GPUBROKER_DATABASE_URL"}
     env["PYTHONPATH"] = str(REPO_ROOT)
+    env["GPUBROKER_DATA_DIR"] = str(tmp_path / "data")
 
     result = subprocess.run(
         [sys.executable, "-m", "gpubroker.billing", "report"],
@@ -171,8 +172,8 @@ def test_without_a_url_the_report_looks_for_the_brokers_default_file(tmp_path: P
     )  # fmt: skip
 
     assert result.returncode == 1
-    assert "no database at sqlite:///gpubroker-data/broker.db" in result.stderr
-    assert not (tmp_path / "gpubroker-data").exists()
+    assert f"no database at sqlite:///{tmp_path / 'data' / 'broker.db'}" in result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_the_report_reads_postgresql_as_well_as_sqlite(engine: sa.Engine) -> None:

@@ -5,7 +5,9 @@ Every test starts its own broker and agents as real processes and kills them wit
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,4 +294,42 @@ def test_a_broker_crash_between_commit_and_reply_bills_the_task_once(tmp_path: P
         assert len(_usage_rows(broker.database_url, handle.task_id)) == 1
     finally:
         agent.stop()
+        broker.stop()
+
+
+def test_agents_killed_while_moving_large_payloads_strand_no_task(tmp_path: Path) -> None:
+    """Agents SIGKILLed again and again, mostly while they download inputs or upload results
+    far over the 64 KiB inline limit (an echo of 8 MiB is almost all transfer): every task
+    still finishes, once, with its own bytes, and reconciliation never had to repair one."""
+    env = {"GPUBROKER_RECONCILE_S": "1", "GPUBROKER_MAX_LOST_ATTEMPTS": "1000"}
+    broker = BrokerProcess(tmp_path, env=env).start()
+    payloads = [torch.full((1 << 21,), float(i)) for i in range(16)]  # 8 MiB each
+    rng = random.Random(16)
+    try:
+        with Client(broker.address, "key-a") as client:
+            handles = [client.submit("echo", [p]) for p in payloads]
+            for n in range(12):
+                claims = sum(h.status().attempt for h in handles)
+                doomed = AgentProcess(tmp_path, broker.address, f"doomed-{n}", slots=1).start()
+
+                def claimed(before: int = claims) -> bool:
+                    statuses = [h.status() for h in handles]
+                    done = all(s.state.is_final for s in statuses)
+                    return done or sum(s.attempt for s in statuses) > before
+
+                wait_until(claimed, 60, "the doomed agent to take a task")
+                time.sleep(rng.uniform(0.0, 0.3))  # fault injection: somewhere in a transfer
+                doomed.kill()
+            survivor = AgentProcess(tmp_path, broker.address, "survivor", slots=2).start()
+            try:
+                for handle, payload in zip(handles, payloads, strict=True):
+                    assert torch.equal(handle.result(timeout=120).output, payload)
+            finally:
+                survivor.stop()
+            attempts = sum(h.status().attempt for h in handles)
+        assert attempts > len(handles)  # the kills did cost attempts
+        for handle in handles:
+            assert len(_usage_rows(broker.database_url, handle.task_id)) == 1
+        assert "reconciled task" not in broker.log()
+    finally:
         broker.stop()

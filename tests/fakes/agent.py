@@ -34,7 +34,15 @@ class FakeAgent:
         workloads: Sequence[str] = ("echo",),
         runs_models: bool = False,
         models: Sequence[str] = (),
+        beat_s: float | None = None,
     ) -> None:
+        self.beat_s = beat_s
+        """Send a heartbeat listing ``held`` whenever nothing else went out for this long
+        (None: only when the test says, with ``heartbeat``)."""
+        self.frozen = False
+        """Set by ``freeze``: no heartbeats of its own, as a hung agent whose stream stays open."""
+        self.held: set[tuple[str, int]] = set()
+        """(task id, attempt) of every assignment read and not yet put."""
         self.stub = agent_pb2_grpc.AgentGatewayStub(channel)
         self.agent_id = agent_id
         self.metadata = bearer(join_token)
@@ -53,7 +61,27 @@ class FakeAgent:
 
     async def _messages(self) -> AsyncIterator[agent_pb2.AgentMessage]:
         while True:
-            yield await self.outbox.get()
+            if self.beat_s is None:
+                yield await self.outbox.get()
+                continue
+            try:
+                yield await asyncio.wait_for(self.outbox.get(), self.beat_s)
+            except TimeoutError:
+                if not self.frozen:
+                    yield self._beat()
+
+    def _beat(self) -> agent_pb2.AgentMessage:
+        running = [agent_pb2.TaskAttempt(task_id=t, attempt=n) for t, n in sorted(self.held)]
+        return agent_pb2.AgentMessage(heartbeat=agent_pb2.AgentHeartbeat(running=running))
+
+    def freeze(self) -> None:
+        """Stops its own heartbeats (the stream stays open): the agent looks hung."""
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """Speaks again: a heartbeat now, and its own heartbeats from then on."""
+        self.frozen = False
+        self.outbox.put_nowait(self._beat())
 
     @classmethod
     async def ready(cls, channel: grpc.aio.Channel, agent_id: str, **hello: Any) -> FakeAgent:
@@ -72,6 +100,10 @@ class FakeAgent:
         """The next message from the broker (fails the test after 10 s)."""
         message = await asyncio.wait_for(self.call.read(), 10)
         assert isinstance(message, agent_pb2.BrokerMessage)
+        inner = message.batch.messages if message.WhichOneof("kind") == "batch" else [message]
+        for each in inner:
+            if each.WhichOneof("kind") == "assignment":
+                self.held.add((each.assignment.task_id, each.assignment.attempt))
         return message
 
     def credit(self, slots: int = 1) -> None:
@@ -101,5 +133,6 @@ class FakeAgent:
             agent_pb2.PutResultRequest(header=header),
             agent_pb2.PutResultRequest(chunk=task_pb2.DataChunk(data=data)),
         ]
+        self.held.discard((assignment.task_id, assignment.attempt))
         reply = await self.stub.PutResult(iter(messages), metadata=self.metadata)
         return int(reply.state)

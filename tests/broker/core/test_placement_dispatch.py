@@ -31,7 +31,9 @@ def broker_overrides() -> dict[str, object]:
     return {
         "api_keys": {"key-a": "tenant-a"},
         "join_token": JOIN_TOKEN,
-        "heartbeat_interval_s": 0.2,
+        # Fake agents send no heartbeats of their own: one interval outlasts every test here,
+        # so none is passed over as silent (test_liveness covers that).
+        "heartbeat_interval_s": 2.0,
         "lease_timeout_s": 5.0,
         "model_affinity_wait_s": AFFINITY_WAIT_S,
     }
