@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -15,18 +15,19 @@ from gpubroker.client._batch import (
     DEFAULT_WINDOW,
     Encoder,
     Packer,
+    Ready,
     Reorder,
     failed_input,
     map_encoder,
 )
 from gpubroker.client._convert import (
-    SUBMIT_BACKOFF_S,
     PreparedTask,
     ResultCollector,
     TaskPager,
     framed,
     prepare_task,
     status_from_proto,
+    task_error,
     usage_from_proto,
     usage_request,
 )
@@ -38,9 +39,16 @@ from gpubroker.client._models import (
     prepare_upload,
 )
 from gpubroker.client._requirement import requirement
+from gpubroker.client._retry import (
+    CHANNEL_OPTIONS,
+    DEFAULT_RETRY_FOR_S,
+    Retrier,
+    retrying_async,
+)
 from gpubroker.client._types import Model, TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind
 from gpubroker.client.errors import (
+    GpuBrokerError,
     InternalError,
     NotFoundError,
     UnavailableError,
@@ -48,13 +56,15 @@ from gpubroker.client.errors import (
 )
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
-from gpubroker.protos.transport import CLIENT_CHANNEL_OPTIONS, bearer_metadata
+from gpubroker.protos.transport import bearer_metadata
 from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["AsyncClient"]
+
+_T = TypeVar("_T")
 
 
 class AsyncClient:
@@ -70,13 +80,12 @@ class AsyncClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        retry_for: float = DEFAULT_RETRY_FOR_S,
     ) -> None:
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.secure_channel(
-                address, credentials, options=CLIENT_CHANNEL_OPTIONS
-            )
+            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         # The data streams, with tensor chunks framed without protobuf (gpubroker.protos.frames).
         self._run = self._channel.stream_stream(*framed("Run"))
@@ -85,6 +94,7 @@ class AsyncClient:
         self._upload = self._channel.stream_unary(*framed("UploadModel"))
         self._metadata = bearer_metadata(api_key)
         self._chunk_bytes = chunk_bytes
+        self._retry_for = retry_for
         self.model_bytes_sent = 0
         """Model file bytes this client has uploaded: a re-upload of a model you already hold
         (same bytes, same id) adds nothing, as only its header (or nothing) is sent."""
@@ -117,7 +127,9 @@ class AsyncClient:
         min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> AsyncTaskHandle:
-        """Queues a task and returns a handle once it is stored; see ``Client.submit``."""
+        """Queues a task and returns a handle once it is stored, retrying an unreachable broker
+        for ``retry_for`` seconds with the same request id; see ``Client.submit`` (and there
+        for what it raises)."""
         task = prepare_task(
             workload,
             inputs,
@@ -128,12 +140,7 @@ class AsyncClient:
             output=output,
             requires=requirement(gpu, min_gpu_memory),
         )
-        for delay in SUBMIT_BACKOFF_S:
-            try:
-                return await self._submit_once(task)
-            except UnavailableError:
-                await asyncio.sleep(delay)
-        return await self._submit_once(task)
+        return await self._retrying(lambda _: self._submit_once(task))
 
     async def run(
         self,
@@ -147,7 +154,9 @@ class AsyncClient:
         min_gpu_memory: int | str | None = None,
         **params: Any,
     ) -> TaskResult:
-        """Submits a task and waits for its result on one call; see ``Client.run``."""
+        """Submits a task and waits for its result on one call, never retried (a broker restart
+        cancels its task: ``UnavailableError``); see ``Client.run`` (and there for what it
+        raises)."""
         task = prepare_task(
             workload,
             inputs,
@@ -181,10 +190,14 @@ class AsyncClient:
         batch: int = DEFAULT_BATCH,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        raise_on_error: bool = False,
         **params: Any,
     ) -> AsyncGenerator[TaskResult, None]:
-        """Runs ``workload`` once per item on one call, yielding results in input order; see
-        ``Client.map``."""
+        """Runs ``workload`` once per item on one call, yielding one ``TaskResult`` per item in
+        input order, failures in their place; see ``Client.map`` (and there for what it raises).
+
+        Stopping early hangs up the call at once when the generator is closed: ``aclose()`` it
+        (or use ``contextlib.aclosing``) rather than leaving that to the garbage collector."""
         encoder = map_encoder(
             workload,
             params,
@@ -207,9 +220,9 @@ class AsyncClient:
                         reorder.add(outcome)
                         room.release()
                     for value, kind in reorder.pop_ready():
-                        yield await self._map_result(value, kind)
+                        yield await self._map_result(value, kind, raise_on_error)
             for value, kind in reorder.pop_ready():
-                yield await self._map_result(value, kind)
+                yield await self._map_result(value, kind, raise_on_error)
             if reorder.pending:
                 raise InternalError(
                     grpc.StatusCode.INTERNAL,
@@ -225,29 +238,34 @@ class AsyncClient:
     async def list_tasks(
         self, states: Sequence[TaskState] | None = None, limit: int = 100
     ) -> list[TaskStatus]:
-        """Your tasks, newest first, only those in ``states`` if given, following pages."""
+        """Your tasks, newest first, only those in ``states`` if given, following pages; see
+        ``Client.list_tasks``."""
         pager = TaskPager(states, limit)
         while (request := pager.next_request()) is not None:
-            with translate_rpc_errors():
-                pager.add(await self._stub.ListTasks(request, metadata=self._metadata))
+            pager.add(await self._unary(self._stub.ListTasks, request))
         return pager.tasks
 
     async def watch(self, task_id: str, timeout: float | None = None) -> AsyncIterator[TaskStatus]:
-        """Yields the task's status at each change until it is final; see ``Client.watch``."""
-        request = broker_pb2.WatchTaskRequest(task_id=task_id)
-        call = self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout)
-        try:
-            with translate_rpc_errors():
-                async for reply in call:
-                    yield status_from_proto(reply.task)
-        finally:
-            call.cancel()
+        """Yields the task's status at each change until it is final, riding through a broker
+        restart; see ``Client.watch`` (and there for what it raises)."""
+        retry = Retrier(self._retry_for, timeout)
+        last: TaskStatus | None = None
+        while last is None or not last.state.is_final:
+            try:
+                async for status in self._watch_once(task_id, retry.remaining()):
+                    retry.progressed()
+                    if status != last:
+                        last = status
+                        yield status
+                return
+            except GpuBrokerError as exc:
+                delay = retry.pause(exc)
+            await asyncio.sleep(delay)
 
     async def usage(self, since: datetime | None = None, until: datetime | None = None) -> Usage:
-        """Your billed usage over ``[since, until)``: measured compute time and its cost."""
-        with translate_rpc_errors():
-            reply = await self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
-        return usage_from_proto(reply)
+        """Your billed usage over ``[since, until)``; see ``Client.usage``."""
+        request = usage_request(since, until)
+        return usage_from_proto(await self._unary(self._stub.GetUsage, request))
 
     async def upload_model(
         self,
@@ -314,6 +332,25 @@ class AsyncClient:
             reply = await self._stub.GetModel(request, metadata=self._metadata)
         return reply.model
 
+    async def _retrying(
+        self, attempt: Callable[[Retrier], Awaitable[_T]], timeout: float | None = None
+    ) -> _T:
+        return await retrying_async(attempt, self._retry_for, timeout)
+
+    async def _unary(self, method: Callable[..., Awaitable[_T]], request: Any) -> _T:
+        with translate_rpc_errors():
+            return await method(request, metadata=self._metadata)
+
+    async def _watch_once(self, task_id: str, timeout: float | None) -> AsyncIterator[TaskStatus]:
+        request = broker_pb2.WatchTaskRequest(task_id=task_id)
+        call = self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout)
+        try:
+            with translate_rpc_errors():
+                async for reply in call:
+                    yield status_from_proto(reply.task)
+        finally:
+            call.cancel()
+
     async def _submit_once(self, task: PreparedTask) -> AsyncTaskHandle:
         requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
         with translate_rpc_errors():
@@ -323,27 +360,41 @@ class AsyncClient:
     # -- used by AsyncTaskHandle -----------------------------------------------------------------
 
     async def _map_result(
-        self, value: TaskResult | Exception | str, output: OutputKind
+        self, value: Ready, output: OutputKind, raise_on_error: bool
     ) -> TaskResult:
         if isinstance(value, Exception):
-            raise value
-        if isinstance(value, str):  # outputs too large to ride along: fetch them
-            return await self._result(value, output, None)
-        return value
+            raise value  # the caller's input iterator raised
+        if isinstance(value, TaskStatus):  # outputs too large to ride along: fetch them
+            try:
+                result = await self._result(value.task_id, output, None)
+            except GpuBrokerError as exc:
+                result = TaskResult.failed(value, exc)
+        else:
+            result = value
+        if raise_on_error and result.error is not None:
+            raise result.error
+        return result
 
     async def _status(self, task_id: str) -> TaskStatus:
+        return await self._retrying(lambda _: self._status_once(task_id))
+
+    async def _status_once(self, task_id: str) -> TaskStatus:
         request = broker_pb2.GetTaskRequest(task_id=task_id)
-        with translate_rpc_errors():
-            reply = await self._stub.GetTask(request, metadata=self._metadata)
-        return status_from_proto(reply.task)
+        return status_from_proto((await self._unary(self._stub.GetTask, request)).task)
 
     async def _cancel(self, task_id: str) -> TaskStatus:
         request = broker_pb2.CancelTaskRequest(task_id=task_id)
-        with translate_rpc_errors():
-            reply = await self._stub.CancelTask(request, metadata=self._metadata)
+        reply = await self._retrying(lambda _: self._unary(self._stub.CancelTask, request))
         return status_from_proto(reply.task)
 
     async def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
+        return await self._retrying(
+            lambda r: self._result_once(task_id, output, r.remaining()), timeout
+        )
+
+    async def _result_once(
+        self, task_id: str, output: OutputKind, timeout: float | None
+    ) -> TaskResult:
         collector = ResultCollector(output)
         request = broker_pb2.GetResultRequest(task_id=task_id)
         call = self._get_result(request, metadata=self._metadata, timeout=timeout)
@@ -351,9 +402,21 @@ class AsyncClient:
             with translate_rpc_errors():
                 async for reply in call:
                     collector.add(reply)
+        except UnavailableError:
+            # A task that failed UNAVAILABLE (no agent could take it) answers so too: ask.
+            await self._raise_if_failed(task_id)
+            raise
         finally:
             call.cancel()
         return collector.result()
+
+    async def _raise_if_failed(self, task_id: str) -> None:
+        try:
+            status = await self._status_once(task_id)
+        except GpuBrokerError:
+            return  # the broker is away: the caller retries
+        if status.state in (TaskState.FAILED, TaskState.CANCELLED):
+            raise task_error(status)
 
 
 async def _map_requests(

@@ -2,8 +2,11 @@
 
 ``map`` runs one small task per input item on a single call: items are encoded and packed
 into batches (``pack``), at most ``window`` tasks are in flight, and outcomes, which arrive in
-completion order, are handed back in input order (``Reorder``). No I/O here: ``MapRun`` holds
-the blocking client's side of one call, and the async client's lives in ``_async``.
+completion order, are handed back in input order (``Reorder``). Every item comes back as a
+``TaskResult``, a failed one in its place with its ``error`` (so every success billed is handed
+over); only the caller's own input iterator raising ends the results early. No I/O here:
+``MapRun`` holds the blocking client's side of one call, and the async client's lives in
+``_async``.
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ from typing import Any
 
 import grpc
 
-from gpubroker.client._convert import prepare_task, status_from_proto, task_error
+from gpubroker.client._convert import prepare_task, refused_status, status_from_proto, task_error
 from gpubroker.client._models import workload_name
 from gpubroker.client._requirement import requirement
-from gpubroker.client._types import GpuRequirement, Model, TaskResult
+from gpubroker.client._types import GpuRequirement, Model, TaskResult, TaskStatus
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer
-from gpubroker.client.errors import InternalError, error_from_code
+from gpubroker.client.errors import (
+    GpuBrokerError,
+    InternalError,
+    InvalidArgumentError,
+    error_from_code,
+)
 from gpubroker.protos import broker_pb2
 from gpubroker.protos.states import FailureCode, TaskState
 from gpubroker.protos.wire import INLINE_MAX_BYTES, Assembler
@@ -33,6 +41,7 @@ __all__ = [
     "MapItem",
     "MapRun",
     "Packer",
+    "Ready",
     "Reorder",
     "encode_item",
     "failed_input",
@@ -47,14 +56,20 @@ DEFAULT_BATCH = 64
 """Tasks per request message."""
 
 
+Ready = TaskResult | TaskStatus | Exception
+"""An item ready to hand out: its result (maybe failed), the status of a task whose outputs
+are too large to ride along (to fetch with ``GetResult``), or the input iterator's error."""
+
+
 @dataclass(frozen=True, slots=True)
 class MapItem:
-    """One encoded task of a ``map`` call, or the error its input raised while encoding."""
+    """One encoded task of a ``map`` call, or why it could not be sent: a ``TaskResult`` that
+    failed in place, or the error the caller's input iterator raised (which ends the results)."""
 
     index: int
     task: broker_pb2.InlineTask | None
     output: OutputKind
-    error: Exception | None = None
+    error: TaskResult | Exception | None = None
 
 
 def encode_item(
@@ -68,7 +83,7 @@ def encode_item(
     output: OutputKind | None,
     requires: GpuRequirement | None = None,
 ) -> MapItem:
-    """Encodes one item; a bad input becomes the item's error, raised when its turn comes."""
+    """Encodes one item; a bad input becomes the item's failed result (INVALID_ARGUMENT)."""
     try:
         prepared = prepare_task(
             workload,
@@ -81,7 +96,11 @@ def encode_item(
             requires=requires,
         )
     except (TypeError, ValueError) as exc:
-        return MapItem(index, None, output or "torch", exc)
+        error: GpuBrokerError = InvalidArgumentError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"map item {index}: {exc}"
+        )
+        error.__cause__ = exc
+        return MapItem(index, None, output or "torch", _refused(workload, error))
     prepared.header.request_id = ""  # a map call is never retried as a whole: no dedup needed
     data = b"".join(prepared.buffers)
     if len(data) > INLINE_MAX_BYTES:
@@ -90,7 +109,7 @@ def encode_item(
             f"map item {index} has {len(data)} bytes of inputs; map takes at most "
             f"{INLINE_MAX_BYTES} per task (use run or submit for larger ones)",
         )
-        return MapItem(index, None, prepared.output, error)
+        return MapItem(index, None, prepared.output, _refused(workload, error))
     task = broker_pb2.InlineTask(index=index, header=prepared.header, data=data)
     return MapItem(index, task, prepared.output)
 
@@ -152,14 +171,20 @@ class Packer:
         return message
 
 
+def _refused(workload: str, error: GpuBrokerError) -> TaskResult:
+    return TaskResult.failed(refused_status(workload, error), error)
+
+
 @dataclass
 class Reorder:
     """Outcomes in, results out in input order. An item whose result is not inline is returned
-    as its task id, for the caller to fetch with ``GetResult``."""
+    as its task's status, for the caller to fetch with ``GetResult``."""
 
     outputs: dict[int, OutputKind] = field(default_factory=dict)
     """Output kind of every item sent and not yet handed out."""
-    _ready: dict[int, TaskResult | Exception | str] = field(default_factory=dict)
+    workloads: dict[int, str] = field(default_factory=dict)
+    """Workload of every item sent and not yet answered (for a refusal's status)."""
+    _ready: dict[int, Ready] = field(default_factory=dict)
     _next: int = 0
 
     def sent(self, item: MapItem) -> None:
@@ -167,6 +192,8 @@ class Reorder:
         self.outputs[item.index] = item.output
         if item.error is not None:
             self._ready[item.index] = item.error
+        elif item.task is not None:
+            self.workloads[item.index] = item.task.header.workload
 
     def add(self, outcome: broker_pb2.InlineOutcome) -> None:
         """Takes one outcome from the broker."""
@@ -175,9 +202,10 @@ class Reorder:
             raise error_from_code(
                 FailureCode.INTERNAL, f"the broker answered for unknown item {index}"
             )
-        self._ready[index] = _result(outcome, self.outputs[index])
+        workload = self.workloads.pop(index, "")
+        self._ready[index] = _result(outcome, self.outputs[index], workload)
 
-    def pop_ready(self) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
+    def pop_ready(self) -> list[tuple[Ready, OutputKind]]:
         """The next items in input order, as long as they are ready, with their output kinds."""
         ready = []
         while self._next in self._ready:
@@ -192,21 +220,23 @@ class Reorder:
         return len(self.outputs)
 
 
-def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult | Exception | str:
+def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind, workload: str) -> Ready:
     if not outcome.HasField("task"):
         # A refused item: its code is any gRPC status name (e.g. RESOURCE_EXHAUSTED).
-        return error_from_code(outcome.error_code or FailureCode.INTERNAL, outcome.error_message)
+        code = outcome.error_code or FailureCode.INTERNAL
+        return _refused(workload, error_from_code(code, outcome.error_message))
     status = status_from_proto(outcome.task)
     if status.state is not TaskState.SUCCEEDED:
-        return task_error(status)
+        return TaskResult.failed(status, task_error(status))
     if not outcome.data_inline:
-        return status.task_id  # large outputs: fetched by the caller
+        return status  # large outputs: fetched by the caller
     try:
         assembler = Assembler(status.outputs, empty_buffer)
         assembler.feed(outcome.data)
         buffers = assembler.finish()
     except ValueError as exc:
-        return error_from_code(FailureCode.DATA_LOSS, f"result of task {status.task_id}: {exc}")
+        message = f"result of task {status.task_id}: {exc}"
+        return TaskResult.failed(status, error_from_code(FailureCode.DATA_LOSS, message))
     outputs = tuple(
         decode(meta, buf, output) for meta, buf in zip(status.outputs, buffers, strict=True)
     )
@@ -214,7 +244,8 @@ def _result(outcome: broker_pb2.InlineOutcome, output: OutputKind) -> TaskResult
 
 
 def failed_input(index: int, exc: Exception) -> MapItem:
-    """The item standing for an input iterator that raised: its error ends the results."""
+    """The item standing for an input iterator that raised: its error ends the results
+    (after every item sent before it)."""
     return MapItem(index, None, "torch", exc)
 
 
@@ -235,6 +266,7 @@ class MapRun:
         self._room = threading.Semaphore(window)
         self._lock = threading.Lock()
         self._reorder = Reorder()
+        self._closed = False
 
     def requests(self) -> Iterator[broker_pb2.RunManyRequest]:
         """Encodes and packs the items, never more than ``window`` in flight."""
@@ -248,6 +280,8 @@ class MapRun:
                     if (message := packer.flush()) is not None:
                         yield message  # send what is packed before waiting for room
                     self._room.acquire()
+                if self._closed:
+                    return
                 self._note(item)
                 if (message := packer.add(item)) is not None:
                     yield message
@@ -256,9 +290,7 @@ class MapRun:
         if (message := packer.flush()) is not None:
             yield message
 
-    def take(
-        self, outcomes: Iterable[broker_pb2.InlineOutcome]
-    ) -> list[tuple[TaskResult | Exception | str, OutputKind]]:
+    def take(self, outcomes: Iterable[broker_pb2.InlineOutcome]) -> list[tuple[Ready, OutputKind]]:
         """Records outcomes; returns the items now ready, in input order."""
         with self._lock:
             for outcome in outcomes:
@@ -273,6 +305,11 @@ class MapRun:
                 grpc.StatusCode.INTERNAL,
                 f"the broker ended map with {self._reorder.pending} tasks unanswered",
             )
+
+    def close(self) -> None:
+        """The call ended: wakes the request thread if it waits for room, so it ends too."""
+        self._closed = True
+        self._room.release()  # one thread takes room, and it checks closed after each take
 
     def _note(self, item: MapItem) -> None:
         with self._lock:

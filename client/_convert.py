@@ -43,6 +43,7 @@ __all__ = [
     "framed",
     "new_request_id",
     "prepare_task",
+    "refused_status",
     "request_stream",
     "resolve_output",
     "status_from_proto",
@@ -191,6 +192,29 @@ def task_error(status: TaskStatus) -> GpuBrokerError:
     """The typed error of a failed or cancelled task."""
     code = FailureCode.CANCELLED if status.state is TaskState.CANCELLED else status.error_code
     return error_from_code(code or FailureCode.UNKNOWN, status.error_message)
+
+
+def refused_status(workload: str, error: GpuBrokerError) -> TaskStatus:
+    """The status of a ``map`` item refused before it became a task: FAILED, no task id."""
+    return TaskStatus(
+        task_id="",
+        tenant="",
+        workload=workload,
+        state=TaskState.FAILED,
+        attempt=0,
+        priority=0,
+        request_id="",
+        error_code=error.code.name,
+        error_message=error.details,
+        created_at=None,
+        started_at=None,
+        finished_at=None,
+        deadline=None,
+        compute_seconds=0.0,
+        gpu_type="",
+        inputs=(),
+        outputs=(),
+    )
 
 
 def usage_from_proto(msg: broker_pb2.GetUsageResponse) -> Usage:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -14,47 +14,45 @@ from gpubroker.client._batch import (
     DEFAULT_BATCH,
     DEFAULT_WINDOW,
     MapRun,
+    Ready,
     map_encoder,
 )
 from gpubroker.client._convert import (
-    SUBMIT_BACKOFF_S,
     PreparedTask,
     ResultCollector,
     TaskPager,
     framed,
     prepare_task,
     status_from_proto,
+    task_error,
     usage_from_proto,
     usage_request,
 )
 from gpubroker.client._handle import TaskHandle
-from gpubroker.client._models import (
-    DEFAULT_MAX_QUEUE_DELAY_S,
-    ModelUpload,
-    model_from_proto,
-    model_id_of,
-    prepare_upload,
-)
+from gpubroker.client._model_calls import ModelCalls
 from gpubroker.client._requirement import requirement
+from gpubroker.client._retry import CHANNEL_OPTIONS, DEFAULT_RETRY_FOR_S, Retrier, retrying
 from gpubroker.client._types import Model, TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind
 from gpubroker.client.errors import (
-    NotFoundError,
+    GpuBrokerError,
     UnavailableError,
     translate_rpc_errors,
 )
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
-from gpubroker.protos.transport import CLIENT_CHANNEL_OPTIONS, bearer_metadata
+from gpubroker.protos.transport import bearer_metadata
 from gpubroker.protos.wire import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 __all__ = ["Client"]
 
+_T = TypeVar("_T")
 
-class Client:
+
+class Client(ModelCalls):
     """Talks to a broker over one blocking channel. Use as a context manager, or ``close()``.
 
     Args:
@@ -62,6 +60,12 @@ class Client:
         api_key: Sent as ``authorization: Bearer <key>`` on every call.
         credentials: TLS credentials (``grpc.ssl_channel_credentials()``); plaintext if None.
         chunk_bytes: Size of the chunks the inputs are cut into.
+        retry_for: How long, in seconds, ``submit``, ``watch`` and the task handles' methods
+            (``status``, ``done``, ``result``, ``wait``, ``cancel``) go on retrying while the
+            broker cannot be reached (a restart), with exponential backoff and jitter; 0
+            never retries. The clock restarts whenever the broker answers. ``run`` and
+            ``map`` are never retried (a broker restart cancels their tasks), nor are the
+            listing, usage and model calls.
     """
 
     def __init__(
@@ -71,13 +75,12 @@ class Client:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        retry_for: float = DEFAULT_RETRY_FOR_S,
     ) -> None:
         if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(
-                address, credentials, options=CLIENT_CHANNEL_OPTIONS
-            )
+            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         # The data streams, with tensor chunks framed without protobuf (gpubroker.protos.frames).
         self._run = self._channel.stream_stream(*framed("Run"))
@@ -86,6 +89,7 @@ class Client:
         self._upload = self._channel.stream_unary(*framed("UploadModel"))
         self._metadata = bearer_metadata(api_key)
         self._chunk_bytes = chunk_bytes
+        self._retry_for = retry_for
         self.model_bytes_sent = 0
         """Model file bytes this client has uploaded: a re-upload of a model you already hold
         (same bytes, same id) adds nothing, as only its header (or nothing) is sent."""
@@ -142,8 +146,17 @@ class Client:
             FailedPreconditionError: No GPU the broker can start or reach meets ``gpu`` and
                 ``min_gpu_memory``.
             NotFoundError: The workload names a model you do not hold.
+            InvalidArgumentError: The broker refused the inputs, parameters or workload.
+            AlreadyExistsError: ``request_id`` was used before for other work.
+            ResourceExhaustedError: A size limit, quota or budget was hit.
+            AuthenticationError: The API key is missing or wrong.
+            UnavailableError: The broker could not be reached for ``retry_for`` seconds.
             GpuBrokerError: The broker refused the task otherwise (see
-                ``gpubroker.client.errors``); UNAVAILABLE only after three attempts.
+                ``gpubroker.client.errors``).
+
+        A submit that fails to reach the broker is sent again, with the same ``request_id``,
+        for up to ``retry_for`` seconds: the broker stores one task per request id, so a retry
+        whose first try was stored returns that task.
         """
         task = prepare_task(
             workload,
@@ -155,12 +168,7 @@ class Client:
             output=output,
             requires=requirement(gpu, min_gpu_memory),
         )
-        for delay in SUBMIT_BACKOFF_S:
-            try:
-                return self._submit_once(task)
-            except UnavailableError:
-                time.sleep(delay)
-        return self._submit_once(task)
+        return self._retrying(lambda _: self._submit_once(task))
 
     def run(
         self,
@@ -177,11 +185,20 @@ class Client:
         """Submits a task and waits for its result on one call; see ``submit`` for the arguments.
 
         ``timeout`` is the call's deadline, which the broker makes the task's deadline too.
+        The task lives as long as the call: it is not retried, and a broker restart (or a lost
+        connection) cancels the task and raises ``UnavailableError``; use ``submit`` for work
+        that must outlive one.
 
         Raises:
+            TypeError: A parameter or input is of an unsupported type.
+            ValueError: ``min_gpu_memory`` is not a size, or ``gpu`` is empty.
             DeadlineExceededError: The task did not finish within ``timeout`` seconds.
             TaskFailedError: The workload raised.
-            GpuBrokerError: The broker refused or failed the task otherwise.
+            TaskCancelledError: The task was cancelled (e.g. from another client).
+            UnavailableError: The broker could not be reached, or went away during the call.
+            GpuBrokerError: The broker refused or failed the task otherwise
+                (``InvalidArgumentError``, ``NotFoundError``, ``FailedPreconditionError``,
+                ``ResourceExhaustedError``, ``AuthenticationError``, ``InternalError``).
         """
         task = prepare_task(
             workload,
@@ -216,20 +233,36 @@ class Client:
         batch: int = DEFAULT_BATCH,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        raise_on_error: bool = False,
         **params: Any,
     ) -> Generator[TaskResult, None, None]:
-        """Runs ``workload`` once per item of ``inputs`` on one call; yields results in order.
+        """Runs ``workload`` once per item of ``inputs`` on one call; yields one ``TaskResult``
+        per item, in input order, failures in their place.
 
         For many small tasks (inputs up to 64 KiB each): tasks travel in batches of ``batch``
         with their bytes inline, at most ``window`` are in flight, and each comes back once,
-        finished, so the per-task cost is a fraction of ``run``'s. Each task is still a full,
-        billed task. ``timeout`` is each task's own deadline. Stopping the iteration early
-        cancels the tasks still queued or running.
+        finished, so the per-task cost is a fraction of ``run``'s. Each task is still a full
+        task, billed when it succeeds. ``timeout`` is each task's own deadline.
+
+        Like ``asyncio.gather(..., return_exceptions=True)``, but typed: an item that failed
+        (its workload raised, the broker refused it, it could not be encoded) is a
+        ``TaskResult`` with ``ok`` False and ``error`` the ``GpuBrokerError`` ``run`` would
+        have raised for it; reading its ``output`` raises that error. So every success is
+        handed over. Stopping early (``break``, an exception, closing or dropping the
+        generator) hangs up the call at once: the broker cancels the tasks not finished, and
+        they are not billed (those that had finished already are).
+
+        Args:
+            raise_on_error: Raise a failed item's error in its turn instead (and so hang up,
+                cancelling the items still live), as ``map`` did before.
 
         Raises:
-            TaskFailedError: (when its turn comes) a task's workload raised; likewise the
-                other ``GpuBrokerError`` classes for a task the broker refused or cancelled.
-            TypeError: an item is not a tensor or array (when its turn comes).
+            ValueError: ``window`` or ``batch`` is below 1 (before anything is sent).
+            UnavailableError: The broker could not be reached, or went away during the call:
+                a broker restart cancels the call's live tasks. Not retried.
+            AuthenticationError: The API key is missing or wrong.
+            GpuBrokerError: A failed item's error, with ``raise_on_error`` only.
+            Exception: Whatever the ``inputs`` iterator raised, after the items before it.
         """
         encoder = map_encoder(
             workload,
@@ -248,12 +281,13 @@ class Client:
             with translate_rpc_errors():
                 for reply in call:
                     for value, kind in run.take(reply.outcomes):
-                        yield self._map_result(value, kind)
+                        yield self._map_result(value, kind, raise_on_error)
             for value, kind in run.take([]):
-                yield self._map_result(value, kind)
+                yield self._map_result(value, kind, raise_on_error)
             run.check_complete()
         finally:
             call.cancel()  # a no-op once the call ended; stops the rest if the caller quit
+            run.close()
 
     def task(self, task_id: str, *, output: OutputKind = "torch") -> TaskHandle:
         """A handle to an existing task, returning ``output`` kind results."""
@@ -262,19 +296,57 @@ class Client:
     def list_tasks(
         self, states: Sequence[TaskState] | None = None, limit: int = 100
     ) -> list[TaskStatus]:
-        """Your tasks, newest first, only those in ``states`` if given, following pages."""
+        """Your tasks, newest first, only those in ``states`` if given, following pages.
+
+        Raises:
+            UnavailableError: The broker could not be reached (not retried).
+            AuthenticationError: The API key is missing or wrong.
+        """
         pager = TaskPager(states, limit)
         while (request := pager.next_request()) is not None:
-            with translate_rpc_errors():
-                pager.add(self._stub.ListTasks(request, metadata=self._metadata))
+            pager.add(self._unary(self._stub.ListTasks, request))
         return pager.tasks
 
     def watch(self, task_id: str, timeout: float | None = None) -> Iterator[TaskStatus]:
         """Yields the task's status at each change, ending at a final state.
 
+        Rides through a broker restart: the watch is opened again (for up to ``retry_for``
+        seconds of failures) and goes on from the task's state then.
+
         Raises:
-            DeadlineExceededError: ``timeout`` seconds passed first.
+            DeadlineExceededError: ``timeout`` seconds passed first (the task goes on).
+            NotFoundError: No such task (or another tenant's).
+            UnavailableError: The broker could not be reached for ``retry_for`` seconds.
+            AuthenticationError: The API key is missing or wrong.
         """
+        retry = Retrier(self._retry_for, timeout)
+        last: TaskStatus | None = None
+        while last is None or not last.state.is_final:
+            try:
+                for status in self._watch_once(task_id, retry.remaining()):
+                    retry.progressed()
+                    if status != last:
+                        last = status
+                        yield status
+                return
+            except GpuBrokerError as exc:
+                delay = retry.pause(exc)
+            time.sleep(delay)
+
+    def usage(self, since: datetime | None = None, until: datetime | None = None) -> Usage:
+        """Your billed usage over ``[since, until)``: measured compute time and its cost.
+
+        Raises:
+            UnavailableError: The broker could not be reached (not retried).
+            AuthenticationError: The API key is missing or wrong.
+        """
+        request = usage_request(since, until)
+        return usage_from_proto(self._unary(self._stub.GetUsage, request))
+
+    def _retrying(self, attempt: Callable[[Retrier], _T], timeout: float | None = None) -> _T:
+        return retrying(attempt, self._retry_for, timeout)
+
+    def _watch_once(self, task_id: str, timeout: float | None) -> Iterator[TaskStatus]:
         request = broker_pb2.WatchTaskRequest(task_id=task_id)
         call = self._stub.WatchTask(request, metadata=self._metadata, timeout=timeout)
         try:
@@ -283,113 +355,6 @@ class Client:
                     yield status_from_proto(reply.task)
         finally:
             call.cancel()
-
-    def usage(self, since: datetime | None = None, until: datetime | None = None) -> Usage:
-        """Your billed usage over ``[since, until)``: measured compute time and its cost."""
-        with translate_rpc_errors():
-            reply = self._stub.GetUsage(usage_request(since, until), metadata=self._metadata)
-        return usage_from_proto(reply)
-
-    def upload_model(
-        self,
-        module: torch.nn.Module,
-        example_inputs: Sequence[torch.Tensor],
-        *,
-        name: str | None = None,
-        batch_dim_varies: bool = False,
-        max_batch_size: int = 0,
-        max_queue_delay: float = DEFAULT_MAX_QUEUE_DELAY_S,
-        gpu: str | None = None,
-        min_gpu_memory: int | str | None = None,
-    ) -> Model:
-        """Exports ``module`` on this machine and stores it with the broker, once.
-
-        The module's forward, called on ``example_inputs``, is captured by ``torch.export``
-        into a data-only model file (no pickles) whose id is its sha256. When you already hold
-        that file, nothing is sent but the options, and only when they changed.
-
-        Args:
-            module: The ``torch.nn.Module`` to run remotely.
-            example_inputs: Tensors to trace it with; their dtypes and shapes are what the
-                model takes.
-            name: What to list it under; None keeps the name of a model you already hold,
-                else takes the module's class name.
-            batch_dim_varies: The first dimension of every input and output may have any
-                size (the example's must be at least 2).
-            max_batch_size: Dynamic batching: stack up to this many rows of concurrent tasks
-                into one call of the model (needs ``batch_dim_varies``); 0 or 1 is off.
-            max_queue_delay: Dynamic batching: the longest, in seconds, an agent holds a task
-                waiting for others to stack with it (5 ms by default).
-            gpu: The GPU type the model's tasks need unless a task says otherwise.
-            min_gpu_memory: Least device memory its tasks need: bytes, or ``"16GiB"``.
-
-        Returns:
-            The model as the broker holds it; pass it to ``run``, ``submit`` or ``map``.
-
-        Raises:
-            ModelExportError: ``torch.export`` could not capture the module (raised before
-                anything is sent).
-            ValueError: An option is out of range.
-            InvalidArgumentError: The broker refused the model file.
-            ResourceExhaustedError: The model does not fit in your model quota.
-        """
-        upload = prepare_upload(
-            module,
-            example_inputs,
-            name=name,
-            batch_dim_varies=batch_dim_varies,
-            max_batch_size=max_batch_size,
-            max_queue_delay=max_queue_delay,
-            gpu=gpu,
-            min_gpu_memory=min_gpu_memory,
-        )
-        return self._store_model(upload)
-
-    def model(self, model: Model | str) -> Model:
-        """One of your models, by ``Model`` or id, as the broker holds it now.
-
-        Raises:
-            NotFoundError: You hold no model of that id.
-        """
-        return model_from_proto(self._held_model(model_id_of(model)))
-
-    def models(self) -> list[Model]:
-        """Your models, newest first."""
-        with translate_rpc_errors():
-            reply = self._stub.ListModels(broker_pb2.ListModelsRequest(), metadata=self._metadata)
-        return [model_from_proto(m) for m in reply.models]
-
-    def delete_model(self, model: Model | str) -> Model:
-        """Deletes one of your models (by ``Model`` or id); returns it as it was.
-
-        Raises:
-            NotFoundError: You hold no model of that id.
-            FailedPreconditionError: Queued or running tasks still name it.
-        """
-        request = broker_pb2.DeleteModelRequest(model_id=model_id_of(model))
-        with translate_rpc_errors():
-            reply = self._stub.DeleteModel(request, metadata=self._metadata)
-        return model_from_proto(reply.model)
-
-    def _store_model(self, upload: ModelUpload) -> Model:
-        try:
-            held: broker_pb2.ModelInfo | None = self._held_model(upload.model_id)
-        except NotFoundError:
-            held = None
-        if held is not None and upload.is_held_as(held):
-            return model_from_proto(held)
-        requests = upload.requests(held, self._chunk_bytes)
-        with translate_rpc_errors():
-            reply = self._upload(requests, metadata=self._metadata)
-        if held is None:
-            self.model_bytes_sent += len(upload.data)
-        return model_from_proto(reply.model)
-
-    def _held_model(self, model_id: str) -> broker_pb2.ModelInfo:
-        request = broker_pb2.GetModelRequest(model_id=model_id)
-        with translate_rpc_errors():
-            reply = self._stub.GetModel(request, metadata=self._metadata)
-        return reply.model
 
     def _submit_once(self, task: PreparedTask) -> TaskHandle:
         requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
@@ -400,25 +365,35 @@ class Client:
     # -- used by TaskHandle ----------------------------------------------------------------------
 
     def _status(self, task_id: str) -> TaskStatus:
+        return self._retrying(lambda _: self._status_once(task_id))
+
+    def _status_once(self, task_id: str) -> TaskStatus:
         request = broker_pb2.GetTaskRequest(task_id=task_id)
-        with translate_rpc_errors():
-            reply = self._stub.GetTask(request, metadata=self._metadata)
-        return status_from_proto(reply.task)
+        return status_from_proto(self._unary(self._stub.GetTask, request).task)
 
     def _cancel(self, task_id: str) -> TaskStatus:
         request = broker_pb2.CancelTaskRequest(task_id=task_id)
-        with translate_rpc_errors():
-            reply = self._stub.CancelTask(request, metadata=self._metadata)
+        reply = self._retrying(lambda _: self._unary(self._stub.CancelTask, request))
         return status_from_proto(reply.task)
 
-    def _map_result(self, value: TaskResult | Exception | str, output: OutputKind) -> TaskResult:
+    def _map_result(self, value: Ready, output: OutputKind, raise_on_error: bool) -> TaskResult:
         if isinstance(value, Exception):
-            raise value
-        if isinstance(value, str):  # outputs too large to ride along: fetch them
-            return self._result(value, output, None)
-        return value
+            raise value  # the caller's input iterator raised
+        if isinstance(value, TaskStatus):  # outputs too large to ride along: fetch them
+            try:
+                result = self._result(value.task_id, output, None)
+            except GpuBrokerError as exc:
+                result = TaskResult.failed(value, exc)
+        else:
+            result = value
+        if raise_on_error and result.error is not None:
+            raise result.error
+        return result
 
     def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
+        return self._retrying(lambda r: self._result_once(task_id, output, r.remaining()), timeout)
+
+    def _result_once(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
         collector = ResultCollector(output)
         request = broker_pb2.GetResultRequest(task_id=task_id)
         call = self._get_result(request, metadata=self._metadata, timeout=timeout)
@@ -426,6 +401,18 @@ class Client:
             with translate_rpc_errors():
                 for reply in call:
                     collector.add(reply)
+        except UnavailableError:
+            # A task that failed UNAVAILABLE (no agent could take it) answers so too: ask.
+            self._raise_if_failed(task_id)
+            raise
         finally:
             call.cancel()
         return collector.result()
+
+    def _raise_if_failed(self, task_id: str) -> None:
+        try:
+            status = self._status_once(task_id)
+        except GpuBrokerError:
+            return  # the broker is away: the caller retries
+        if status.state in (TaskState.FAILED, TaskState.CANCELLED):
+            raise task_error(status)

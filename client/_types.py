@@ -7,6 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from gpubroker.client.errors import GpuBrokerError
 from gpubroker.protos.modelfile import model_of
 from gpubroker.protos.states import TaskState
 from gpubroker.protos.wire import TensorMeta
@@ -91,27 +92,72 @@ class TaskStatus:
         return model_of(self.workload)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class TaskResult:
-    """A finished task's outputs."""
+    """A finished task's outputs, or, from ``map``, an item that failed in its place.
+
+    ``run`` and ``result()`` return only successes (a failure raises). ``map`` yields one
+    ``TaskResult`` per item, failures included: check ``ok`` or ``error``; reading ``output``
+    or ``outputs`` of a failed item raises its ``error``.
+    """
 
     task_id: str
-    """The task's id."""
-    outputs: tuple[Any, ...]
-    """torch tensors or numpy arrays (see ``output=``), in the workload's order.
-
-    Typed ``Any`` rather than a union so ``torch.equal(result.output, x)`` type-checks: which
-    kind comes back is chosen at run time.
-    """
+    """The task's id; empty for a ``map`` item refused before it became a task."""
     status: TaskStatus
-    """The finished task's snapshot."""
+    """The finished task's snapshot (for a refused ``map`` item: state FAILED, no task id,
+    the refusal's ``error_code`` and ``error_message``)."""
+    error: GpuBrokerError | None
+    """Why the item failed (the error ``run`` would have raised for it); None on success."""
+    _outputs: tuple[Any, ...]
+
+    def __init__(
+        self,
+        task_id: str,
+        outputs: tuple[Any, ...],
+        status: TaskStatus,
+        error: GpuBrokerError | None = None,
+    ) -> None:
+        object.__setattr__(self, "task_id", task_id)
+        object.__setattr__(self, "_outputs", outputs)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "error", error)
+
+    @classmethod
+    def failed(cls, status: TaskStatus, error: GpuBrokerError) -> TaskResult:
+        """A failed item: no outputs, ``error`` raised on reading them."""
+        return cls(status.task_id, (), status, error)
+
+    @property
+    def ok(self) -> bool:
+        """True when the task succeeded and its outputs are here."""
+        return self.error is None
+
+    @property
+    def outputs(self) -> tuple[Any, ...]:
+        """torch tensors or numpy arrays (see ``output=``), in the workload's order.
+
+        Typed ``Any`` rather than a union so ``torch.equal(result.output, x)`` type-checks: which
+        kind comes back is chosen at run time.
+
+        Raises:
+            GpuBrokerError: The item failed: its ``error`` (e.g. ``TaskFailedError``).
+        """
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+        return self._outputs
 
     @property
     def output(self) -> Any:
-        """The only output (a torch tensor or numpy array); ``ValueError`` if there are several."""
-        if len(self.outputs) != 1:
-            raise ValueError(f"task {self.task_id} has {len(self.outputs)} outputs; use .outputs")
-        return self.outputs[0]
+        """The only output (a torch tensor or numpy array).
+
+        Raises:
+            ValueError: The task has several outputs (use ``outputs``).
+            GpuBrokerError: The item failed: its ``error``.
+        """
+        outputs = self.outputs
+        if len(outputs) != 1:
+            raise ValueError(f"task {self.task_id} has {len(outputs)} outputs; use .outputs")
+        return outputs[0]
 
     @property
     def compute_seconds(self) -> float:

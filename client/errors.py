@@ -8,7 +8,7 @@ GpuBrokerError                    (any failed call; .code, .details)
 ├── PermissionDeniedError         PERMISSION_DENIED
 ├── ResourceExhaustedError        RESOURCE_EXHAUSTED (size limits, quotas, budgets)
 ├── FailedPreconditionError       FAILED_PRECONDITION (e.g. no GPU meets the requirement)
-├── UnavailableError              UNAVAILABLE (retryable)
+├── UnavailableError              UNAVAILABLE, or the connection lost mid-call (retryable)
 ├── DeadlineExceededError         DEADLINE_EXCEEDED (also a TimeoutError)
 ├── TaskCancelledError            CANCELLED
 ├── TaskFailedError               ABORTED (the workload raised)
@@ -58,6 +58,13 @@ __all__ = [
 # must be CamelCase with a lower-case letter, so that a broker's "refused: ..." or a status name
 # such as "INVALID_ARGUMENT: ..." is not taken for an exception type.
 _REMOTE_TYPE = re.compile(r"((?:[A-Za-z_]\w*\.)*[A-Z]\w*[a-z]\w*): ")
+
+# gRPC's own words, whole, for a call whose connection went away (e.g. the broker restarted):
+# it reports them as UNKNOWN or INTERNAL, though nothing is wrong but the connection.
+_CONNECTION_LOST = re.compile(
+    r"Stream removed|Socket closed|Connection reset by peer|Broken pipe|GOAWAY received"
+    r"|Received RST_STREAM with error code \d+|Failed to connect to remote host.*"
+)
 
 
 class GpuBrokerError(Exception):
@@ -119,7 +126,8 @@ class FailedPreconditionError(GpuBrokerError):
 
 
 class UnavailableError(GpuBrokerError):
-    """The broker cannot be reached right now; retrying may help."""
+    """The broker cannot be reached right now, or the connection was lost during the call
+    (``code`` then is gRPC's, often UNKNOWN with ``"Stream removed"``); retrying may help."""
 
 
 class DeadlineExceededError(GpuBrokerError, TimeoutError):
@@ -174,8 +182,11 @@ def error_from_code(code: grpc.StatusCode | FailureCode | str, details: str) -> 
 def error_from_rpc(exc: grpc.RpcError) -> GpuBrokerError:
     """The typed error for a failed call."""
     code: grpc.StatusCode = exc.code()
-    details: str | None = exc.details()
-    return error_from_code(code, details or "")
+    details: str = exc.details() or ""
+    lost = code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    if lost and _CONNECTION_LOST.fullmatch(details):
+        return UnavailableError(code, details)
+    return error_from_code(code, details)
 
 
 @contextlib.contextmanager

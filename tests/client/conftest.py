@@ -34,16 +34,17 @@ async def broker() -> AsyncIterator[tuple[FakeBroker, str]]:
 @pytest.fixture(params=["Client", "AsyncClient"])
 async def connect(
     request: pytest.FixtureRequest, broker: tuple[FakeBroker, str]
-) -> AsyncIterator[Callable[[str | None], Any]]:
-    """Opens clients of one flavour with a given API key; all are closed afterwards."""
+) -> AsyncIterator[Callable[..., Any]]:
+    """Opens clients of one flavour with a given API key (and options); all are closed
+    afterwards."""
     opened: list[Client | AsyncClient] = []
 
-    def open_client(api_key: str | None) -> Any:
+    def open_client(api_key: str | None, **options: Any) -> Any:
         # A tiny chunk size makes every input span several chunks, and chunks span inputs.
         if request.param == "Client":
-            opened.append(Client(broker[1], api_key, chunk_bytes=7))
+            opened.append(Client(broker[1], api_key, chunk_bytes=7, **options))
             return InThread(opened[-1])  # type: ignore[arg-type]
-        opened.append(AsyncClient(broker[1], api_key, chunk_bytes=7))
+        opened.append(AsyncClient(broker[1], api_key, chunk_bytes=7, **options))
         return opened[-1]
 
     yield open_client
@@ -61,6 +62,6 @@ def fake(broker: tuple[FakeBroker, str]) -> FakeBroker:
 
 
 @pytest.fixture
-def client(connect: Callable[[str | None], Any]) -> Any:
+def client(connect: Callable[..., Any]) -> Any:
     """A client of either kind with the key the fake accepts."""
     return connect(KEY)

@@ -3,6 +3,7 @@ deadlines, cancelling, listing and usage."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -74,10 +75,10 @@ async def test_a_failed_task_carries_the_remote_type_and_the_agents_whole_messag
     handle = await client.submit("fail", torch.ones(1))
     with pytest.raises(TaskFailedError) as fetched:
         await handle.result()
-    with pytest.raises(TaskFailedError) as mapped:
-        await run_map(client, "fail", [torch.ones(1)])
+    (mapped,) = await run_map(client, "fail", [torch.ones(1)])
 
-    for error in (ran.value, fetched.value, mapped.value):
+    assert isinstance(mapped.error, TaskFailedError)
+    for error in (ran.value, fetched.value, mapped.error):
         assert error.remote_type == "RuntimeError"
         assert error.details == fake.failure_message
         assert str(error) == f"ABORTED: {fake.failure_message}"
@@ -94,15 +95,29 @@ async def test_submit_is_retried_on_unavailable_with_the_same_request_id(
     assert list(fake.tasks) == [handle.task_id]
 
 
-async def test_submit_gives_up_after_three_unavailable_attempts(
-    client: Any, fake: FakeBroker
+async def test_submit_gives_up_once_retry_for_has_passed_and_keeps_its_request_id(
+    connect: Callable[..., Any], fake: FakeBroker
 ) -> None:
-    fake.unavailable_submits = 3
+    fake.unavailable_submits = 10_000
+    client = connect(KEY, retry_for=0.5)
 
+    started = time.monotonic()
     with pytest.raises(UnavailableError):
         await client.submit("echo", torch.ones(1), request_id="mine")
 
-    assert fake.request_ids == ["mine"] * 3
+    assert 0.4 < time.monotonic() - started < 5
+    assert len(fake.request_ids) > 2 and set(fake.request_ids) == {"mine"}
+
+
+async def test_a_client_that_never_retries_raises_the_first_unavailable(
+    connect: Callable[..., Any], fake: FakeBroker
+) -> None:
+    fake.unavailable_submits = 1
+
+    with pytest.raises(UnavailableError):
+        await connect(KEY, retry_for=0).submit("echo", torch.ones(1))
+
+    assert len(fake.request_ids) == 1
 
 
 async def test_the_run_timeout_becomes_the_calls_deadline(client: Any, fake: FakeBroker) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -9,10 +11,14 @@ import pytest
 import torch
 
 from gpubroker.client import (
+    Client,
+    GpuBrokerError,
     InvalidArgumentError,
     TaskFailedError,
+    TaskResult,
+    TaskState,
 )
-from tests.fakes.broker import FakeBroker, run_map
+from tests.fakes.broker import KEY, FakeBroker, run_map
 from tests.support.tensors import assert_same_tensors, mixed_torch_inputs
 
 
@@ -43,18 +49,67 @@ async def test_map_fetches_results_that_did_not_ride_along(client: Any) -> None:
 @pytest.mark.parametrize(
     ("workload", "error"), [("fail", TaskFailedError), ("refuse", InvalidArgumentError)]
 )
-async def test_map_raises_a_tasks_error_in_its_turn(
-    client: Any, workload: str, error: type[Exception]
+async def test_a_failed_item_is_in_its_place_with_its_error_and_the_rest_are_delivered(
+    client: Any, workload: str, error: type[GpuBrokerError]
 ) -> None:
+    items = [torch.ones(1), torch.ones(2)]
+
+    (failed,) = await run_map(client, workload, items[:1])
+    good = await run_map(client, "echo", items)
+
+    assert not failed.ok and isinstance(failed.error, error)
+    assert failed.status.error_code == failed.error.code.name
     with pytest.raises(error):
-        await run_map(client, workload, [torch.ones(1)])
+        _ = failed.output
+    with pytest.raises(error):
+        _ = failed.outputs
+    assert [r.ok for r in good] == [True, True]
 
 
-async def test_map_raises_a_bad_item_in_its_turn_and_sends_nothing_for_it(
+async def test_map_delivers_every_item_around_failures_in_input_order(client: Any) -> None:
+    items = [torch.full((1,), float(i)) for i in range(6)]
+
+    results = await run_map(client, "echo", [*items[:3], "not a tensor", *items[3:]], batch=2)
+
+    assert [r.ok for r in results] == [True, True, True, False, True, True, True]
+    assert [r.output.item() for r in results if r.ok] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+async def test_a_bad_item_fails_in_place_as_invalid_argument_and_nothing_is_sent_for_it(
     client: Any, fake: FakeBroker
 ) -> None:
-    with pytest.raises(TypeError):
-        await run_map(client, "echo", [torch.ones(1), "not a tensor", torch.ones(1)])
+    results = await run_map(client, "echo", [torch.ones(1), "not a tensor", torch.ones(1)])
+
+    bad = results[1]
+    assert isinstance(bad.error, InvalidArgumentError) and "map item 1" in bad.error.details
+    assert isinstance(bad.error.__cause__, TypeError)
+    assert (bad.task_id, bad.status.state) == ("", TaskState.FAILED)
+    assert sum(fake.map_batches) == 2
+
+
+async def test_raise_on_error_raises_a_failed_item_in_its_turn(client: Any) -> None:
+    with pytest.raises(TaskFailedError):
+        await run_map(client, "fail", [torch.ones(1)], raise_on_error=True)
+
+
+async def test_an_input_iterator_that_raises_ends_the_map_after_the_items_before_it(
+    broker: tuple[FakeBroker, str],
+) -> None:
+    def items() -> Iterator[torch.Tensor]:
+        yield torch.ones(1)
+        yield torch.ones(2)
+        raise LookupError("no more rows")
+
+    def run() -> list[TaskResult]:
+        received = []
+        with Client(broker[1], KEY) as client, pytest.raises(LookupError, match="no more rows"):
+            for result in client.map("echo", items()):
+                received.append(result)
+        return received
+
+    received = await asyncio.to_thread(run)  # the fake serves on this test's event loop
+
+    assert [r.output.shape for r in received] == [(1,), (2,)]
 
 
 async def test_map_of_nothing_is_empty(client: Any) -> None:

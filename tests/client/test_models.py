@@ -162,7 +162,7 @@ async def test_a_task_on_an_unknown_model_is_not_found(client: Any, fake: FakeBr
     with pytest.raises(NotFoundError):
         await client.submit(model.workload, torch.ones(4, 8))
     with pytest.raises(NotFoundError):
-        await run_map(client, model, [torch.ones(4, 8)])
+        await run_map(client, model, [torch.ones(4, 8)], raise_on_error=True)
 
 
 async def test_a_module_export_cannot_capture_fails_before_any_rpc(

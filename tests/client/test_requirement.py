@@ -98,7 +98,7 @@ async def test_an_impossible_gpu_is_a_failed_precondition(client: Any) -> None:
     with pytest.raises(FailedPreconditionError):
         await client.submit("echo", torch.ones(2), gpu="nvidia-h999")
     with pytest.raises(FailedPreconditionError):
-        await run_map(client, "echo", [torch.ones(2)], gpu="nvidia-h999")
+        await run_map(client, "echo", [torch.ones(2)], gpu="nvidia-h999", raise_on_error=True)
 
 
 @pytest.mark.parametrize("call", ["run", "submit", "map"])

@@ -132,17 +132,26 @@ class BrokerProcess(_Process):
         """host:port of the running broker."""
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None) -> BrokerProcess:
+    def start(
+        self,
+        timeout: float = 30.0,
+        env: Mapping[str, str] | None = None,
+        *,
+        same_port: bool = False,
+    ) -> BrokerProcess:
         """Starts the broker and waits until its health check says SERVING.
 
         ``env`` replaces the environment given at construction for this start (and later ones).
+        ``same_port`` restarts it on the port it had (a restart its clients ride through);
+        otherwise it takes a free one.
         """
         if env is not None:
             self._env = env
         port_file = self.root / "broker.port"
         port_file.unlink(missing_ok=True)
         keys = ",".join(f"{k}={t}" for k, t in self._api_keys.items())
-        args = ["-m", "gpubroker.broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
+        listen = f"127.0.0.1:{self.port if same_port else 0}"
+        args = ["-m", "gpubroker.broker", "--listen", listen, "--port-file", str(port_file)]
         args += ["--database-url", self.database_url, "--spool-dir", str(self.root / "spool")]
         args += ["--migrate", "--provider", self._provider]
         args += [
