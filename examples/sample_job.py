@@ -34,11 +34,14 @@ console = Console()
 def main() -> int:
     """Runs the demo; returns the exit code."""
     DATA.mkdir(exist_ok=True)
+    # The broker below and the billing commands after it both read their data from here.
+    os.environ["GPUBROKER_DATA_DIR"] = str(DATA.absolute())
     port_file = DATA / "broker.port"
     port_file.unlink(missing_ok=True)
     broker = _spawn(
         "gpubroker.broker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-        "--api-keys", f"{API_KEY}=demo", "--migrate", log=DATA / "broker.log",
+        "--api-keys", f"{API_KEY}=demo", "--migrate", "--data-dir", str(DATA),
+        log=DATA / "broker.log",
     )  # fmt: skip
     try:
         address = f"127.0.0.1:{_wait_for_port(port_file, broker)}"
