@@ -11,7 +11,7 @@ GpuBrokerError                    (any failed call; .code, .details)
 ├── UnavailableError              UNAVAILABLE, or the connection lost mid-call (retryable)
 ├── DeadlineExceededError         DEADLINE_EXCEEDED (also a TimeoutError)
 ├── TaskCancelledError            CANCELLED
-├── TaskFailedError               ABORTED (the workload raised)
+├── TaskFailedError               ABORTED (the workload raised, or a poison task)
 └── InternalError                 INTERNAL, UNKNOWN and the rest
 
 ModelExportError (a ValueError)   upload_model: torch.export could not capture the module;
@@ -139,7 +139,15 @@ class TaskCancelledError(GpuBrokerError):
 
 
 class TaskFailedError(GpuBrokerError):
-    """The workload raised an error on the agent."""
+    """The task failed on the agents (ABORTED); the message says how:
+
+    - ``"<ExceptionType>: <message>"`` and the failing graph node or the last frames: the
+      workload or model raised (``remote_type`` is the exception's name);
+    - ``"poison task: its agent was lost N times ..."``: every agent that took the task died,
+      disconnected or went silent, so the broker stopped retrying it;
+    - ``"gave up after N attempts whose results could not be used; ..."``: its results kept
+      arriving corrupt.
+    """
 
 
 class InternalError(GpuBrokerError):
