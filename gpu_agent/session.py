@@ -83,12 +83,15 @@ class Session:
                 first = await call.read()
         except TimeoutError:
             call.cancel()
+            outbox.put(None)
             raise BrokerProtocolError(f"no welcome within {_WELCOME_TIMEOUT_S:g} s") from None
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the broker refused or is unreachable
             call.cancel()
+            outbox.put(None)
             raise
         if not isinstance(first, agent_pb2.BrokerMessage) or not first.HasField("welcome"):
             call.cancel()
+            outbox.put(None)
             got = "the end of the stream" if first is grpc.aio.EOF else str(first).strip()
             raise BrokerProtocolError(f"expected a welcome from the broker, got {got}")
         heartbeat_s = first.welcome.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_S
@@ -141,6 +144,10 @@ class Session:
                 task.cancel()
             await asyncio.wait({heartbeat, closing, reader})
             self._call.cancel()
+            # grpc's task that reads our request stream outlives a broken call; ending the
+            # stream lets it finish, where it was left pending ("Task was destroyed but it is
+            # pending!", then "aclose(): asynchronous generator is already running" at exit).
+            self._outbox.put(None)
         if not reader.cancelled():
             reader.result()
 
