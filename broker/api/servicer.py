@@ -79,6 +79,11 @@ class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
         async for outcomes in batch.run(_batches(request_iterator, owed)):
             owed.answered(len(outcomes))
             yield broker_pb2.RunManyResponse(outcomes=[outcome_to_proto(o) for o in outcomes])
+            # Written to the call: those whose data rode along are delivered (the others are
+            # when their GetResult ends).
+            self._tasks.delivered(
+                o.task for o in outcomes if o.task is not None and o.task.inline_outputs is not None
+            )
 
     async def WatchTask(
         self, request: broker_pb2.WatchTaskRequest, context: Context

@@ -6,7 +6,7 @@ Domain logic only: the client servicer converts messages and maps errors around 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -258,6 +258,13 @@ class TaskService:
         """Cancels one of the tenant's queued or running tasks."""
         return await self._dispatcher.cancel(task_id, tenant)
 
+    def delivered(self, tasks: Iterable[Task]) -> None:
+        """Notes results handed over whole on a ``RunMany`` call: a call-bound task's result
+        is deleted once delivered (``SpoolKeeper.delivered``)."""
+        if self._keeper is not None:
+            for task in tasks:
+                self._keeper.delivered(task)
+
     async def cancel_quietly(self, task_id: str) -> None:
         """Cancels a task whose caller went away (a Run call that was cancelled)."""
         await self._dispatcher.cancel(task_id, None)
@@ -342,7 +349,7 @@ async def _delivering(
     """Yields ``chunks``; once all are taken, the call-bound result has been delivered."""
     async for chunk in chunks:
         yield chunk
-    await keeper.expire_delivered(task)
+    keeper.delivered(task)
 
 
 async def _started(

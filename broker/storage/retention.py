@@ -3,8 +3,9 @@
 ``SpoolKeeper`` runs a sweep at start and every ``RetentionPolicy.sweep_interval_s``:
 
 - **Results expire.** A final task's outputs are deleted ``result_ttl_s`` after it finished
-  (``call_result_ttl_s`` for a call-bound task, whose result a ``Run`` or ``GetResult`` has
-  usually taken at once: ``expire_delivered`` deletes a delivered file right away). The row
+  (``call_result_ttl_s`` for a call-bound task that nobody fetched). A call-bound task's
+  result that reached its caller (``Run``, ``RunMany``, ``GetResult``) is expired within
+  ``DELIVERED_FLUSH_S`` of delivery (``delivered``), many in one statement. The row
   keeps the moment (``tasks.outputs_expired_at``) and loses its inline bytes, so ``GetResult``
   can answer that the result expired, and when.
 - **Orphans go.** A payload file that no row needs (the broker killed between writing a file
@@ -45,6 +46,9 @@ _FINAL = tuple(s.value for s in TaskState if s.is_final)
 _LIVE = (TaskState.QUEUED.value, TaskState.RUNNING.value)
 _BATCH = 500
 """Rows per statement: bounds an IN list and how long one sweep holds a write lock."""
+DELIVERED_FLUSH_S = 1.0
+"""A delivered ``Run``/``map`` result is deleted at most this long after delivery: the results
+delivered meanwhile go in one statement, rather than a write per small task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,9 @@ class SpoolKeeper:
         self._on_sweep = on_sweep
         self.eras: list[SpoolEra] = []
         """The spool directories this database was written with, oldest first."""
+        self._delivered: list[Task] = []
+        """Call-bound tasks whose results reached their callers, not yet expired."""
+        self._flush_task: asyncio.Task[None] | None = None
         self.sweeps_orphans = True
         """False when the spool was written with another database (see the module doc)."""
         self._loop_task: asyncio.Task[None] | None = None
@@ -121,13 +128,29 @@ class SpoolKeeper:
         """Records the spool's identity, then sweeps now and every interval."""
         await asyncio.to_thread(self.record_spool, datetime.now(UTC))
         self._loop_task = asyncio.create_task(self._loop(), name="spool-keeper")
+        self._flush_task = asyncio.create_task(self._flush_loop(), name="spool-delivered")
 
     async def stop(self) -> None:
-        """Stops the periodic sweep."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        """Stops the periodic sweep, then expires the results delivered since the last flush."""
+        for task in (self._loop_task, self._flush_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.flush_delivered()
+
+    def delivered(self, task: Task) -> None:
+        """Notes that a ``Run``/``map`` task's result reached its caller: its outputs (in the
+        row or a file) are deleted and the row marked expired within ``DELIVERED_FLUSH_S``.
+        A submitted task's result is kept for its retention, whoever fetched it."""
+        if task.call_bound:
+            self._delivered.append(task)
+
+    async def flush_delivered(self) -> None:
+        """Expires every result noted as delivered, in one transaction."""
+        if self._delivered:
+            delivered, self._delivered = self._delivered, []
+            await asyncio.to_thread(self._expire_many, delivered, datetime.now(UTC))
 
     def record_spool(self, now: datetime) -> None:
         """Adds the spool to the database's history when it differs from the last one there
@@ -179,12 +202,6 @@ class SpoolKeeper:
             self._on_sweep(report)
         return report
 
-    async def expire_delivered(self, task: Task) -> None:
-        """Deletes a call-bound task's delivered output file and marks its row expired (an
-        inline result waits for the sweep: a write per small ``Run`` would cost more)."""
-        if task.call_bound and task.inline_outputs is None:
-            await asyncio.to_thread(self._expire_one, task, datetime.now(UTC))
-
     async def explain_missing(self, task: Task, lost: PayloadLostError) -> BrokerError:
         """Why a succeeded task's outputs are not there: they expired, they were written to
         another spool directory, or ``lost`` (they are genuinely gone)."""
@@ -222,6 +239,14 @@ class SpoolKeeper:
             f"results of submitted tasks are kept for {days:g} days after they finish "
             "(--result-ttl, GPUBROKER_RESULT_TTL_S)"
         )
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DELIVERED_FLUSH_S)
+            try:
+                await self.flush_delivered()
+            except Exception:  # the periodic sweep expires them later
+                logger.exception("expiring delivered results failed")
 
     async def _loop(self) -> None:
         while True:
@@ -289,10 +314,13 @@ class SpoolKeeper:
             if len(rows) < _BATCH:
                 return count, deleted_bytes
 
-    def _expire_one(self, task: Task, now: datetime) -> None:
+    def _expire_many(self, delivered: list[Task], now: datetime) -> None:
         with self._engine.begin() as conn:
-            _mark_expired(conn, [task.id], now)
-        _unlink(self._spool.output_path(task.id, task.attempt))
+            for start in range(0, len(delivered), _BATCH):
+                _mark_expired(conn, [t.id for t in delivered[start : start + _BATCH]], now)
+        for task in delivered:
+            if task.inline_outputs is None:
+                _unlink(self._spool.output_path(task.id, task.attempt))
 
     def _expired_at(self, task_id: str) -> datetime | None:
         with self._engine.connect() as conn:

@@ -54,6 +54,27 @@ def test_map_returns_every_result_in_input_order_and_bills_each_task_once(
     assert sorted(i for i in billed if i in ids) == sorted(ids)
 
 
+def test_delivered_map_results_are_deleted_from_the_broker_soon_after(
+    cluster: BrokerProcess,
+) -> None:
+    items = [[torch.tensor([float(i)]), torch.tensor([0.5])] for i in range(50)]
+    with Client(cluster.address, "key-a") as client:
+        ids = [r.task_id for r in client.map("add", items)]
+
+    def kept() -> int:
+        engine = sa.create_engine(cluster.database_url)
+        with engine.connect() as conn:
+            query = sa.select(sa.func.count()).where(
+                tasks.c.id.in_(ids),
+                sa.or_(tasks.c.inline_outputs.is_not(None), tasks.c.outputs_expired_at.is_(None)),
+            )
+            count = int(conn.execute(query).scalar_one())
+        engine.dispose()
+        return count
+
+    wait_until(lambda: kept() == 0, 10, "the delivered results to expire")
+
+
 def test_map_keeps_numpy_in_numpy_out_and_fetches_large_outputs(
     cluster: BrokerProcess,
 ) -> None:

@@ -263,7 +263,8 @@ async def test_a_runs_large_inputs_are_held_in_memory_and_its_result_kept_unfsyn
     assert broker_server.spool.held_bytes == 0  # let go once the task ended
     result = b"".join(r.chunk.data for r in replies if r.WhichOneof("kind") == "chunk")
     assert result == data[::-1]
-    assert not (tmp_path / "spool" / "out" / f"{task_id}.1.bin").exists()  # delivered: expired
+    output = tmp_path / "spool" / "out" / f"{task_id}.1.bin"
+    await wait_for(lambda: not output.exists(), 10, "the delivered result to be deleted")
     assert fsynced == []  # a Run's payloads are not flushed: the task ends with its call
 
 

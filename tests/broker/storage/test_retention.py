@@ -118,12 +118,18 @@ async def test_a_call_bound_result_expires_after_its_short_retention_or_once_del
 ) -> None:
     undelivered = _succeeded(store, spool, "t-run-1", 16, call_bound=True)
     delivered = _succeeded(store, spool, "t-run-2", BIG, call_bound=True)
+    delivered_inline = _succeeded(store, spool, "t-run-3", 16, call_bound=True)
 
-    await keeper.expire_delivered(delivered)
-    report = await keeper.sweep(NOW + timedelta(seconds=61))
+    keeper.delivered(delivered)
+    keeper.delivered(delivered_inline)
+    await keeper.flush_delivered()
 
     assert not spool.output_path(delivered.id, delivered.attempt).exists()
     assert _expired_at(engine, delivered.id) is not None
+    assert _expired_at(engine, delivered_inline.id) is not None
+    assert store.get(delivered_inline.id).inline_outputs is None
+    assert _expired_at(engine, undelivered.id) is None
+    report = await keeper.sweep(NOW + timedelta(seconds=61))
     assert report.expired == 1 and _expired_at(engine, undelivered.id) is not None
     with pytest.raises(PayloadLostError) as lost:
         spool.outputs(store.get(delivered.id))
