@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # `from gpubroker.protos import task_pb2`.
 PROTOS := $(wildcard gpubroker/protos/*.proto)
 
-.PHONY: install protos check-protos lint format typecheck test test-fast run bench migrate certs clean all
+.PHONY: install protos check-protos lint format typecheck test test-fast run bench cost migrate certs clean all
 
 all: check-protos lint test
 
@@ -51,6 +51,10 @@ run:
 
 bench:
 	$(PY) -m bench
+
+# The autoscaler's cost against baselines on simulated traces (bench/cost, docs/cost.md).
+cost:
+	$(PY) -m bench.cost
 
 migrate:
 	$(PY) -m gpubroker.billing migrate

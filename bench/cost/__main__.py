@@ -1,0 +1,154 @@
+"""``make cost`` / ``python -m bench.cost``: every policy on every trace, averaged over seeds."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from bench.cost.policies import AlwaysOn, Autostop, Oracle, Ours
+from bench.cost.sim import (
+    FAST_BOOT_S,
+    SLOW_BOOT_S,
+    Controller,
+    RunResult,
+    SimConfig,
+    Simulation,
+    percentile,
+)
+from bench.cost.traces import TRACES, make_trace
+from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.scaling.loop import load_scaling_config
+from gpubroker.broker.scaling.policy import ScalingPolicy
+
+SCALING_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "scaling-gce.toml"
+"""The production parameters the real policy runs with."""
+POLICIES = ("ours", "always-on", "autostop-5min", "autostop-0s", "oracle")
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One policy on one trace, over the seeds: sums for money, means per seed otherwise."""
+
+    vm_cost_usd: float
+    billed_usd: float
+    wait_p50_s: float
+    wait_p95_s: float
+    launches: float
+    never_ran: float
+
+    @property
+    def billed_over_vm(self) -> float:
+        """Billed compute over VM cost (1.0: no GPU second paid for sat idle)."""
+        return self.billed_usd / self.vm_cost_usd if self.vm_cost_usd else 0.0
+
+
+def setup(config_path: Path = SCALING_CONFIG) -> tuple[ScalingPolicy, SimConfig, int]:
+    """The policy as the broker loads it for gce, the matching simulator rules, the price."""
+    catalog = PriceCatalog.load()
+    scaling = load_scaling_config(config_path, "gce", catalog)
+    policy = scaling.policy
+    request = policy.launch_request
+    price = catalog.price_for(request.gpu_types[0], spot=request.spot).per_hour_nanousd
+    config = SimConfig(
+        slots=policy.slots_per_instance,
+        max_instances=policy.max_instances,
+        interval_s=scaling.interval_s,
+        billing_minimum_s=policy.billing_minimum_s,
+        price_per_hour_usd=price / 1e9,
+    )
+    return policy, config, price
+
+
+def controller(name: str, policy: ScalingPolicy, config: SimConfig, price: int) -> Controller:
+    """A fresh controller for the policy ``name`` (one of ``POLICIES``)."""
+    makers: dict[str, Callable[[], Controller]] = {
+        "ours": lambda: Ours(policy, price),
+        "always-on": AlwaysOn,
+        "autostop-5min": lambda: Autostop(300.0),
+        "autostop-0s": lambda: Autostop(0.0),
+        "oracle": lambda: Oracle(config.boot_range_s[1]),
+    }
+    return makers[name]()
+
+
+def simulate(trace_name: str, policy_name: str, seeds: Sequence[int]) -> Summary:
+    """``policy_name`` on ``trace_name`` for every seed, summarised."""
+    policy, base, price = setup()
+    runs: list[RunResult] = []
+    for seed in seeds:
+        trace = make_trace(trace_name, seed)
+        config = replace(base, boot_range_s=SLOW_BOOT_S if trace.slow_boot else FAST_BOOT_S)
+        sim = Simulation(trace, controller(policy_name, policy, config, price), config, seed)
+        runs.append(sim.run())
+    n = len(runs)
+    return Summary(
+        vm_cost_usd=sum(r.vm_cost_usd for r in runs),
+        billed_usd=sum(r.billed_usd for r in runs),
+        wait_p50_s=sum(percentile(r.waits_s, 0.5) for r in runs) / n,
+        wait_p95_s=sum(percentile(r.waits_s, 0.95) for r in runs) / n,
+        launches=sum(r.launches for r in runs) / n,
+        never_ran=sum(r.never_ran for r in runs) / n,
+    )
+
+
+def _table(trace: str, rows: dict[str, Summary], seeds: int) -> Table:
+    table = Table(title=f"{trace} (sums over {seeds} seeds; waits, launches: mean per seed)")
+    for column in ("policy", "VM cost $", "billed $", "billed / VM", "p50 wait s", "p95 wait s"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    table.add_column("launches", justify="right")
+    table.add_column("never ran a task", justify="right")
+    for name, s in rows.items():
+        table.add_row(
+            name,
+            f"{s.vm_cost_usd:.2f}",
+            f"{s.billed_usd:.2f}",
+            f"{s.billed_over_vm:.1%}",
+            f"{s.wait_p50_s:.0f}",
+            f"{s.wait_p95_s:.0f}",
+            f"{s.launches:.1f}",
+            f"{s.never_ran:.1f}",
+        )
+    return table
+
+
+@click.command()
+@click.option("--trace", "chosen", multiple=True, type=click.Choice(TRACES), help="Only these.")
+@click.option("--seeds", type=int, default=len(SEEDS), show_default=True, help="Seeds 0..N-1.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("cost-results.json"), show_default=True
+)
+def main(chosen: tuple[str, ...], seeds: int, out: Path) -> None:
+    """Simulates every policy on every trace under GCE's rules and prints what each costs."""
+    console = Console(width=150)
+    started = time.perf_counter()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for trace in chosen or TRACES:
+        rows = {p: simulate(trace, p, range(seeds)) for p in POLICIES}
+        console.print(_table(trace, rows, seeds))
+        results[trace] = {
+            p: {
+                "billed_over_vm": round(s.billed_over_vm, 4),
+                "wait_p50_s": round(s.wait_p50_s, 1),
+                "wait_p95_s": round(s.wait_p95_s, 1),
+                "launches": s.launches,
+                "never_ran": s.never_ran,
+                "vm_cost_usd": round(s.vm_cost_usd, 4),
+                "billed_usd": round(s.billed_usd, 4),
+            }
+            for p, s in rows.items()
+        }
+    seconds = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps({"seeds": seeds, "seconds": seconds, "traces": results}, indent=1))
+    console.print(f"wrote {out} in {seconds} s")
+
+
+if __name__ == "__main__":
+    main()
