@@ -95,10 +95,12 @@ def report(
 def overhead(
     database_url: str | None, since: datetime | None, until: datetime | None, fmt: str
 ) -> None:
-    """Prints VM cost, billed compute and idle overhead per GPU type.
+    """Prints VM cost, boot time, billed compute and idle overhead per GPU type.
 
-    VM cost is per second with a one-minute minimum per VM, clipped to the range; VMs still
-    running count up to now. Idle overhead is VM cost less billed compute.
+    VM time runs from each VM's RUNNING to its deletion, as GCE bills it: per second, at least
+    60 s per VM (no minimum for local agents), clipped to the range; VMs still running count up
+    to now. Boot is the part of VM time before the VM's agent connected (all of it if it never
+    did). Idle overhead is VM cost less billed compute, boot included.
     """
     now = datetime.now(UTC)
     lines = _read(

@@ -183,6 +183,8 @@ vm_instances = Table(
     Column("running_at", UtcDateTime, nullable=True),
     Column("deleted_at", UtcDateTime, nullable=True),
     Column("end_reason", String(32), nullable=True),
+    # When its agent first connected: RUNNING to this is the machine's boot time.
+    Column("connected_at", UtcDateTime, nullable=True),
 )
 """One row per agent machine a provider started (``local`` or ``gce``), for its uptime cost.
 

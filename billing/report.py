@@ -132,7 +132,9 @@ _OVERHEAD_COLUMNS = (
     "gpu_type",
     "vms",
     "vm_s",
+    "boot_s",
     "vm_cost_usd",
+    "boot_cost_usd",
     "tasks",
     "compute_s",
     "billed_usd",
@@ -154,7 +156,9 @@ def _overhead_cells(line: OverheadLine) -> list[str]:
         line.gpu_type,
         str(line.vms),
         f"{line.vm_seconds:.6f}",
+        f"{line.boot_seconds:.6f}",
         _usd(line.vm_cost_nanousd),
+        _usd(line.boot_cost_nanousd),
         str(line.tasks),
         f"{line.compute_seconds:.6f}",
         _usd(line.billed_nanousd),
@@ -171,6 +175,9 @@ def _overhead_json_row(line: OverheadLine) -> dict[str, Any]:
         "vm_s": float(line.vm_seconds),
         "vm_cost_usd": _usd(line.vm_cost_nanousd),
         "vm_cost_nanousd": line.vm_cost_nanousd,
+        "boot_s": float(line.boot_seconds),
+        "boot_cost_usd": _usd(line.boot_cost_nanousd),
+        "boot_cost_nanousd": line.boot_cost_nanousd,
         "tasks": line.tasks,
         "compute_s": line.compute_seconds,
         "billed_usd": _usd(line.billed_nanousd),
@@ -183,6 +190,10 @@ def _overhead_json_row(line: OverheadLine) -> dict[str, Any]:
 
 def render_overhead(lines: Sequence[OverheadLine], fmt: str) -> str:
     """Returns VM cost beside billed compute in ``fmt``, one row per GPU type, totals last.
+
+    VM time and cost run from each machine's ``RUNNING`` to its deletion, with the provider's
+    minimum (``gpubroker.billing.vms``); the boot columns are the part of them before the agent
+    connected. Idle overhead is VM cost less billed compute, boot included.
 
     Raises:
         ValueError: ``fmt`` is not one of ``FORMATS``.
@@ -209,10 +220,15 @@ def render_overhead(lines: Sequence[OverheadLine], fmt: str) -> str:
 def _overhead_table(lines: Sequence[OverheadLine], total: OverheadLine) -> str:
     table = Table(
         title="VM cost beside billed compute by GPU type",
-        caption="idle overhead = VM cost - billed compute (billed at tenant prices)",
+        caption=(
+            "VM time: RUNNING to deletion, GCE's 60 s minimum (none for local agents); "
+            "boot: RUNNING to agent connected, part of VM time\n"
+            "idle overhead = VM cost - billed compute (billed at tenant prices), boot included"
+        ),
     )
     table.add_column("gpu type")
-    for heading in ("VMs", "VM s", "VM cost", "tasks", "compute s", "billed", "idle", "idle %"):
+    headings = ("VMs", "VM s", "boot s", "VM cost", "boot cost", "tasks", "compute s", "billed")
+    for heading in (*headings, "idle", "idle %"):
         table.add_column(heading, justify="right")
     for line in lines:
         table.add_row(*_overhead_table_cells(line))
@@ -226,7 +242,9 @@ def _overhead_table_cells(line: OverheadLine) -> list[str]:
         line.gpu_type,
         str(line.vms),
         f"{line.vm_seconds:.6f}",
+        f"{line.boot_seconds:.6f}",
         format_usd(line.vm_cost_nanousd),
+        format_usd(line.boot_cost_nanousd),
         str(line.tasks),
         f"{line.compute_seconds:.6f}",
         format_usd(line.billed_nanousd),

@@ -1,14 +1,24 @@
-"""VM uptime: when each agent machine was created, ran and was deleted, and what it cost.
+"""VM uptime: when each agent machine was created, ran, connected and was deleted; its cost.
 
 The cost rule is Compute Engine's (docs/deploy.md, section 7): a machine is charged per second,
-in whole seconds rounded up, from when it starts running until it is deleted, and at least one
-minute per life. Each machine's charge is laid out as an interval, ``[begin, begin + charged)``
-with ``charged = max(ceil(life), 60 s)``, and a report over ``[start, end)`` counts the part of
-that interval inside the range. So a machine that lived 20 s is charged 60 s (whichever range
-holds them), and adjacent ranges add up to the machine's whole charge, up to a nano-dollar of
-rounding per machine and range. ``begin`` is ``running_at``, or ``created_at`` when running was
-never recorded: the report then errs towards more VM cost, never hiding idle overhead. A machine
-not yet deleted is charged up to ``now``, and at least its first minute, which it already owes.
+in whole seconds rounded up, from when it starts running (GCE's ``RUNNING``, boot included)
+until it is deleted, and at least one minute per life. Each machine's charge is laid out as an
+interval, ``[begin, begin + charged)`` with ``charged = max(ceil(life), minimum)``, and a report
+over ``[start, end)`` counts the part of that interval inside the range. So a GCE machine that
+lived 20 s is charged 60 s (whichever range holds them), and adjacent ranges add up to the
+machine's whole charge, up to a nano-dollar of rounding per machine and range. The minimum is
+the provider's (``minimum_charge``): a minute on GCE, none for ``local`` agents, which are
+processes on the broker's own host; the autoscaler's policy uses the same figures.
+
+``begin`` is the provider's first ``RUNNING`` sighting (``running_at``), or the agent's first
+connection (``connected_at``) if that came earlier (the loop sees RUNNING on its next tick, and a
+machine whose agent connected was running), or ``created_at`` when RUNNING was never recorded:
+the report then errs towards more VM cost, never hiding idle overhead. A machine not yet
+deleted is charged up to ``now``, and at least its minimum, which it already owes.
+
+Boot time is the part of the charge from ``begin`` until the agent connected; a machine whose
+agent never connected spent its whole charge booting. It is part of the machine's cost (and so
+of the idle overhead), shown apart so that slow boots can be told from idle machines.
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ __all__ = [
     "VmCostLine",
     "VmLaunch",
     "idle_overhead",
+    "minimum_charge",
     "overhead_total",
+    "record_connected",
     "record_created",
     "record_deleted",
     "record_running",
@@ -45,7 +57,10 @@ __all__ = [
 ]
 
 MINIMUM_CHARGE = timedelta(seconds=60)
-"""The least a machine's life is charged, as on Compute Engine."""
+"""The least a Compute Engine machine's life is charged."""
+
+_MINIMUM_CHARGES: Mapping[str, timedelta] = {"local": timedelta(0)}
+"""Providers that charge less than Compute Engine's minute."""
 
 _TOTAL = "TOTAL"
 _MICROS_PER_HOUR = 3_600_000_000
@@ -100,6 +115,10 @@ class VmCostLine:
     charged_seconds: Decimal
     """Machine-seconds charged in the range, minimum included; exact to the microsecond."""
     cost_nanousd: int
+    boot_seconds: Decimal = Decimal(0)
+    """The part of ``charged_seconds`` before the machines' agents connected."""
+    boot_cost_nanousd: int = 0
+    """The part of ``cost_nanousd`` for ``boot_seconds``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +146,10 @@ class OverheadLine:
     tasks: int
     compute_seconds: float
     billed_nanousd: int
+    boot_seconds: Decimal = Decimal(0)
+    """Machine-seconds charged before the agents connected; part of ``vm_seconds``."""
+    boot_cost_nanousd: int = 0
+    """What ``boot_seconds`` cost; part of ``vm_cost_nanousd`` and so of the idle overhead."""
 
     @property
     def idle_nanousd(self) -> int:
@@ -149,6 +172,15 @@ def _connection(target: Connection | Engine) -> Iterator[Connection]:
             yield conn
     else:
         yield target
+
+
+def minimum_charge(provider: str) -> timedelta:
+    """The least a machine of ``provider`` is charged per life.
+
+    Compute Engine's minute (``MINIMUM_CHARGE``), and for providers this module does not know;
+    none for ``local`` agents, processes on the broker's host that no one bills by the minute.
+    """
+    return _MINIMUM_CHARGES.get(provider, MINIMUM_CHARGE)
 
 
 def record_created(target: Connection | Engine, vm: VmLaunch, created_at: datetime) -> bool:
@@ -195,6 +227,21 @@ def record_running(target: Connection | Engine, name: str, running_at: datetime)
         return conn.execute(update).rowcount == 1
 
 
+def record_connected(target: Connection | Engine, name: str, connected_at: datetime) -> bool:
+    """Records when a machine's agent first connected (its boot ends); only the first time counts.
+
+    Returns False, changing nothing, for a machine not recorded, already connected, or deleted.
+    """
+    update = (
+        vm_instances.update()
+        .where(vm_instances.c.name == name)
+        .where(vm_instances.c.connected_at.is_(None), vm_instances.c.deleted_at.is_(None))
+        .values(connected_at=connected_at)
+    )
+    with _connection(target) as conn:
+        return conn.execute(update).rowcount == 1
+
+
 def record_deleted(
     target: Connection | Engine, name: str, deleted_at: datetime, reason: EndReason
 ) -> bool:
@@ -215,12 +262,19 @@ def _micros(delta: timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _charged(row: Any, now: datetime) -> tuple[datetime, datetime]:
-    """The interval a machine's life is charged for (see the module docstring)."""
-    begin = max(row.created_at, row.running_at) if row.running_at else row.created_at
+def _charged(
+    row: Any, now: datetime
+) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
+    """The intervals a machine's life, and its boot, are charged for (see the module docstring)."""
+    begin = row.created_at
+    if row.running_at is not None:
+        seen = row.running_at if row.connected_at is None else min(row.running_at, row.connected_at)
+        begin = max(begin, seen)
     finish = max(row.deleted_at or now, begin)
     whole_seconds = -(-_micros(finish - begin) // 1_000_000)
-    return begin, begin + max(timedelta(seconds=whole_seconds), MINIMUM_CHARGE)
+    charge_end = begin + max(timedelta(seconds=whole_seconds), minimum_charge(row.provider))
+    boot_end = charge_end if row.connected_at is None else max(begin, row.connected_at)
+    return (begin, charge_end), (begin, min(boot_end, charge_end))
 
 
 def _overlap_micros(
@@ -235,11 +289,12 @@ def _candidates(start: datetime | None, end: datetime | None) -> sa.Select[Any]:
     """Machines whose charge may fall in the range; exact clipping happens in Python."""
     c = vm_instances.c
     query = sa.select(c.gpu_type, c.price_per_hour_nanousd, c.created_at, c.running_at)
-    query = query.add_columns(c.deleted_at)
+    query = query.add_columns(c.deleted_at, c.connected_at, c.provider)
     if end is not None:
         query = query.where(c.created_at < end)
     if start is not None:
-        # A charge ends at most a minimum charge after the later of deletion and its start.
+        # A charge ends at most a minute (the longest minimum) after the later of deletion and
+        # its start.
         horizon = start - MINIMUM_CHARGE
         query = query.where(
             sa.or_(
@@ -262,27 +317,33 @@ def vm_cost(
     """Machine cost over ``[start, end)`` (None: unbounded), per GPU type and in total.
 
     Each machine's cost in the range is its charged microseconds there times its price,
-    rounded half-up to a nano-dollar; totals are exact sums of those. Machines not yet deleted
-    are charged up to ``now`` (default: the current time).
+    rounded half-up to a nano-dollar, and likewise its boot's; totals are exact sums of those.
+    Machines not yet deleted are charged up to ``now`` (default: the current time).
     """
     now = now or datetime.now(UTC)
     with _connection(target) as conn:
         rows = conn.execute(_candidates(start, end)).all()
-    # Per GPU type: [machines, charged microseconds, nano-dollars], all exact integers.
+    # Per GPU type: [machines, charged microseconds, nano-dollars, boot microseconds, boot
+    # nano-dollars], all exact integers.
     sums: dict[str, list[int]] = {}
     for row in rows:
-        micros = _overlap_micros(_charged(row, now), start, end)
+        charge, boot = _charged(row, now)
+        micros = _overlap_micros(charge, start, end)
         if micros > 0:
-            cost = prorated_nanousd(micros, _MICROS_PER_HOUR, row.price_per_hour_nanousd)
-            for i, value in enumerate((1, micros, cost)):
-                sums.setdefault(row.gpu_type, [0, 0, 0])[i] += value
+            boot_micros = _overlap_micros(boot, start, end)
+            price = row.price_per_hour_nanousd
+            cost = prorated_nanousd(micros, _MICROS_PER_HOUR, price)
+            boot_cost = prorated_nanousd(boot_micros, _MICROS_PER_HOUR, price)
+            for i, value in enumerate((1, micros, cost, boot_micros, boot_cost)):
+                sums.setdefault(row.gpu_type, [0] * 5)[i] += value
     lines = tuple(_cost_line(gpu, sums[gpu]) for gpu in sorted(sums))
-    return VmCost(lines, _cost_line(_TOTAL, [sum(s[i] for s in sums.values()) for i in range(3)]))
+    return VmCost(lines, _cost_line(_TOTAL, [sum(s[i] for s in sums.values()) for i in range(5)]))
 
 
 def _cost_line(gpu_type: str, sums: Sequence[int]) -> VmCostLine:
-    vms, micros, cost = sums
-    return VmCostLine(gpu_type, vms, Decimal(micros).scaleb(-6), cost)
+    vms, micros, cost, boot_micros, boot_cost = sums
+    seconds, boot_seconds = Decimal(micros).scaleb(-6), Decimal(boot_micros).scaleb(-6)
+    return VmCostLine(gpu_type, vms, seconds, cost, boot_seconds, boot_cost)
 
 
 def idle_overhead(
@@ -314,6 +375,8 @@ def _overhead_line(
         tasks=usage.tasks if usage else 0,
         compute_seconds=usage.compute_seconds if usage else 0.0,
         billed_nanousd=usage.cost_nanousd if usage else 0,
+        boot_seconds=machines.boot_seconds if machines else Decimal(0),
+        boot_cost_nanousd=machines.boot_cost_nanousd if machines else 0,
     )
 
 
@@ -327,4 +390,6 @@ def overhead_total(lines: Sequence[OverheadLine]) -> OverheadLine:
         tasks=sum(line.tasks for line in lines),
         compute_seconds=sum(line.compute_seconds for line in lines),
         billed_nanousd=sum(line.billed_nanousd for line in lines),
+        boot_seconds=sum((line.boot_seconds for line in lines), Decimal(0)),
+        boot_cost_nanousd=sum(line.boot_cost_nanousd for line in lines),
     )

@@ -4,8 +4,9 @@ Every ``interval_s`` it lists the provider's instances (ours, by label, includin
 broker left behind: they are adopted, and stopped like any other once idle), looks at the queue
 and at each instance's agent, asks the pure ``Autoscaler`` what to do, and launches or deletes
 machines in worker threads (GCE calls block for seconds to minutes). Each machine's life is
-written to the billing database (``gpubroker.billing.vms``): created, running (its agent connected),
-deleted and why, so reports can put VM cost beside billed compute.
+written to the billing database (``gpubroker.billing.vms``): created, running (the provider's
+first RUNNING sighting, where GCE's charge starts), its agent's first connection (where its boot
+ends), deleted and why, so reports can put VM cost and boot time beside billed compute.
 
 The configuration is one TOML file (``--scaling-config``), with a table per concern: ``[policy]``
 (``ScalingPolicy``), ``[local]`` (``LocalSettings``) or ``[gce]`` (``GceSettings``). See
@@ -35,6 +36,7 @@ from gpubroker.billing.prices import GPU_MEMORY_BYTES, PriceCatalog, to_nanousd
 from gpubroker.billing.vms import (
     EndReason,
     VmLaunch,
+    record_connected,
     record_created,
     record_deleted,
     record_running,
@@ -288,7 +290,10 @@ class ScalingLoop:
                 # The provider bills from RUNNING (boot included), not from the agent's hello.
                 tracked.running_recorded = True
                 await asyncio.to_thread(record_running, self._engine, instance.name, wall)
+            booting = tracked.connected_s is None
             self._observe_agent(instance.name, tracked, now_s)
+            if booting and tracked.connected_s is not None:  # its boot ends here
+                await asyncio.to_thread(record_connected, self._engine, instance.name, wall)
         for name in set(self._tracked) - listed - self._terminating:  # gone without us
             del self._tracked[name]
             await asyncio.to_thread(record_deleted, self._engine, name, wall, EndReason.PREEMPTED)

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gpubroker.billing.prices import PriceCatalog, format_usd
+from gpubroker.billing.vms import MINIMUM_CHARGE
 from gpubroker.broker.scaling.demand import Demand, GpuChoice, Want, choices_of, plan
 from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest
 
@@ -61,8 +62,9 @@ __all__ = [
     "worst_case_price_nanousd",
 ]
 
-GCE_BILLING_MINIMUM_S = 60.0
-"""GCE charges every started instance for at least this long, then per second."""
+GCE_BILLING_MINIMUM_S = MINIMUM_CHARGE.total_seconds()
+"""GCE charges every started instance for at least this long, then per second (the machine
+report's ``billing.vms.MINIMUM_CHARGE``: one definition for the policy and the report)."""
 
 
 def _default_request() -> LaunchRequest:

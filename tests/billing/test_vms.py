@@ -24,6 +24,7 @@ from gpubroker.billing.vms import (
     VmCostLine,
     VmLaunch,
     idle_overhead,
+    record_connected,
     record_created,
     record_deleted,
     record_running,
@@ -100,7 +101,7 @@ def test_migration_0004_creates_and_drops_the_vm_instances_table(empty_engine: s
 
     downgrade(empty_engine, "0003")
 
-    assert columns == {c.name for c in vm_instances.columns}
+    assert columns == {c.name for c in vm_instances.columns} - {"connected_at"}  # 0010
     assert current_revision(empty_engine) == "0003"
     assert not sa.inspect(empty_engine).has_table("vm_instances")
 
@@ -121,7 +122,7 @@ def test_a_machine_life_is_recorded_and_repeated_calls_move_nothing(engine: sa.E
         "name": "vm-1", "provider": "gce", "zone": "us-central1-a", "gpu_type": "nvidia-l4",
         "machine_type": "g2-standard-4", "spot": True, "price_per_hour_nanousd": SPOT_L4,
         "price_version": "2026-11-01", "created_at": T0, "running_at": T0 + s(30),
-        "deleted_at": T0 + s(600), "end_reason": "preempted",
+        "deleted_at": T0 + s(600), "end_reason": "preempted", "connected_at": None,
     }  # fmt: skip
 
 
@@ -234,8 +235,10 @@ def test_costs_are_totalled_per_gpu_type_and_overall(engine: sa.Engine) -> None:
 
 
 def billed(engine: sa.Engine) -> None:
-    """One L4 hour of machine time (0.71/h), 900 s of it billed; 7.2 s of CPU with no VM."""
-    machine(engine, "vm-1", running=s(0), deleted=s(3600), price=ON_DEMAND_L4)
+    """One L4 hour of machine time (0.71/h), 90 s of boot, 900 s billed; 7.2 s of CPU, no VM."""
+    machine(engine, "vm-1", running=s(0), deleted=None, price=ON_DEMAND_L4)
+    record_connected(engine, "vm-1", T0 + s(90))
+    record_deleted(engine, "vm-1", T0 + s(3600), EndReason.IDLE)
     catalog = PriceCatalog.load()
     with engine.begin() as conn:
         for task_id, gpu, seconds in (("a", "nvidia-l4", 600.0), ("b", "nvidia-l4", 300.0)):
@@ -289,6 +292,7 @@ def test_the_overhead_json_has_exact_money_and_percentages(engine: sa.Engine) ->
     assert report["total"] == {
         "gpu_type": "TOTAL", "vms": 1, "vm_s": 3600.0,
         "vm_cost_usd": "0.710000000", "vm_cost_nanousd": 710_000_000,
+        "boot_s": 90.0, "boot_cost_usd": "0.017750000", "boot_cost_nanousd": 17_750_000,
         "tasks": 3, "compute_s": 907.2,
         "billed_usd": "0.177600000", "billed_nanousd": 177_600_000,
         "idle_overhead_usd": "0.532400000", "idle_overhead_nanousd": 532_400_000,
@@ -320,7 +324,7 @@ def test_the_overhead_of_a_range_with_nothing_in_it_is_zero(engine: sa.Engine) -
 
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[1:] == [
-        "TOTAL,0,0.000000,0.000000000,0,0.000000,0.000000000,0.000000000,"
+        "TOTAL,0,0.000000,0.000000,0.000000000,0.000000000,0,0.000000,0.000000000,0.000000000,"
     ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,9 @@ async def test_a_queued_task_starts_a_spot_vm_which_is_deleted_once_idle(
             == catalog.price_for("nvidia-l4", spot=True).per_hour_nanousd
         )
         assert row["running_at"] is not None and row["deleted_at"] is not None
+        connected, deleted = row["connected_at"], row["deleted_at"]  # its boot ended
+        assert isinstance(connected, datetime) and isinstance(deleted, datetime)
+        assert connected <= deleted
         assert row["end_reason"] == "idle"
         assert len(compute.inserted()) == 2  # one stockout, one VM: nothing launched twice
     finally:
