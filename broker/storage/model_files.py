@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gpubroker.broker.errors import InvalidModelError
-from gpubroker.broker.storage.spool import read_chunks
+from gpubroker.broker.storage.spool import fsync_dir, read_chunks
 
 __all__ = ["ModelFiles", "ModelWriter"]
 
@@ -110,7 +110,7 @@ class ModelFiles:
         """Renames a committed, checked upload into place (blocking: two syscalls and a
         directory fsync). The same bytes already there are replaced by themselves."""
         os.replace(writer.path, self.path(model_id))
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def delete(self, model_id: str) -> None:
         """Removes the file of ``model_id`` (once no row names it)."""
@@ -130,11 +130,3 @@ class ModelFiles:
     def chunks(self, model_id: str) -> AsyncIterator[bytes]:
         """Streams the file of ``model_id`` in ~1 MiB chunks."""
         return read_chunks(self.path(model_id))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -47,6 +47,7 @@ __all__ = [
     "PayloadFile",
     "Spool",
     "SpoolWriter",
+    "fsync_dir",
     "read_chunks",
 ]
 
@@ -217,7 +218,7 @@ class SpoolWriter:
         self._file.close()
         os.replace(self._part, self.path)
         if self.durable:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
 
 class Spool:
@@ -423,11 +424,12 @@ def _read_or_write_marker(path: Path) -> tuple[str, bool]:
         file.flush()
         os.fsync(file.fileno())
     os.replace(part, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return identity, True
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flushes a directory's entries (a file just renamed into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
