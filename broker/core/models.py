@@ -16,10 +16,10 @@ import asyncio
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gpubroker.broker.config import ModelLimits
 from gpubroker.broker.errors import (
@@ -45,6 +45,8 @@ __all__ = [
     "ModelService",
     "check_inputs",
 ]
+
+_T = TypeVar("_T")
 
 MAX_BATCH_SIZE = 4096
 """Most rows an agent may stack into one call of a model (``ModelOptions.max_batch_size``)."""
@@ -90,6 +92,8 @@ class ModelService:
         arrive, so that concurrent uploads cannot together pass it."""
         self._commit = asyncio.Lock()
         """Orders installing a file and its row against deleting the last row and the file."""
+        self._settling: set[asyncio.Future[Any]] = set()
+        """Commits whose follow-up runs on although their call was cancelled (``_settle``)."""
 
     @property
     def limits(self) -> ModelLimits:
@@ -155,6 +159,9 @@ class ModelService:
         """Deletes one of the tenant's models unless queued or running tasks of the tenant
         name it (``ModelInUseError``); its file goes with the last row that names it."""
         self.get(tenant, model_id)
+        return await self._settle(self._delete(tenant, model_id))
+
+    async def _delete(self, tenant: str, model_id: str) -> ModelRecord:
         async with self._commit:
             # The store counts live tasks and deletes in one transaction, on the thread that
             # inserts tasks (which checks the row exists): a racing submit is either counted
@@ -164,6 +171,16 @@ class ModelService:
             if unreferenced:
                 await asyncio.to_thread(self._files.delete, model_id)
         return record
+
+    async def _settle(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Runs ``work`` (a commit and the change to memory and files that must follow it) to
+        its end even when the call that asked for it is cancelled: a peer hanging up between a
+        row's commit and its record must not leave a row without its file or a record without
+        its row. The caller still sees its own cancellation."""
+        settling = asyncio.ensure_future(work)
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        return await asyncio.shield(settling)
 
     def resolve(self, tenant: str, spec: TaskSpec) -> TaskSpec:
         """A model task's spec, checked against its model and given the model's requirement
@@ -228,6 +245,9 @@ class ModelService:
             max_queue_delay_s=options.max_queue_delay_s,
             requires=options.requires,
         )
+        return await self._settle(self._store_update(record))
+
+    async def _store_update(self, record: ModelRecord) -> ModelRecord:
         async with self._commit:
             await self._store.update_model(record)
             self._records[(record.tenant, record.model_id)] = record
@@ -254,6 +274,25 @@ class ModelService:
                 )
             metadata = await asyncio.to_thread(_checked_file, writer, self._limits)
             _check_batching(options, metadata)
+        except BaseException:
+            writer.abort()
+            raise
+        # From here the install owns the writer: it runs to its end (and aborts the writer
+        # itself) even if this call is cancelled meanwhile.
+        install = self._install(tenant, model_id, size_bytes, options, metadata, writer)
+        return await self._settle(install)
+
+    async def _install(
+        self,
+        tenant: str,
+        model_id: str,
+        size_bytes: int,
+        options: ModelOptions,
+        metadata: dict[str, Any],
+        writer: ModelWriter,
+    ) -> tuple[ModelRecord, bool]:
+        """Installs a checked upload's file and row, and its record once both are in place."""
+        try:
             async with self._commit:
                 if (held := self._records.get((tenant, model_id))) is not None:
                     return held, True  # a concurrent upload of the same model won
