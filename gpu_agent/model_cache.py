@@ -180,7 +180,7 @@ class ModelCache:
 
     async def _warm_up(self, model: LoadedModel) -> None:
         try:
-            await self._runner.call_model(model, warm_up_inputs(model.metadata))
+            await self._runner.warm_up_model(model, warm_up_inputs(model.metadata))
         except (AgentError, ValueError) as exc:
             # Zeros are not every model's valid input (an index of 0 into nothing, say).
             logger.warning("warm-up call of model %s failed: %s", model.model_id, exc)

@@ -1,9 +1,17 @@
-"""Runs workloads on the device and measures their compute time.
+"""Runs workloads on the device and measures what each task is billed.
 
 ``Runner`` owns the agent's one blocking boundary: a ``ThreadPoolExecutor`` with one worker per
-slot. On CUDA each worker thread has its own stream, and compute time comes from CUDA events
-recorded on it around the workload, so one slot's kernels never inflate another slot's bill. On
-the CPU, torch ops are synchronous and a monotonic clock around the call is exact.
+slot, so up to ``slots`` tasks run at once on the one device. A task is billed its compute
+window, from the launch of its work on the device (inputs already there) until that work has
+finished, with every stretch it overlapped other tasks' windows split evenly between them: the
+runner's ``DeviceMeter`` (processor sharing, see ``gpu_agent/meter.py``) opens and closes the
+windows on a monotonic clock, so the bills of one device's tasks add up to at most the time the
+device was busy, and a task alone is billed its whole window. On the CPU torch ops are
+synchronous and that share is the bill. On CUDA each worker thread has its own stream, CUDA
+events recorded on it time the task's device work (one slot's kernels never inflate another
+slot's events), and the bill is the lesser of the event time and the meter's share of the host
+window around the events (opened before the launch, closed once the end event is reached).
+Warm-up calls (``warm_up``, ``warm_up_model``) are metered apart and never shrink a task's share.
 
 Both clocks run while a workload's host code runs, so two things the tenant did not cause are
 kept out of the window. One-time costs (CUDA context, cuBLAS/cuDNN/cuFFT/cuSOLVER loads, kernel
@@ -31,7 +39,8 @@ from typing import TypeVar
 import torch
 
 from gpubroker.gpu_agent.diagnosis import describe_exception, describe_model_failure
-from gpubroker.gpu_agent.errors import AgentError, WorkloadFailedError
+from gpubroker.gpu_agent.errors import AgentError, TaskCancelledError, WorkloadFailedError
+from gpubroker.gpu_agent.meter import DeviceMeter
 from gpubroker.gpu_agent.model_loader import LoadedModel
 from gpubroker.gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, Param
@@ -77,7 +86,8 @@ class RunOutcome:
     outputs: tuple[torch.Tensor, ...]
     """On the CPU, contiguous."""
     compute_seconds: float
-    """CUDA-event time on a GPU; wall time of the (synchronous) call on the CPU."""
+    """What the task is billed: its compute window with any overlap with other tasks' windows on
+    the device split evenly (see the module doc); on a GPU never more than its CUDA-event time."""
     model_load_seconds: float = 0.0
     """Seconds this task waited for its model to be fetched, checked, loaded and warmed up
     (never billed); 0 when it was resident."""
@@ -148,6 +158,9 @@ class Runner:
         self.device = device
         self.slots = slots
         self.workloads: dict[str, Workload] = dict(registry() if workloads is None else workloads)
+        self.meter = DeviceMeter()
+        """Splits the device between the tasks' compute windows; its totals cover tasks only."""
+        self._warm_up_meter = DeviceMeter()
         self._streams = threading.local()
         self._executor = ThreadPoolExecutor(
             max_workers=slots, thread_name_prefix="workload", initializer=self._prepare_thread
@@ -171,17 +184,30 @@ class Runner:
         fn = lookup(workload_name, self.workloads)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, self._execute, workload_name, fn, inputs, params, cancelled
+            self._executor, self._execute, workload_name, fn, inputs, params, cancelled, self.meter
         )
 
     async def call_model(self, model: LoadedModel, inputs: Sequence[torch.Tensor]) -> RunOutcome:
-        """Calls a loaded model once on a worker thread and times the call alone.
+        """Calls a loaded model once on a worker thread; the call is billed as one task would be.
 
         Raises:
             WorkloadFailedError: the call raised; the message names the graph node that failed.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call_model, model, inputs)
+        return await loop.run_in_executor(
+            self._executor, self._call_model, model, inputs, self.meter
+        )
+
+    async def warm_up_model(self, model: LoadedModel, inputs: Sequence[torch.Tensor]) -> RunOutcome:
+        """``call_model`` for a call no task is billed for: metered apart from the tasks' calls.
+
+        Raises:
+            WorkloadFailedError: the call raised; the message names the graph node that failed.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._call_model, model, inputs, self._warm_up_meter
+        )
 
     async def offload(self, fn: Callable[..., T], *args: object) -> T:
         """Runs blocking device work (loading a model, say) on a worker thread."""
@@ -240,7 +266,7 @@ class Runner:
                 continue
             try:
                 inputs, params = make()
-                self._execute(name, fn, inputs, params, threading.Event())
+                self._execute(name, fn, inputs, params, threading.Event(), self._warm_up_meter)
             except Exception as exc:  # an operator's example: the agent still serves
                 logger.warning("warm-up of workload %r failed: %s", name, exc)
 
@@ -251,14 +277,17 @@ class Runner:
         inputs: Sequence[torch.Tensor],
         params: Mapping[str, Param],
         cancelled: threading.Event,
+        meter: DeviceMeter,
     ) -> RunOutcome:
+        if cancelled.is_set():  # cancelled or recalled while it waited for a slot: never start
+            raise TaskCancelledError(f"workload {name!r} was cancelled before it started")
         ctx = WorkloadContext(device=self.device.device, cancelled=cancelled)
         started = time.perf_counter()
         try:
             if ctx.device.type == "cuda":
-                outcome = self._execute_cuda(name, fn, inputs, params, ctx)
+                outcome = self._execute_cuda(name, fn, inputs, params, ctx, meter)
             else:
-                outcome = _execute_cpu(name, fn, inputs, params, ctx)
+                outcome = _execute_cpu(name, fn, inputs, params, ctx, meter)
         except AgentError:
             raise
         except Exception as exc:
@@ -273,17 +302,15 @@ class Runner:
         )
         return outcome
 
-    def _call_model(self, model: LoadedModel, inputs: Sequence[torch.Tensor]) -> RunOutcome:
+    def _call_model(
+        self, model: LoadedModel, inputs: Sequence[torch.Tensor], meter: DeviceMeter
+    ) -> RunOutcome:
         device = self.device.device
+        call, ctx = _model_workload(model), WorkloadContext(device, threading.Event())
         try:
             if device.type == "cuda":
-                ctx = WorkloadContext(device=device, cancelled=threading.Event())
-                return self._execute_cuda(model.model_id, _model_workload(model), inputs, {}, ctx)
-            on_device = [t.to(device) for t in inputs]
-            start = time.perf_counter()
-            outputs = model(*on_device)
-            seconds = time.perf_counter() - start
-            return RunOutcome(_to_host(model.model_id, outputs), seconds)
+                return self._execute_cuda(model.model_id, call, inputs, {}, ctx, meter)
+            return _execute_cpu(model.model_id, call, inputs, {}, ctx, meter)
         except AgentError:
             raise
         except Exception as exc:
@@ -297,18 +324,25 @@ class Runner:
         inputs: Sequence[torch.Tensor],
         params: Mapping[str, Param],
         ctx: WorkloadContext,
+        meter: DeviceMeter,
     ) -> RunOutcome:
         stream: torch.cuda.Stream = self._streams.stream
         with torch.cuda.stream(stream):
             on_device = [t.to(ctx.device, non_blocking=True) for t in inputs]
             start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            start.record(stream)
-            outputs = fn(on_device, params, ctx)
-            end.record(stream)
-            host = _to_host(name, outputs)  # the copy back waits for the stream anyway
-        end.synchronize()
-        return RunOutcome(host, start.elapsed_time(end) / 1000.0)
+            # The host window holds the events (the GPU reaches start after it is recorded,
+            # end before synchronize returns): the share bounds the bill, the events tighten it.
+            token = meter.enter()
+            try:
+                start.record(stream)
+                outputs = fn(on_device, params, ctx)
+                end.record(stream)
+                end.synchronize()
+            finally:
+                share = meter.leave(token)
+            host = _to_host(name, outputs)
+        return RunOutcome(host, min(start.elapsed_time(end) / 1000.0, share))
 
 
 def _model_workload(model: LoadedModel) -> Workload:
@@ -326,11 +360,14 @@ def _execute_cpu(
     inputs: Sequence[torch.Tensor],
     params: Mapping[str, Param],
     ctx: WorkloadContext,
+    meter: DeviceMeter,
 ) -> RunOutcome:
     on_device = [t.to(ctx.device) for t in inputs]
-    start = time.perf_counter()
-    outputs = fn(on_device, params, ctx)
-    seconds = time.perf_counter() - start
+    token = meter.enter()
+    try:
+        outputs = fn(on_device, params, ctx)
+    finally:
+        seconds = meter.leave(token)
     return RunOutcome(_to_host(name, outputs), seconds)
 
 

@@ -17,6 +17,7 @@ from gpubroker.gpu_agent.errors import (
     WorkloadArgumentError,
     WorkloadFailedError,
 )
+from gpubroker.gpu_agent.model_loader import load_model
 from gpubroker.gpu_agent.runner import (
     SWITCH_INTERVAL_S,
     Runner,
@@ -25,6 +26,7 @@ from gpubroker.gpu_agent.runner import (
     gpu_slug,
 )
 from gpubroker.gpu_agent.workloads import Param, Workload, WorkloadContext, registry
+from tests.gpu_agent.models import model_file
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -153,6 +155,42 @@ async def test_tasks_run_concurrently_up_to_the_slots_and_no_further(
     assert time.monotonic() - started >= 0.3  # two rounds of two, never four at once
 
 
+async def test_two_overlapping_tasks_split_the_overlap_and_add_up_to_the_busy_time(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    runner = runner_factory(slots=2)
+    began = time.monotonic()
+
+    short, long = await asyncio.gather(
+        runner.run("sleep", [torch.ones(1)], {"seconds": 0.3}, threading.Event()),
+        runner.run("sleep", [torch.ones(1)], {"seconds": 0.6}, threading.Event()),
+    )
+    wall = time.monotonic() - began
+
+    # Both ran for the first 0.3 s, then the long one alone: not 0.3 + 0.6 s for 0.6 s of wall.
+    billed = short.compute_seconds + long.compute_seconds
+    assert billed <= wall + 1e-6
+    assert short.compute_seconds == pytest.approx(0.3 / 2, abs=0.05)
+    assert long.compute_seconds == pytest.approx(0.3 / 2 + 0.3, abs=0.05)
+    assert runner.meter.billed_seconds == pytest.approx(billed, abs=1e-9)
+    assert runner.meter.busy_seconds == runner.meter.billed_seconds
+
+
+async def test_tasks_one_after_the_other_are_each_billed_their_whole_time(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    runner = runner_factory(slots=2)
+
+    first = await runner.run("sleep", [torch.ones(1)], {"seconds": 0.2}, threading.Event())
+    second = await runner.run("sleep", [torch.ones(1)], {"seconds": 0.3}, threading.Event())
+
+    assert 0.2 <= first.compute_seconds < 0.25
+    assert 0.3 <= second.compute_seconds < 0.35
+    assert runner.meter.busy_seconds == pytest.approx(
+        first.compute_seconds + second.compute_seconds, abs=1e-9
+    )
+
+
 async def test_outputs_come_back_contiguous_on_the_cpu_with_views_resolved(
     runner_factory: Callable[..., Runner],
 ) -> None:
@@ -210,6 +248,27 @@ async def test_argument_and_cancel_errors_pass_through_unchanged(
         await runner.run("nope", [], {}, threading.Event())
 
 
+async def test_a_task_cancelled_before_it_starts_never_runs_its_workload(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    calls: list[int] = []
+
+    def counting(
+        inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
+    ) -> Sequence[torch.Tensor]:
+        calls.append(1)  # a workload that never looks at ctx.cancelled
+        return [inputs[0] + 1]
+
+    runner = runner_factory(extra={"count": counting})
+    cancelled = threading.Event()
+    cancelled.set()
+
+    with pytest.raises(TaskCancelledError, match="before it started"):
+        await runner.run("count", [torch.ones(1)], {}, cancelled)
+    assert calls == []
+    assert runner.meter.billed_seconds == 0.0
+
+
 class WarmUpProbe(ConcurrencyProbe):
     """A workload with an example that records the threads it ran on, and how many at once."""
 
@@ -258,6 +317,22 @@ async def test_a_failing_example_is_logged_and_the_others_still_warm_up(
 
     assert len(probe.threads) == 1
     assert "warm-up of workload 'broken' failed: RuntimeError: no such kernel" in caplog.text
+
+
+async def test_warm_ups_are_metered_apart_and_model_calls_with_the_tasks(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    runner = runner_factory(slots=2, extra={"probe": WarmUpProbe()})
+    model = load_model(model_file("mlp"))
+
+    await runner.warm_up()
+    await runner.warm_up_model(model, [torch.zeros(1, 8)])
+    warmed = runner.meter.busy_seconds
+    called = await runner.call_model(model, [torch.zeros(1, 8)])
+
+    assert warmed == 0.0  # a warm-up never shares the device with a task's window
+    assert called.compute_seconds > 0
+    assert runner.meter.billed_seconds == runner.meter.busy_seconds == called.compute_seconds
 
 
 def test_agent_processes_shorten_the_gil_switch_interval() -> None:
@@ -360,3 +435,26 @@ async def test_cuda_warm_up_keeps_library_loads_off_the_first_bill(
     # Cold, this first matmul was billed 3.2 s on an H100 (cuBLAS loading); warm, ~20 ms.
     assert matmul.compute_seconds < 1.0
     assert all(torch.equal(s.outputs[0], torch.eye(64, dtype=torch.float64)) for s in solved)
+
+
+@pytest.mark.gpu
+@needs_cuda
+async def test_overlapping_cuda_tasks_are_billed_their_shares_not_their_event_times() -> None:
+    runner = Runner(detect_device("cuda"), slots=2)
+    x = torch.ones(4)
+    try:
+        began = time.monotonic()
+        short, long = await asyncio.gather(
+            runner.run("sleep", [x], {"seconds": 0.3}, threading.Event()),
+            runner.run("sleep", [x], {"seconds": 0.6}, threading.Event()),
+        )
+        wall = time.monotonic() - began
+        alone = await runner.run("sleep", [x], {"seconds": 0.2}, threading.Event())
+    finally:
+        runner.close()
+
+    # The events of each span its whole sleep (0.3 and 0.6 s); the shared 0.3 s is split.
+    assert short.compute_seconds + long.compute_seconds <= wall + 1e-6
+    assert short.compute_seconds == pytest.approx(0.3 / 2, abs=0.05)
+    assert long.compute_seconds == pytest.approx(0.3 / 2 + 0.3, abs=0.05)
+    assert alone.compute_seconds == pytest.approx(0.2, abs=0.02)  # alone: its event time
