@@ -1,11 +1,13 @@
 """How many tasks the agent holds at once: its slots, plus a prefetch sized to its tasks.
 
-With only ``slots`` tasks held, every slot idles for a round trip to the broker (result up,
-next assignment down) after each task. For a 10 s GPU task that is nothing; for a 1 ms task it
-is most of the time. Holding more tasks than slots hides the round trip, but a task held here
-waits for this agent even when another agent is idle. So the prefetch covers a fixed stretch of
-work, ``horizon_s``: ``slots * horizon_s / mean task time`` tasks, at most ``max_prefetch``.
-Long tasks (mean at or above the horizon) get at most one per slot; tiny ones get the maximum.
+With only ``slots`` tasks held, every slot idles after each task for a round trip to the broker
+(result up, next assignment down) and for the next task's inputs to arrive: for a 1 ms task
+most of its time, and for a task with 64 MiB of inputs a transfer whatever its length. So the
+agent always holds one more task per slot, whose inputs arrive while the slot computes, and
+for short tasks enough to cover a fixed stretch of work, ``horizon_s``: ``slots * horizon_s /
+mean task time`` tasks, at most ``max_prefetch``. Long tasks get one per slot; tiny ones the
+maximum. A task held here but not started is not stuck when another agent idles: the broker
+takes it back for that agent (``broker/core/spread.py``).
 Pure logic, no I/O; the ``Agent`` feeds it measured task times and grants credit from it.
 """
 
@@ -46,7 +48,7 @@ class CreditPolicy:
         if self.mean_s <= 0:
             return self.max_prefetch
         wanted = math.floor(self.slots * self.horizon_s / self.mean_s + 1e-9)  # 9.999... is 10
-        return max(0, min(self.max_prefetch, wanted))
+        return min(self.max_prefetch, max(self.slots, wanted))
 
     @property
     def capacity(self) -> int:

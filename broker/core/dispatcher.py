@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 from gpubroker.broker.config import Limits
 from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.events import TaskEvents
+from gpubroker.broker.core.failpoint import crash_if_armed
 from gpubroker.broker.core.outputs import spool_outputs
 from gpubroker.broker.core.placement import key_for, match, waiting_reason
 from gpubroker.broker.core.reconcile import InFlight
@@ -33,6 +33,7 @@ from gpubroker.broker.core.registry import (
     Revoke,
 )
 from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.core.spread import Recall, plan_recalls
 from gpubroker.broker.core.wakeup import Wakeup
 from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import (
@@ -58,9 +59,6 @@ from gpubroker.protos.states import FailureCode
 __all__ = ["MAX_PREFETCH", "Dispatcher"]
 
 logger = logging.getLogger(__name__)
-
-FAILPOINT_EXIT_CODE = 86
-"""Exit code of a process killed by an armed failpoint."""
 
 _T = TypeVar("_T")
 
@@ -314,7 +312,7 @@ class Dispatcher:
             except StaleAttemptError:
                 self._spool.delete_outputs(outcome.attempt.task_id, outcome.attempt.number)
                 raise
-            self._crash_if_armed("after-success-commit")
+            crash_if_armed(self._failpoint, "after-success-commit")
         self._release(outcome.agent_id, outcome.attempt)
         self._finished(task)
         return task
@@ -349,12 +347,6 @@ class Dispatcher:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _crash_if_armed(self, point: str) -> None:
-        """Dies on the spot, like a power cut, when tests armed this point."""
-        if self._failpoint == point:
-            logger.critical("failpoint %s: exiting without cleanup", point)
-            os._exit(FAILPOINT_EXIT_CODE)
-
     async def _dispatch_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -365,9 +357,15 @@ class Dispatcher:
             round_ = match(free, self._queue, self._registry.holders, now, self._affinity_wait_s)
             if round_.wake_at is not None:
                 self._wake.at(round_.wake_at, now)
-            if round_.claims:
-                claims = round_.claims.items()
-                await asyncio.gather(*(self._assign(s, items) for s, items in claims))
+            work = [self._assign(s, items) for s, items in round_.claims.items()]
+            if round_.idle:  # free slots the queue had nothing for: take back prefetched work
+                recalls = plan_recalls(round_.idle, self._registry.sessions(), self.in_flight)
+                if recalls:
+                    work.append(
+                        self.settle(self._recall(recalls), *(r.attempt.task_id for r in recalls))
+                    )
+            if work:
+                await asyncio.gather(*work)
 
     async def _assign(self, session: AgentSession, items: dict[str, str]) -> None:
         """Claims popped tasks (task id -> tenant) for slots already taken from ``session``."""
@@ -393,6 +391,17 @@ class Dispatcher:
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
         logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)
+
+    async def _recall(self, recalls: list[Recall]) -> None:
+        """Revokes prefetched attempts (all at once, so agents hear before they start them),
+        then requeues their tasks; the idle slots take them in the next round."""
+        taken = [r for r in recalls if not r.donor.closed and r.donor.holds(r.attempt)]
+        for recall in taken:
+            reason = f"recalled for idle agent {recall.taker.agent_id}"
+            self.revoke(recall.donor.agent_id, recall.attempt, reason)
+        for recall in taken:
+            reason = f"recalled from {recall.donor.agent_id} for idle agent {recall.taker.agent_id}"
+            await self._requeue_now(recall.attempt, reason, Cause.RECALLED)
 
     def _unclaimed(self, session: AgentSession, tenant: str) -> None:
         """Gives back the slot and the running count of a claim that did not happen."""

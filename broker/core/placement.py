@@ -16,6 +16,7 @@ reports when the earliest such wait ends so the dispatcher can look again then.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -100,6 +101,9 @@ class Round:
     """Per session, the tasks it takes (task id -> tenant), in the queue's order."""
     wake_at: float | None = None
     """When the earliest affinity wait that held a task back ends; None if none did."""
+    idle: dict[AgentSession, int] = field(default_factory=dict)
+    """Sessions left with free slots (and the credit for them) that the queue had nothing
+    for, and how many such slots each has: ``spread.plan_recalls`` fills them."""
 
     def held(self, until: float) -> None:
         """Notes a task held back until ``until``."""
@@ -113,21 +117,40 @@ def match(
     now: float,
     affinity_wait_s: float,
 ) -> Round:
-    """Fills free slots from the queue: each slot of the agent with the most credit left takes
-    the fairest task it may run. Takes the slots' credit and counts the tasks as started."""
+    """Fills free slots from the queue, then prefetch; each pick takes the fairest task the
+    agent may run. Takes the picks' credit and counts their tasks as started.
+
+    Free slots come first, the agent with the most of them first: a task goes to an idle slot
+    before any agent queues one beyond its slots. Then the credit beyond the slots (prefetch)
+    goes one task at a time to the agent with the fewest tasks per slot, so that queued work
+    spreads over the agents instead of piling up at the one with the most credit.
+    """
     result = Round()
+    sessions = list(sessions)
+    taken: Counter[AgentSession] = Counter()
+
+    def rank(session: AgentSession) -> tuple[bool, int, float, int]:
+        free = max(session.free_slots - taken[session], 0)
+        load = (session.busy + taken[session]) / session.info.slots
+        return free > 0, free, -load, session.credits
+
     active = [s for s in sessions if s.credits > 0 and not s.draining]
     while active:
-        session = max(active, key=lambda s: s.credits)
+        session = max(active, key=rank)
         item = queue.pop(_acceptor(session, holders, now, affinity_wait_s, result))
         if item is None:
             active.remove(session)
             continue
         session.credits -= 1
+        taken[session] += 1
         queue.started(item[1])
         result.claims.setdefault(session, {})[item[0]] = item[1]
         if session.credits <= 0:
             active.remove(session)
+    for session in sessions:
+        free = min(session.credits, session.free_slots - taken[session])
+        if free > 0 and not session.draining:
+            result.idle[session] = free
     return result
 
 

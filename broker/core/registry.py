@@ -125,6 +125,16 @@ class AgentSession:
         return self.credits if self.granted else self.info.slots
 
     @property
+    def busy(self) -> int:
+        """Attempts on the agent as the broker sees them: leased, or revoked and not released."""
+        return len(self.leases) + len(self.revoked)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots with no attempt on them; whatever credit the agent has beyond is prefetch."""
+        return max(self.info.slots - self.busy, 0)
+
+    @property
     def agent_id(self) -> str:
         """The agent's id."""
         return self.info.agent_id

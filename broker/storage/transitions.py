@@ -11,7 +11,9 @@ restarted, or reconciliation found nobody running it); the task's own attempts a
 A workload error fails a task at once (``fail``) and is never retried; an attempt whose result
 the broker could not use (``Cause.REJECTED``: a corrupt upload) is retried until the task has
 used ``max_attempts`` of its own. A task lost ``max_lost_attempts`` times is failed as a poison
-task: it most likely kills whatever agent runs it.
+task: it most likely kills whatever agent runs it. An attempt the broker took back before it
+started, to give its task to an idle agent (``Cause.RECALLED``), counts with the lost ones but
+never fails the task.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class Cause(enum.Enum):
     """Lost to infrastructure; counts against ``Retries.max_lost_attempts``."""
     REJECTED = "rejected"
     """Its own result could not be used; counts against ``Retries.max_attempts``."""
+    RECALLED = "recalled"
+    """Taken back before it started, for an idle agent (``broker.core.spread``): counted with
+    the lost attempts, as it is not the task's own, but never fails the task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +163,9 @@ def requeue(
     (see the module's docstring)."""
     current = _running_attempt(conn, attempt)
     lost = lost_attempts(conn, attempt.task_id)
-    if cause is Cause.LOST:
+    if cause is Cause.RECALLED:
+        lost += 1
+    elif cause is Cause.LOST:
         lost += 1
         if lost >= retries.max_lost_attempts:
             message = (

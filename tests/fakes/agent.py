@@ -35,6 +35,7 @@ class FakeAgent:
         runs_models: bool = False,
         models: Sequence[str] = (),
         beat_s: float | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.beat_s = beat_s
         """Send a heartbeat listing ``held`` whenever nothing else went out for this long
@@ -55,6 +56,7 @@ class FakeAgent:
             workloads=list(workloads),
             runs_models=runs_models,
             models=list(models),
+            prefetch=prefetch,
         )
         self.outbox.put_nowait(agent_pb2.AgentMessage(hello=hello))
         self.call = self.stub.Connect(self._messages(), metadata=self.metadata)

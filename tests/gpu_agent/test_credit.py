@@ -1,4 +1,4 @@
-"""The agent's prefetch policy: many tiny tasks held, none beyond the slots for long ones."""
+"""The agent's prefetch policy: many tiny tasks held, one per slot ready for long ones."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ def test_tiny_tasks_raise_the_prefetch_to_its_maximum() -> None:
     assert policy.capacity == 34
 
 
-def test_long_tasks_get_no_prefetch() -> None:
-    policy = CreditPolicy(slots=1, max_prefetch=32, horizon_s=0.05)
+def test_long_tasks_get_one_task_ready_per_slot() -> None:
+    # Its inputs arrive while the slot computes, so the device never waits on the network.
+    policy = CreditPolicy(slots=2, max_prefetch=32, horizon_s=0.05)
     for _ in range(50):
         policy.observe(2.0)
-    assert policy.prefetch == 0
-    assert policy.capacity == 1
+    assert policy.prefetch == 2
+    assert policy.capacity == 4
+    assert CreditPolicy(slots=2, max_prefetch=1, horizon_s=0.05).prefetch == 1  # the cap holds
 
 
 def test_the_prefetch_covers_the_horizon_in_between() -> None:
