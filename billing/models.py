@@ -185,6 +185,9 @@ vm_instances = Table(
     Column("end_reason", String(32), nullable=True),
     # When its agent first connected: RUNNING to this is the machine's boot time.
     Column("connected_at", UtcDateTime, nullable=True),
+    # When the process of that agent started (the end of the install phase), as the agent
+    # reported it; NULL for agents that do not.
+    Column("agent_started_at", UtcDateTime, nullable=True),
 )
 """One row per agent machine a provider started (``local`` or ``gce``), for its uptime cost.
 

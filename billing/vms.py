@@ -227,16 +227,23 @@ def record_running(target: Connection | Engine, name: str, running_at: datetime)
         return conn.execute(update).rowcount == 1
 
 
-def record_connected(target: Connection | Engine, name: str, connected_at: datetime) -> bool:
+def record_connected(
+    target: Connection | Engine,
+    name: str,
+    connected_at: datetime,
+    agent_started_at: datetime | None = None,
+) -> bool:
     """Records when a machine's agent first connected (its boot ends); only the first time counts.
 
-    Returns False, changing nothing, for a machine not recorded, already connected, or deleted.
+    ``agent_started_at`` is when that agent's process started, if it said so (the end of the
+    machine's install phase). Returns False, changing nothing, for a machine not recorded,
+    already connected, or deleted.
     """
     update = (
         vm_instances.update()
         .where(vm_instances.c.name == name)
         .where(vm_instances.c.connected_at.is_(None), vm_instances.c.deleted_at.is_(None))
-        .values(connected_at=connected_at)
+        .values(connected_at=connected_at, agent_started_at=agent_started_at)
     )
     with _connection(target) as conn:
         return conn.execute(update).rowcount == 1

@@ -5,7 +5,7 @@ Served over HTTP (``/metrics``) when the broker is started with ``--metrics HOST
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -17,6 +17,9 @@ from gpubroker.broker.storage.retention import SweepReport
 __all__ = ["Metrics"]
 
 _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
+_BOOT_SECONDS = (1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
+"""A local agent boots in a second or two, a GCE VM in one to several minutes."""
+_ZONE_REFUSALS = frozenset({"stockout", "quota"})
 
 
 class Metrics:
@@ -62,6 +65,29 @@ class Metrics:
             ["reason", "zone", "gpu_type"],
             registry=r,
         )
+        self.boot_phases = Histogram(
+            "gpubroker_boot_phase_seconds",
+            "Boot phases of launched machines: provision (created to RUNNING), install (to the "
+            "agent's process start), connect (to its hello), total (created to hello).",
+            ["phase", "gpu_type"],
+            buckets=_BOOT_SECONDS,
+            registry=r,
+        )
+        self.launch_failures = Counter(
+            "gpubroker_launch_failures",
+            "Failed launches: stuck (the agent never connected), stockout or quota (one zone "
+            "refused), no_capacity (every zone refused; zone *).",
+            ["kind", "gpu_type", "zone"],
+            registry=r,
+        )
+        self.launch_backoff = Gauge(
+            "gpubroker_launch_backoff_seconds",
+            "Seconds until launches of a GPU type may go ahead again after failures (zone *: "
+            "all zones; a zone: the provider tries it last until then).",
+            ["gpu_type", "zone"],
+            registry=r,
+        )
+        self._held: set[tuple[str, str]] = set()
         self.spool_bytes = Gauge(
             "gpubroker_spool_bytes", "Bytes of payload files in the spool, at the last sweep.",
             registry=r,
@@ -125,8 +151,27 @@ class Metrics:
         self.reconciled.labels(drift.value).inc()
 
     def fallback(self, reason: str, zone: str, gpu_type: str) -> None:
-        """Counts one provider fallback."""
+        """Counts one provider fallback; a zone's stockout or quota refusal is a failed launch."""
         self.fallbacks.labels(reason, zone, gpu_type).inc()
+        if reason in _ZONE_REFUSALS:
+            self.launch_failures.labels(reason, gpu_type, zone).inc()
+
+    def boot_phase(self, phase: str, gpu_type: str, seconds: float) -> None:
+        """Observes one phase of one machine's boot (``ScalingEvents``)."""
+        self.boot_phases.labels(phase, gpu_type).observe(seconds)
+
+    def launch_failure(self, kind: str, gpu_type: str, zone: str) -> None:
+        """Counts one failed launch (``ScalingEvents``)."""
+        self.launch_failures.labels(kind, gpu_type, zone).inc()
+
+    def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
+        """Sets the backoff gauges to ``holds``; keys no longer held go to 0 (``ScalingEvents``)."""
+        now = {(gpu_type, zone) for gpu_type, zone, _ in holds}
+        for gpu_type, zone in self._held - now:
+            self.launch_backoff.labels(gpu_type, zone).set(0)
+        for gpu_type, zone, seconds in holds:
+            self.launch_backoff.labels(gpu_type, zone).set(seconds)
+        self._held |= now
 
     def observe(self, task: Task) -> None:
         """Counts one published task snapshot (a state change)."""

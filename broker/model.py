@@ -156,6 +156,11 @@ class AgentInfo:
     """The agent runs uploaded models (``model:<id>`` workloads)."""
     models: frozenset[str] = frozenset()
     """Models the agent held when it connected (its heartbeats update the session's copy)."""
+    connected_at: datetime | None = None
+    """When its hello arrived (UTC, the broker's clock)."""
+    started_at: datetime | None = None
+    """When its process started, on the broker's clock: the hello's arrival less the uptime
+    the agent reported; None from agents that report none."""
 
 
 @dataclass(frozen=True, slots=True)

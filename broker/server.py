@@ -8,7 +8,6 @@ handed to each constructor.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +179,10 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     scaling = None
     if (scaled := _scaling(settings, port, catalog, metrics)) is not None:
         provider, config = scaled
-        scaling = ScalingLoop(provider, config, store, queue, registry, engine, catalog, capacity)
+        scaling = ScalingLoop(
+            provider, config, store, queue, registry, engine, catalog, capacity, events=metrics
+        )
+        events.add_listener(scaling.observe_task)
     reconciler = Reconciler(
         store, queue, registry, dispatcher, settings.reconcile_interval_s, metrics.reconciled_task
     )
@@ -268,15 +270,14 @@ def _scaling(
         return None
     try:
         config = load_scaling_config(settings.scaling_config, settings.provider, catalog)
-        provider = _provider(settings, port, config.provider_table, metrics)
+        provider = _provider(settings, port, config, metrics)
     except (ValueError, TypeError, OSError, BillingError, GoogleAuthError) as exc:
         raise ConfigError(f"autoscaling configuration: {exc}") from exc
     return provider, config
 
 
-def _provider(
-    settings: Settings, port: int, table: Mapping[str, Any], metrics: Metrics
-) -> Provider:
+def _provider(settings: Settings, port: int, config: ScalingConfig, metrics: Metrics) -> Provider:
+    table = config.provider_table
     if settings.provider == "local":
         values: dict[str, Any] = {
             "broker_address": f"127.0.0.1:{port}",
@@ -293,5 +294,5 @@ def _provider(
         gce["zones"] = tuple(gce.get("zones", ()))
         if "offerings" in gce:
             gce["offerings"] = {k: GpuOffering(**v) for k, v in gce["offerings"].items()}
-        return GceProvider(GceSettings(**gce), on_fallback=metrics.fallback)
+        return GceProvider(GceSettings(**gce), on_fallback=metrics.fallback, backoff=config.backoff)
     raise ValueError(f"unknown provider {settings.provider!r}; choose one of {PROVIDERS}")

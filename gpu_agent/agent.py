@@ -28,6 +28,7 @@ from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
 from gpubroker.gpu_agent.model_cache import ModelCache
 from gpubroker.gpu_agent.runner import Runner
 from gpubroker.gpu_agent.session import Session
+from gpubroker.gpu_agent.uptime import process_uptime_s
 
 __all__ = ["Agent", "agent_version"]
 
@@ -235,6 +236,7 @@ class Agent:
             prefetch=self._settings.prefetch,
             runs_models=True,
             models=tuple(self.models.on_disk()),
+            uptime_s=process_uptime_s(),
         )
 
     # -- attempts -------------------------------------------------------------------------------

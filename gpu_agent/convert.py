@@ -55,4 +55,5 @@ def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
         prefetch=hello.prefetch,
         runs_models=hello.runs_models,
         models=hello.models,
+        uptime_seconds=hello.uptime_s,
     )

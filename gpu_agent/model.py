@@ -73,3 +73,5 @@ class Hello:
     """True when it runs uploaded models (``model:<id>`` workloads)."""
     models: tuple[str, ...] = ()
     """Ids of the models it holds already."""
+    uptime_s: float = 0.0
+    """Seconds since its process started; 0: not reported."""

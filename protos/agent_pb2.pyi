@@ -35,6 +35,7 @@ class AgentHello(_message.Message):
     PREFETCH_FIELD_NUMBER: _builtins.int
     RUNS_MODELS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Stable id chosen by the agent (e.g. its VM name); reconnecting reuses it."""
     gpu_type: _builtins.str
@@ -53,6 +54,11 @@ class AgentHello(_message.Message):
     """
     runs_models: _builtins.bool
     """True when the agent runs uploaded models ("model:<id>" workloads)."""
+    uptime_seconds: _builtins.float
+    """Seconds since the agent's process started, when it sent this hello; 0 when not reported.
+    The broker subtracts it from the hello's arrival (no clock skew between the machines) to
+    learn when the agent started: on an autoscaled machine, the end of its install phase.
+    """
     @_builtins.property
     def workloads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Workload names the agent can run."""
@@ -74,10 +80,11 @@ class AgentHello(_message.Message):
         prefetch: _builtins.int = ...,
         runs_models: _builtins.bool = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
+        uptime_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "models", b"models", "prefetch", b"prefetch", "protocol", b"protocol", "runs_models", b"runs_models", "slots", b"slots", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "models", b"models", "prefetch", b"prefetch", "protocol", b"protocol", "runs_models", b"runs_models", "slots", b"slots", "uptime_seconds", b"uptime_seconds", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

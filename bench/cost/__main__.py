@@ -24,12 +24,21 @@ from bench.cost.sim import (
 )
 from bench.cost.traces import TRACES, make_trace
 from gpubroker.billing.prices import PriceCatalog
-from gpubroker.broker.scaling.loop import load_scaling_config
+from gpubroker.broker.scaling.config import load_scaling_config
 from gpubroker.broker.scaling.policy import ScalingPolicy
 
 SCALING_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "scaling-gce.toml"
 """The production parameters the real policy runs with."""
-POLICIES = ("ours", "always-on", "autostop-5min", "autostop-0s", "oracle")
+POLICIES = (
+    "ours",
+    "ours-delay-150s",
+    "ours-delay-45min",
+    "always-on",
+    "autostop-5min",
+    "autostop-0s",
+    "oracle",
+)
+"""``ours`` is the deployed policy; the ``ours-delay-*`` rows set its ``max_queue_delay_s``."""
 SEEDS = (0, 1, 2)
 
 
@@ -71,6 +80,8 @@ def controller(name: str, policy: ScalingPolicy, config: SimConfig, price: int) 
     """A fresh controller for the policy ``name`` (one of ``POLICIES``)."""
     makers: dict[str, Callable[[], Controller]] = {
         "ours": lambda: Ours(policy, price),
+        "ours-delay-150s": lambda: Ours(replace(policy, max_queue_delay_s=150.0), price),
+        "ours-delay-45min": lambda: Ours(replace(policy, max_queue_delay_s=2700.0), price),
         "always-on": AlwaysOn,
         "autostop-5min": lambda: Autostop(300.0),
         "autostop-0s": lambda: Autostop(0.0),

@@ -33,6 +33,7 @@ class Ours:
         self.autoscaler = Autoscaler(policy)
         self._price = price_per_hour_nanousd
         self._seen: set[str] = set()
+        self._runs_seen = 0
 
     def control(self, sim: Simulation, now_s: float) -> tuple[int, Sequence[str]]:
         """One tick of the loop: learn boots, snapshot, decide."""
@@ -41,6 +42,9 @@ class Ours:
             if vm.connected_s is not None and vm.name not in self._seen:
                 self._seen.add(vm.name)  # the loop learns a boot at the tick that sees it
                 self.autoscaler.observe_boot(now_s - vm.launched_s)
+        for run_s in sim.completed_runs[self._runs_seen :]:
+            self.autoscaler.observe_run(run_s)  # the loop learns each finished task's time
+        self._runs_seen = len(sim.completed_runs)
         queued, free = len(sim.queue), sim.free_slots()
         gpu_type = self.autoscaler.policy.launch_request.gpu_types[0]
         snapshot = Snapshot(

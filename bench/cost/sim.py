@@ -5,14 +5,16 @@ before its agent connects and can take work. It is billed from launch to termina
 ``billing_minimum_s`` (60 s), per second after that. GCE bills from RUNNING, a few seconds after
 the insert call returns; the simulator bills from launch, so it overstates every VM by those
 seconds, the same for every policy. A termination takes effect at once (no deletion delay), and
-a launch appears at once (no insert latency). Each VM runs ``slots`` tasks at once; tasks start
-in arrival order (FIFO) on the connected VM launched earliest that has a free slot; a task's
-queue wait runs from its arrival to its start.
+a launch appears at once (no insert latency). Each VM's agent holds ``slots`` tasks at once;
+tasks start in arrival order (FIFO) on the connected VM launched earliest that has a free slot;
+a task's queue wait runs from its arrival to its start.
 
-Billed compute is a VM's busy time, the seconds during which it runs at least one task, at the
-VM's price: GPU time billed so that a device's billed seconds never exceed its wall time (two
-tasks sharing one device split their overlap; issue 17, item 4). ``task_seconds`` sums the
-tasks' own run times for comparison.
+A VM has one device, and a task's run time is what it needs of the whole device. Tasks that
+share a device share it evenly (processor sharing): two at once each progress at half speed.
+A GPU does not run two compute-bound tasks each at full speed, and the agent bills tasks that
+overlap on one device their share of it (issue 17, item 4), so a slot adds no compute, only a
+task ready to go. Billed compute is then a VM's busy time, the seconds during which it runs at
+least one task, which equals the summed run times of the tasks it ran.
 
 A ``Controller`` (the real autoscaler, or a baseline in ``policies``) is asked every
 ``interval_s`` for launches and terminations, like the broker's scaling loop.
@@ -45,6 +47,7 @@ FAST_BOOT_S = (60.0, 120.0)
 """Boot time of a VM until its agent can work, in seconds (uniform)."""
 SLOW_BOOT_S = (240.0, 360.0)
 """Boot time when the first boot installs the agent and torch from the internet."""
+_EPSILON_S = 1e-6  # work left below this is done (float rounding of the shares)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,14 @@ class SimVm:
     tasks_run: int = 0
     busy_s: float = 0.0
     busy_from_s: float = 0.0
+    work_left_s: list[float] = field(default_factory=list)
+    """Device-seconds each running task still needs."""
+    run_s: list[float] = field(default_factory=list)
+    """Each running task's whole run time (same order as ``work_left_s``)."""
+    shared_since_s: float = 0.0
+    """When ``work_left_s`` was last brought up to date."""
+    version: int = 0
+    """Bumped whenever its running set changes; a finish event of an older version is stale."""
 
     @property
     def connected(self) -> bool:
@@ -132,6 +143,8 @@ class Simulation:
         self.queue: deque[SimTask] = deque()
         self.vms: list[SimVm] = []
         self.finished = 0
+        self.completed_runs: list[float] = []
+        """Run times of the tasks finished so far, in the order they finished."""
         self._controller = controller
         self._rng = random.Random(seed)
         self._events: list[_Event] = []
@@ -182,8 +195,10 @@ class Simulation:
                 return False
             vm.connected_s = vm.idle_since_s = now
         elif event.kind == "finish":
-            assert isinstance(event.subject, SimVm)
-            self._finish(event.subject, now)
+            assert isinstance(event.subject, tuple)
+            vm, version = event.subject
+            if version == vm.version:
+                self._finish(vm, now)
         else:
             launches, stops = self._controller.control(self, now)
             for name in stops:
@@ -198,21 +213,46 @@ class Simulation:
 
     def _dispatch(self, now: float) -> None:
         for vm in self.vms:
-            while self.queue and vm.connected and vm.running < self.config.slots:
+            if not (self.queue and vm.connected and vm.running < self.config.slots):
+                continue
+            self._share(vm, now)
+            while self.queue and vm.running < self.config.slots:
                 task = self.queue.popleft()
                 self._waits.append(now - task.arrival_s)
                 if vm.running == 0:
                     vm.busy_from_s, vm.idle_since_s = now, None
                 vm.running += 1
                 vm.tasks_run += 1
-                self._push(now + task.duration_s, "finish", vm)
+                vm.work_left_s.append(task.duration_s)
+                vm.run_s.append(task.duration_s)
+            self._next_finish(vm, now)
+
+    def _share(self, vm: SimVm, now: float) -> None:
+        """Brings ``vm``'s running tasks up to ``now``: each got an equal share of the device."""
+        if vm.work_left_s:
+            done = (now - vm.shared_since_s) / len(vm.work_left_s)
+            vm.work_left_s = [left - done for left in vm.work_left_s]
+        vm.shared_since_s = now
+
+    def _next_finish(self, vm: SimVm, now: float) -> None:
+        vm.version += 1
+        if vm.work_left_s:
+            soonest = min(vm.work_left_s) * len(vm.work_left_s)
+            self._push(now + soonest, "finish", (vm, vm.version))
 
     def _finish(self, vm: SimVm, now: float) -> None:
-        vm.running -= 1
-        self.finished += 1
+        self._share(vm, now)
+        running = list(zip(vm.work_left_s, vm.run_s, strict=True))
+        self.completed_runs += [run for left, run in running if left <= _EPSILON_S]
+        vm.work_left_s = [left for left, _ in running if left > _EPSILON_S]
+        vm.run_s = [run for left, run in running if left > _EPSILON_S]
+        ended = len(running) - len(vm.work_left_s)
+        vm.running -= ended
+        self.finished += ended
         if vm.running == 0:
             vm.busy_s += now - vm.busy_from_s
             vm.idle_since_s = now
+        self._next_finish(vm, now)
 
     def _launch(self, now: float) -> None:
         if len(self.live_vms()) >= self.config.max_instances:
@@ -233,6 +273,7 @@ class Simulation:
         if vm.running:  # cut off by the drain limit
             vm.busy_s += now - vm.busy_from_s
             vm.running = 0
+            vm.work_left_s, vm.run_s = [], []
         vm.ended_s = now
 
     def _push(self, time_s: float, kind: str, subject: object = None) -> None:

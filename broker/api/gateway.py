@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -167,6 +168,8 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
 
 
 def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
+    arrived = datetime.now(UTC)
+    uptime = hello.uptime_seconds  # NaN and infinity fail the range check below
     return AgentInfo(
         agent_id=hello.agent_id,
         gpu_type=hello.gpu_type or "unknown",
@@ -178,8 +181,13 @@ def _agent_from_proto(hello: agent_pb2.AgentHello) -> AgentInfo:
         prefetch=hello.prefetch,
         runs_models=hello.runs_models,
         models=frozenset(hello.models),
+        connected_at=arrived,
+        started_at=arrived - timedelta(seconds=uptime) if 0 < uptime < _MAX_UPTIME_S else None,
     )
 
+
+_MAX_UPTIME_S = 366 * 86_400.0
+"""A reported uptime of a year or more is not believed (a garbled hello, not an agent)."""
 
 MAX_BATCH = 64
 """Most messages sent together on a control stream."""

@@ -24,7 +24,11 @@ class TaskEvents:
 
     def __init__(self, listeners: Iterable[Callable[[Task], None]] = ()) -> None:
         self._subscribers: dict[str, set[TaskSink]] = {}
-        self._listeners = tuple(listeners)
+        self._listeners = list(listeners)
+
+    def add_listener(self, listener: Callable[[Task], None]) -> None:
+        """Calls ``listener`` with every snapshot published from now on (it must not block)."""
+        self._listeners.append(listener)
 
     def publish(self, task: Task) -> None:
         """Delivers a snapshot to the listeners and to every subscriber of the task."""

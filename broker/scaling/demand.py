@@ -53,6 +53,8 @@ class Want:
     request: LaunchRequest
     count: int
     reasons: tuple[str, ...]
+    queued: int = 0
+    """Tasks queued for the demands behind it (what the new machines would share)."""
 
 
 def choices_of(request: LaunchRequest) -> tuple[GpuChoice, ...]:
@@ -109,11 +111,13 @@ def plan(
         reason += " free or booting for them"
         key = (tuple(request.gpu_types), request.spot, request.max_run_seconds)
         known = wants.get(key)
+        queued = demand.queued
         if known is not None:
             count, reasons = known.count + count, (*known.reasons, reason)
+            queued += known.queued
         else:
             reasons = (reason,)
-        wants[key] = Want(request, count, reasons)
+        wants[key] = Want(request, count, reasons, queued)
     return list(wants.values())
 
 

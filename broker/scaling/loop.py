@@ -5,12 +5,17 @@ broker left behind: they are adopted, and stopped like any other once idle), loo
 and at each instance's agent, asks the pure ``Autoscaler`` what to do, and launches or deletes
 machines in worker threads (GCE calls block for seconds to minutes). Each machine's life is
 written to the billing database (``gpubroker.billing.vms``): created, running (the provider's
-first RUNNING sighting, where GCE's charge starts), its agent's first connection (where its boot
-ends), deleted and why, so reports can put VM cost and boot time beside billed compute.
+first RUNNING sighting, where GCE's charge starts), when its agent's process started and when
+that agent first connected (where its boot ends), deleted and why, so reports can put VM cost
+and boot time beside billed compute. The boot's phases (``boots.BootTimeline``) also go to the
+``ScalingEvents`` (the broker's metrics).
 
-The configuration is one TOML file (``--scaling-config``), with a table per concern: ``[policy]``
-(``ScalingPolicy``), ``[local]`` (``LocalSettings``) or ``[gce]`` (``GceSettings``). See
-``docs/deploy.md``.
+Launches that fail (a boot that never connects, no capacity anywhere) hold further launches of
+that GPU type with exponential backoff (``backoff.LaunchBackoff``) until one of its agents
+connects, so a broken image or a stockout is not retried every few seconds.
+
+Its configuration (``ScalingConfig``, read by ``load_scaling_config``) is in ``config``; this
+module re-exports it.
 """
 
 from __future__ import annotations
@@ -19,20 +24,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
-import tomllib
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
 from gpubroker.billing.errors import UnknownPriceError
-from gpubroker.billing.prices import GPU_MEMORY_BYTES, PriceCatalog, to_nanousd
+from gpubroker.billing.prices import PriceCatalog
 from gpubroker.billing.vms import (
     EndReason,
     VmLaunch,
@@ -41,20 +43,23 @@ from gpubroker.billing.vms import (
     record_deleted,
     record_running,
 )
-from gpubroker.broker.core.capacity import Capacity, GpuOffer
+from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.placement import PlacementKey, may_run
 from gpubroker.broker.core.registry import AgentRegistry
 from gpubroker.broker.core.scheduler import FairQueue
-from gpubroker.broker.model import GpuRequirement
-from gpubroker.broker.scaling.demand import Demand, GpuChoice
-from gpubroker.broker.scaling.policy import (
-    Autoscaler,
-    InstanceSnapshot,
-    ScalingPolicy,
-    Snapshot,
-    worst_case_price_nanousd,
+from gpubroker.broker.model import GpuRequirement, Task, TaskState
+from gpubroker.broker.scaling.backoff import Hold, LaunchBackoff
+from gpubroker.broker.scaling.boots import BootTimeline
+from gpubroker.broker.scaling.config import (
+    PROVIDERS,
+    ScalingConfig,
+    load_scaling_config,
+    offers_of,
 )
+from gpubroker.broker.scaling.demand import Demand
+from gpubroker.broker.scaling.policy import Autoscaler, InstanceSnapshot, Snapshot
 from gpubroker.broker.scaling.providers.base import (
+    CapacityError,
     Instance,
     InstanceStatus,
     LaunchRequest,
@@ -62,91 +67,40 @@ from gpubroker.broker.scaling.providers.base import (
 )
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 
-__all__ = ["PROVIDERS", "ScalingConfig", "ScalingLoop", "load_scaling_config"]
+__all__ = [
+    "PROVIDERS",
+    "ScalingConfig",
+    "ScalingEvents",
+    "ScalingLoop",
+    "load_scaling_config",
+    "offers_of",
+]
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = ("none", "local", "gce")
-"""``none``: agents join on their own; ``local``: agent processes here; ``gce``: GPU VMs."""
+
+class ScalingEvents(Protocol):
+    """What the loop reports as it goes (``broker.metrics.Metrics`` is one)."""
+
+    def boot_phase(self, phase: str, gpu_type: str, seconds: float) -> None:
+        """One phase of one launched machine's boot (``boots.BootPhase``), once it connected."""
+
+    def launch_failure(self, kind: str, gpu_type: str, zone: str) -> None:
+        """A launch failed: ``stuck`` (its agent never connected) or ``no_capacity``."""
+
+    def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
+        """Every held ``(gpu_type, zone, seconds left)`` now (zone ``*``: all zones)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ScalingConfig:
-    """What the loop runs with: the policy, the provider's own table, and the tick."""
+class _NoEvents:
+    def boot_phase(self, phase: str, gpu_type: str, seconds: float) -> None:
+        pass
 
-    policy: ScalingPolicy = field(default_factory=ScalingPolicy)
-    provider_table: Mapping[str, Any] = field(default_factory=dict)
-    """The ``[local]`` or ``[gce]`` table, turned into the provider's settings by the server."""
-    interval_s: float = 2.0
-    """Seconds between decisions."""
+    def launch_failure(self, kind: str, gpu_type: str, zone: str) -> None:
+        pass
 
-
-_COMPUTED = {"launch_request", "launch_price_nanousd", "max_hourly_spend_nanousd", "choices"}
-"""ScalingPolicy fields the loader derives (from gpu_types, spot, max_hourly_spend_usd...)."""
-
-
-def load_scaling_config(path: Path | None, provider: str, catalog: PriceCatalog) -> ScalingConfig:
-    """Reads the TOML file (None: defaults); unknown keys are an error, not a silent typo."""
-    data = tomllib.loads(path.read_text()) if path is not None else {}
-    unknown = set(data) - {"policy", "local", "gce"}
-    if unknown:
-        raise ValueError(f"{path}: unknown tables {sorted(unknown)}; use policy, local, gce")
-    table = dict(data.get("policy", {}))
-    interval = float(table.pop("interval_s", 2.0))
-    request = LaunchRequest(
-        gpu_types=tuple(table.pop("gpu_types", ["cpu"] if provider == "local" else ["nvidia-l4"])),
-        spot=bool(table.pop("spot", provider == "gce")),
-        max_run_seconds=table.pop("max_run_seconds", 24 * 3600 if provider == "gce" else None),
-    )
-    spend = table.pop("max_hourly_spend_usd", None)
-    names = {f.name for f in dataclasses.fields(ScalingPolicy)} - _COMPUTED
-    if bad := set(table) - names:
-        raise ValueError(f"{path}: unknown [policy] keys {sorted(bad)}")
-    defaults: dict[str, Any] = {"launch_request": request}
-    if provider == "local":  # a process starts in about a second, not a VM's minute and a half
-        defaults |= {"default_boot_s": 3.0, "min_idle_s": 10.0, "billing_minimum_s": 0.0}
-    policy = ScalingPolicy(
-        **(
-            defaults
-            | table
-            | {
-                "launch_price_nanousd": worst_case_price_nanousd(catalog, request),
-                "choices": _choices(catalog, request),
-                "max_hourly_spend_nanousd": None if spend is None else to_nanousd(str(spend)),
-            }
-        )
-    )
-    return ScalingConfig(policy, data.get(provider, {}), interval)
-
-
-def _choices(catalog: PriceCatalog, request: LaunchRequest) -> tuple[GpuChoice, ...]:
-    """The configured GPU types with their memory and prices (Spot or not, as configured)."""
-    return tuple(
-        GpuChoice(
-            g,
-            GPU_MEMORY_BYTES.get(g, 0),
-            catalog.price_for(g, spot=request.spot).per_hour_nanousd,
-            catalog.price_for(g, spot=False).per_hour_nanousd,
-        )
-        for g in request.gpu_types
-    )
-
-
-def offers_of(config: ScalingConfig) -> list[GpuOffer]:
-    """What the autoscaler can start, for the submit check (``Capacity``).
-
-    A ``cpu`` agent is one the local provider starts on this host, so its memory is this
-    host's RAM, as the agent itself reports it.
-    """
-    policy = config.policy
-    choices = policy.choices or [GpuChoice(g) for g in policy.launch_request.gpu_types]
-    return [GpuOffer(c.gpu_type, c.memory_bytes or _known_memory(c.gpu_type)) for c in choices]
-
-
-def _known_memory(gpu_type: str) -> int | None:
-    if gpu_type == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return GPU_MEMORY_BYTES.get(gpu_type)
+    def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
+        pass
 
 
 @dataclass
@@ -154,16 +108,25 @@ class _Tracked:
     """What the loop remembers of one instance between ticks."""
 
     created_s: float
+    created_at: datetime
+    """The provider's creation time (the boot's first moment)."""
     launched: bool = False
     """Started by this loop (so its time to connect is a boot time worth learning from)."""
-    running_recorded: bool = False
+    running_at: datetime | None = None
+    """First RUNNING sighting."""
+    stuck: bool = False
+    """Its stuck boot was counted (the policy repeats it every tick until it is gone)."""
     connected_s: float | None = None
     idle_since_s: float | None = None
     last_seen_s: float | None = None
 
 
 class ScalingLoop:
-    """Runs the autoscaler against a provider until stopped."""
+    """Runs the autoscaler against a provider until stopped.
+
+    ``events`` hears of boot phases, failed launches and launch holds (the broker passes its
+    metrics).
+    """
 
     def __init__(
         self,
@@ -175,6 +138,8 @@ class ScalingLoop:
         engine: Engine,
         catalog: PriceCatalog,
         capacity: Capacity | None = None,
+        *,
+        events: ScalingEvents | None = None,
     ) -> None:
         self.provider = provider
         self._config = config
@@ -186,12 +151,20 @@ class ScalingLoop:
         self._capacity = capacity or Capacity()
         self._capacity.configure(offers_of(config))
         self.autoscaler = Autoscaler(config.policy)
+        self.backoff: LaunchBackoff[str] = LaunchBackoff(config.backoff)
+        """Failures and holds per GPU type (zones are the provider's business)."""
+        self._events: ScalingEvents = events or _NoEvents()
         self._tracked: dict[str, _Tracked] = {}
         self._pending = 0
         self._pending_types: Counter[str] = Counter()
         self._terminating: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+
+    def observe_task(self, task: Task) -> None:
+        """A task event: each success teaches the policy a run time (``TaskEvents`` listener)."""
+        if task.state is TaskState.SUCCEEDED and task.compute_seconds is not None:
+            self.autoscaler.observe_run(task.compute_seconds)
 
     def start(self) -> None:
         """Starts ticking."""
@@ -236,21 +209,67 @@ class ScalingLoop:
             pending_types=tuple(self._pending_types.elements()),
         )
         decision = self.autoscaler.decide(snapshot, now_s)
+        by_name = {i.name: i for i in instances}
         for termination in decision.terminations:
             logger.info("stopping %s: %s", termination.name, termination.reason)
+            if termination.kind == "stuck" and termination.name in by_name:
+                self._stuck(by_name[termination.name], termination.reason, now_s)
             self._spawn(self._terminate(termination.name, _END_REASONS[termination.kind]))
         for launch in decision.launches:
-            if launch.count:
-                logger.info("launching %d of %s: %s", launch.count, launch.request, launch.reason)
+            request = self._admitted(launch.request, now_s) if launch.count else None
+            if request is None:
+                continue
+            logger.info("launching %d of %s: %s", launch.count, request, launch.reason)
             for _ in range(launch.count):
                 self._pending += 1
-                self._pending_types[launch.request.gpu_types[0]] += 1
-                self._spawn(self._launch(launch.request))
+                self._pending_types[request.gpu_types[0]] += 1
+                self._spawn(self._launch(request))
+        self._publish_holds(now_s)
         starting = (InstanceStatus.PROVISIONING, InstanceStatus.STAGING, InstanceStatus.RUNNING)
         booting = [
             i.gpu_type for i in snapshot.instances if i.status in starting and not i.connected
         ]
         self._capacity.set_booting([*booting, *self._pending_types.elements()])
+
+    def _stuck(self, instance: Instance, reason: str, now_s: float) -> None:
+        """Holds launches of the GPU type of a machine whose agent never connected: its image or
+        startup script (which every zone shares) is the likely cause, so a relaunch would most
+        likely fail too. An agent that connected and later fell silent says nothing of boots."""
+        tracked = self._tracked.get(instance.name)
+        if tracked is None or tracked.stuck or tracked.connected_s is not None:
+            return
+        tracked.stuck = True
+        hold = self.backoff.fail(instance.gpu_type, now_s, f"{instance.name} stuck: {reason}")
+        self._events.launch_failure("stuck", instance.gpu_type, instance.zone)
+        logger.warning(
+            "stuck boot of %s (%s, %s); holding %s launches for %.0f s (%d failures in a row)",
+            instance.name, instance.gpu_type, instance.zone, instance.gpu_type,
+            hold.remaining_s(now_s), hold.failures,
+        )  # fmt: skip
+
+    def _admitted(self, request: LaunchRequest, now_s: float) -> LaunchRequest | None:
+        """``request`` without its held GPU types; None when every one is held."""
+        held = [g for g in request.gpu_types if self.backoff.remaining_s(g, now_s) > 0]
+        for gpu_type in held:
+            hold = self.backoff.hold(gpu_type)
+            if hold is not None and self.backoff.announce(gpu_type):
+                logger.warning(
+                    "not launching %s for another %.0f s (backoff after %d failures; last: %s)",
+                    gpu_type, hold.remaining_s(now_s), hold.failures, hold.cause,
+                )  # fmt: skip
+        if not held:
+            return request
+        free = tuple(g for g in request.gpu_types if g not in held)
+        return dataclasses.replace(request, gpu_types=free) if free else None
+
+    def _publish_holds(self, now_s: float) -> None:
+        holds = [(h.key, "*", h.remaining_s(now_s)) for h in self.backoff.holds()]
+        zone_holds: Callable[[float], list[Hold[tuple[str, str]]]] | None = getattr(
+            self.provider, "zone_holds", None
+        )
+        if zone_holds is not None:
+            holds += [(*h.key, h.remaining_s(now_s)) for h in zone_holds(now_s)]
+        self._events.launch_holds(holds)
 
     def _demands(self) -> list[Demand]:
         """Queued tasks per GPU requirement, with the free slots of agents that may run them.
@@ -282,21 +301,37 @@ class ScalingLoop:
             tracked = self._tracked.get(instance.name)
             if tracked is None:
                 age = max((wall - instance.created_at).total_seconds(), 0.0)
-                tracked = self._tracked[instance.name] = _Tracked(created_s=now_s - age)
+                tracked = _Tracked(created_s=now_s - age, created_at=instance.created_at)
+                self._tracked[instance.name] = tracked
                 await asyncio.to_thread(
                     record_created, self._engine, self._vm(instance), instance.created_at
                 )
-            if instance.status is InstanceStatus.RUNNING and not tracked.running_recorded:
+            if instance.status is InstanceStatus.RUNNING and tracked.running_at is None:
                 # The provider bills from RUNNING (boot included), not from the agent's hello.
-                tracked.running_recorded = True
+                tracked.running_at = wall
                 await asyncio.to_thread(record_running, self._engine, instance.name, wall)
             booting = tracked.connected_s is None
             self._observe_agent(instance.name, tracked, now_s)
             if booting and tracked.connected_s is not None:  # its boot ends here
-                await asyncio.to_thread(record_connected, self._engine, instance.name, wall)
+                await self._booted(instance, tracked, wall)
         for name in set(self._tracked) - listed - self._terminating:  # gone without us
             del self._tracked[name]
             await asyncio.to_thread(record_deleted, self._engine, name, wall, EndReason.PREEMPTED)
+
+    async def _booted(self, instance: Instance, tracked: _Tracked, wall: datetime) -> None:
+        """Records a machine's first connection and, for one this loop launched, its phases."""
+        session = self._registry.get(instance.name)
+        info = session.info if session is not None else None
+        connected = wall if info is None or info.connected_at is None else info.connected_at
+        started = None if info is None else info.started_at
+        await asyncio.to_thread(record_connected, self._engine, instance.name, connected, started)
+        if not tracked.launched:  # an adopted machine's boot is history, not news
+            return
+        timeline = BootTimeline(tracked.created_at, tracked.running_at, started, connected)
+        for phase, seconds in timeline.phases().items():
+            self._events.boot_phase(phase.value, instance.gpu_type, seconds)
+        if self.backoff.succeed(instance.gpu_type):
+            logger.info("an agent of %s connected: launch backoff reset", instance.gpu_type)
 
     def _observe_agent(self, name: str, tracked: _Tracked, now_s: float) -> None:
         session = self._registry.get(name)
@@ -356,6 +391,9 @@ class ScalingLoop:
     async def _launch(self, request: LaunchRequest) -> None:
         try:
             instance = await asyncio.to_thread(self.provider.launch, request)
+        except CapacityError as exc:
+            self._no_capacity(request, str(exc))
+            return
         except Exception as exc:
             logger.warning("launch failed: %s", exc)
             return
@@ -367,10 +405,23 @@ class ScalingLoop:
         if (tracked := self._tracked.get(instance.name)) is not None:
             tracked.launched = True  # a tick listed it while the launch call was returning
             return
-        self._tracked[instance.name] = _Tracked(created_s=time.monotonic(), launched=True)
+        self._tracked[instance.name] = _Tracked(
+            created_s=time.monotonic(), created_at=instance.created_at, launched=True
+        )
         await asyncio.to_thread(
             record_created, self._engine, self._vm(instance), instance.created_at
         )
+
+    def _no_capacity(self, request: LaunchRequest, detail: str) -> None:
+        """Every zone refused every GPU type of ``request``: hold each of them."""
+        now_s = time.monotonic()
+        for gpu_type in request.gpu_types:
+            hold = self.backoff.fail(gpu_type, now_s, detail)
+            self._events.launch_failure("no_capacity", gpu_type, "*")
+            logger.warning(
+                "no capacity for %s anywhere; holding its launches for %.0f s: %s",
+                gpu_type, hold.remaining_s(now_s), detail,
+            )  # fmt: skip
 
     async def _terminate(self, name: str, reason: EndReason) -> None:
         if name in self._terminating:

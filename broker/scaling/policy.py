@@ -7,31 +7,34 @@ clock, the same one the snapshot's times use) to ``Autoscaler.decide`` and carri
 estimate of the boot time and when it last ordered a scale-up.
 
 Scale up. Capacity is the free slots of connected agents plus ``slots_per_instance`` for every
-instance still booting and every launch still pending. When the queue holds more tasks than
-that, it launches ``ceil(excess / slots_per_instance)`` instances, so a burst onto zero machines
-starts them all at once and work arriving while they boot does not start them twice. When the
-oldest queued task has waited longer than ``target_queue_wait_s`` and nothing is booting, it
-launches at least one, whatever the free slots say. It also launches up to ``min_instances``.
-
-Per requirement. When the snapshot carries ``demands`` (queued tasks per GPU requirement, with
-the free slots of the connected agents that may run them), excess is counted per requirement
-instead (``demand.plan``): booting machines serve only the requirements their type fits, and
-each requirement short of slots launches the cheapest configured types that fit it, so one
-decision may hold several launches (``Decision.launches``).
+instance still booting and every launch still pending; queued tasks beyond it want
+``ceil(excess / slots_per_instance)`` new instances, counted per GPU requirement when the
+snapshot carries ``demands`` (``demand.plan``: booting machines serve only the requirements
+their type fits, and each requirement short of slots asks for the cheapest configured types
+that fit it, so one decision may hold several launches). A new instance bills its whole boot
+before it serves, so that count is then cut to the instances worth starting
+(``sizing.worth_starting``): each must get at least ``launch_work_boots`` boots of the queued
+work, sized with the learned run time per task, after the instances already serving have done
+what they do while it boots. The first instance for work nothing serves is always worth it.
+``max_queue_delay_s`` trades wait for cost (``sizing``): above 0 that first instance waits until
+the oldest task has waited the delay less a boot, and more start only when the serving ones
+would keep the last queued task past the delay. It also launches up to ``min_instances``.
 The count is then bounded by ``max_instances`` and by ``max_hourly_spend_nanousd`` (the hourly
 prices of live instances, pending launches and the new ones together), and by a cooldown after
 the last scale-up; a bounded or refused scale-up still carries a reason that says why.
 
 Scale down (the idle rule). GCE bills a minimum of 60 s, then per second (docs/deploy.md,
-section 7), and a new machine takes the boot time (measured, smoothed, default 90 s) before it
-serves. Stopping an idle machine early therefore saves nothing during its first 60 s, and after
-that saves its price per second, while stopping too early costs a cold start: a boot's worth of
-billed time during which nothing runs, and that much delay for the next task. That is the
-ski-rental problem, whose best deterministic online answer is to keep paying ("renting") for as
-long as one cold start costs, then stop. So an idle instance (connected, no task running, no
-task queued) is stopped once now ≥ ``max(billing_start + 60 s, idle_since + idle_grace)`` with
-``idle_grace = max(min_idle_s, boot_time_s * keep_factor)``, longest idle first, never going
-below ``min_instances``. Per-second billing means no later boundary is worth waiting for.
+section 7), and a new machine bills its boot (measured, smoothed) before it serves. Stopping an
+idle machine early therefore saves nothing during its first 60 s; after that, keeping it through
+a gap costs the gap and stopping it costs a boot when work comes back: the ski-rental problem.
+``gaps.GapLearner`` records the real gaps (idle until work needed the machine) and keeps an idle
+instance for the keep time that would have cost least over the recent ones; until it has
+``gap_samples`` of them it keeps one boot time times ``keep_factor``, the deterministic
+ski-rental answer. With ``max_queue_delay_s`` longer than a boot the broker works in batches
+and keeps nothing idle. An idle instance (connected, no task running, no task queued) is
+stopped once now ≥ ``max(billing_start + 60 s, idle_since + idle_grace)``, with
+``idle_grace = max(min_idle_s, keep time)``, longest idle first, never going below
+``min_instances``. Per-second billing means no later boundary is worth waiting for.
 Independently of idleness, an instance the provider reports ``TERMINATED`` (preempted) is
 deleted, and one whose agent has not been connected for ``boot_timeout_s`` (since it was
 created, or since the agent was last seen) is treated as stuck and deleted.
@@ -39,6 +42,7 @@ created, or since the agent was last seen) is treated as stuck and deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -46,8 +50,22 @@ from dataclasses import dataclass, field
 
 from gpubroker.billing.prices import PriceCatalog, format_usd
 from gpubroker.billing.vms import MINIMUM_CHARGE
-from gpubroker.broker.scaling.demand import Demand, GpuChoice, Want, choices_of, plan
+from gpubroker.broker.scaling.decisions import (
+    Decision,
+    InstanceSnapshot,
+    Launch,
+    Snapshot,
+    Termination,
+)
+from gpubroker.broker.scaling.demand import GpuChoice, Want, choices_of, plan
+from gpubroker.broker.scaling.gaps import GapLearner
 from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest
+from gpubroker.broker.scaling.sizing import (
+    Fleet,
+    first_start_due,
+    needed_for_delay,
+    worth_starting,
+)
 
 __all__ = [
     "GCE_BILLING_MINIMUM_S",
@@ -90,18 +108,27 @@ class ScalingPolicy:
     """Cap on the summed hourly prices of live and to-be-launched instances; None: no cap."""
     slots_per_instance: int = 2
     """Tasks one instance's agent runs at once (the agent's ``--slots``)."""
-    target_queue_wait_s: float = 30.0
-    """Launch one more instance when the oldest queued task has waited longer than this."""
+    max_queue_delay_s: float = 0.0
+    """How long queued work may wait for an instance to be started for it: 0 starts one as
+    soon as work is worth it; longer trades wait for cost (see ``sizing``)."""
+    launch_work_boots: float = 2.0
+    """A new instance must get at least this many boot times of queued work."""
+    default_run_s: float = 60.0
+    """Run time per task assumed before any has been observed."""
+    run_smoothing: float = 0.2
+    """Weight of each finished task's run time in the running average."""
+    gap_samples: int = 3
+    """Idle gaps observed before the fitted keep time replaces ``keep_factor`` boot times."""
     default_boot_s: float = 90.0
     """Boot time (launch to agent connected) assumed before any has been observed."""
     boot_smoothing: float = 0.3
     """Weight of each new boot observation in the exponentially weighted average."""
     billing_minimum_s: float = GCE_BILLING_MINIMUM_S
     """Billed minimum of an instance; it is never stopped sooner, since that saves nothing."""
-    min_idle_s: float = 30.0
-    """Shortest idle grace, whatever the boot time."""
+    min_idle_s: float = 0.0
+    """Shortest idle grace, whatever the gaps."""
     keep_factor: float = 1.0
-    """Idle grace in boot times; 1 is the ski-rental break-even."""
+    """Idle grace in boot times until enough gaps are known; 1 is the ski-rental break-even."""
     scale_up_cooldown_s: float = 10.0
     """Least time between two scale-ups."""
     boot_timeout_s: float = 600.0
@@ -118,104 +145,14 @@ class ScalingPolicy:
             raise ValueError(
                 f"slots_per_instance must be at least 1, got {self.slots_per_instance}"
             )
-        if not 0 < self.boot_smoothing <= 1:
-            raise ValueError(f"boot_smoothing must be in (0, 1], got {self.boot_smoothing}")
-        if min(self.default_boot_s, self.min_idle_s, self.keep_factor, self.boot_timeout_s) < 0:
-            raise ValueError("boot, idle and timeout durations must not be negative")
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceSnapshot:
-    """One instance as the autoscaler sees it: provider status plus what its agent is doing."""
-
-    name: str
-    status: InstanceStatus
-    gpu_type: str
-    spot: bool
-    price_per_hour_nanousd: int
-    """Its hourly price, from the price catalog."""
-    created_at_s: float
-    """When the provider created it, on the caller's clock."""
-    running_since_s: float | None = None
-    """When it reached RUNNING (billing starts); None falls back to ``created_at_s``."""
-    connected: bool = False
-    """Its agent holds a control stream to the broker now."""
-    running_tasks: int = 0
-    """Attempts its agent runs now."""
-    idle_since_s: float | None = None
-    """When it last finished a task or (re)connected; None if its agent never connected."""
-    agent_last_seen_s: float | None = None
-    """Last time its agent was connected; None if never. Ignored while connected."""
-
-    @property
-    def is_idle(self) -> bool:
-        """Connected, running, and running nothing."""
-        return (
-            self.status is InstanceStatus.RUNNING
-            and self.connected
-            and self.running_tasks == 0
-            and self.idle_since_s is not None
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything one decision looks at."""
-
-    queue_depth: int = 0
-    """Tasks queued and not yet assigned."""
-    oldest_queued_age_s: float = 0.0
-    """How long the oldest queued task has waited; 0 when the queue is empty."""
-    free_slots: int = 0
-    """Unused slots across connected agents."""
-    instances: Sequence[InstanceSnapshot] = ()
-    """Every instance the provider knows of."""
-    pending_launches: int = 0
-    """Launches ordered whose instance is not in ``instances`` yet."""
-    demands: Sequence[Demand] | None = None
-    """Queued tasks per GPU requirement; None: count ``queue_depth`` against ``free_slots``."""
-    pending_types: Sequence[str] = ()
-    """The first GPU type of each pending launch."""
-
-
-@dataclass(frozen=True, slots=True)
-class Launch:
-    """Start ``count`` instances of ``request``; ``count`` is 0 when limits refused them."""
-
-    count: int
-    request: LaunchRequest
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Termination:
-    """Delete the instance ``name``."""
-
-    name: str
-    reason: str
-    """Why, for people."""
-    kind: str = "idle"
-    """Why, for code: ``idle``, ``stuck`` (its agent never or no longer connects) or
-    ``terminated`` (the provider already reports it gone, e.g. preempted)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do now: a ``Launch`` per launch request wanted, and any ``Termination``s."""
-
-    launches: tuple[Launch, ...] = ()
-    """Empty when no scale-up was wanted."""
-    terminations: tuple[Termination, ...] = ()
-
-    @property
-    def launch(self) -> Launch | None:
-        """The first launch; None when no scale-up was wanted."""
-        return self.launches[0] if self.launches else None
-
-    @property
-    def terminated_names(self) -> tuple[str, ...]:
-        """Names of the instances to delete."""
-        return tuple(t.name for t in self.terminations)
+        for name in ("boot_smoothing", "run_smoothing"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        durations = (self.default_boot_s, self.min_idle_s, self.keep_factor, self.boot_timeout_s)
+        if min(*durations, self.max_queue_delay_s, self.launch_work_boots, self.gap_samples) < 0:
+            raise ValueError("durations, factors and counts must not be negative")
+        if self.default_run_s <= 0:
+            raise ValueError(f"default_run_s must be positive, got {self.default_run_s}")
 
 
 def hourly_spend(instances: Iterable[InstanceSnapshot]) -> int:
@@ -241,7 +178,9 @@ class Autoscaler:
     def __init__(self, policy: ScalingPolicy | None = None) -> None:
         self.policy = policy or ScalingPolicy()
         self._boot_s = self.policy.default_boot_s
+        self._run_s = self.policy.default_run_s
         self._last_scale_up_s: float | None = None
+        self.gaps = GapLearner(self.policy.gap_samples)
 
     @property
     def boot_time_s(self) -> float:
@@ -249,9 +188,19 @@ class Autoscaler:
         return self._boot_s
 
     @property
+    def run_time_s(self) -> float:
+        """Current estimate of one task's run time."""
+        return self._run_s
+
+    @property
     def idle_grace_s(self) -> float:
         """How long an idle instance is kept once its billing minimum is over."""
-        return max(self.policy.min_idle_s, self._boot_s * self.policy.keep_factor)
+        policy = self.policy
+        if policy.max_queue_delay_s > self._boot_s:
+            keep = 0.0  # batches: the next machine starts when waiting work is due
+        else:
+            keep = self.gaps.keep_s(self._boot_s, self._boot_s * policy.keep_factor)
+        return max(policy.min_idle_s, keep)
 
     def observe_boot(self, seconds: float) -> None:
         """Folds one measured boot (launch to agent connected) into the estimate."""
@@ -259,6 +208,13 @@ class Autoscaler:
             raise ValueError(f"a boot cannot take {seconds} s")
         weight = self.policy.boot_smoothing
         self._boot_s = weight * seconds + (1 - weight) * self._boot_s
+
+    def observe_run(self, seconds: float) -> None:
+        """Folds one finished task's run time (device seconds) into the estimate."""
+        if seconds < 0:
+            raise ValueError(f"a task cannot run {seconds} s")
+        weight = self.policy.run_smoothing
+        self._run_s = weight * seconds + (1 - weight) * self._run_s
 
     def stop_time_s(self, instance: InstanceSnapshot) -> float | None:
         """Earliest time the idle rule stops ``instance``; None while it is not idle."""
@@ -276,12 +232,25 @@ class Autoscaler:
         removed = [t for i in snapshot.instances if (t := self._broken(i, now_s)) is not None]
         gone = {t.name for t in removed}
         kept = [i for i in snapshot.instances if i.name not in gone]
+        self._observe_gaps(snapshot, kept, now_s)
         launches = self._scale_up(snapshot, kept, now_s)
         if any(launch.count > 0 for launch in launches):
             self._last_scale_up_s = now_s
         elif snapshot.queue_depth == 0:
-            removed += self._idle_stops(snapshot, kept, now_s)
+            stops = self._idle_stops(snapshot, kept, now_s)
+            for stop in stops:
+                self.gaps.stopped(stop.name, now_s)
+            removed += stops
         return Decision(launches=launches, terminations=tuple(removed))
+
+    def _observe_gaps(
+        self, snapshot: Snapshot, kept: Sequence[InstanceSnapshot], now_s: float
+    ) -> None:
+        idle = {i.name: i.idle_since_s for i in kept if i.is_idle and i.idle_since_s is not None}
+        busy = [i.name for i in kept if i.running_tasks > 0]
+        excess = max(snapshot.queue_depth - snapshot.free_slots, 0)
+        wanted = math.ceil(excess / self.policy.slots_per_instance)
+        self.gaps.observe(idle, busy, wanted, now_s, horizon_s=2 * self._boot_s)
 
     def _broken(self, instance: InstanceSnapshot, now_s: float) -> Termination | None:
         if instance.status is InstanceStatus.TERMINATED:
@@ -309,7 +278,8 @@ class Autoscaler:
         launches: list[Launch] = []
         cooling = self._cooldown_left_s(now_s)
         extra = (0, 0)  # instances and hourly spend granted to earlier launches of this decision
-        for want in self._wants(snapshot, kept):
+        for wanted in self._wants(snapshot, kept):
+            want = self._sized(wanted, snapshot, kept)
             price = self._price_of(want.request)
             count, limits = self._bounded(want.count, snapshot, kept, price, extra)
             if count > 0 and cooling > 0:
@@ -318,7 +288,8 @@ class Autoscaler:
             reason = "; ".join(want.reasons)
             if limits:
                 reason += f"; wanted {want.count}, launching {count}: " + "; ".join(limits)
-            launches.append(Launch(count, want.request, reason))
+            if count or wanted.count:
+                launches.append(Launch(count, want.request, reason))
             extra = (extra[0] + count, extra[1] + count * price)
         return tuple(launches)
 
@@ -326,7 +297,10 @@ class Autoscaler:
         """Instances wanted per launch request: per requirement when the snapshot has demands."""
         if snapshot.demands is None:
             wanted, reasons = self._wanted(snapshot, kept)
-            return [Want(self.policy.launch_request, wanted, tuple(reasons))] if wanted else []
+            request, queued = self.policy.launch_request, snapshot.queue_depth
+            if reasons and reasons[-1].endswith(f"min_instances {self.policy.min_instances}"):
+                queued = 0  # started for min_instances, not for work: no sizing
+            return [Want(request, wanted, tuple(reasons), queued)] if wanted else []
         policy = self.policy
         serving = [i for i in kept if i.status is not InstanceStatus.STOPPING]
         booting = Counter(i.gpu_type for i in serving if not i.connected)
@@ -338,7 +312,7 @@ class Autoscaler:
         short = policy.min_instances - len(serving) - snapshot.pending_launches
         if short > sum(w.count for w in wants):
             reason = f"{short} below min_instances {policy.min_instances}"
-            wants = [Want(policy.launch_request, short, (reason,))]
+            wants = [Want(policy.launch_request, short, (reason,), 0)]
         return wants
 
     def _price_of(self, request: LaunchRequest) -> int:
@@ -363,23 +337,57 @@ class Autoscaler:
                 f"{snapshot.queue_depth} queued tasks exceed {snapshot.free_slots} free and "
                 f"{booting_slots} booting slots"
             )
-        elif self._waited_too_long(snapshot) and booting == 0:
-            wanted = 1
-            reasons.append(
-                f"the oldest queued task has waited {snapshot.oldest_queued_age_s:.0f} s, over "
-                f"the {policy.target_queue_wait_s:.0f} s target, and nothing is booting"
-            )
         short = policy.min_instances - len(serving) - snapshot.pending_launches
         if short > wanted:
             wanted = short
             reasons.append(f"{short} below min_instances {policy.min_instances}")
         return wanted, reasons
 
-    def _waited_too_long(self, snapshot: Snapshot) -> bool:
-        return (
-            snapshot.queue_depth > 0
-            and snapshot.oldest_queued_age_s > self.policy.target_queue_wait_s
+    def _sized(self, want: Want, snapshot: Snapshot, kept: Sequence[InstanceSnapshot]) -> Want:
+        """``want`` cut to the instances its queued work is worth (``sizing``); instances
+        wanted for ``min_instances`` alone (no queued work behind them) are left as they are."""
+        policy = self.policy
+        queued = want.queued
+        if queued == 0 or want.count == 0:
+            return want
+        types = set(want.request.gpu_types)
+        fits = [
+            i
+            for i in kept
+            if i.status is not InstanceStatus.STOPPING
+            and (want.request == policy.launch_request or i.gpu_type in types)
+        ]
+        pending = sum(g in types for g in snapshot.pending_types)
+        if want.request == policy.launch_request:
+            pending = snapshot.pending_launches
+        fleet = Fleet(
+            queued=queued,
+            run_s=self._run_s,
+            boot_s=self._boot_s,
+            connected=sum(i.connected for i in fits),
+            booting=sum(not i.connected for i in fits) + pending,
         )
+        delay = policy.max_queue_delay_s
+        age = snapshot.oldest_queued_age_s
+        if fleet.serving == 0 and delay > 0 and not first_start_due(age, self._boot_s, delay):
+            why = (
+                f"the oldest of {queued} queued tasks has waited {age:.0f} s; with boots of "
+                f"{self._boot_s:.0f} s a machine starts at {delay - self._boot_s:.0f} s "
+                f"(max_queue_delay_s {delay:.0f})"
+            )
+            return dataclasses.replace(want, count=0, reasons=(*want.reasons, why))
+        count = worth_starting(fleet, want.count, policy.launch_work_boots)
+        if delay > 0:
+            count = min(count, max(needed_for_delay(fleet, delay), int(fleet.serving == 0)))
+        if count == want.count:
+            return want
+        why = (
+            f"{count} worth starting for {fleet.work_s:.0f} s of queued work "
+            f"({self._run_s:.0f} s a task) with {fleet.connected} serving and "
+            f"{fleet.booting} booting ({self._boot_s:.0f} s boots, at least "
+            f"{policy.launch_work_boots:g} boots of work each)"
+        )
+        return dataclasses.replace(want, count=count, reasons=(*want.reasons, why))
 
     def _bounded(
         self,
@@ -428,9 +436,9 @@ class Autoscaler:
         return Termination(
             instance.name,
             f"idle for {now_s - instance.idle_since_s:.0f} s, past the "
-            f"{self.idle_grace_s:.0f} s grace (boot estimate {self._boot_s:.0f} s x "
-            f"{self.policy.keep_factor:g}) and the {self.policy.billing_minimum_s:.0f} s "
-            "billing minimum",
+            f"{self.idle_grace_s:.0f} s grace (fitted to {len(self.gaps.gaps)} idle gaps, "
+            f"boot estimate {self._boot_s:.0f} s) and the "
+            f"{self.policy.billing_minimum_s:.0f} s billing minimum",
         )
 
 

@@ -35,13 +35,28 @@ def test_a_vm_stopped_sooner_is_billed_the_60_s_minimum() -> None:
     assert result.billed_usd == pytest.approx(5 * 0.0001)
 
 
-def test_two_tasks_sharing_a_vm_bill_its_busy_time_once() -> None:
+def test_two_tasks_sharing_a_device_share_it_and_bill_its_busy_time_once() -> None:
+    # Both start when the VM connects at 10 s and run at half speed: they end together at 90 s.
     config = SimConfig(boot_range_s=(10.0, 10.0), price_per_hour_usd=PRICE)
     trace = Trace("pair", (SimTask(0.0, 40.0), SimTask(0.0, 40.0)))
     result = Simulation(trace, Autostop(0.0), config, seed=0).run()
     assert result.launches == 1
     assert result.task_seconds == pytest.approx(80.0)
+    assert result.busy_seconds == pytest.approx(80.0)
+    assert result.vm_seconds == pytest.approx(90.0)
+    assert list(result.waits_s) == pytest.approx([10.0, 10.0])
+
+
+def test_a_task_joining_a_busy_device_slows_the_one_running() -> None:
+    # A runs alone 10..20 (10 of its 30 s done), then shares with B (10 s): B ends at 40,
+    # A has 10 s left and ends at 50.
+    config = SimConfig(boot_range_s=(10.0, 10.0), price_per_hour_usd=PRICE)
+    trace = Trace("join", (SimTask(0.0, 30.0), SimTask(20.0, 10.0)))
+    sim = Simulation(trace, Autostop(0.0), config, seed=0)
+    result = sim.run()
+    assert result.launches == 1
     assert result.busy_seconds == pytest.approx(40.0)
+    assert sim.vms[0].ended_s == pytest.approx(50.0)
 
 
 def test_the_real_policy_launches_nothing_for_no_work() -> None:

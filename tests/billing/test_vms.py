@@ -101,7 +101,8 @@ def test_migration_0004_creates_and_drops_the_vm_instances_table(empty_engine: s
 
     downgrade(empty_engine, "0003")
 
-    assert columns == {c.name for c in vm_instances.columns} - {"connected_at"}  # 0010
+    later = {"connected_at", "agent_started_at"}  # 0010, 0011
+    assert columns == {c.name for c in vm_instances.columns} - later
     assert current_revision(empty_engine) == "0003"
     assert not sa.inspect(empty_engine).has_table("vm_instances")
 
@@ -123,7 +124,24 @@ def test_a_machine_life_is_recorded_and_repeated_calls_move_nothing(engine: sa.E
         "machine_type": "g2-standard-4", "spot": True, "price_per_hour_nanousd": SPOT_L4,
         "price_version": "2026-11-01", "created_at": T0, "running_at": T0 + s(30),
         "deleted_at": T0 + s(600), "end_reason": "preempted", "connected_at": None,
+        "agent_started_at": None,
     }  # fmt: skip
+
+
+def test_migration_0011_adds_when_the_agent_started_and_keeps_the_rows(
+    empty_engine: sa.Engine,
+) -> None:
+    upgrade(empty_engine, "0010")
+    record_created(empty_engine, launch("vm-1"), T0)  # names only the columns 0010 has
+
+    upgrade(empty_engine, "0011")
+    record_connected(empty_engine, "vm-1", T0 + s(90), T0 + s(80))
+    after = row(empty_engine, "vm-1")
+    downgrade(empty_engine, "0010")
+
+    assert (after["agent_started_at"], after["connected_at"]) == (T0 + s(80), T0 + s(90))
+    columns = {c["name"] for c in sa.inspect(empty_engine).get_columns("vm_instances")}
+    assert "agent_started_at" not in columns and "connected_at" in columns
 
 
 def test_unknown_or_deleted_machines_are_not_marked_running(engine: sa.Engine) -> None:

@@ -1,10 +1,12 @@
 """The autoscaling loop over the real GCE client and a fake Compute server: a queued task makes
 the broker create a Spot VM; an agent with the VM's name joins (standing in for the startup
-script) and runs the task; once idle past the grace the VM is deleted and its life is billed."""
+script) and runs the task; once idle past the grace the VM is deleted and its life is billed.
+With no capacity in any zone, the launch is held (backoff) and /metrics shows it."""
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -13,9 +15,11 @@ import pytest
 import sqlalchemy as sa
 import torch
 from google.auth.credentials import AnonymousCredentials
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpubroker.billing.models import vm_instances
 from gpubroker.billing.prices import PriceCatalog
+from gpubroker.broker.scaling.backoff import BackoffPolicy
 from gpubroker.broker.scaling.loop import ScalingConfig, ScalingLoop
 from gpubroker.broker.scaling.policy import ScalingPolicy
 from gpubroker.broker.scaling.providers.base import LaunchRequest
@@ -117,3 +121,78 @@ async def test_a_queued_task_starts_a_spot_vm_which_is_deleted_once_idle(
         await loop.stop(release=False)
         if agent is not None:
             agent.stop()
+
+
+def _scrape(broker_server: BrokerServer) -> str:
+    url = f"http://127.0.0.1:{broker_server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+@pytest.mark.parametrize(
+    "broker_overrides",
+    [{"api_keys": {"key-a": "tenant-a"}, "metrics_address": "127.0.0.1:0"}],
+    ids=["metrics"],
+)
+async def test_a_stockout_in_every_zone_holds_launches_and_shows_on_metrics(
+    broker_server: BrokerServer, compute: FakeCompute
+) -> None:
+    metrics = broker_server.metrics
+    provider = GceProvider(
+        GceSettings(
+            project=PROJECT,
+            zones=("us-central1-a", "us-central1-b"),
+            broker_address="broker.internal:50051",
+            broker_id="itest",
+            agent_package="gpubroker==0.1.0",
+            api_endpoint=compute.endpoint,
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            poll_interval_s=0.0,
+        ),
+        on_fallback=metrics.fallback,
+    )
+    compute.stockout()  # no L4 anywhere, Spot or not
+    policy = ScalingPolicy(
+        launch_request=LaunchRequest(("nvidia-l4",), spot=True, max_run_seconds=3600),
+        min_instances=1,
+        scale_up_cooldown_s=0.0,
+    )
+    config = ScalingConfig(policy, interval_s=0.1, backoff=BackoffPolicy(initial_s=600))
+    loop = ScalingLoop(
+        provider, config, broker_server.store, broker_server.queue, broker_server.registry,
+        broker_server.engine, PriceCatalog.load(), events=metrics,
+    )  # fmt: skip
+    loop.start()
+    try:
+
+        def held_on_metrics() -> float | None:
+            text = _scrape(broker_server)
+            return _sample(text, "gpubroker_launch_backoff_seconds", gpu_type="nvidia-l4", zone="*")
+
+        await asyncio.to_thread(wait_until, held_on_metrics, 20, "the GPU type's hold on /metrics")
+        await asyncio.sleep(1.0)  # a quiet window of ten ticks: none may launch again
+        text = await asyncio.to_thread(_scrape, broker_server)
+    finally:
+        await loop.stop(release=False)
+
+    assert len(compute.inserted()) == 4  # Spot in two zones, on-demand in two: once
+    held = _sample(text, "gpubroker_launch_backoff_seconds", gpu_type="nvidia-l4", zone="*")
+    assert held is not None and 590 < held <= 600
+    for zone in ("us-central1-a", "us-central1-b"):
+        zone_held = _sample(
+            text, "gpubroker_launch_backoff_seconds", gpu_type="nvidia-l4", zone=zone
+        )
+        assert zone_held is not None and zone_held > 0
+        stockouts = _sample(text, "gpubroker_launch_failures_total", kind="stockout",
+                            gpu_type="nvidia-l4", zone=zone)  # fmt: skip
+        assert stockouts == 2.0  # Spot, then on-demand
+    assert _sample(text, "gpubroker_launch_failures_total", kind="no_capacity",
+                   gpu_type="nvidia-l4", zone="*") == 1.0  # fmt: skip

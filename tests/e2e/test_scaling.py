@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,14 @@ def test_the_local_provider_starts_agents_for_a_burst_and_stops_them_when_idle(
         )
         assert {vm["end_reason"] for vm in _vms(broker)} == {"idle"}
         assert all(vm["running_at"] is not None for vm in _vms(broker))
+        # Each agent said in its hello how long its process had run: when it started, between
+        # its process being created and its hello.
+        for vm in _vms(broker):
+            created, began, connected = (vm[k] for k in ("created_at", "agent_started_at",
+                                                         "connected_at"))  # fmt: skip
+            assert isinstance(created, datetime) and isinstance(began, datetime), vm
+            assert isinstance(connected, datetime), vm
+            assert created - timedelta(seconds=1) <= began <= connected, vm
 
         report = subprocess.run(
             [

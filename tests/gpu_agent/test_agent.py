@@ -69,6 +69,7 @@ async def test_the_agent_says_hello_with_its_workloads_and_grants_a_credit_per_s
     assert hello.slots == 3
     assert {"matmul", "echo", "sleep", "linalg.solve"} <= set(hello.workloads)
     assert hello.version
+    assert hello.uptime_seconds > 0  # since this test process started
     assert credit.slots == 3
     assert broker.gateway.metadata[0]["authorization"] == f"Bearer {TOKEN}"
 

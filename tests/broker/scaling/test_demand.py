@@ -9,8 +9,8 @@ from pathlib import Path
 
 from gpubroker.billing.prices import PriceCatalog
 from gpubroker.broker.model import GpuRequirement
+from gpubroker.broker.scaling.config import load_scaling_config, offers_of
 from gpubroker.broker.scaling.demand import Demand, GpuChoice
-from gpubroker.broker.scaling.loop import load_scaling_config, offers_of
 from gpubroker.broker.scaling.policy import Autoscaler, InstanceSnapshot, ScalingPolicy, Snapshot
 from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest
 
@@ -26,6 +26,7 @@ POLICY = ScalingPolicy(
     choices=CHOICES,
     max_instances=10,
     slots_per_instance=2,
+    launch_work_boots=0.0,  # count slots only: sizing is tested in test_policy.py
 )
 
 

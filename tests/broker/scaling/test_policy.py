@@ -30,6 +30,8 @@ POLICY = ScalingPolicy(
     min_idle_s=30.0,
     scale_up_cooldown_s=10.0,
     boot_timeout_s=600.0,
+    launch_work_boots=0.0,  # these tests count slots; sizing has its own tests below
+    default_run_s=3600.0,
 )
 
 
@@ -121,21 +123,53 @@ def test_a_second_scale_up_waits_for_the_cooldown() -> None:
     assert _launched(later) == 1
 
 
-def test_an_old_queued_task_launches_one_when_nothing_boots_even_with_free_slots() -> None:
-    # Given one free slot that has not taken the queued task (say it cannot run it)
-    snapshot = Snapshot(queue_depth=1, free_slots=1, instances=[_idle("vm-0", 0.0)])
-    scaler = Autoscaler(POLICY)
+def test_a_burst_gets_only_the_instances_its_work_is_worth() -> None:
+    # 10 tasks of 60 s against 90 s boots, two boots of work per new instance: 600 s of work
+    # keeps 3 new instances busy that long (200 s each), not the 5 the slots would ask for.
+    scaler = Autoscaler(_policy(launch_work_boots=2.0, default_run_s=60.0))
 
-    young = scaler.decide(dataclasses.replace(snapshot, oldest_queued_age_s=30.0), now_s=100.0)
-    old = scaler.decide(dataclasses.replace(snapshot, oldest_queued_age_s=31.0), now_s=100.0)
-    booting = scaler.decide(
-        dataclasses.replace(snapshot, oldest_queued_age_s=60.0, pending_launches=1), now_s=200.0
-    )
+    decision = scaler.decide(Snapshot(queue_depth=10), now_s=0.0)
 
-    assert young.launch is None
-    assert old.launch is not None and old.launch.count == 1
-    assert "waited 31 s, over the 30 s target" in old.launch.reason
-    assert booting.launch is None
+    assert _launched(decision) == 3
+    assert decision.launch is not None
+    assert "3 worth starting for 600 s of queued work" in decision.launch.reason
+
+
+def test_a_few_short_tasks_get_one_instance_not_one_per_two_tasks() -> None:
+    scaler = Autoscaler(_policy(launch_work_boots=2.0, default_run_s=60.0))
+    for _ in range(30):
+        scaler.observe_run(5.0)  # the tasks turn out to take 5 s
+
+    assert scaler.run_time_s == pytest.approx(5.0, abs=0.1)
+    assert _launched(scaler.decide(Snapshot(queue_depth=10), now_s=0.0)) == 1
+
+
+def test_work_a_connected_instance_drains_within_a_boot_starts_nothing() -> None:
+    scaler = Autoscaler(_policy(launch_work_boots=2.0, default_run_s=10.0))
+    # One busy instance, 6 queued tasks of 10 s: it drains them in about 60 s, under a boot.
+    snapshot = Snapshot(queue_depth=6, instances=[_busy("vm-0")])
+
+    decision = scaler.decide(snapshot, now_s=500.0)
+
+    assert _launched(decision) == 0
+
+
+def test_a_max_queue_delay_collects_work_then_starts_one_instance() -> None:
+    scaler = Autoscaler(_policy(max_queue_delay_s=600.0, launch_work_boots=2.0, default_run_s=20.0))
+
+    early = scaler.decide(Snapshot(queue_depth=3, oldest_queued_age_s=500.0), now_s=0.0)
+    due = scaler.decide(Snapshot(queue_depth=6, oldest_queued_age_s=511.0), now_s=20.0)
+
+    assert _launched(early) == 0
+    assert early.launch is not None and "a machine starts at 510 s" in early.launch.reason
+    assert _launched(due) == 1  # 120 s of work: one instance drains it within the delay
+
+
+def test_a_max_queue_delay_longer_than_a_boot_keeps_no_idle_instance() -> None:
+    scaler = Autoscaler(_policy(max_queue_delay_s=600.0, default_boot_s=90.0))
+
+    assert scaler.idle_grace_s == POLICY.min_idle_s
+    assert Autoscaler(POLICY).idle_grace_s == 90.0  # no gaps yet: one boot (keep_factor 1)
 
 
 def test_busy_instances_with_more_queued_work_get_company() -> None:

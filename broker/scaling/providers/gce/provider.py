@@ -2,6 +2,12 @@
 
 Calls are synchronous (``google-cloud-compute`` blocks on HTTP); the autoscaler calls them from a
 worker thread.
+
+A zone that refuses a GPU type (stockout or quota) is held for it with exponential backoff
+(``backoff.LaunchBackoff``, reset when the zone next creates one): until the hold ends, launches
+try it after the zones that are not held, so they do not wait on a refusal that is likely to
+come again. When every zone refuses, ``launch`` raises ``CapacityError`` and the autoscaling
+loop holds the GPU type itself.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from datetime import UTC, datetime
 from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 
+from gpubroker.broker.scaling.backoff import BackoffPolicy, Hold, LaunchBackoff
 from gpubroker.broker.scaling.providers.base import (
     CapacityError,
     Instance,
@@ -84,6 +91,8 @@ class GceProvider:
         on_fallback: called as ``(reason, zone, gpu_type)`` each time ``launch`` moves on:
             reason ``stockout`` or ``quota`` (zone refused), or ``spot_exhausted`` (zone ``*``:
             Spot refused everywhere, on-demand next).
+        backoff: how long a zone that refused a GPU type is tried last for it.
+        clock: monotonic seconds, for the zone holds.
     """
 
     name = "gce"
@@ -96,6 +105,8 @@ class GceProvider:
         instances: compute_v1.InstancesClient | None = None,
         operations: compute_v1.ZoneOperationsClient | None = None,
         on_fallback: Callable[[str, str, str], None] | None = None,
+        backoff: BackoffPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         options = {"api_endpoint": settings.api_endpoint} if settings.api_endpoint else None
@@ -106,6 +117,9 @@ class GceProvider:
             credentials=settings.credentials, transport="rest", client_options=options
         )
         self._on_fallback = on_fallback
+        self._clock = clock
+        self._backoff: LaunchBackoff[tuple[str, str]] = LaunchBackoff(backoff)
+        """(GPU type, zone) -> refusals; guarded by ``_lock`` (launches run on worker threads)."""
         self._lock = threading.Lock()
         self._zones: dict[str, str] = {}
         self.fallbacks: collections.Counter[str] = collections.Counter()
@@ -146,6 +160,11 @@ class GceProvider:
             self._zones = {i.name: i.zone for i in found}
         return found
 
+    def zone_holds(self, now_s: float) -> builtins.list[Hold[tuple[str, str]]]:
+        """The ``(GPU type, zone)`` pairs held at ``now_s`` (on ``clock``), tried last till then."""
+        with self._lock:
+            return [h for h in self._backoff.holds() if h.remaining_s(now_s) > 0]
+
     def terminate(self, name: str) -> None:
         """Deletes the VM and waits until it is gone; one that is already gone is fine.
 
@@ -181,17 +200,32 @@ class GceProvider:
     ) -> Instance | None:
         offering = self._settings.offerings[gpu_type]
         for spot in (True, False) if request.spot else (False,):
-            for zone in self._settings.zones:
+            for zone in self._zone_order(gpu_type):
                 placement = Placement(zone, gpu_type, offering, spot)
                 try:
-                    return self._create(placement, request.max_run_seconds)
+                    instance = self._create(placement, request.max_run_seconds)
                 except CapacityError as exc:
                     reason = "quota" if isinstance(exc, QuotaError) else "stockout"
                     tried.append(f"{placement}: {reason}")
+                    with self._lock:
+                        self._backoff.fail((gpu_type, zone), self._clock(), reason)
                     self._fallback(reason, zone, gpu_type, str(exc))
+                    continue
+                with self._lock:
+                    self._backoff.succeed((gpu_type, zone))
+                return instance
             if spot:
                 self._fallback("spot_exhausted", "*", gpu_type, "Spot refused in every zone")
         return None
+
+    def _zone_order(self, gpu_type: str) -> builtins.list[str]:
+        """The configured zones, those held for ``gpu_type`` last (each group in order)."""
+        now_s = self._clock()
+        with self._lock:
+            waits = {
+                z: self._backoff.remaining_s((gpu_type, z), now_s) for z in self._settings.zones
+            }
+        return sorted(self._settings.zones, key=lambda zone: waits[zone] > 0)
 
     def _create(self, placement: Placement, max_run_seconds: int | None) -> Instance:
         name = f"gpubroker-{self._settings.broker_id}-{secrets.token_hex(4)}"

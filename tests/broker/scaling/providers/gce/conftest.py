@@ -30,10 +30,11 @@ def fallbacks() -> list[Fallback]:
 def make_provider(
     fake: FakeCompute, fallbacks: list[Fallback]
 ) -> Iterator[Callable[..., GceProvider]]:
-    """Providers on clients this fixture owns and closes; keyword arguments go to settings."""
+    """Providers on clients this fixture owns and closes; keyword arguments go to settings,
+    except ``provider_args`` (the provider's own: ``backoff``, ``clock``)."""
     clients: list[compute_v1.InstancesClient | compute_v1.ZoneOperationsClient] = []
 
-    def make(**overrides: Any) -> GceProvider:
+    def make(provider_args: dict[str, Any] | None = None, **overrides: Any) -> GceProvider:
         options = {"api_endpoint": fake.endpoint}
         credentials = anonymous_credentials()
         instances = compute_v1.InstancesClient(
@@ -48,6 +49,7 @@ def make_provider(
             instances=instances,
             operations=operations,
             on_fallback=lambda reason, zone, gpu: fallbacks.append((reason, zone, gpu)),
+            **(provider_args or {}),
         )
 
     yield make

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from gpubroker.broker.scaling.backoff import BackoffPolicy
 from gpubroker.broker.scaling.providers.base import (
     CapacityError,
     InstanceStatus,
@@ -222,3 +223,63 @@ def test_operation_that_never_finishes_raises_provider_error_and_the_vm_stays_fi
     fake.operation_seconds = 0.0
     provider.terminate(body["name"])
     assert fake.status_of(body["name"]) is None
+
+
+# -- zone holds ---------------------------------------------------------------------------
+
+
+def _zones_tried(fake: FakeCompute) -> list[str]:
+    return [body["machineType"].split("/")[1] for body in fake.inserted()]
+
+
+def test_a_zone_that_ran_out_is_tried_last_until_its_hold_ends(
+    make_provider: Callable[..., GceProvider], fake: FakeCompute
+) -> None:
+    now = [0.0]
+    provider = make_provider(
+        {"backoff": BackoffPolicy(initial_s=30, max_s=900), "clock": lambda: now[0]}
+    )
+    fake.stockout("zone-a")
+    request = LaunchRequest(gpu_types=["nvidia-l4"])
+
+    provider.launch(request)  # zone-a refuses: held for 30 s
+    provider.launch(request)  # zone-b straight away
+    now[0] = 31.0
+    provider.launch(request)  # the hold is over: zone-a first, refused again, held for 60 s
+
+    assert _zones_tried(fake) == ["zone-a", "zone-b", "zone-b", "zone-a", "zone-b"]
+    assert [(h.key, h.failures, h.remaining_s(31.0)) for h in provider.zone_holds(31.0)] == [
+        (("nvidia-l4", "zone-a"), 2, 60.0)
+    ]
+    assert provider.zone_holds(91.0) == []
+
+
+def test_a_held_zone_is_still_tried_when_the_others_refuse(
+    make_provider: Callable[..., GceProvider], fake: FakeCompute
+) -> None:
+    provider = make_provider({"clock": lambda: 0.0})
+    fake.stockout("zone-a")
+    provider.launch(LaunchRequest(gpu_types=["nvidia-l4"], spot=False))
+    fake.stockout("zone-b")
+
+    with pytest.raises(CapacityError):
+        provider.launch(LaunchRequest(gpu_types=["nvidia-l4"], spot=False))
+
+    assert _zones_tried(fake) == ["zone-a", "zone-b", "zone-b", "zone-a"]
+
+
+def test_a_zone_that_creates_a_vm_again_forgets_its_refusals(
+    make_provider: Callable[..., GceProvider], fake: FakeCompute
+) -> None:
+    now = [0.0]
+    provider = make_provider({"clock": lambda: now[0]})
+    fake.stockout("zone-a", spot=True)
+    spot, on_demand = LaunchRequest(["nvidia-l4"]), LaunchRequest(["nvidia-l4"], spot=False)
+    provider.launch(spot)  # zone-a refuses Spot: held 30 s
+
+    now[0] = 100.0
+    instance = provider.launch(on_demand)  # zone-a first again, and it creates one
+    provider.launch(spot)  # zone-a refuses Spot again: a first refusal, held 30 s, not 60
+
+    assert instance.zone == "zone-a"
+    assert [(h.failures, h.remaining_s(100.0)) for h in provider.zone_holds(100.0)] == [(1, 30.0)]
