@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.harness import median, percentile
+from bench.harness import broker_env, median, percentile
 from bench.scenarios import Row
 from gpubroker.client import AsyncClient, Client, Model
 from tests.support.cluster import AgentProcess, BrokerProcess
@@ -39,7 +39,7 @@ def _model() -> nn.Module:
 def batching(root: Path, requests: int, callers: int, reps: int, max_batch: int = 32) -> list[Row]:
     """``requests`` single-row runs from ``callers`` concurrent callers, batching off vs on."""
     root.mkdir(parents=True, exist_ok=True)
-    broker = BrokerProcess(root, heartbeat_s=5.0, lease_timeout_s=15.0).start()
+    broker = BrokerProcess(root, heartbeat_s=5.0, lease_timeout_s=15.0, env=broker_env()).start()
     agent = AgentProcess(
         root, broker.address, "batching-agent", slots=1, extra_args=("--prefetch", str(callers))
     ).start()

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +17,37 @@ from tests.support.cluster import AgentProcess, BrokerProcess
 from tests.support.paths import REPO_ROOT as ROOT
 from tests.support.waiting import wait_until
 
-__all__ = ["Measurement", "Stack", "cpu_seconds", "median", "percentile", "rss_bytes", "stack"]
+__all__ = [
+    "BENCH_BROKER_ENV",
+    "Measurement",
+    "Stack",
+    "broker_env",
+    "cpu_seconds",
+    "median",
+    "percentile",
+    "rss_bytes",
+    "stack",
+]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+BENCH_BROKER_ENV: dict[str, str] = {
+    "GPUBROKER_SUBMIT_RATE": "1e9",
+    "GPUBROKER_SUBMIT_BURST": "1000000000",
+    "GPUBROKER_MAX_QUEUED_PER_TENANT": "100000000",
+}
+"""Limits of every broker the bench starts: the per-tenant submit rate and queue cap lifted out
+of the way. The bench measures the broker, not its rate limiter: the defaults (2,000 tasks/s,
+a burst of 4,000; 100,000 queued) trip on a machine that submits faster than 2,000 tasks/s,
+and ``--queue-tasks 100000`` would reach the queue cap. A variable set in the environment
+wins, so a run can measure the broker with its limits on."""
+
+
+def broker_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a bench broker: ``BENCH_BROKER_ENV`` (less what the environment
+    already sets), then ``env``."""
+    lifted = {k: v for k, v in BENCH_BROKER_ENV.items() if k not in os.environ}
+    return {**lifted, **(env or {})}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -114,10 +142,12 @@ def _start_direct(root: Path, slots: int) -> tuple[subprocess.Popen[bytes], str]
 def stack(
     root: Path, *, slots: int = 4, env: dict[str, str] | None = None, direct: bool = True
 ) -> Iterator[Stack]:
-    """Starts a broker (with ``env``), one agent and the direct server; stops them after."""
+    """Starts a broker (with ``broker_env(env)``), one agent and the direct server; stops them
+    after."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    broker = BrokerProcess(root, heartbeat_s=5.0, lease_timeout_s=15.0, env=env).start()
+    broker = BrokerProcess(root, heartbeat_s=5.0, lease_timeout_s=15.0, env=broker_env(env))
+    broker.start()
     agent = AgentProcess(root, broker.address, "bench-agent", slots=slots).start()
     proc, address = _start_direct(root, slots) if direct else (None, "")
     running = Stack(root, broker, agent, proc, address)  # type: ignore[arg-type]

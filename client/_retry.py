@@ -4,8 +4,12 @@ A broker restart (or a dropped connection) fails the calls in flight with ``Unav
 (UNAVAILABLE, or gRPC's "Stream removed" and the like). ``submit``, the
 task handles' calls and ``watch`` try again, with exponential backoff and full jitter, for
 up to ``retry_for`` seconds of failures in a row: ``submit`` is idempotent by its request id,
-and the others only read or (``cancel``) ask for the same final state. ``Retrier`` holds one
-call's clock; ``retrying`` and ``retrying_async`` run the loop.
+and the others only read or (``cancel``) ask for the same final state. A ``submit`` refused by
+the broker's per-tenant submit rate (RESOURCE_EXHAUSTED, "... retry in 0.012 s") waits the
+time the broker names, plus the same jitter, and tries again within the same ``retry_for``:
+a client that submits faster than its rate is slowed to it instead of failing. Other
+RESOURCE_EXHAUSTED refusals (sizes, queue cap, quotas, budgets) are raised at once.
+``Retrier`` holds one call's clock; ``retrying`` and ``retrying_async`` run the loop.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from typing import TypeVar
 
 import grpc
 
-from gpubroker.client.errors import DeadlineExceededError, GpuBrokerError, UnavailableError
+from gpubroker.client.errors import (
+    DeadlineExceededError,
+    GpuBrokerError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from gpubroker.protos.transport import CLIENT_CHANNEL_OPTIONS
 
 __all__ = [
@@ -29,6 +38,7 @@ __all__ = [
     "MAX_BACKOFF_S",
     "Retrier",
     "is_transient",
+    "rate_limit_wait",
     "retrying",
     "retrying_async",
 ]
@@ -59,6 +69,20 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 # A TLS handshake that fails (an untrusted or wrong certificate) fails the same way every time.
 _HANDSHAKE_FAILED = re.compile(r"handshake failed|SSL_ERROR|CERTIFICATE_VERIFY", re.IGNORECASE)
+
+
+# The broker's refusal of a submit over the tenant's rate (broker/core/quota.py), which names
+# when a token will be there; tests/client/test_rate_limit.py holds the two sides together.
+_RATE_LIMITED = re.compile(r"over its submit rate\b.*\bretry in (\d+(?:\.\d+)?) s")
+
+
+def rate_limit_wait(error: GpuBrokerError) -> float | None:
+    """Seconds the broker asks a submit refused by the tenant's submit rate to wait, or None
+    for any other error."""
+    if not isinstance(error, ResourceExhaustedError):
+        return None
+    found = _RATE_LIMITED.search(error.details)
+    return None if found is None else float(found.group(1))
 
 
 def is_transient(error: GpuBrokerError) -> bool:
@@ -98,19 +122,26 @@ class Retrier:
     def pause(self, error: GpuBrokerError) -> float:
         """How long to wait before trying again after ``error``.
 
+        A transient error waits a random time below a bound that doubles with each try (full
+        jitter); a submit refused by the tenant's rate waits what the broker names and then
+        such a random time, so the callers it turned away do not all come back at once.
+
         Raises:
-            GpuBrokerError: ``error`` itself, when it is not transient or ``retry_for`` ran out.
+            GpuBrokerError: ``error`` itself, when it is neither transient nor a rate-limit
+                refusal, or ``retry_for`` ran out.
             DeadlineExceededError: The call's timeout would pass before the next try.
         """
-        if not is_transient(error):
+        asked = rate_limit_wait(error)
+        if asked is None and not is_transient(error):
             raise error
         now = time.monotonic()
-        delay = random.uniform(0.0, self._backoff)  # full jitter: restarted brokers see no herd
+        delay = (asked or 0.0) + random.uniform(0.0, self._backoff)  # restarts see no herd
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
         if self._deadline is not None and now + delay >= self._deadline:
+            cause = "could not be reached" if asked is None else "refused it for its submit rate"
             raise DeadlineExceededError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"{self._timeout} s passed while the broker could not be reached; last: {error}",
+                f"{self._timeout} s passed while the broker {cause}; last: {error}",
             ) from error
         if now >= self._give_up_at:
             raise error

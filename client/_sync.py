@@ -148,7 +148,8 @@ class Client(ModelCalls):
             NotFoundError: The workload names a model you do not hold.
             InvalidArgumentError: The broker refused the inputs, parameters or workload.
             AlreadyExistsError: ``request_id`` was used before for other work.
-            ResourceExhaustedError: A size limit, quota or budget was hit.
+            ResourceExhaustedError: A size limit, quota or budget was hit, or the tenant's
+                submit rate was still exceeded after waiting it out for ``retry_for`` seconds.
             AuthenticationError: The API key is missing or wrong.
             UnavailableError: The broker could not be reached for ``retry_for`` seconds.
             GpuBrokerError: The broker refused the task otherwise (see

@@ -11,10 +11,17 @@ import pytest
 from gpubroker.client import (
     DeadlineExceededError,
     InternalError,
+    ResourceExhaustedError,
     TaskFailedError,
     UnavailableError,
 )
-from gpubroker.client._retry import MAX_BACKOFF_S, Retrier, is_transient
+from gpubroker.client._retry import (
+    FIRST_BACKOFF_S,
+    MAX_BACKOFF_S,
+    Retrier,
+    is_transient,
+    rate_limit_wait,
+)
 from gpubroker.client.errors import error_from_code, error_from_rpc
 
 
@@ -102,3 +109,42 @@ def test_a_failed_tls_handshake_is_not_retried() -> None:
     error = error_from_rpc(_Failed(grpc.StatusCode.UNAVAILABLE, details))
 
     assert isinstance(error, UnavailableError) and not is_transient(error)
+
+
+RATE_LIMITED = (
+    "tenant 'tenant-a' is over its submit rate of 300 tasks/s (submit_rate_per_s, burst 500): "
+    "retry in 0.250 s"
+)
+
+
+def test_a_submit_over_the_rate_waits_what_the_broker_names_plus_jitter() -> None:
+    error = ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
+
+    pauses = [Retrier(60).pause(error) for _ in range(20)]
+
+    assert rate_limit_wait(error) == 0.25 and not is_transient(error)
+    assert all(0.25 <= p <= 0.25 + FIRST_BACKOFF_S for p in pauses)
+    assert len(set(pauses)) > 1  # jittered: refused callers do not come back together
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "tenant 'tenant-a' has 100000 tasks queued, the limit (max_queued_per_tenant) is 100000",
+        "input 0 is 2147483648 bytes; the limit (max_tensor_bytes) is 1073741824",
+        "the month's budget of 10 USD is spent",
+    ],
+)
+def test_other_resource_exhausted_refusals_are_raised_at_once(details: str) -> None:
+    error = ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+    assert rate_limit_wait(error) is None
+    with pytest.raises(ResourceExhaustedError):
+        Retrier(60).pause(error)
+
+
+def test_a_rate_limit_wait_past_the_calls_timeout_is_a_deadline_exceeded() -> None:
+    error = ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
+
+    with pytest.raises(DeadlineExceededError, match="refused it for its submit rate"):
+        Retrier(60, timeout=0.2).pause(error)
