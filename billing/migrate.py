@@ -14,7 +14,7 @@ __all__ = ["FIRST_REVISION", "current_revision", "downgrade", "head_revision", "
 
 def _config(engine: Engine) -> Config:
     config = Config()
-    config.set_main_option("script_location", "billing:migrations")
+    config.set_main_option("script_location", "gpubroker.billing:migrations")
     config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return config
 
@@ -61,5 +61,5 @@ def head_revision() -> str:
 
 def _config_for_scripts() -> Config:
     config = Config()
-    config.set_main_option("script_location", "billing:migrations")
+    config.set_main_option("script_location", "gpubroker.billing:migrations")
     return config

@@ -38,6 +38,7 @@ __all__ = [
     "metadata",
     "models",
     "spools",
+    "task_attempts",
     "tasks",
     "tenants",
     "usage",
@@ -217,12 +218,36 @@ api_keys = Table(
     Column("label", String(128), nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("revoked_at", UtcDateTime, nullable=True),
+    # ``tenant`` (its own tasks, models and spend) or ``operator`` (also the whole broker's
+    # status); see ``gpubroker.broker.access.roles``.
+    Column("role", String(16), nullable=False, server_default="tenant"),
     Index("ix_api_keys_tenant", "tenant"),
 )
 """One row per API key ``gpb_<key_id>_<secret>``: the key's id and the SHA-256 of its secret.
 
 The key itself is never stored. ``revoked_at`` may lie in the future: a rotated key keeps
 working until its grace period ends. Rows are never deleted, so a revoked key id is never reused.
+"""
+
+task_attempts = Table(
+    "task_attempts",
+    metadata,
+    Column("task_id", String(32), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("agent_id", String(128), nullable=False),
+    Column("gpu_type", String(64), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime, nullable=True),
+    # Set when the attempt went back to the queue: ``lost``, ``rejected`` or ``recalled``.
+    Column("outcome", String(16), nullable=True),
+    Column("detail", Text, nullable=True),
+)
+"""One row per claim of a task: which agent ran each attempt (``TaskInfo.attempts``).
+
+A row is written when its attempt is claimed, and ended here only when the attempt went back
+to the queue. The task's last attempt ends with the task: its end and outcome are the task
+row's ``finished_at`` and state, so a success writes nothing more here. An agent's id is its
+machine's name when a provider started it (``vm_instances.name``).
 """
 
 models = Table(

@@ -42,11 +42,13 @@ from gpubroker.billing.prices import prorated_nanousd
 __all__ = [
     "MINIMUM_CHARGE",
     "EndReason",
+    "LiveMachine",
     "OverheadLine",
     "VmCost",
     "VmCostLine",
     "VmLaunch",
     "idle_overhead",
+    "live_machines",
     "minimum_charge",
     "overhead_total",
     "record_connected",
@@ -162,6 +164,23 @@ class OverheadLine:
         if self.vm_cost_nanousd == 0:
             return None
         return Decimal(self.idle_nanousd * 100) / Decimal(self.vm_cost_nanousd)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMachine:
+    """A machine not yet deleted, and what it has cost so far (``live_machines``)."""
+
+    name: str
+    provider: str
+    zone: str
+    gpu_type: str
+    spot: bool
+    price_per_hour_nanousd: int
+    created_at: datetime
+    running_at: datetime | None
+    connected_at: datetime | None
+    cost_nanousd: int
+    """Its charge up to now, the provider's minimum included (it already owes that)."""
 
 
 @contextlib.contextmanager
@@ -345,6 +364,34 @@ def vm_cost(
                 sums.setdefault(row.gpu_type, [0] * 5)[i] += value
     lines = tuple(_cost_line(gpu, sums[gpu]) for gpu in sorted(sums))
     return VmCost(lines, _cost_line(_TOTAL, [sum(s[i] for s in sums.values()) for i in range(5)]))
+
+
+def live_machines(target: Connection | Engine, now: datetime) -> list[LiveMachine]:
+    """Every machine not yet deleted, oldest first, charged up to ``now`` as ``vm_cost`` does."""
+    c = vm_instances.c
+    query = sa.select(vm_instances).where(c.deleted_at.is_(None)).order_by(c.created_at, c.name)
+    with _connection(target) as conn:
+        rows = conn.execute(query).all()
+    machines = []
+    for row in rows:
+        charge, _ = _charged(row, now)
+        micros = _overlap_micros(charge, None, None)
+        cost = prorated_nanousd(micros, _MICROS_PER_HOUR, row.price_per_hour_nanousd)
+        machines.append(
+            LiveMachine(
+                row.name,
+                row.provider,
+                row.zone,
+                row.gpu_type,
+                row.spot,
+                row.price_per_hour_nanousd,
+                row.created_at,
+                row.running_at,
+                row.connected_at,
+                cost,
+            )
+        )
+    return machines
 
 
 def _cost_line(gpu_type: str, sums: Sequence[int]) -> VmCostLine:

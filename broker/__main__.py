@@ -14,7 +14,7 @@ import click
 
 from gpubroker.broker.config import Settings, parse_api_keys
 from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
-from gpubroker.broker.logformat import FORMAT, EscapingFormatter, quiet_grpc_core
+from gpubroker.broker.logformat import LOG_FORMATS, configure_logging
 from gpubroker.broker.scaling.loop import PROVIDERS
 
 logger = logging.getLogger("gpubroker.broker")
@@ -54,7 +54,11 @@ logger = logging.getLogger("gpubroker.broker")
 @click.option(
     "--max-model-mb", type=click.IntRange(min=1), help="Largest model file, MiB (default 4096)."
 )
-@click.option("--api-keys", help="KEY=TENANT[,KEY=TENANT...]; none means open mode.")
+@click.option(
+    "--api-keys",
+    help="KEY=TENANT[:operator][,...]; an operator key also sees the whole broker's status. "
+    "None means open mode.",
+)
 @click.option("--join-token", help="Token agents must present.")
 @click.option("--heartbeat", type=float, help="Agent heartbeat interval, seconds.")
 @click.option("--lease-timeout", type=float, help="Seconds of agent silence before requeue.")
@@ -94,8 +98,29 @@ logger = logging.getLogger("gpubroker.broker")
     default=None,
     help="Allow plaintext on a non-loopback address (loopback needs no flag).",
 )
-@click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path),
+    envvar="GPUBROKER_PORT_FILE",
+    help="Write the bound port here [env: GPUBROKER_PORT_FILE].",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    envvar="GPUBROKER_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    help="Least severity logged [env: GPUBROKER_LOG_LEVEL].",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    envvar="GPUBROKER_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="One line per record: text, or JSON objects with the task's id, tenant, attempt "
+    "and agent [env: GPUBROKER_LOG_FORMAT].",
+)
 def main(
     listen: str | None,
     database_url: str | None,
@@ -121,9 +146,13 @@ def main(
     plaintext: bool | None,
     port_file: Path | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Runs the GPU broker. Flags override GPUBROKER_* environment variables."""
-    _configure_logging(log_level)
+    try:
+        configure_logging(log_level, log_format)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--log-level") from exc
     overrides: dict[str, Any] = {
         "listen_address": listen,
         "database_url": database_url,
@@ -187,14 +216,6 @@ def _with_spool_flags(
         floor = dataclasses.replace(settings.spool_floor, min_free_bytes=spool_min_free_mb << 20)
         settings = dataclasses.replace(settings, spool_floor=floor)
     return settings
-
-
-def _configure_logging(level: str) -> None:
-    """One escaped line per record (peers' text included); gRPC's C core only on errors."""
-    quiet_grpc_core()  # before the first server or channel starts the C core
-    handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter(FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 async def _serve(settings: Settings, port_file: Path | None) -> None:

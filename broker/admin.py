@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 
+from gpubroker.broker.access.roles import Role
 from gpubroker.broker.access.tenants import (
     ApiKey,
     NewKey,
@@ -93,7 +94,8 @@ def _table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> str:
 
 def _show_new_key(new: NewKey, verb: str) -> None:
     info = new.info
-    click.echo(f"{verb} key {info.key_id} for tenant {info.tenant}:", err=True)
+    role = " (operator)" if info.role is Role.OPERATOR else ""
+    click.echo(f"{verb} key {info.key_id} for tenant {info.tenant}{role}:", err=True)
     click.echo(new.key)
     click.echo("This is the only time the key is shown: store it now.", err=True)
 
@@ -155,10 +157,17 @@ def key() -> None:
 @key.command("create")
 @click.argument("tenant")
 @click.option("--label", help="A note to tell keys apart, e.g. where the key is used.")
+@click.option(
+    "--operator",
+    is_flag=True,
+    help="An operator key: it also sees the whole broker's status (every tenant's queue, the "
+    "agents, machines and spend), not only its tenant's share.",
+)
 @_database_option
-def key_create(tenant: str, label: str | None, database_url: str) -> None:
+def key_create(tenant: str, label: str | None, operator: bool, database_url: str) -> None:
     """Makes a key for TENANT and prints it, once."""
-    new = _run(database_url, lambda conn, now: create_key(conn, tenant, now, label))
+    role = Role.OPERATOR if operator else Role.TENANT
+    new = _run(database_url, lambda conn, now: create_key(conn, tenant, now, label, role))
     _show_new_key(new, "created")
 
 
@@ -169,7 +178,7 @@ def key_list(tenant: str | None, database_url: str) -> None:
     """Lists the keys (of TENANT, or all): ids and dates, never secrets."""
     now = datetime.now(UTC)
     found = _run(database_url, lambda conn, _: list_keys(conn, tenant))
-    header = ("KEY_ID", "TENANT", "STATE", "CREATED (UTC)", "REVOKED (UTC)", "LABEL")
+    header = ("KEY_ID", "TENANT", "STATE", "CREATED (UTC)", "REVOKED (UTC)", "LABEL", "ROLE")
     click.echo(_table(header, (_key_row(k, now) for k in found)))
 
 
@@ -184,6 +193,7 @@ def _key_row(key: ApiKey, now: datetime) -> tuple[str, ...]:
         _when(key.created_at),
         _when(key.revoked_at),
         key.label or "",
+        key.role.value,
     )
 
 

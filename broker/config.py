@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpubroker.broker.access.roles import settings_caller
 from gpubroker.broker.storage.retention import RetentionPolicy
 from gpubroker.broker.storage.spool import DEFAULT_MEMORY_BYTES, DiskFloor
-from gpubroker.env import default_data_dir, env_flag
+from gpubroker.env import default_data_dir, env_flag, env_float, env_int
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, MAX_RANK
 
 __all__ = [
@@ -28,22 +29,21 @@ def retention_from_env(environ: Mapping[str, str]) -> RetentionPolicy:
     """Reads ``GPUBROKER_RESULT_TTL_S``, ``GPUBROKER_CALL_RESULT_TTL_S``,
     ``GPUBROKER_SPOOL_SWEEP_S`` and ``GPUBROKER_ORPHAN_GRACE_S``."""
     d = RetentionPolicy()
-    get = environ.get
     return RetentionPolicy(
-        result_ttl_s=float(get("GPUBROKER_RESULT_TTL_S", d.result_ttl_s)),
-        call_result_ttl_s=float(get("GPUBROKER_CALL_RESULT_TTL_S", d.call_result_ttl_s)),
-        sweep_interval_s=float(get("GPUBROKER_SPOOL_SWEEP_S", d.sweep_interval_s)),
-        orphan_grace_s=float(get("GPUBROKER_ORPHAN_GRACE_S", d.orphan_grace_s)),
+        result_ttl_s=env_float(environ, "GPUBROKER_RESULT_TTL_S", d.result_ttl_s),
+        call_result_ttl_s=env_float(environ, "GPUBROKER_CALL_RESULT_TTL_S", d.call_result_ttl_s),
+        sweep_interval_s=env_float(environ, "GPUBROKER_SPOOL_SWEEP_S", d.sweep_interval_s),
+        orphan_grace_s=env_float(environ, "GPUBROKER_ORPHAN_GRACE_S", d.orphan_grace_s),
     )
 
 
 def spool_floor_from_env(environ: Mapping[str, str]) -> DiskFloor:
     """Reads ``GPUBROKER_SPOOL_MIN_FREE_MB`` and ``GPUBROKER_SPOOL_MIN_FREE_PERCENT``."""
     d = DiskFloor()
-    get = environ.get
     return DiskFloor(
-        min_free_bytes=int(get("GPUBROKER_SPOOL_MIN_FREE_MB", d.min_free_bytes >> 20)) << 20,
-        min_free_percent=float(get("GPUBROKER_SPOOL_MIN_FREE_PERCENT", d.min_free_percent)),
+        min_free_bytes=env_int(environ, "GPUBROKER_SPOOL_MIN_FREE_MB", d.min_free_bytes >> 20)
+        << 20,
+        min_free_percent=env_float(environ, "GPUBROKER_SPOOL_MIN_FREE_PERCENT", d.min_free_percent),
     )
 
 
@@ -108,23 +108,23 @@ class Limits:
         get = environ.get
         dtypes = get("GPUBROKER_ALLOWED_DTYPES")
         return cls(
-            max_tensor_bytes=int(get("GPUBROKER_MAX_TENSOR_BYTES", d.max_tensor_bytes)),
-            max_task_bytes=int(get("GPUBROKER_MAX_TASK_BYTES", d.max_task_bytes)),
-            max_rank=int(get("GPUBROKER_MAX_RANK", d.max_rank)),
-            max_attempts=int(get("GPUBROKER_MAX_ATTEMPTS", d.max_attempts)),
-            max_lost_attempts=int(get("GPUBROKER_MAX_LOST_ATTEMPTS", d.max_lost_attempts)),
-            max_dim=int(get("GPUBROKER_MAX_DIM", d.max_dim)),
+            max_tensor_bytes=env_int(environ, "GPUBROKER_MAX_TENSOR_BYTES", d.max_tensor_bytes),
+            max_task_bytes=env_int(environ, "GPUBROKER_MAX_TASK_BYTES", d.max_task_bytes),
+            max_rank=env_int(environ, "GPUBROKER_MAX_RANK", d.max_rank),
+            max_attempts=env_int(environ, "GPUBROKER_MAX_ATTEMPTS", d.max_attempts),
+            max_lost_attempts=env_int(environ, "GPUBROKER_MAX_LOST_ATTEMPTS", d.max_lost_attempts),
+            max_dim=env_int(environ, "GPUBROKER_MAX_DIM", d.max_dim),
             allowed_dtypes=(
                 frozenset(filter(None, (t.strip() for t in dtypes.split(","))))
                 if dtypes
                 else d.allowed_dtypes
             ),
-            max_timeout_s=float(get("GPUBROKER_MAX_TIMEOUT_S", d.max_timeout_s)),
-            max_queued_per_tenant=int(
-                get("GPUBROKER_MAX_QUEUED_PER_TENANT", d.max_queued_per_tenant)
+            max_timeout_s=env_float(environ, "GPUBROKER_MAX_TIMEOUT_S", d.max_timeout_s),
+            max_queued_per_tenant=env_int(
+                environ, "GPUBROKER_MAX_QUEUED_PER_TENANT", d.max_queued_per_tenant
             ),
-            submit_rate_per_s=float(get("GPUBROKER_SUBMIT_RATE", d.submit_rate_per_s)),
-            submit_burst=int(get("GPUBROKER_SUBMIT_BURST", d.submit_burst)),
+            submit_rate_per_s=env_float(environ, "GPUBROKER_SUBMIT_RATE", d.submit_rate_per_s),
+            submit_burst=env_int(environ, "GPUBROKER_SUBMIT_BURST", d.submit_burst),
         )
 
 
@@ -148,10 +148,9 @@ class ModelLimits:
     def from_env(cls, environ: Mapping[str, str]) -> ModelLimits:
         """Reads ``GPUBROKER_MODEL_QUOTA_MB`` and ``GPUBROKER_MAX_MODEL_MB``."""
         d = cls()
-        get = environ.get
         return cls(
-            quota_bytes=int(get("GPUBROKER_MODEL_QUOTA_MB", d.quota_bytes >> 20)) << 20,
-            max_file_bytes=int(get("GPUBROKER_MAX_MODEL_MB", d.max_file_bytes >> 20)) << 20,
+            quota_bytes=env_int(environ, "GPUBROKER_MODEL_QUOTA_MB", d.quota_bytes >> 20) << 20,
+            max_file_bytes=env_int(environ, "GPUBROKER_MAX_MODEL_MB", d.max_file_bytes >> 20) << 20,
         )
 
 
@@ -204,26 +203,36 @@ class StreamLimits:
         get = environ.get
         grace = get("GPUBROKER_CONNECTION_AGE_GRACE_S")
         return cls(
-            upload_idle_timeout_s=float(
-                get("GPUBROKER_UPLOAD_IDLE_TIMEOUT_S", d.upload_idle_timeout_s)
+            upload_idle_timeout_s=env_float(
+                environ, "GPUBROKER_UPLOAD_IDLE_TIMEOUT_S", d.upload_idle_timeout_s
             ),
             upload_min_rate_bytes_per_s=int(
-                float(get("GPUBROKER_UPLOAD_MIN_RATE_KIB", d.upload_min_rate_bytes_per_s / 1024))
+                env_float(
+                    environ, "GPUBROKER_UPLOAD_MIN_RATE_KIB", d.upload_min_rate_bytes_per_s / 1024
+                )
                 * 1024
             ),
-            upload_rate_window_s=float(
-                get("GPUBROKER_UPLOAD_RATE_WINDOW_S", d.upload_rate_window_s)
+            upload_rate_window_s=env_float(
+                environ, "GPUBROKER_UPLOAD_RATE_WINDOW_S", d.upload_rate_window_s
             ),
-            max_calls_per_tenant=int(get("GPUBROKER_MAX_CALLS_PER_TENANT", d.max_calls_per_tenant)),
-            max_streams_per_connection=int(
-                get("GPUBROKER_MAX_STREAMS_PER_CONNECTION", d.max_streams_per_connection)
+            max_calls_per_tenant=env_int(
+                environ, "GPUBROKER_MAX_CALLS_PER_TENANT", d.max_calls_per_tenant
             ),
-            connection_idle_s=float(get("GPUBROKER_CONNECTION_IDLE_S", d.connection_idle_s)),
-            connection_max_age_s=float(
-                get("GPUBROKER_CONNECTION_MAX_AGE_S", d.connection_max_age_s)
+            max_streams_per_connection=env_int(
+                environ, "GPUBROKER_MAX_STREAMS_PER_CONNECTION", d.max_streams_per_connection
             ),
-            connection_age_grace_s=float(grace) if grace else None,
-            max_metadata_bytes=int(get("GPUBROKER_MAX_METADATA_BYTES", d.max_metadata_bytes)),
+            connection_idle_s=env_float(
+                environ, "GPUBROKER_CONNECTION_IDLE_S", d.connection_idle_s
+            ),
+            connection_max_age_s=env_float(
+                environ, "GPUBROKER_CONNECTION_MAX_AGE_S", d.connection_max_age_s
+            ),
+            connection_age_grace_s=(
+                env_float(environ, "GPUBROKER_CONNECTION_AGE_GRACE_S", 0) if grace else None
+            ),
+            max_metadata_bytes=env_int(
+                environ, "GPUBROKER_MAX_METADATA_BYTES", d.max_metadata_bytes
+            ),
         )
 
 
@@ -249,7 +258,8 @@ class Settings:
     spool_memory_bytes: int = DEFAULT_MEMORY_BYTES
     """Inputs of call-bound tasks (``Run``) held in memory at once; past it they are files."""
     api_keys: Mapping[str, str] = field(default_factory=dict)
-    """API key -> tenant. Empty means open mode: every caller is tenant ``default``."""
+    """API key -> ``TENANT`` or ``TENANT:operator`` (an operator key also sees the whole
+    broker's status). Empty means open mode: every caller is tenant ``default``."""
     join_token: str | None = None
     """Token agents must present; None accepts any agent (local use only)."""
     heartbeat_interval_s: float = 5.0
@@ -272,6 +282,11 @@ class Settings:
     """How long and how much a peer may hold: uploads, calls, connections, metadata."""
     metrics_address: str | None = None
     """``host:port`` to serve Prometheus ``/metrics`` on; None serves none."""
+    metrics_tenants: tuple[str, ...] = ()
+    """Tenants that get a ``tenant`` label of their own on ``/metrics`` (the rest: ``other``);
+    empty: the first ``metrics_tenant_limit`` tenants seen."""
+    metrics_tenant_limit: int = 20
+    """Without ``metrics_tenants``, how many tenants get a label of their own."""
     migrate: bool = False
     """Upgrade the database schema on start; otherwise refuse to start on an outdated one."""
     failpoint: str | None = None
@@ -308,23 +323,32 @@ class Settings:
             spool_dir=Path(get("GPUBROKER_SPOOL_DIR", str(data_dir / "spool"))),
             spool_floor=spool_floor_from_env(environ),
             retention=retention_from_env(environ),
-            spool_memory_bytes=int(
-                get("GPUBROKER_SPOOL_MEMORY_MB", str(defaults.spool_memory_bytes >> 20))
+            spool_memory_bytes=env_int(
+                environ, "GPUBROKER_SPOOL_MEMORY_MB", str(defaults.spool_memory_bytes >> 20)
             )
             << 20,
             api_keys=parse_api_keys(get("GPUBROKER_API_KEYS", "")),
             join_token=get("GPUBROKER_JOIN_TOKEN") or None,
-            heartbeat_interval_s=float(
-                get("GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s))
+            heartbeat_interval_s=env_float(
+                environ, "GPUBROKER_HEARTBEAT_S", str(defaults.heartbeat_interval_s)
             ),
-            lease_timeout_s=float(get("GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s))),
-            reconcile_interval_s=float(
-                get("GPUBROKER_RECONCILE_S", str(defaults.reconcile_interval_s))
+            lease_timeout_s=env_float(
+                environ, "GPUBROKER_LEASE_TIMEOUT_S", str(defaults.lease_timeout_s)
             ),
-            model_affinity_wait_s=float(
-                get("GPUBROKER_MODEL_AFFINITY_WAIT_S", str(defaults.model_affinity_wait_s))
+            reconcile_interval_s=env_float(
+                environ, "GPUBROKER_RECONCILE_S", str(defaults.reconcile_interval_s)
+            ),
+            model_affinity_wait_s=env_float(
+                environ, "GPUBROKER_MODEL_AFFINITY_WAIT_S", str(defaults.model_affinity_wait_s)
             ),
             metrics_address=get("GPUBROKER_METRICS") or None,
+            metrics_tenants=tuple(
+                t.strip() for t in get("GPUBROKER_METRICS_TENANTS", "").split(",") if t.strip()
+            ),
+            metrics_tenant_limit=_at_least_zero(
+                "GPUBROKER_METRICS_TENANT_LIMIT",
+                get("GPUBROKER_METRICS_TENANT_LIMIT", str(defaults.metrics_tenant_limit)),
+            ),
             migrate=env_flag(environ, "GPUBROKER_MIGRATE"),
             failpoint=get("GPUBROKER_FAILPOINT") or None,
             billing=env_flag(environ, "GPUBROKER_BILLING", default=True),
@@ -340,12 +364,27 @@ class Settings:
         )
 
 
+def _at_least_zero(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be at least 0, got {value}")
+    return value
+
+
 def parse_api_keys(text: str) -> dict[str, str]:
-    """Parses ``"key1=tenant-a,key2=tenant-b"`` into ``{key: tenant}``."""
+    """Parses ``"key1=tenant-a,key2=ops:operator"`` into ``{key: "TENANT[:ROLE]"}``; a role
+    other than ``tenant`` or ``operator`` is refused."""
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, tenant = item.partition("=")
         if not sep or not key or not tenant:
-            raise ValueError(f"API key entry {item!r} is not of the form KEY=TENANT")
+            raise ValueError(f"API key entry {item!r} is not of the form KEY=TENANT[:operator]")
+        try:
+            settings_caller(tenant)
+        except ValueError as exc:
+            raise ValueError(f"API key entry for tenant {tenant!r}: {exc}") from None
         keys[key] = tenant
     return keys

@@ -1,17 +1,24 @@
-"""Prometheus metrics of the broker, fed by task events and read from live state.
+"""Prometheus metrics of the broker, fed by task events and the autoscaler, and read from live
+state at each scrape (``metrics_labels.LiveState``).
 
-Served over HTTP (``/metrics``) when the broker is started with ``--metrics HOST:PORT``.
+Served over HTTP (``/metrics``, by ``gpubroker.httpserver``) when the broker is started with
+``--metrics HOST:PORT``. Label values are bounded (``metrics_labels``): tenants by
+configuration, workloads with uploaded models folded into ``model``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gpubroker.billing.errors import UnknownPriceError
+from gpubroker.billing.prices import PriceCatalog, cost_nanousd
 from gpubroker.broker.core.reconcile import Drift
+from gpubroker.broker.core.registry import AgentSession
+from gpubroker.broker.metrics_labels import LiveState, TenantLabels, workload_label
 from gpubroker.broker.model import Task, TaskState
+from gpubroker.broker.scaling.fleet import MACHINE_STATES, FleetTick
 from gpubroker.broker.storage.retention import SweepReport
 
 __all__ = ["Metrics"]
@@ -23,18 +30,73 @@ _ZONE_REFUSALS = frozenset({"stockout", "quota"})
 
 
 class Metrics:
-    """The broker's metrics, in a registry of their own."""
+    """The broker's metrics, in a registry of their own.
 
-    def __init__(self) -> None:
+    Args:
+        tenants: which tenants get a label value of their own (default: the first 20 seen).
+        catalog: prices succeeded tasks for ``gpubroker_billed_nanousd``; None counts none.
+    """
+
+    def __init__(
+        self, tenants: TenantLabels | None = None, catalog: PriceCatalog | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.tenant = tenants or TenantLabels()
+        self._catalog = catalog
         r = self.registry
         self.submitted = Counter(
-            "gpubroker_tasks_submitted", "Tasks accepted.", ["workload"], registry=r
+            "gpubroker_tasks_submitted", "Tasks accepted.", ["tenant", "workload"], registry=r
         )
         self.finished = Counter(
             "gpubroker_tasks_finished",
             "Tasks that reached a final state.",
-            ["workload", "state"],
+            ["tenant", "workload", "state"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "gpubroker_task_failures",
+            "Tasks that failed or were cancelled, by failure code (the client's gRPC status).",
+            ["tenant", "state", "code"],
+            registry=r,
+        )
+        self.billed_seconds = Counter(
+            "gpubroker_billed_compute_seconds",
+            "Compute seconds billed to tenants (succeeded attempts).",
+            ["tenant", "gpu_type"],
+            registry=r,
+        )
+        self.billed_nanousd = Counter(
+            "gpubroker_billed_nanousd",
+            "What tenants were billed for compute, in nano-USD (catalog prices).",
+            ["tenant", "gpu_type"],
+            registry=r,
+        )
+        self.machine_seconds = Counter(
+            "gpubroker_machine_seconds",
+            "Machine time the provider charges for (RUNNING to deleted, boot and idle included).",
+            ["gpu_type"],
+            registry=r,
+        )
+        self.machine_nanousd = Counter(
+            "gpubroker_machine_cost_nanousd",
+            "What that machine time cost at catalog prices, in nano-USD; less "
+            "gpubroker_billed_nanousd, the idle overhead.",
+            ["gpu_type"],
+            registry=r,
+        )
+        self.machines = Gauge(
+            "gpubroker_machines",
+            "Autoscaled machines by state (booting, running, stopping) at the autoscaler's last "
+            "tick.",
+            ["state", "gpu_type"],
+            registry=r,
+        )
+        self._machine_keys: set[tuple[str, str]] = set()
+        self.decisions = Counter(
+            "gpubroker_autoscaler_decisions",
+            "Machines the autoscaler decided to launch (kind demand or min_instances) or stop "
+            "(kind idle, stuck or terminated).",
+            ["action", "kind", "gpu_type"],
             registry=r,
         )
         self.requeued = Counter(
@@ -111,31 +173,16 @@ class Metrics:
             "gpubroker_spool_orphan_bytes_removed", "Bytes of orphaned spool files deleted.",
             registry=r,
         )  # fmt: skip
-        self._server: WSGIServer | None = None
 
     def watch_state(
         self,
         queued: Callable[[], int],
-        agents: Callable[[], int],
-        free_slots: Callable[[], int],
+        sessions: Callable[[], Sequence[AgentSession]],
         held_bytes: Callable[[], int] = lambda: 0,
     ) -> None:
-        """Reports live gauges by calling these when scraped."""
-        r = self.registry
-        Gauge("gpubroker_queue_depth", "Tasks waiting for an agent.", registry=r).set_function(
-            queued
-        )
-        Gauge(
-            "gpubroker_agents_connected", "Agents with a control stream.", registry=r
-        ).set_function(agents)
-        Gauge(
-            "gpubroker_free_slots", "Slots agents have offered and not yet filled.", registry=r
-        ).set_function(free_slots)
-        Gauge(
-            "gpubroker_payload_memory_bytes",
-            "Run inputs held in memory (at most --spool-memory-mb).",
-            registry=r,
-        ).set_function(held_bytes)
+        """Reports live gauges (queue, agents by state, slots, memory) by calling these when
+        scraped (``LiveState``)."""
+        self.registry.register(LiveState(queued, sessions, held_bytes))
 
     def record_sweep(self, report: SweepReport) -> None:
         """Takes one spool sweep's report (``SpoolKeeper``)."""
@@ -173,29 +220,53 @@ class Metrics:
             self.launch_backoff.labels(gpu_type, zone).set(seconds)
         self._held |= now
 
+    def decision(self, action: str, kind: str, gpu_type: str, count: int) -> None:
+        """Counts machines the autoscaler decided to launch or stop (``ScalingEvents``)."""
+        self.decisions.labels(action, kind, gpu_type).inc(count)
+
+    def fleet(self, tick: FleetTick) -> None:
+        """Sets the machine gauges and adds machine time and cost (``ScalingEvents``)."""
+        for state, gpu_type in self._machine_keys - set(tick.machines):
+            self.machines.labels(state, gpu_type).set(0)
+        for (state, gpu_type), count in tick.machines.items():
+            self.machines.labels(state, gpu_type).set(count)
+        self._machine_keys |= set(tick.machines)
+        for gpu_type in {g for _, g in self._machine_keys}:  # every state shows, 0 or not
+            for state in MACHINE_STATES:
+                self.machines.labels(state, gpu_type)
+        for gpu_type, seconds in tick.seconds.items():
+            self.machine_seconds.labels(gpu_type).inc(seconds)
+        for gpu_type, nanousd in tick.nanousd.items():
+            self.machine_nanousd.labels(gpu_type).inc(nanousd)
+
     def observe(self, task: Task) -> None:
         """Counts one published task snapshot (a state change)."""
+        tenant, workload = self.tenant(task.tenant), workload_label(task.workload)
         if task.state is TaskState.QUEUED and task.attempt:
             self.requeued.inc()
         elif task.state is TaskState.QUEUED:
-            self.submitted.labels(task.workload).inc()
+            self.submitted.labels(tenant, workload).inc()
         elif task.state is TaskState.RUNNING and task.started_at is not None:
             self.queue_wait.observe((task.started_at - task.created_at).total_seconds())
         elif task.state.is_final:
-            self.finished.labels(task.workload, task.state.value).inc()
+            self.finished.labels(tenant, workload, task.state.value).inc()
             if task.state is TaskState.SUCCEEDED:
-                self.compute.labels(task.workload).observe(task.compute_seconds or 0.0)
-                self.bytes.labels("in").inc(task.input_bytes)
-                self.bytes.labels("out").inc(task.output_bytes)
+                self._succeeded(task, tenant, workload)
+            else:
+                code = "UNKNOWN" if task.error_code is None else task.error_code.value
+                self.failures.labels(tenant, task.state.value, code).inc()
 
-    def serve(self, address: str) -> int:
-        """Serves ``/metrics`` at ``host:port`` (port 0 picks one); returns the port."""
-        host, _, port = address.rpartition(":")
-        self._server, _ = start_http_server(int(port), host or "0.0.0.0", self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stops the HTTP server."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+    def _succeeded(self, task: Task, tenant: str, workload: str) -> None:
+        seconds = task.compute_seconds or 0.0
+        gpu_type = task.gpu_type or "unknown"
+        self.compute.labels(workload).observe(seconds)
+        self.bytes.labels("in").inc(task.input_bytes)
+        self.bytes.labels("out").inc(task.output_bytes)
+        self.billed_seconds.labels(tenant, gpu_type).inc(seconds)
+        if self._catalog is not None:
+            try:
+                price = self._catalog.price_for(gpu_type)
+            except UnknownPriceError:
+                return
+            cost = cost_nanousd(seconds, price, self._catalog.policy)
+            self.billed_nanousd.labels(tenant, gpu_type).inc(cost)

@@ -41,6 +41,7 @@ __all__ = [
     "AgentInfo",
     "Attempt",
     "AttemptOutcome",
+    "AttemptRecord",
     "FailureCode",
     "GpuRequirement",
     "ModelRecord",
@@ -136,6 +137,25 @@ class Attempt:
 
     task_id: str
     number: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """Where one attempt of a task ran and how it ended (``TaskInfo.attempts``)."""
+
+    number: int
+    agent_id: str
+    gpu_type: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    """None while it runs."""
+    outcome: str = "running"
+    """``running``, the task's final state (``succeeded``, ``failed``, ``cancelled``) for its
+    last attempt, or why it went back to the queue (``lost``, ``rejected``, ``recalled``)."""
+    detail: str = ""
+    """The task's error or the requeue's reason; empty for a success or a running attempt."""
+    machine_name: str = ""
+    """The machine the agent runs on when a provider started it (its agent id); else empty."""
 
 
 @dataclass(frozen=True, slots=True)

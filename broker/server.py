@@ -7,6 +7,7 @@ handed to each constructor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from gpubroker.broker.api.gateway import AgentGatewayServicer
 from gpubroker.broker.api.limits import CallLimits
 from gpubroker.broker.api.registration import add_servicer
 from gpubroker.broker.api.servicer import BrokerServicer
+from gpubroker.broker.api.status_page import StatusPage
 from gpubroker.broker.api.tenancy import TenantCalls
 from gpubroker.broker.config import Settings, StreamLimits
 from gpubroker.broker.core.capacity import Capacity
@@ -36,10 +38,13 @@ from gpubroker.broker.core.models import ModelService
 from gpubroker.broker.core.reconcile import Reconciler
 from gpubroker.broker.core.registry import AgentRegistry, Liveness
 from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.core.status_source import StatusSource
+from gpubroker.broker.core.tasklog import log_outcome
 from gpubroker.broker.core.tasks import TaskService
 from gpubroker.broker.core.workloads import KnownWorkloads
 from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
 from gpubroker.broker.metrics import Metrics
+from gpubroker.broker.metrics_labels import TenantLabels
 from gpubroker.broker.scaling.loop import (
     PROVIDERS,
     ScalingConfig,
@@ -54,6 +59,7 @@ from gpubroker.broker.storage.model_files import ModelFiles
 from gpubroker.broker.storage.retention import SpoolKeeper
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.broker.storage.store import TaskStore
+from gpubroker.httpserver import HttpServer, metrics_handler
 from gpubroker.protos import agent_pb2, broker_pb2
 from gpubroker.protos.transport import server_options
 
@@ -89,12 +95,16 @@ class BrokerServer:
     health: health.aio.HealthServicer
     metrics: Metrics
     metrics_port: int | None
+    http: HttpServer | None = None
+    """The HTTP server of ``/metrics`` (``--metrics``); other pages may add routes to it."""
     scaling: ScalingLoop | None = None
     auth: Authenticator | None = None
     keeper: SpoolKeeper | None = None
     """Expires results and sweeps orphaned payload files."""
     reconciler: Reconciler | None = None
     """Compares the database's live tasks with the queue and the leases, repairs differences."""
+    status: StatusSource | None = None
+    """What ``GetStatus`` and the status page show."""
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Reports NOT_SERVING, stops the server and the dispatcher, closes the store.
@@ -105,7 +115,8 @@ class BrokerServer:
         await self.health.enter_graceful_shutdown()
         if self.scaling is not None:
             await self.scaling.stop(release=self.scaling.provider.name == "local")
-        self.metrics.close()
+        if self.http is not None:
+            self.http.close()
         if self.reconciler is not None:
             await self.reconciler.stop()
         await self.dispatcher.stop()
@@ -138,8 +149,9 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     spool = Spool(settings.spool_dir, settings.spool_memory_bytes, settings.spool_floor)
     spool.open()
     queue, registry, workloads = FairQueue(), AgentRegistry(), KnownWorkloads()
-    metrics = Metrics()
-    events = TaskEvents(listeners=[metrics.observe])
+    tenants = TenantLabels(settings.metrics_tenants, settings.metrics_tenant_limit)
+    metrics = Metrics(tenants, catalog)
+    events = TaskEvents(listeners=[metrics.observe, log_outcome])
     dispatcher = Dispatcher(
         store,
         spool,
@@ -155,8 +167,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     )
     metrics.watch_state(
         queued=lambda: len(queue),
-        agents=lambda: len(registry),
-        free_slots=lambda: sum(s.credits for s in registry.sessions()),
+        sessions=lambda: list(registry.sessions()),
         held_bytes=lambda: spool.held_bytes,
     )
     auth = Authenticator(settings.api_keys, settings.join_token, database_keys(engine))
@@ -172,8 +183,9 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         store, spool, dispatcher, events, queue, workloads, settings.limits, models, keeper
     )
     gateway = AgentGatewayServicer(dispatcher, spool, auth, settings.heartbeat_interval_s, models)
+    status = StatusSource(store, engine, queue, registry)
     server, health_servicer = _grpc_server(
-        BrokerServicer(tasks, models), gateway, auth, settings.streams
+        BrokerServicer(tasks, models, status), gateway, auth, settings.streams
     )
     port = bind_port(server, settings)
     scaling = None
@@ -183,6 +195,7 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
             provider, config, store, queue, registry, engine, catalog, capacity, events=metrics
         )
         events.add_listener(scaling.observe_task)
+        status.stopping = scaling.stopping
     reconciler = Reconciler(
         store, queue, registry, dispatcher, settings.reconcile_interval_s, metrics.reconciled_task
     )
@@ -193,7 +206,9 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
     auth.start()
     for name in ("", *_SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = metrics.serve(settings.metrics_address) if settings.metrics_address else None
+    http, metrics_port = _http_server(settings.metrics_address, metrics)
+    if http is not None and settings.metrics_address:
+        StatusPage(status, auth, settings.metrics_address).add_routes(http)
     if scaling is not None:
         scaling.start()
     logger.info(
@@ -217,11 +232,25 @@ async def create_server(settings: Settings, catalog: PriceCatalog | None = None)
         health=health_servicer,
         metrics=metrics,
         metrics_port=metrics_port,
+        http=http,
         scaling=scaling,
         auth=auth,
         keeper=keeper,
         reconciler=reconciler,
+        status=status,
     )
+
+
+def _http_server(address: str | None, metrics: Metrics) -> tuple[HttpServer | None, int | None]:
+    """The started HTTP server of ``/metrics`` at ``address``; (None, None) when off."""
+    if not address:
+        return None, None
+    try:
+        http = HttpServer(address, asyncio.get_running_loop())
+        http.add_route("/metrics", metrics_handler(metrics.registry))
+        return http, http.start()
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--metrics {address}: {exc}") from exc
 
 
 def _grpc_server(
@@ -246,7 +275,7 @@ def _grpc_server(
         ),
         interceptors=(CallLimits(limits),),
     )
-    calls = TenantCalls(auth.tenant, limits.max_calls_per_tenant)
+    calls = TenantCalls(auth.caller, limits.max_calls_per_tenant)
     add_servicer(server, _BROKER_SERVICE, broker, authenticate=calls)
     add_servicer(server, _AGENT_SERVICE, gateway)
     health_servicer = health.aio.HealthServicer()
@@ -282,6 +311,7 @@ def _provider(settings: Settings, port: int, config: ScalingConfig, metrics: Met
         values: dict[str, Any] = {
             "broker_address": f"127.0.0.1:{port}",
             "join_token": settings.join_token,
+            "tls": settings.tls_cert_file is not None,  # the port speaks TLS: so must they
         }
         values |= {"state_dir": settings.spool_dir.parent / "agents"} | dict(table)
         values["state_dir"] = Path(values["state_dir"])

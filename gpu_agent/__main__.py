@@ -12,16 +12,19 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 
 import click
 
-from gpubroker.gpu_agent.agent import Agent
+from gpubroker.gpu_agent.agent import Agent, agent_version
 from gpubroker.gpu_agent.config import DEVICE_CHOICES, ModelCacheSettings, Settings
-from gpubroker.gpu_agent.errors import WorkloadLoadError
+from gpubroker.gpu_agent.errors import JoinRefusedError, WorkloadLoadError
+from gpubroker.gpu_agent.metrics import AgentMetrics
+from gpubroker.gpu_agent.nvml import GpuProbe
 from gpubroker.gpu_agent.preemption import PREEMPTED, PreemptionWatcher
 from gpubroker.gpu_agent.preemption import metadata_url as default_metadata_url
 from gpubroker.gpu_agent.runner import Runner, detect_device, favour_workload_threads
+from gpubroker.httpserver import HttpServer, metrics_handler, split_address
+from gpubroker.logformat import LOG_FORMATS, configure_logging
 
 __all__ = ["main"]
 
@@ -65,10 +68,26 @@ logger = logging.getLogger("gpubroker.gpu_agent")
     "[default: $GCE_METADATA_HOST or metadata.google.internal, if it answers].",
 )
 @click.option(
+    "--metrics",
+    "metrics_address",
+    metavar="HOST:PORT",
+    help="Serve the agent's Prometheus /metrics here (slots, model cache, GPU) "
+    "[env: GPUBROKER_AGENT_METRICS; default: off].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
     show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    envvar="GPUBROKER_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="One line per record: text, or JSON objects with the task's id, tenant, attempt "
+    "and agent [env: GPUBROKER_LOG_FORMAT].",
 )
 def main(
     broker_address: str | None,
@@ -85,14 +104,12 @@ def main(
     model_disk_bytes: int | None,
     model_device_bytes: int | None,
     metadata_url: str | None,
+    metrics_address: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Runs a GPU agent. Flags override the GPUBROKER_AGENT_* environment variables."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format)
     try:
         settings = Settings.from_env(os.environ).with_overrides(
             broker_address=broker_address,
@@ -105,6 +122,7 @@ def main(
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
+            metrics_address=metrics_address,
         )
         models = _overridden(
             settings.models,
@@ -113,6 +131,8 @@ def main(
             device_bytes=model_device_bytes,
         )
         settings = dataclasses.replace(settings, models=models)
+        if settings.metrics_address:
+            split_address(settings.metrics_address)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     favour_workload_threads()
@@ -123,6 +143,8 @@ def main(
     try:
         watch = None if metadata_url == "off" else (metadata_url or default_metadata_url())
         asyncio.run(_serve(settings, runner, watch))
+    except JoinRefusedError:
+        raise SystemExit(1) from None  # logged, in the chosen log format, as it happened
     finally:
         runner.close()
 
@@ -155,6 +177,7 @@ async def _serve(settings: Settings, runner: Runner, metadata_url: str | None) -
         "warmed up the workloads on %d threads in %.2f s", runner.slots, await runner.warm_up()
     )
     agent = Agent(settings, runner)
+    http = _metrics_server(settings.metrics_address, agent)
     stopping: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -166,9 +189,26 @@ async def _serve(settings: Settings, runner: Runner, metadata_url: str | None) -
         await asyncio.gather(*stopping)
     finally:
         await watcher.stop()
+        if http is not None:
+            http.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     logger.info("agent stopped")
+
+
+def _metrics_server(address: str | None, agent: Agent) -> HttpServer | None:
+    """Serves the agent's ``/metrics`` at ``address``; None when not asked to."""
+    if not address:
+        return None
+    metrics = AgentMetrics(agent, agent_version(), GpuProbe.open(agent.runner.device.device))
+    http = HttpServer(address, asyncio.get_running_loop())
+    http.add_route("/metrics", metrics_handler(metrics.registry))
+    try:
+        port = http.start()
+    except OSError as exc:
+        raise click.ClickException(f"--metrics {address}: {exc}") from exc
+    logger.info("serving /metrics on %s:%d", split_address(address)[0], port)
+    return http
 
 
 async def _on_notice(agent: Agent, kind: str, value: str) -> None:

@@ -22,7 +22,7 @@ from gpubroker.gpu_agent.attempt import Attempt, ModelServices, Revocation
 from gpubroker.gpu_agent.batcher import Batcher
 from gpubroker.gpu_agent.config import Settings
 from gpubroker.gpu_agent.credit import CreditPolicy
-from gpubroker.gpu_agent.errors import BrokerProtocolError
+from gpubroker.gpu_agent.errors import BrokerProtocolError, JoinRefusedError
 from gpubroker.gpu_agent.gateway import GatewayClient, open_channel
 from gpubroker.gpu_agent.model import Assignment, AttemptRef, Hello
 from gpubroker.gpu_agent.model_cache import ModelCache
@@ -30,9 +30,14 @@ from gpubroker.gpu_agent.runner import Runner
 from gpubroker.gpu_agent.session import Session
 from gpubroker.gpu_agent.uptime import process_uptime_s
 
-__all__ = ["Agent", "agent_version"]
+__all__ = ["JOIN_REFUSALS", "Agent", "agent_version"]
 
 logger = logging.getLogger(__name__)
+
+JOIN_REFUSALS = 3
+"""Refusals of the join token in a row (UNAUTHENTICATED) after which the agent stops: the token
+is fixed for the process's life, so only a broker restarted with another token could change
+the answer, and that is not worth retrying forever."""
 
 
 def agent_version() -> str:
@@ -70,6 +75,26 @@ class Agent:
         """Stacks model tasks into shared calls."""
 
     @property
+    def agent_id(self) -> str:
+        """The id the agent connects with."""
+        return self._settings.agent_id
+
+    @property
+    def runner(self) -> Runner:
+        """Runs the workloads."""
+        return self._runner
+
+    @property
+    def connected(self) -> bool:
+        """True while a control stream to the broker is open."""
+        return self._session is not None
+
+    @property
+    def attempts_held(self) -> int:
+        """Attempts assigned and not yet finished (running, waiting for a slot, uploading)."""
+        return len(self._attempts)
+
+    @property
     def free_slots(self) -> int:
         """Room for more attempts: slots plus the current prefetch, less the attempts held
         (work that has not yet stopped counts as held) and the credit not yet used."""
@@ -97,7 +122,11 @@ class Agent:
                 self._gateway = GatewayClient(
                     channel, self._settings.agent_id, self._settings.join_token
                 )
-                await self._connect_loop(self._gateway)
+                try:
+                    await self._connect_loop(self._gateway)
+                except JoinRefusedError:
+                    await self._drain()  # attempts of an earlier session, if any, wind down
+                    raise
                 await self._drain()
         finally:
             await self.batcher.close()
@@ -169,12 +198,21 @@ class Agent:
     # -- connection -----------------------------------------------------------------------------
 
     async def _connect_loop(self, gateway: GatewayClient) -> None:
-        failures = 0
+        failures = refusals = 0
         while not self._stopping.is_set():
-            session = await self._open(gateway)
+            try:
+                session = await self._open(gateway)
+            except JoinRefusedError as exc:
+                refusals += 1
+                if refusals >= JOIN_REFUSALS:
+                    logger.error("%s", exc)
+                    raise
+                logger.warning("%s; trying again", str(exc).removesuffix("; not retrying"))
+                session = None
             if session is None:
                 failures += 1
             else:
+                refusals = 0
                 await self._serve(session)
                 failures = 1  # a lost session is retried after the shortest delay
             if not self._stopping.is_set():
@@ -185,6 +223,8 @@ class Agent:
         try:
             session = await Session.open(gateway, self._hello())
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise _refused(address, exc) from None  # counted by _connect_loop
             logger.warning("cannot connect to %s: %s %s", address, exc.code().name, exc.details())
             return None
         except BrokerProtocolError as exc:
@@ -237,6 +277,7 @@ class Agent:
             runs_models=True,
             models=tuple(self.models.on_disk()),
             uptime_s=process_uptime_s(),
+            broken=tuple(sorted(self._runner.broken.items())),
         )
 
     # -- attempts -------------------------------------------------------------------------------
@@ -272,3 +313,12 @@ class Agent:
     async def _drain(self) -> None:
         while self._tasks:
             await asyncio.wait(list(self._tasks.values()))
+
+
+def _refused(address: str, exc: grpc.aio.AioRpcError) -> JoinRefusedError:
+    """The error for a broker that refused the join token: retrying with it cannot help."""
+    return JoinRefusedError(
+        f"the broker at {address} refused this agent: UNAUTHENTICATED "
+        f"{exc.details() or ''}: give it the broker's GPUBROKER_JOIN_TOKEN as --join-token or "
+        "GPUBROKER_AGENT_JOIN_TOKEN; not retrying"
+    )

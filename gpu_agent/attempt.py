@@ -29,6 +29,7 @@ from gpubroker.gpu_agent.errors import (
     UnknownWorkloadError,
     WorkloadArgumentError,
     WorkloadFailedError,
+    WorkloadLoadError,
 )
 from gpubroker.gpu_agent.gateway import GatewayClient
 from gpubroker.gpu_agent.model import Assignment, AttemptRef
@@ -48,6 +49,7 @@ T = TypeVar("T")
 
 ERROR_CODES: dict[type[AgentError], FailureCode] = {
     UnknownWorkloadError: FailureCode.INVALID_ARGUMENT,
+    WorkloadLoadError: FailureCode.FAILED_PRECONDITION,
     WorkloadArgumentError: FailureCode.INVALID_ARGUMENT,
     WorkloadFailedError: FailureCode.ABORTED,
     ModelUnusableError: FailureCode.INVALID_ARGUMENT,

@@ -120,6 +120,8 @@ class Settings:
     """How long to wait between reconnects."""
     models: ModelCacheSettings = field(default_factory=ModelCacheSettings)
     """The model cache."""
+    metrics_address: str | None = None
+    """``host:port`` to serve the agent's Prometheus ``/metrics`` on; None serves none."""
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -151,7 +153,8 @@ class Settings:
         ``BROKER``, ``ID``, ``SLOTS``, ``PREFETCH``, ``PREFETCH_HORIZON_S``, ``DEVICE``,
         ``JOIN_TOKEN`` (falling back to the broker's ``GPUBROKER_JOIN_TOKEN``), ``TLS``,
         ``CA_FILE``, ``CERT_FILE``, ``KEY_FILE``, ``RECONNECT_INITIAL_S``,
-        ``RECONNECT_MAX_S``, ``MODEL_DIR``, ``MODEL_DISK_BYTES`` and ``MODEL_DEVICE_BYTES``,
+        ``RECONNECT_MAX_S``, ``MODEL_DIR``, ``MODEL_DISK_BYTES``, ``MODEL_DEVICE_BYTES`` and
+        ``METRICS``,
         each after the ``GPUBROKER_AGENT_`` prefix.
 
         Raises:
@@ -185,6 +188,7 @@ class Settings:
             key_file=env.get("KEY_FILE") or None,
             backoff=backoff,
             models=models,
+            metrics_address=env.get("METRICS") or None,
         )
 
 

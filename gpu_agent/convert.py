@@ -56,4 +56,7 @@ def hello_to_proto(hello: Hello) -> agent_pb2.AgentHello:
         runs_models=hello.runs_models,
         models=hello.models,
         uptime_seconds=hello.uptime_s,
+        broken_workloads=[
+            agent_pb2.BrokenWorkload(name=name, error=error) for name, error in hello.broken
+        ],
     )

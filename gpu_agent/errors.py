@@ -8,7 +8,8 @@ AgentError
 ├── TaskDeadlineError       DEADLINE_EXCEEDED  the task's timeout passed
 ├── TaskCancelledError      (nothing reported) the broker revoked the attempt, or it was lost
 ├── WorkloadLoadError       (start-up)         an entry-point workload cannot be loaded
-└── BrokerProtocolError     (reconnect)        the broker broke the agent protocol
+├── BrokerProtocolError     (reconnect)        the broker broke the agent protocol
+└── JoinRefusedError        (exit)             the broker refused the agent's join token
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "AgentError",
     "BrokerProtocolError",
+    "JoinRefusedError",
     "ModelUnusableError",
     "TaskCancelledError",
     "TaskDeadlineError",
@@ -60,3 +62,10 @@ class WorkloadLoadError(AgentError):
 
 class BrokerProtocolError(AgentError):
     """The broker answered in a way the agent protocol does not allow."""
+
+
+class JoinRefusedError(AgentError):
+    """The broker answered UNAUTHENTICATED: this agent's join token is missing or wrong.
+
+    Retrying cannot help (the token is fixed for the process's life), so the agent stops.
+    """

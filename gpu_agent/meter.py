@@ -41,6 +41,7 @@ class DeviceMeter:
         self._last_ns = 0
         self._next_token = 0
         self._busy_ns = 0
+        self._slot_ns = 0
         self._billed = Fraction(0)
 
     def enter(self) -> int:
@@ -72,6 +73,14 @@ class DeviceMeter:
             return self._busy_ns / _NS_PER_S
 
     @property
+    def slot_seconds(self) -> float:
+        """Seconds of windows open, summed over windows (two overlapping for 10 s: 20), up to
+        now: the slots' busy time; over ``slots`` times wall time, their utilization."""
+        with self._lock:
+            self._advance()
+            return self._slot_ns / _NS_PER_S
+
+    @property
     def billed_seconds(self) -> float:
         """The shares handed out by ``leave`` so far; ``busy_seconds`` when no window is open."""
         with self._lock:
@@ -89,4 +98,5 @@ class DeviceMeter:
             elapsed = max(now - self._last_ns, 0)  # a clock never runs back; a fake might
             self._virtual += Fraction(elapsed, len(self._opened_at))
             self._busy_ns += elapsed
+            self._slot_ns += elapsed * len(self._opened_at)
         self._last_ns = max(now, self._last_ns)

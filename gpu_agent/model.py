@@ -75,3 +75,5 @@ class Hello:
     """Ids of the models it holds already."""
     uptime_s: float = 0.0
     """Seconds since its process started; 0: not reported."""
+    broken: tuple[tuple[str, str], ...] = ()
+    """``(name, why)`` of each installed workload that failed to load."""

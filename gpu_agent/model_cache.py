@@ -67,6 +67,10 @@ class ModelCache:
         """Model files fetched from the broker since start (a file held is never fetched)."""
         self.loads = 0
         """Models loaded onto the device since start."""
+        self.hits = 0
+        """Acquisitions that found their model loaded on the device."""
+        self.misses = 0
+        """Acquisitions that had to wait for a load (and perhaps a fetch)."""
         self._runner = runner
         self._disk: OrderedDict[str, int] = OrderedDict()  # id -> bytes, least recent first
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -104,6 +108,16 @@ class ModelCache:
         """Ids of the models held on disk or on the device, most recently used first."""
         return [m for m in reversed(self._recency) if m in self._disk or m in self._resident]
 
+    @property
+    def disk_used_bytes(self) -> int:
+        """Bytes of the model files on disk."""
+        return sum(self._disk.values())
+
+    @property
+    def device_used_bytes(self) -> int:
+        """Bytes (by file size) of the models loaded on the device."""
+        return self._resident_bytes()
+
     def resident(self) -> list[str]:
         """Ids of the models loaded on the device, most recently used first."""
         return list(reversed(self._resident))
@@ -119,8 +133,10 @@ class ModelCache:
         self._touch(model_id)
         model = self._resident.get(model_id)
         if model is not None:
+            self.hits += 1
             self._resident.move_to_end(model_id)
             return Acquired(model, 0.0)
+        self.misses += 1
         for tries_left in (1, 0):
             flight = self._flights.get(model_id)
             mine = flight is None

@@ -42,7 +42,15 @@ from gpubroker.gpu_agent.diagnosis import describe_exception, describe_model_fai
 from gpubroker.gpu_agent.errors import AgentError, TaskCancelledError, WorkloadFailedError
 from gpubroker.gpu_agent.meter import DeviceMeter
 from gpubroker.gpu_agent.model_loader import LoadedModel
-from gpubroker.gpu_agent.workloads import Workload, WorkloadContext, example, lookup, registry
+from gpubroker.gpu_agent.workloads import (
+    Workload,
+    WorkloadContext,
+    broken_workload,
+    example,
+    load_workloads,
+    lookup,
+)
+from gpubroker.protos.modelfile import WORKLOAD_PREFIX
 from gpubroker.protos.wire import DTYPE_ITEMSIZE, Param
 
 __all__ = [
@@ -157,7 +165,16 @@ class Runner:
     ) -> None:
         self.device = device
         self.slots = slots
-        self.workloads: dict[str, Workload] = dict(registry() if workloads is None else workloads)
+        problems: dict[str, str] = {}
+        if workloads is None:
+            workloads, problems = load_workloads()
+        self.workloads: dict[str, Workload] = dict(workloads)
+        self.broken: dict[str, str] = problems
+        """Entry points that were refused, by name, and why (the hello reports them); a name
+        no other workload holds runs ``broken_workload``, which fails its tasks saying why."""
+        for name, problem in problems.items():
+            if name not in self.workloads and not name.startswith(WORKLOAD_PREFIX):
+                self.workloads[name] = broken_workload(name, problem)
         self.meter = DeviceMeter()
         """Splits the device between the tasks' compute windows; its totals cover tasks only."""
         self._warm_up_meter = DeviceMeter()

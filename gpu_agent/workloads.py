@@ -35,7 +35,9 @@ __all__ = [
     "Param",
     "Workload",
     "WorkloadContext",
+    "broken_workload",
     "example",
+    "load_workloads",
     "lookup",
     "register",
     "registry",
@@ -109,25 +111,54 @@ def registry() -> dict[str, Workload]:
             callable, reuses the name of a built-in, or takes a name of the form that runs an
             uploaded model (``model:...``).
     """
-    found = dict(_BUILTINS)
+    found, problems = load_workloads()
+    if problems:
+        raise WorkloadLoadError(next(iter(problems.values())))
+    return found
+
+
+def load_workloads() -> tuple[dict[str, Workload], dict[str, str]]:
+    """The workloads that load, and why each entry point that does not was refused (by its
+    name), as ``registry`` but without raising: an agent serves what loads and reports the rest.
+
+    A refused entry point's name is in the workloads only when a built-in holds it; otherwise
+    ``broken_workload`` stands in for it, so a task naming it fails saying why.
+    """
+    found: dict[str, Workload] = dict(_BUILTINS)
+    problems: dict[str, str] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         if entry.name.startswith(WORKLOAD_PREFIX):
-            raise WorkloadLoadError(
+            problems[entry.name] = (
                 f"entry point {entry.value!r} is named {entry.name!r}; names starting with "
                 f"{WORKLOAD_PREFIX!r} run users' uploaded models"
             )
-        if entry.name in found:
-            raise WorkloadLoadError(
+        elif entry.name in found:
+            problems[entry.name] = (
                 f"entry point {entry.value!r} reuses the workload name {entry.name!r}"
             )
-        try:
-            loaded = entry.load()
-        except Exception as exc:  # an operator's package: any import-time error is its own
-            raise WorkloadLoadError(f"entry point {entry.value!r} failed to load: {exc}") from exc
-        if not callable(loaded):
-            raise WorkloadLoadError(f"entry point {entry.value!r} is not callable")
-        found[entry.name] = loaded
-    return found
+        else:
+            try:
+                loaded = entry.load()
+            except Exception as exc:  # an operator's package: any import-time error is its own
+                problems[entry.name] = f"entry point {entry.value!r} failed to load: {exc}"
+                continue
+            if callable(loaded):
+                found[entry.name] = loaded
+            else:
+                problems[entry.name] = f"entry point {entry.value!r} is not callable"
+    return found, problems
+
+
+def broken_workload(name: str, problem: str) -> Workload:
+    """A stand-in for a workload whose entry point was refused: it raises ``WorkloadLoadError``
+    saying why, which fails the task with FAILED_PRECONDITION instead of leaving it queued."""
+
+    def refuse(
+        inputs: Sequence[torch.Tensor], params: Mapping[str, Param], ctx: WorkloadContext
+    ) -> Sequence[torch.Tensor]:
+        raise WorkloadLoadError(f"workload {name!r} could not be loaded on this agent: {problem}")
+
+    return refuse
 
 
 def lookup(name: str, workloads: Mapping[str, Workload] | None = None) -> Workload:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["default_data_dir", "env_flag"]
+__all__ = ["default_data_dir", "env_flag", "env_float", "env_int"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -29,6 +29,36 @@ def env_flag(environ: Mapping[str, str], name: str, default: bool = False) -> bo
     if raw not in _TRUE | _FALSE:
         raise ValueError(f"{name} must be true or false, got {environ[name]!r}")
     return raw in _TRUE
+
+
+def env_float(environ: Mapping[str, str], name: str, default: float | str) -> float:
+    """The number in variable ``name``; ``default`` when unset.
+
+    Raises:
+        ValueError: it is not a number; the message names the variable.
+    """
+    raw = environ.get(name)
+    if raw is None:
+        return float(default)
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int | str) -> int:
+    """The integer in variable ``name``; ``default`` when unset.
+
+    Raises:
+        ValueError: it is not an integer; the message names the variable.
+    """
+    raw = environ.get(name)
+    if raw is None:
+        return int(default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def default_data_dir(environ: Mapping[str, str] = os.environ) -> Path:

@@ -36,6 +36,7 @@ class AgentHello(_message.Message):
     RUNS_MODELS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    BROKEN_WORKLOADS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Stable id chosen by the agent (e.g. its VM name); reconnecting reuses it."""
     gpu_type: _builtins.str
@@ -67,6 +68,13 @@ class AgentHello(_message.Message):
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the models the agent holds already (on disk or on its device)."""
 
+    @_builtins.property
+    def broken_workloads(self) -> _containers.RepeatedCompositeFieldContainer[Global___BrokenWorkload]:
+        """Workloads the agent's operator installed that failed to load (an entry point that does not
+        import, say). Each name is also in `workloads`: its tasks come here and fail with
+        FAILED_PRECONDITION saying why, instead of waiting in the queue for an agent that has it.
+        """
+
     def __init__(
         self,
         *,
@@ -81,14 +89,41 @@ class AgentHello(_message.Message):
         runs_models: _builtins.bool = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         uptime_seconds: _builtins.float = ...,
+        broken_workloads: _abc.Iterable[Global___BrokenWorkload] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "models", b"models", "prefetch", b"prefetch", "protocol", b"protocol", "runs_models", b"runs_models", "slots", b"slots", "uptime_seconds", b"uptime_seconds", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "broken_workloads", b"broken_workloads", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_type", b"gpu_type", "models", b"models", "prefetch", b"prefetch", "protocol", b"protocol", "runs_models", b"runs_models", "slots", b"slots", "uptime_seconds", b"uptime_seconds", "version", b"version", "workloads", b"workloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentHello: _TypeAlias = AgentHello  # noqa: Y015
+
+@_typing.final
+class BrokenWorkload(_message.Message):
+    """A workload entry point the agent refused, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The workload's name (the entry point's name)."""
+    error: _builtins.str
+    """Why it did not load, e.g. "entry point 'pkg.mod:fn' failed to load: No module named 'pkg'"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BrokenWorkload: _TypeAlias = BrokenWorkload  # noqa: Y015
 
 @_typing.final
 class AgentHeartbeat(_message.Message):

@@ -1001,3 +1001,362 @@ class DeleteModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    """What status to return."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECENT_TASKS_FIELD_NUMBER: _builtins.int
+    recent_tasks: _builtins.int
+    """How many of the most recent tasks to include, newest first; 0 means 20, at most 200."""
+    def __init__(
+        self,
+        *,
+        recent_tasks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recent_tasks", b"recent_tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetStatusResponse(_message.Message):
+    """The broker's state when the call was served."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATED_AT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    OPERATOR_VIEW_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    QUEUED_TASKS_FIELD_NUMBER: _builtins.int
+    RUNNING_TASKS_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    AGENT_COUNT_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    MACHINES_FIELD_NUMBER: _builtins.int
+    MACHINE_COUNTS_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
+    RECENT_TASKS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The caller's tenant."""
+    operator_view: _builtins.bool
+    """True when the caller holds an operator key and every field covers the whole broker;
+    false when queue, tasks and spend cover only the caller's tenant and agents and machines
+    are left empty (their counts are still given).
+    """
+    queued_tasks: _builtins.int
+    """Queued tasks in all of `queue`."""
+    running_tasks: _builtins.int
+    """Tasks running now (the caller's own, for a tenant)."""
+    agent_count: _builtins.int
+    """Connected agents, and their slots with no task on them (for everyone)."""
+    free_slots: _builtins.int
+    """Free slots across the connected agents."""
+    @_builtins.property
+    def generated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the status was taken."""
+
+    @_builtins.property
+    def queue(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueLine]:
+        """Queued tasks by tenant, workload and GPU type, largest first."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentStatus]:
+        """The connected agents (operator view only)."""
+
+    @_builtins.property
+    def machines(self) -> _containers.RepeatedCompositeFieldContainer[Global___MachineStatus]:
+        """The machines a provider started that have not been deleted (operator view only)."""
+
+    @_builtins.property
+    def machine_counts(self) -> Global___MachineCounts:
+        """How many machines are booting, running and stopping (for everyone)."""
+
+    @_builtins.property
+    def spend(self) -> Global___Spend:
+        """Spend today and this month (UTC)."""
+
+    @_builtins.property
+    def recent_tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskInfo]:
+        """The most recent tasks, newest first, failures with their error."""
+
+    def __init__(
+        self,
+        *,
+        generated_at: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+        operator_view: _builtins.bool = ...,
+        queue: _abc.Iterable[Global___QueueLine] | None = ...,
+        queued_tasks: _builtins.int = ...,
+        running_tasks: _builtins.int = ...,
+        agents: _abc.Iterable[Global___AgentStatus] | None = ...,
+        agent_count: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        machines: _abc.Iterable[Global___MachineStatus] | None = ...,
+        machine_counts: Global___MachineCounts | None = ...,
+        spend: Global___Spend | None = ...,
+        recent_tasks: _abc.Iterable[_task_pb2.TaskInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "machine_counts", b"machine_counts", "spend", b"spend"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_count", b"agent_count", "agents", b"agents", "free_slots", b"free_slots", "generated_at", b"generated_at", "machine_counts", b"machine_counts", "machines", b"machines", "operator_view", b"operator_view", "queue", b"queue", "queued_tasks", b"queued_tasks", "recent_tasks", b"recent_tasks", "running_tasks", b"running_tasks", "spend", b"spend", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class QueueLine(_message.Message):
+    """Queued tasks of one tenant, workload and GPU requirement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    OLDEST_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tasks' tenant."""
+    workload: _builtins.str
+    """Their workload."""
+    gpu_type: _builtins.str
+    """The GPU type they require; empty for any."""
+    depth: _builtins.int
+    """How many wait."""
+    oldest_wait_seconds: _builtins.float
+    """Seconds the longest-waiting of them has been queued (since its last requeue)."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        workload: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        depth: _builtins.int = ...,
+        oldest_wait_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "gpu_type", b"gpu_type", "oldest_wait_seconds", b"oldest_wait_seconds", "tenant", b"tenant", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueLine: _TypeAlias = QueueLine  # noqa: Y015
+
+@_typing.final
+class AgentStatus(_message.Message):
+    """One connected agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    BUSY_SLOTS_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    PREFETCH_HELD_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    MACHINE_NAME_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent's id; a machine's name when a provider started it."""
+    gpu_type: _builtins.str
+    """Its GPU type ("cpu" for CPU agents)."""
+    slots: _builtins.int
+    """Tasks it runs at once."""
+    busy_slots: _builtins.int
+    """Slots with a task on them."""
+    free_slots: _builtins.int
+    """Slots with no task."""
+    prefetch_held: _builtins.int
+    """Credit beyond its free slots: tasks it asked for to queue locally (prefetch)."""
+    machine_name: _builtins.str
+    """The machine it runs on, when a provider started it; empty for an agent started by hand."""
+    draining: _builtins.bool
+    """True when it said it is going away and takes no more work."""
+    version: _builtins.str
+    """The agent's version."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models it holds now."""
+
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp:
+        """When it connected."""
+
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tasks it runs now."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        slots: _builtins.int = ...,
+        busy_slots: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        prefetch_held: _builtins.int = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        machine_name: _builtins.str = ...,
+        draining: _builtins.bool = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_slots", b"busy_slots", "connected_at", b"connected_at", "draining", b"draining", "free_slots", b"free_slots", "gpu_type", b"gpu_type", "machine_name", b"machine_name", "models", b"models", "prefetch_held", b"prefetch_held", "slots", b"slots", "task_ids", b"task_ids", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015
+
+@_typing.final
+class MachineStatus(_message.Message):
+    """One machine a provider started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    SPOT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    COST_NANOUSD_FIELD_NUMBER: _builtins.int
+    PRICE_PER_HOUR_NANOUSD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The instance name (also its agent's id)."""
+    state: _builtins.str
+    """"booting" (no agent yet), "running" (its agent connected) or "stopping"."""
+    provider: _builtins.str
+    """The provider: "local" or "gce"."""
+    gpu_type: _builtins.str
+    """Its GPU type."""
+    zone: _builtins.str
+    """Zone, for a cloud machine."""
+    spot: _builtins.bool
+    """True for a spot (preemptible) machine."""
+    age_seconds: _builtins.float
+    """Seconds since then."""
+    cost_nanousd: _builtins.int
+    """What it has cost so far, in nano-dollars, as billing charges it."""
+    price_per_hour_nanousd: _builtins.int
+    """Its price, in nano-dollars an hour."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the provider created it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        zone: _builtins.str = ...,
+        spot: _builtins.bool = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        age_seconds: _builtins.float = ...,
+        cost_nanousd: _builtins.int = ...,
+        price_per_hour_nanousd: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "cost_nanousd", b"cost_nanousd", "created_at", b"created_at", "gpu_type", b"gpu_type", "name", b"name", "price_per_hour_nanousd", b"price_per_hour_nanousd", "provider", b"provider", "spot", b"spot", "state", b"state", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MachineStatus: _TypeAlias = MachineStatus  # noqa: Y015
+
+@_typing.final
+class MachineCounts(_message.Message):
+    """How many machines are in each state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOTING_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    STOPPING_FIELD_NUMBER: _builtins.int
+    booting: _builtins.int
+    """Started, agent not yet connected."""
+    running: _builtins.int
+    """Agent connected."""
+    stopping: _builtins.int
+    """Being deleted."""
+    def __init__(
+        self,
+        *,
+        booting: _builtins.int = ...,
+        running: _builtins.int = ...,
+        stopping: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booting", b"booting", "running", b"running", "stopping", b"stopping"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MachineCounts: _TypeAlias = MachineCounts  # noqa: Y015
+
+@_typing.final
+class Spend(_message.Message):
+    """Money over today and this month (UTC), in nano-dollars (1e-9 USD)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TODAY_NANOUSD_FIELD_NUMBER: _builtins.int
+    MONTH_NANOUSD_FIELD_NUMBER: _builtins.int
+    TODAY_TASKS_FIELD_NUMBER: _builtins.int
+    MONTH_TASKS_FIELD_NUMBER: _builtins.int
+    MACHINES_TODAY_NANOUSD_FIELD_NUMBER: _builtins.int
+    MACHINES_MONTH_NANOUSD_FIELD_NUMBER: _builtins.int
+    IDLE_TODAY_NANOUSD_FIELD_NUMBER: _builtins.int
+    IDLE_MONTH_NANOUSD_FIELD_NUMBER: _builtins.int
+    today_nanousd: _builtins.int
+    """Billed compute today (the caller's own, for a tenant)."""
+    month_nanousd: _builtins.int
+    """Billed compute this calendar month."""
+    today_tasks: _builtins.int
+    """Tasks billed today."""
+    month_tasks: _builtins.int
+    """Tasks billed this month."""
+    machines_today_nanousd: _builtins.int
+    """Machine cost today (operator view only)."""
+    machines_month_nanousd: _builtins.int
+    """Machine cost this month (operator view only)."""
+    idle_today_nanousd: _builtins.int
+    """Idle overhead today: machine cost less billed compute (operator view only)."""
+    idle_month_nanousd: _builtins.int
+    """Idle overhead this month (operator view only)."""
+    def __init__(
+        self,
+        *,
+        today_nanousd: _builtins.int = ...,
+        month_nanousd: _builtins.int = ...,
+        today_tasks: _builtins.int = ...,
+        month_tasks: _builtins.int = ...,
+        machines_today_nanousd: _builtins.int = ...,
+        machines_month_nanousd: _builtins.int = ...,
+        idle_today_nanousd: _builtins.int = ...,
+        idle_month_nanousd: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_month_nanousd", b"idle_month_nanousd", "idle_today_nanousd", b"idle_today_nanousd", "machines_month_nanousd", b"machines_month_nanousd", "machines_today_nanousd", b"machines_today_nanousd", "month_nanousd", b"month_nanousd", "month_tasks", b"month_tasks", "today_nanousd", b"today_nanousd", "today_tasks", b"today_tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Spend: _TypeAlias = Spend  # noqa: Y015

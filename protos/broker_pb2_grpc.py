@@ -102,6 +102,11 @@ class BrokerStub:
                 request_serializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/gpubroker.v1.Broker/GetStatus',
+                request_serializer=gpubroker_dot_protos_dot_broker__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -215,6 +220,16 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The broker's state now: queue depth and oldest wait, agents, machines, recent tasks and
+        spend. An operator key (`key create --operator`, `--api-keys KEY=TENANT:operator`) sees
+        the whole broker; any other key sees its tenant's share: its own queue, tasks and spend,
+        and only the number of agents and machines and their free slots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +297,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelRequest.FromString,
                     response_serializer=gpubroker_dot_protos_dot_broker__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=gpubroker_dot_protos_dot_broker__pb2.GetStatusRequest.FromString,
+                    response_serializer=gpubroker_dot_protos_dot_broker__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -638,6 +658,33 @@ class Broker:
             '/gpubroker.v1.Broker/DeleteModel',
             gpubroker_dot_protos_dot_broker__pb2.DeleteModelRequest.SerializeToString,
             gpubroker_dot_protos_dot_broker__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpubroker.v1.Broker/GetStatus',
+            gpubroker_dot_protos_dot_broker__pb2.GetStatusRequest.SerializeToString,
+            gpubroker_dot_protos_dot_broker__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

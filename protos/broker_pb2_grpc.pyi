@@ -82,6 +82,12 @@ class BrokerStub:
     the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
     does not hold.
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetStatusRequest, _broker_pb2.GetStatusResponse]
+    """The broker's state now: queue depth and oldest wait, agents, machines, recent tasks and
+    spend. An operator key (`key create --operator`, `--api-keys KEY=TENANT:operator`) sees
+    the whole broker; any other key sees its tenant's share: its own queue, tasks and spend,
+    and only the number of agents and machines and their free slots.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -136,6 +142,12 @@ class BrokerAsyncStub(BrokerStub):
     """Deletes one of the caller's models. FAILED_PRECONDITION while queued or running tasks of
     the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
     does not hold.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetStatusRequest, _broker_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """The broker's state now: queue depth and oldest wait, agents, machines, recent tasks and
+    spend. An operator key (`key create --operator`, `--api-keys KEY=TENANT:operator`) sees
+    the whole broker; any other key sees its tenant's share: its own queue, tasks and spend,
+    and only the number of agents and machines and their free slots.
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -266,6 +278,18 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         """Deletes one of the caller's models. FAILED_PRECONDITION while queued or running tasks of
         the caller still name it (cancel or wait for them first); NOT_FOUND for an id the caller
         does not hold.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _broker_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetStatusResponse, _abc.Awaitable[_broker_pb2.GetStatusResponse]]:
+        """The broker's state now: queue depth and oldest wait, agents, machines, recent tasks and
+        spend. An operator key (`key create --operator`, `--api-keys KEY=TENANT:operator`) sees
+        the whole broker; any other key sees its tenant's share: its own queue, tasks and spend,
+        and only the number of agents and machines and their free slots.
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgpubroker/protos/task.proto\x12\x0cgpubroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"n\n\nParamValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x80\x05\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08workload\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.gpubroker.v1.TaskState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12*\n\x06inputs\x18\x08 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12+\n\x07outputs\x18\t \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x12\n\nerror_code\x18\n \x01(\t\x12\x15\n\rerror_message\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63ompute_seconds\x18\x0f \x01(\x01\x12\x10\n\x08gpu_type\x18\x10 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12model_load_seconds\x18\x12 \x01(\x01\x12\x13\n\x0b\x62\x61tch_tasks\x18\x13 \x01(\x05\x12.\n\x08requires\x18\x14 \x01(\x0b\x32\x1c.gpubroker.v1.GpuRequirement\x12\x13\n\x0bwaiting_for\x18\x15 \x01(\t\"<\n\x0eGpuRequirement\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\x18\n\x10min_memory_bytes\x18\x02 \x01(\x03\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgpubroker/protos/task.proto\x12\x0cgpubroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"n\n\nParamValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xc5\x05\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08workload\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.gpubroker.v1.TaskState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12*\n\x06inputs\x18\x08 \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12+\n\x07outputs\x18\t \x03(\x0b\x32\x1a.gpubroker.v1.TensorHeader\x12\x12\n\nerror_code\x18\n \x01(\t\x12\x15\n\rerror_message\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63ompute_seconds\x18\x0f \x01(\x01\x12\x10\n\x08gpu_type\x18\x10 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12model_load_seconds\x18\x12 \x01(\x01\x12\x13\n\x0b\x62\x61tch_tasks\x18\x13 \x01(\x05\x12.\n\x08requires\x18\x14 \x01(\x0b\x32\x1c.gpubroker.v1.GpuRequirement\x12\x13\n\x0bwaiting_for\x18\x15 \x01(\t\x12+\n\x08\x61ttempts\x18\x16 \x03(\x0b\x32\x19.gpubroker.v1.AttemptInfo\x12\x16\n\x0equeue_position\x18\x17 \x01(\x05\"\xd6\x01\n\x0b\x41ttemptInfo\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x14\n\x0cmachine_name\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"<\n\x0eGpuRequirement\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\x18\n\x10min_memory_bytes\x18\x02 \x01(\x03\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpubroker.protos.task_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=1059
-  _globals['_TASKSTATE']._serialized_end=1220
+  _globals['_TASKSTATE']._serialized_start=1345
+  _globals['_TASKSTATE']._serialized_end=1506
   _globals['_TENSORHEADER']._serialized_start=78
   _globals['_TENSORHEADER']._serialized_end=168
   _globals['_DATACHUNK']._serialized_start=170
@@ -41,9 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARAMVALUE']._serialized_start=197
   _globals['_PARAMVALUE']._serialized_end=307
   _globals['_TASKINFO']._serialized_start=310
-  _globals['_TASKINFO']._serialized_end=950
-  _globals['_GPUREQUIREMENT']._serialized_start=952
-  _globals['_GPUREQUIREMENT']._serialized_end=1012
-  _globals['_TENSORSPEC']._serialized_start=1014
-  _globals['_TENSORSPEC']._serialized_end=1056
+  _globals['_TASKINFO']._serialized_end=1019
+  _globals['_ATTEMPTINFO']._serialized_start=1022
+  _globals['_ATTEMPTINFO']._serialized_end=1236
+  _globals['_GPUREQUIREMENT']._serialized_start=1238
+  _globals['_GPUREQUIREMENT']._serialized_end=1298
+  _globals['_TENSORSPEC']._serialized_start=1300
+  _globals['_TENSORSPEC']._serialized_end=1342
 # @@protoc_insertion_point(module_scope)

@@ -187,6 +187,8 @@ class TaskInfo(_message.Message):
     BATCH_TASKS_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
     WAITING_FOR_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Broker-assigned id."""
     tenant: _builtins.str
@@ -221,6 +223,11 @@ class TaskInfo(_message.Message):
     """Why a queued task still waits, e.g. "waiting for an nvidia-l4 VM to boot"; empty when it
     is not waiting or nothing in particular holds it.
     """
+    queue_position: _builtins.int
+    """A queued task's place in the queue of the tasks that the same agents could run (its
+    workload and GPU requirement), 1 for the next to go, given the tenants' fair shares now;
+    0 when the task is not queued.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorHeader]:
         """Input tensors."""
@@ -249,6 +256,10 @@ class TaskInfo(_message.Message):
     def requires(self) -> Global___GpuRequirement:
         """The GPU the task must run on (from the submit, else from its model)."""
 
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptInfo]:
+        """Every attempt so far, oldest first: which agent (and machine) ran it and how it ended."""
+
     def __init__(
         self,
         *,
@@ -273,14 +284,73 @@ class TaskInfo(_message.Message):
         batch_tasks: _builtins.int = ...,
         requires: Global___GpuRequirement | None = ...,
         waiting_for: _builtins.str = ...,
+        attempts: _abc.Iterable[Global___AttemptInfo] | None = ...,
+        queue_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "finished_at", b"finished_at", "requires", b"requires", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_tasks", b"batch_tasks", "compute_seconds", b"compute_seconds", "created_at", b"created_at", "deadline", b"deadline", "error_code", b"error_code", "error_message", b"error_message", "finished_at", b"finished_at", "gpu_type", b"gpu_type", "inputs", b"inputs", "model_load_seconds", b"model_load_seconds", "outputs", b"outputs", "priority", b"priority", "request_id", b"request_id", "requires", b"requires", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "waiting_for", b"waiting_for", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "batch_tasks", b"batch_tasks", "compute_seconds", b"compute_seconds", "created_at", b"created_at", "deadline", b"deadline", "error_code", b"error_code", "error_message", b"error_message", "finished_at", b"finished_at", "gpu_type", b"gpu_type", "inputs", b"inputs", "model_load_seconds", b"model_load_seconds", "outputs", b"outputs", "priority", b"priority", "queue_position", b"queue_position", "request_id", b"request_id", "requires", b"requires", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "waiting_for", b"waiting_for", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskInfo: _TypeAlias = TaskInfo  # noqa: Y015
+
+@_typing.final
+class AttemptInfo(_message.Message):
+    """One attempt of a task: one assignment to an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    MACHINE_NAME_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """The attempt's number, from 1."""
+    agent_id: _builtins.str
+    """The agent it was assigned to."""
+    machine_name: _builtins.str
+    """The machine that agent runs on, when a provider started it; empty otherwise."""
+    gpu_type: _builtins.str
+    """The agent's GPU type."""
+    outcome: _builtins.str
+    """How it ended: "running", "succeeded", "failed", "cancelled", or, for an attempt that
+    went back to the queue, "lost" (agent crash, disconnect, silence, drain, broker restart),
+    "rejected" (its result could not be used) or "recalled" (given to an idle agent instead).
+    """
+    detail: _builtins.str
+    """Why, for an attempt that did not succeed (the task's error, or the requeue's reason)."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was assigned."""
+
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """When it ended; unset while it runs."""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        machine_name: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "detail", b"detail", "ended_at", b"ended_at", "gpu_type", b"gpu_type", "machine_name", b"machine_name", "number", b"number", "outcome", b"outcome", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptInfo: _TypeAlias = AttemptInfo  # noqa: Y015
 
 @_typing.final
 class GpuRequirement(_message.Message):

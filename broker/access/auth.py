@@ -2,9 +2,9 @@
 
 A tenant's key is accepted if it comes from either of two places:
 
-- the settings (``--api-keys KEY=TENANT,...``, ``GPUBROKER_API_KEYS``), for local use and tests:
-  any string, hashed at start-up and held in memory. Its tenant needs no database row, and the
-  key is only withdrawn by restarting without it.
+- the settings (``--api-keys KEY=TENANT[:operator],...``, ``GPUBROKER_API_KEYS``), for local use
+  and tests: any string, hashed at start-up and held in memory. Its tenant needs no database
+  row, and the key is only withdrawn by restarting without it.
 - the database (``python -m gpubroker.broker.admin``): ``gpb_<key_id>_<secret>`` keys stored hashed
   (``gpubroker.broker.access.tenants``), which can be revoked, rotated, or disabled with their
   tenant.
@@ -17,9 +17,12 @@ early, but reloads are never closer than a quarter of the interval, so bad keys 
 database. A failed reload keeps the last snapshot and logs the error. Revocation times are
 compared with the clock on every call, so a rotated key's grace period ends on time.
 
+Each key also has a role (``gpubroker.broker.access.roles``): ``caller`` returns the tenant and
+the role together.
+
 Open mode: with no key in the settings and no key row in the database (revoked rows count),
-every caller is tenant ``default``. The first key created ends open mode within one reload;
-revoking keys never reopens it, because key rows are never deleted.
+every caller is tenant ``default``, an operator. The first key created ends open mode within
+one reload; revoking keys never reopens it, because key rows are never deleted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from gpubroker.broker.access.roles import Caller, Role, settings_caller
 from gpubroker.broker.access.tenants import StoredKey, hash_secret, load_keys, parse_key
 from gpubroker.broker.errors import UnauthenticatedError
 from gpubroker.protos.transport import bearer_token
@@ -51,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
 """The tenant of every caller when no API keys are configured (local use)."""
+
+_OPEN_CALLER = Caller(DEFAULT_TENANT, Role.OPERATOR)
+"""Every caller in open mode: whoever reaches an open broker may see all of it."""
 
 REFRESH_INTERVAL_S = 2.0
 """How stale the in-memory copy of the stored keys may get."""
@@ -78,7 +85,11 @@ def _digest(key: str) -> bytes:
 
 
 class Authenticator:
-    """Maps API keys to tenants and checks the agents' join token."""
+    """Maps API keys to callers (tenant and role) and checks the agents' join token.
+
+    ``api_keys`` maps each settings key to ``TENANT`` or ``TENANT:ROLE``
+    (``roles.settings_caller``).
+    """
 
     def __init__(
         self,
@@ -89,7 +100,9 @@ class Authenticator:
         refresh_interval_s: float = REFRESH_INTERVAL_S,
         clock: Callable[[], datetime] = _now,
     ) -> None:
-        self._settings_keys = tuple((_digest(key), tenant) for key, tenant in api_keys.items())
+        self._settings_keys = tuple(
+            (_digest(key), settings_caller(value)) for key, value in api_keys.items()
+        )
         self._join_token = join_token.encode() if join_token else None
         self._load = stored_keys
         self._refresh_interval_s = refresh_interval_s
@@ -105,13 +118,24 @@ class Authenticator:
 
     def tenant(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
         """Returns the caller's tenant; raises ``UnauthenticatedError`` for a bad key."""
+        return self.caller(metadata).tenant
+
+    def caller(self, metadata: Iterable[tuple[str, Any]] | None) -> Caller:
+        """Returns the caller's tenant and role; raises ``UnauthenticatedError`` for a bad key."""
         if self.is_open:
-            return DEFAULT_TENANT
+            return _OPEN_CALLER
         token = bearer_token(metadata)
         if token is None:
             raise UnauthenticatedError("missing API key: send 'authorization: Bearer <key>'")
-        tenant = self._settings_tenant(token)
-        return tenant if tenant is not None else self._stored_tenant(token)
+        return self.key_caller(token)
+
+    def key_caller(self, token: str) -> Caller:
+        """The caller an API key names (also outside gRPC, e.g. the status page); raises
+        ``UnauthenticatedError`` for a bad key. Open mode accepts any key."""
+        if self.is_open:
+            return _OPEN_CALLER
+        caller = self._settings_caller(token)
+        return caller if caller is not None else self._stored_caller(token)
 
     def check_agent(self, metadata: Iterable[tuple[str, Any]] | None) -> None:
         """Raises ``UnauthenticatedError`` unless the agent presented the join token."""
@@ -143,16 +167,16 @@ class Authenticator:
                 await self._refresher
             self._refresher = None
 
-    def _settings_tenant(self, token: str) -> str | None:
+    def _settings_caller(self, token: str) -> Caller | None:
         presented = _digest(token)
-        tenant = None
+        caller = None
         # Compare against every key, in constant time each, so timing reveals nothing.
         for digest, owner in self._settings_keys:
             if hmac.compare_digest(digest, presented):
-                tenant = owner
-        return tenant
+                caller = owner
+        return caller
 
-    def _stored_tenant(self, token: str) -> str:
+    def _stored_caller(self, token: str) -> Caller:
         parsed = parse_key(token)
         if parsed is None:
             raise UnauthenticatedError("invalid API key")
@@ -168,7 +192,7 @@ class Authenticator:
             raise UnauthenticatedError(f"API key {key_id} has been revoked")
         if stored.tenant_disabled_at is not None:
             raise UnauthenticatedError(f"tenant {stored.tenant!r} is disabled")
-        return stored.tenant
+        return Caller(stored.tenant, stored.role)
 
     async def _refresh_loop(self) -> None:
         gap = self._refresh_interval_s / 4

@@ -21,6 +21,7 @@ TenantError (BrokerError)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -33,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gpubroker.billing.models import api_keys, tenants
+from gpubroker.broker.access.roles import Role
 from gpubroker.broker.errors import BrokerError
 
 __all__ = [
@@ -122,6 +124,8 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     """None while the key is valid; a future time while a rotated key's grace period runs."""
+    role: Role = Role.TENANT
+    """What the key may see (``access.roles``)."""
 
     def is_revoked(self, now: datetime) -> bool:
         """True once ``revoked_at`` has passed."""
@@ -146,6 +150,7 @@ class StoredKey:
     """Hex SHA-256 of the key's secret."""
     revoked_at: datetime | None
     tenant_disabled_at: datetime | None
+    role: Role = Role.TENANT
 
 
 def hash_secret(secret: str) -> str:
@@ -197,7 +202,13 @@ def enable_tenant(conn: Connection, name: str) -> Tenant:
     return Tenant(name, tenant.created_at, None)
 
 
-def create_key(conn: Connection, tenant: str, now: datetime, label: str | None = None) -> NewKey:
+def create_key(
+    conn: Connection,
+    tenant: str,
+    now: datetime,
+    label: str | None = None,
+    role: Role = Role.TENANT,
+) -> NewKey:
     """Makes a key for an enabled tenant; the result holds the only copy of the plaintext."""
     if _tenant(conn, tenant).is_disabled:
         raise TenantDisabledError(f"tenant {tenant!r} is disabled")
@@ -211,9 +222,10 @@ def create_key(conn: Connection, tenant: str, now: datetime, label: str | None =
             label=label,
             created_at=now,
             revoked_at=None,
+            role=role.value,
         )
     )
-    info = ApiKey(key_id, tenant, label, now, None)
+    info = ApiKey(key_id, tenant, label, now, None, role)
     return NewKey(f"{KEY_PREFIX}_{key_id}_{secret}", info)
 
 
@@ -230,17 +242,17 @@ def revoke_key(conn: Connection, key_id: str, now: datetime) -> ApiKey:
     """Revokes a key now (also one whose rotation grace is still running)."""
     key = _live_key(conn, key_id, now)
     _set_revoked_at(conn, key_id, now)
-    return ApiKey(key.key_id, key.tenant, key.label, key.created_at, now)
+    return dataclasses.replace(key, revoked_at=now)
 
 
 def rotate_key(
     conn: Connection, key_id: str, now: datetime, grace: timedelta = timedelta(0)
 ) -> NewKey:
-    """Makes a new key for the same tenant and label; the old one stops after ``grace``."""
+    """Makes a new key for the same tenant, label and role; the old one stops after ``grace``."""
     if grace < timedelta(0):
         raise ValueError(f"a grace period cannot be negative ({grace})")
     old = _live_key(conn, key_id, now)
-    new = create_key(conn, old.tenant, now, old.label)
+    new = create_key(conn, old.tenant, now, old.label, old.role)
     ends = now + grace
     if old.revoked_at is None or ends < old.revoked_at:
         _set_revoked_at(conn, key_id, ends)
@@ -254,10 +266,13 @@ def load_keys(conn: Connection) -> dict[str, StoredKey]:
         api_keys.c.tenant,
         api_keys.c.secret_sha256,
         api_keys.c.revoked_at,
+        api_keys.c.role,
         tenants.c.disabled_at,
     ).join(tenants, tenants.c.name == api_keys.c.tenant)
     return {
-        row.key_id: StoredKey(row.tenant, row.secret_sha256, row.revoked_at, row.disabled_at)
+        row.key_id: StoredKey(
+            row.tenant, row.secret_sha256, row.revoked_at, row.disabled_at, Role(row.role)
+        )
         for row in conn.execute(query)
     }
 
@@ -268,11 +283,12 @@ _INFO_COLUMNS = (
     api_keys.c.label,
     api_keys.c.created_at,
     api_keys.c.revoked_at,
+    api_keys.c.role,
 )
 
 
 def _api_key(row: Any) -> ApiKey:
-    return ApiKey(row.key_id, row.tenant, row.label, row.created_at, row.revoked_at)
+    return ApiKey(row.key_id, row.tenant, row.label, row.created_at, row.revoked_at, Role(row.role))
 
 
 def _tenant_row(conn: Connection, name: str) -> Tenant | None:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -38,6 +38,7 @@ from gpubroker.broker.errors import (
 from gpubroker.broker.model import (
     Attempt,
     AttemptOutcome,
+    AttemptRecord,
     GpuRequirement,
     ModelRecord,
     Param,
@@ -60,6 +61,7 @@ from gpubroker.protos.states import FailureCode
 __all__ = [
     "abort_on_broker_error",
     "attempt_from_proto",
+    "attempt_to_proto",
     "model_options_from_proto",
     "model_to_proto",
     "outcome_from_proto",
@@ -220,8 +222,14 @@ def state_from_proto(value: int) -> TaskState:
     return state
 
 
-def task_to_proto(task: Task, waiting_for: str = "") -> task_pb2.TaskInfo:
-    """Converts a task snapshot; ``waiting_for`` says why a queued task still waits."""
+def task_to_proto(
+    task: Task,
+    waiting_for: str = "",
+    attempts: Sequence[AttemptRecord] = (),
+    queue_position: int = 0,
+) -> task_pb2.TaskInfo:
+    """Converts a task snapshot; ``waiting_for`` says why a queued task still waits,
+    ``attempts`` where each attempt ran, ``queue_position`` its place in the queue."""
     return task_pb2.TaskInfo(
         task_id=task.id,
         tenant=task.tenant,
@@ -244,6 +252,22 @@ def task_to_proto(task: Task, waiting_for: str = "") -> task_pb2.TaskInfo:
         model_load_seconds=task.model_load_seconds or 0.0,
         batch_tasks=task.batch_tasks or 0,
         requires=requirement_to_proto(task.requires),
+        attempts=[attempt_to_proto(a) for a in attempts],
+        queue_position=queue_position,
+    )
+
+
+def attempt_to_proto(record: AttemptRecord) -> task_pb2.AttemptInfo:
+    """Converts where one attempt ran and how it ended."""
+    return task_pb2.AttemptInfo(
+        number=record.number,
+        agent_id=record.agent_id,
+        machine_name=record.machine_name,
+        gpu_type=record.gpu_type,
+        started_at=time_to_proto(record.started_at),
+        ended_at=time_to_proto(record.ended_at),
+        outcome=record.outcome,
+        detail=record.detail,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from gpubroker.broker.access.auth import Authenticator
+from gpubroker.broker.access.refusals import RefusalLog
 from gpubroker.broker.api.convert import (
     abort_on_broker_error,
     attempt_from_proto,
@@ -21,7 +22,7 @@ from gpubroker.broker.api.convert import (
 from gpubroker.broker.core.dispatcher import Dispatcher
 from gpubroker.broker.core.models import ModelService
 from gpubroker.broker.core.registry import AgentSession, Assign, Close, Outgoing, Revoke
-from gpubroker.broker.errors import BrokerError, InvalidTaskError
+from gpubroker.broker.errors import BrokerError, InvalidTaskError, UnauthenticatedError
 from gpubroker.broker.model import AgentInfo, ModelRecord
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.protos import agent_pb2, agent_pb2_grpc
@@ -53,17 +54,31 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         self._auth = auth
         self._heartbeat_interval_s = heartbeat_interval_s
         self._completing: set[asyncio.Task[None]] = set()
+        self._refusals = RefusalLog()
+
+    def _admit(self, context: Context) -> None:
+        """Checks the join token; a refusal is logged (once per host per minute) and raised."""
+        try:
+            self._auth.check_agent(context.invocation_metadata())
+        except UnauthenticatedError as exc:
+            self._refusals.refused(context.peer(), str(exc))
+            raise
 
     async def Connect(
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Context
     ) -> AsyncIterator[agent_pb2.BrokerMessage]:
         async with abort_on_broker_error(context):
-            self._auth.check_agent(context.invocation_metadata())
+            self._admit(context)
             messages = aiter(request_iterator)
             first = await anext(messages, None)
             if first is None or first.WhichOneof("kind") != "hello":
                 raise InvalidTaskError("the control stream must start with a hello message")
             session = await self._dispatcher.connect(_agent_from_proto(first.hello))
+            for broken in first.hello.broken_workloads:  # its tasks fail saying why
+                logger.warning(
+                    "agent %s could not load workload %s: %s",
+                    session.agent_id, broken.name, broken.error,
+                )  # fmt: skip
         reader = asyncio.create_task(self._read(session, messages))
         try:
             yield agent_pb2.BrokerMessage(
@@ -93,7 +108,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         self, request: agent_pb2.FetchInputsRequest, context: Context
     ) -> AsyncIterator[agent_pb2.FetchInputsResponse | bytes]:
         async with abort_on_broker_error(context):
-            self._auth.check_agent(context.invocation_metadata())
+            self._admit(context)
             attempt = attempt_from_proto(request.attempt)
             task = await self._dispatcher.leased_task(request.agent_id, attempt)
             async for data in self._spool.inputs(task):
@@ -103,7 +118,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         self, request: agent_pb2.FetchModelRequest, context: Context
     ) -> AsyncIterator[agent_pb2.FetchModelResponse | bytes]:
         async with abort_on_broker_error(context):
-            self._auth.check_agent(context.invocation_metadata())
+            self._admit(context)
             attempt = attempt_from_proto(request.attempt)
             task = await self._dispatcher.leased_task(request.agent_id, attempt)
             async for data in self._models.file_chunks(task, request.model_id):
@@ -113,7 +128,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         self, request_iterator: AsyncIterator[agent_pb2.PutResultRequest], context: Context
     ) -> agent_pb2.PutResultResponse:
         async with abort_on_broker_error(context):
-            self._auth.check_agent(context.invocation_metadata())
+            self._admit(context)
             header, chunks = await split_stream(request_iterator)
             task = await self._dispatcher.complete(outcome_from_proto(header), chunks)
         return agent_pb2.PutResultResponse(state=state_to_proto(task.state))

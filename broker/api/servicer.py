@@ -24,13 +24,15 @@ from gpubroker.broker.api.convert import (
 )
 from gpubroker.broker.api.limits import OutcomesOwed, excuse_idle
 from gpubroker.broker.api.models import ModelRpcs
+from gpubroker.broker.api.status import StatusRpcs
 from gpubroker.broker.api.tenancy import calling_tenant
 from gpubroker.broker.core.batch import BatchOutcome, InlineTask, TaskBatch
 from gpubroker.broker.core.models import ModelService
+from gpubroker.broker.core.status_source import StatusSource
 from gpubroker.broker.core.tasks import TaskService
 from gpubroker.broker.errors import BrokerError
 from gpubroker.broker.model import Task
-from gpubroker.protos import broker_pb2, broker_pb2_grpc
+from gpubroker.protos import broker_pb2, broker_pb2_grpc, task_pb2
 from gpubroker.protos.convert import time_from_proto
 from gpubroker.protos.frames import chunk_message
 
@@ -39,12 +41,24 @@ __all__ = ["BrokerServicer"]
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
-    """Serves tasks and models (``ModelRpcs``) to authenticated tenants."""
+class BrokerServicer(ModelRpcs, StatusRpcs, broker_pb2_grpc.BrokerServicer):
+    """Serves tasks, models (``ModelRpcs``) and status (``StatusRpcs``) to authenticated
+    tenants."""
 
-    def __init__(self, tasks: TaskService, models: ModelService) -> None:
+    def __init__(self, tasks: TaskService, models: ModelService, status: StatusSource) -> None:
         self._tasks = tasks
         self._models = models
+        self._status = status
+
+    async def _info(self, task: Task) -> task_pb2.TaskInfo:
+        """A task's status: why and where it waits, and where each attempt ran."""
+        attempts = await self._tasks.attempts((task,))
+        return task_to_proto(
+            task,
+            self._tasks.waiting_for(task),
+            attempts.get(task.id, ()),
+            self._tasks.queue_position(task),
+        )
 
     async def Submit(
         self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Context
@@ -90,8 +104,7 @@ class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
     ) -> AsyncIterator[broker_pb2.WatchTaskResponse]:
         async with abort_on_broker_error(context):
             async for task in self._tasks.watch(calling_tenant(), request.task_id):
-                info = task_to_proto(task, self._tasks.waiting_for(task))
-                yield broker_pb2.WatchTaskResponse(task=info)
+                yield broker_pb2.WatchTaskResponse(task=await self._info(task))
 
     async def GetResult(  # type: ignore[override]  # chunks go out as bytes
         self, request: broker_pb2.GetResultRequest, context: Context
@@ -115,7 +128,8 @@ class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.GetTaskResponse:
         async with abort_on_broker_error(context):
             task = await self._tasks.get(calling_tenant(), request.task_id)
-        return broker_pb2.GetTaskResponse(task=task_to_proto(task, self._tasks.waiting_for(task)))
+            info = await self._info(task)
+        return broker_pb2.GetTaskResponse(task=info)
 
     async def ListTasks(
         self, request: broker_pb2.ListTasksRequest, context: Context
@@ -125,9 +139,10 @@ class BrokerServicer(ModelRpcs, broker_pb2_grpc.BrokerServicer):
             page, token = await self._tasks.list(
                 calling_tenant(), states, request.page_size, request.page_token
             )
-        return broker_pb2.ListTasksResponse(
-            tasks=[task_to_proto(t) for t in page], next_page_token=token
-        )
+            attempts = await self._tasks.attempts(page)
+        places = self._tasks.queue_positions(page)
+        infos = [task_to_proto(t, "", attempts.get(t.id, ()), places.get(t.id, 0)) for t in page]
+        return broker_pb2.ListTasksResponse(tasks=infos, next_page_token=token)
 
     async def GetUsage(
         self, request: broker_pb2.GetUsageRequest, context: Context

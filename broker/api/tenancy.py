@@ -1,7 +1,8 @@
 """The calling tenant: its API key is checked once per call, before a servicer method runs.
 
 ``gpubroker.broker.api.registration.add_servicer`` wraps every method of the client-facing
-service with ``authenticated``; the method reads the tenant with ``calling_tenant()``. A call
+service with ``authenticated``; the method reads the tenant with ``calling_tenant()``, and the
+tenant with its role (``access.roles``) with ``calling_caller()``. A call
 with a missing or bad key ends with UNAUTHENTICATED before the method is entered. Health and
 reflection are registered without the wrapper, so they need no key. Given a ``TenantCalls``
 as its ``authenticate``, each call also holds one of its tenant's places while it runs: a call
@@ -18,17 +19,19 @@ from typing import Any
 
 import grpc
 
+from gpubroker.broker.access.roles import Caller
 from gpubroker.broker.api.convert import abort_on_broker_error
 from gpubroker.broker.errors import LimitExceededError
 
-__all__ = ["Authenticate", "TenantCalls", "authenticated", "calling_tenant"]
+__all__ = ["Authenticate", "TenantCalls", "authenticated", "calling_caller", "calling_tenant"]
 
-Authenticate = Callable[[Iterable[tuple[str, Any]] | None], str]
-"""Maps a call's metadata to its tenant; raises ``UnauthenticatedError`` for a bad key."""
+Authenticate = Callable[[Iterable[tuple[str, Any]] | None], Caller | str]
+"""Maps a call's metadata to its caller (or just a tenant, whose role is then ``tenant``);
+raises ``UnauthenticatedError`` for a bad key."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-_TENANT: ContextVar[str] = ContextVar("tenant")
+_CALLER: ContextVar[Caller] = ContextVar("caller")
 """Set in each call's own asyncio task, so no call sees another's tenant."""
 
 
@@ -40,7 +43,7 @@ class TenantCalls:
         self.max_calls = max_calls
         self._calls: Counter[str] = Counter()
 
-    def __call__(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
+    def __call__(self, metadata: Iterable[tuple[str, Any]] | None) -> Caller | str:
         return self._authenticate(metadata)
 
     def in_flight(self, tenant: str) -> int:
@@ -70,7 +73,12 @@ class TenantCalls:
 
 def calling_tenant() -> str:
     """The tenant of the call being served."""
-    return _TENANT.get()
+    return _CALLER.get().tenant
+
+
+def calling_caller() -> Caller:
+    """The tenant and role of the call being served."""
+    return _CALLER.get()
 
 
 def authenticated(
@@ -90,10 +98,11 @@ def authenticated(
 
     async def check(request: Any, context: Context, places: contextlib.ExitStack) -> None:
         async with abort_on_broker_error(context, request if client_streaming else None):
-            tenant = authenticate(context.invocation_metadata())
+            found = authenticate(context.invocation_metadata())
+            caller = found if isinstance(found, Caller) else Caller(found)
             if calls is not None:
-                places.enter_context(calls.place(tenant))
-            _TENANT.set(tenant)
+                places.enter_context(calls.place(caller.tenant))
+            _CALLER.set(caller)
 
     if server_streaming:
 

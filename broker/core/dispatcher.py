@@ -54,6 +54,7 @@ from gpubroker.broker.model import (
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.broker.storage.transitions import Cause, Retries
+from gpubroker.logformat import task_fields
 from gpubroker.protos.states import FailureCode
 
 __all__ = ["MAX_PREFETCH", "Dispatcher"]
@@ -390,7 +391,8 @@ class Dispatcher:
         session.leases[task.id] = Lease(task)
         session.outbox.put_nowait(Assign(task))
         self._events.publish(task)
-        logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id)
+        x = task_fields(task.id, tenant, task.attempt, session.agent_id)
+        logger.debug("assigned %s#%d to %s", task.id, task.attempt, session.agent_id, extra=x)
 
     async def _recall(self, recalls: list[Recall]) -> None:
         """Revokes prefetched attempts (all at once, so agents hear before they start them),
@@ -427,7 +429,8 @@ class Dispatcher:
         except StaleAttemptError:
             return  # already finished, cancelled or expired
         if task.state is TaskState.QUEUED:
-            logger.info("requeued %s after attempt %d: %s", task.id, attempt.number, reason)
+            n, x = attempt.number, task_fields(task.id, task.tenant, attempt.number, task.agent_id)
+            logger.info("requeued %s after attempt %d: %s", task.id, n, reason, extra=x)
             self.restore(task)
         else:
             self._spool.release_inputs(task)

@@ -34,6 +34,7 @@ from gpubroker.broker.errors import TaskNotFoundError
 from gpubroker.broker.model import Attempt, Task, TaskState
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.transitions import LiveRow
+from gpubroker.logformat import task_fields
 
 __all__ = ["Drift", "Finding", "InFlight", "Reconciler", "Repairs", "compare"]
 
@@ -229,8 +230,9 @@ class Reconciler:
         if finding.task_id in self._repairs.in_flight or not await self._apply(finding, task):
             return False
         logger.warning(
-            "reconciled task %s (%s): %s", finding.task_id, finding.drift.value, finding.detail
-        )
+            "reconciled task %s (%s): %s", finding.task_id, finding.drift.value, finding.detail,
+            extra=task_fields(finding.task_id),
+        )  # fmt: skip
         self._on_repair(finding.drift)
         return True
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["FairQueue", "Head"]
+__all__ = ["FairQueue", "Head", "Waiting"]
 
 _Entry = tuple[int, int, str]
 """``(-priority, seq, task_id)``: a heap orders a tenant's tasks by priority, then age."""
@@ -37,6 +37,17 @@ class Head:
     tenant: str
     queued_at: float
     """When the task was (re)queued, on the caller's clock."""
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """The queued tasks of one tenant in one placement class (``FairQueue.waiting``)."""
+
+    key: Hashable
+    tenant: str
+    depth: int
+    oldest_queued_at: float
+    """When the longest-waiting of them was (re)queued, on the caller's clock."""
 
 
 @dataclass(eq=False)
@@ -127,6 +138,62 @@ class FairQueue:
         """A queued task's class and the time it was queued; None when it is not queued."""
         found = self._where.get(task_id)
         return None if found is None else (found[1], found[2])
+
+    def waiting(self) -> list[Waiting]:
+        """How many tasks each tenant has queued in each class, and since when (O(tasks))."""
+        found: dict[tuple[Hashable, str], list[float]] = {}
+        for tenant, key, queued_at in self._where.values():
+            entry = found.setdefault((key, tenant), [0, queued_at])
+            entry[0] += 1
+            entry[1] = min(entry[1], queued_at)
+        return [Waiting(key, tenant, int(n), t) for (key, tenant), (n, t) in found.items()]
+
+    def position(self, task_id: str) -> int | None:
+        """A queued task's place in its class, 1 for the next to go; None when not queued."""
+        return self.positions((task_id,)).get(task_id)
+
+    def positions(self, task_ids: Iterable[str]) -> dict[str, int]:
+        """The places of those of ``task_ids`` that are queued, each in its class (1: next).
+
+        It plays each class's pops forward from now, each taken task counting as running for
+        its tenant, as the dispatcher's would; pops of other classes, new submits and tasks
+        finishing will move them. One pass per class, O(k log k) for the k tasks up to the
+        last one asked about.
+        """
+        wanted: dict[Hashable, set[str]] = {}
+        for task_id in task_ids:
+            if (found := self._where.get(task_id)) is not None:
+                wanted.setdefault(found[1], set()).add(task_id)
+        places: dict[str, int] = {}
+        for key, ids in wanted.items():
+            places |= self._play(key, ids)
+        return places
+
+    def _play(self, key: Hashable, wanted: set[str]) -> dict[str, int]:
+        heaps = {
+            tenant: [e for e in heap if (w := self._where.get(e[2])) is not None and w[1] == key]
+            for tenant, heap in self._classes[key].heaps.items()
+        }
+        heaps = {tenant: heap for tenant, heap in heaps.items() if heap}
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        running = {tenant: self._running[tenant] for tenant in heaps}
+        served = {tenant: self._last_served.get(tenant, -1) for tenant in heaps}
+        turn = max(served.values(), default=-1) + 1  # later than every real turn
+        places: dict[str, int] = {}
+        position = 0
+        while heaps and len(places) < len(wanted):
+            tenant = min(heaps, key=lambda t: (running[t], served[t]))
+            position += 1
+            task_id = heapq.heappop(heaps[tenant])[2]
+            if task_id in wanted:
+                places[task_id] = position
+            if not heaps[tenant]:
+                del heaps[tenant]
+            running[tenant] += 1
+            served[tenant] = turn
+            turn += 1
+        return places
 
     def started(self, tenant: str) -> None:
         """Counts a task of ``tenant`` as running (it weighs on the tenant's share)."""

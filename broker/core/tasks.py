@@ -26,7 +26,7 @@ from gpubroker.broker.errors import (
     TaskEndedError,
     UnknownWorkloadError,
 )
-from gpubroker.broker.model import Task, TaskSpec, TaskState
+from gpubroker.broker.model import AttemptRecord, Task, TaskSpec, TaskState
 from gpubroker.broker.storage.async_store import AsyncTaskStore
 from gpubroker.broker.storage.retention import SpoolKeeper
 from gpubroker.broker.storage.spool import INLINE_MAX_BYTES, Spool
@@ -63,6 +63,7 @@ class TaskService:
         self._workloads = workloads
         self._limits = limits
         self._models = models
+        self._queue = queue
         self._quota = SubmitQuota(
             limits.submit_rate_per_s,
             limits.submit_burst,
@@ -175,6 +176,19 @@ class TaskService:
     def waiting_for(self, task: Task) -> str:
         """Why a queued task still waits, for its status ("" when next in line or not queued)."""
         return self._dispatcher.waiting_for(task)
+
+    def queue_position(self, task: Task) -> int:
+        """A queued task's place in the queue of its placement class (1: next); 0 when it is
+        not queued (``FairQueue.position``)."""
+        return self.queue_positions((task,)).get(task.id, 0)
+
+    def queue_positions(self, found: Iterable[Task]) -> dict[str, int]:
+        """The queue positions of those tasks that are queued, by id (one pass per class)."""
+        return self._queue.positions(t.id for t in found if t.state is TaskState.QUEUED)
+
+    async def attempts(self, found: Iterable[Task]) -> dict[str, tuple[AttemptRecord, ...]]:
+        """Where each attempt of each task ran and how it ended, by task id."""
+        return await self._store.attempts(found)
 
     def follow(self, sink: TaskSink) -> Subscription:
         """Delivers the snapshots of the tasks added to the subscription to ``sink``."""

@@ -77,6 +77,8 @@ class Launch:
     count: int
     request: LaunchRequest
     reason: str
+    kind: str = "demand"
+    """Why, for code: ``demand`` (queued work) or ``min_instances``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,7 @@ from gpubroker.broker.scaling.config import (
     offers_of,
 )
 from gpubroker.broker.scaling.demand import Demand
+from gpubroker.broker.scaling.fleet import FleetClock, FleetTick
 from gpubroker.broker.scaling.policy import Autoscaler, InstanceSnapshot, Snapshot
 from gpubroker.broker.scaling.providers.base import (
     CapacityError,
@@ -91,6 +92,13 @@ class ScalingEvents(Protocol):
     def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
         """Every held ``(gpu_type, zone, seconds left)`` now (zone ``*``: all zones)."""
 
+    def decision(self, action: str, kind: str, gpu_type: str, count: int) -> None:
+        """The policy decided to ``launch`` or ``stop`` ``count`` machines, and why in a word
+        (``Launch.kind``, ``Termination.kind``)."""
+
+    def fleet(self, tick: FleetTick) -> None:
+        """The machines' states now and their time and cost since the last tick."""
+
 
 class _NoEvents:
     def boot_phase(self, phase: str, gpu_type: str, seconds: float) -> None:
@@ -100,6 +108,12 @@ class _NoEvents:
         pass
 
     def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
+        pass
+
+    def decision(self, action: str, kind: str, gpu_type: str, count: int) -> None:
+        pass
+
+    def fleet(self, tick: FleetTick) -> None:
         pass
 
 
@@ -160,6 +174,11 @@ class ScalingLoop:
         self._terminating: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._fleet = FleetClock(self._price)
+
+    def stopping(self) -> frozenset[str]:
+        """The machines being deleted now (for the broker's status)."""
+        return frozenset(self._terminating)
 
     def observe_task(self, task: Task) -> None:
         """A task event: each success teaches the policy a run time (``TaskEvents`` listener)."""
@@ -210,8 +229,12 @@ class ScalingLoop:
         )
         decision = self.autoscaler.decide(snapshot, now_s)
         by_name = {i.name: i for i in instances}
+        self._events.fleet(self._fleet.tick(instances, self._connected, now_s))
         for termination in decision.terminations:
             logger.info("stopping %s: %s", termination.name, termination.reason)
+            stopped = by_name.get(termination.name)
+            gpu_type = "unknown" if stopped is None else stopped.gpu_type
+            self._events.decision("stop", termination.kind, gpu_type, 1)
             if termination.kind == "stuck" and termination.name in by_name:
                 self._stuck(by_name[termination.name], termination.reason, now_s)
             self._spawn(self._terminate(termination.name, _END_REASONS[termination.kind]))
@@ -220,6 +243,7 @@ class ScalingLoop:
             if request is None:
                 continue
             logger.info("launching %d of %s: %s", launch.count, request, launch.reason)
+            self._events.decision("launch", launch.kind, request.gpu_types[0], launch.count)
             for _ in range(launch.count):
                 self._pending += 1
                 self._pending_types[request.gpu_types[0]] += 1
@@ -364,6 +388,10 @@ class ScalingLoop:
             idle_since_s=tracked.idle_since_s,
             agent_last_seen_s=tracked.last_seen_s,
         )
+
+    def _connected(self, name: str) -> bool:
+        session = self._registry.get(name)
+        return session is not None and not session.draining
 
     def _price(self, instance: Instance) -> int:
         try:

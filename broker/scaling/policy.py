@@ -289,7 +289,8 @@ class Autoscaler:
             if limits:
                 reason += f"; wanted {want.count}, launching {count}: " + "; ".join(limits)
             if count or wanted.count:
-                launches.append(Launch(count, want.request, reason))
+                kind = "demand" if want.queued else "min_instances"
+                launches.append(Launch(count, want.request, reason, kind))
             extra = (extra[0] + count, extra[1] + count * price)
         return tuple(launches)
 

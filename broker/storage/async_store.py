@@ -23,6 +23,7 @@ from gpubroker.broker.model import (
     AgentInfo,
     Attempt,
     AttemptOutcome,
+    AttemptRecord,
     ModelRecord,
     Task,
     TaskSpec,
@@ -88,6 +89,14 @@ class AsyncTaskStore:
         return await self._run(
             functools.partial(self._store.page, tenant, states, limit, before_seq)
         )
+
+    async def recent(self, tenant: str | None, limit: int) -> list[Task]:
+        """The ``limit`` newest tasks (of one tenant, or of all), newest first."""
+        return await self._run(functools.partial(self._store.recent, tenant, limit))
+
+    async def attempts(self, found: Iterable[Task]) -> dict[str, tuple[AttemptRecord, ...]]:
+        """Every attempt of each task, oldest first, by task id."""
+        return await self._run(functools.partial(self._store.attempts, list(found)))
 
     async def oldest_queued(self) -> datetime | None:
         """When the longest-waiting queued task was created; None when nothing is queued."""

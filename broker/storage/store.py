@@ -25,12 +25,13 @@ from gpubroker.broker.model import (
     AgentInfo,
     Attempt,
     AttemptOutcome,
+    AttemptRecord,
     ModelRecord,
     Task,
     TaskSpec,
     TaskState,
 )
-from gpubroker.broker.storage import models, transitions
+from gpubroker.broker.storage import attempts, models, transitions
 from gpubroker.broker.storage.rows import task_from_row
 from gpubroker.broker.storage.submission import Submissions, find_request
 from gpubroker.broker.storage.transitions import Cause, LiveRow, Retries
@@ -140,6 +141,19 @@ class TaskStore:
         query = query.order_by(tasks.c.seq.desc()).limit(limit)
         with self._transaction() as conn:
             return [task_from_row(row) for row in conn.execute(query)]
+
+    def recent(self, tenant: str | None, limit: int) -> list[Task]:
+        """The ``limit`` newest tasks (of one tenant, or of all), newest first."""
+        query = sa.select(tasks).order_by(tasks.c.seq.desc()).limit(limit)
+        if tenant is not None:
+            query = query.where(tasks.c.tenant == tenant)
+        with self._transaction() as conn:
+            return [task_from_row(row) for row in conn.execute(query)]
+
+    def attempts(self, found: Iterable[Task]) -> dict[str, tuple[AttemptRecord, ...]]:
+        """Every attempt of each task, oldest first, by task id (``storage.attempts``)."""
+        with self._transaction() as conn:
+            return attempts.attempts_of(conn, found)
 
     def oldest_queued(self) -> datetime | None:
         """When the longest-waiting queued task was created; None when nothing is queued."""

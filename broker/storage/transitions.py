@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from gpubroker.billing.models import tasks
 from gpubroker.broker.errors import StaleAttemptError, TaskNotFoundError
 from gpubroker.broker.model import AgentInfo, Attempt, AttemptOutcome, Task, TaskState
+from gpubroker.broker.storage.attempts import end_attempt, end_running, record_claims
 from gpubroker.broker.storage.rows import code_to_row, meta_to_json, task_from_row
 from gpubroker.protos.states import FailureCode
 
@@ -143,7 +144,8 @@ def claim_many(
     conn: Connection, task_ids: Sequence[str], agent: AgentInfo, now: datetime
 ) -> list[Task]:
     """Moves queued tasks to running on ``agent``, each at its next attempt, in one statement;
-    returns those claimed (a task cancelled or expired while queued is left out)."""
+    returns those claimed (a task cancelled or expired while queued is left out). Each claimed
+    attempt gets its ``task_attempts`` row."""
     rows = conn.execute(
         _CLAIM_MANY,
         {
@@ -153,7 +155,9 @@ def claim_many(
             "b_now": now,
         },
     )
-    return [task_from_row(row) for row in rows]
+    claimed = [task_from_row(row) for row in rows]
+    record_claims(conn, claimed, now)
+    return claimed
 
 
 def requeue(
@@ -182,6 +186,7 @@ def requeue(
         .where(tasks.c.id == attempt.task_id)
         .values(state=TaskState.QUEUED.value, agent_id=None, started_at=None, lost_attempts=lost)
     )
+    end_attempt(conn, attempt, now, cause.value, reason)
     return get(conn, attempt.task_id)
 
 
@@ -336,6 +341,7 @@ def recover(conn: Connection, now: datetime) -> tuple[list[Task], list[Task]]:
         .returning(*tasks.c)
     )
     cancelled = [task_from_row(row) for row in orphans]
+    end_running(conn, now, Cause.LOST.value, "the broker restarted")
     conn.execute(
         tasks.update()
         .where(tasks.c.state == TaskState.RUNNING.value)

@@ -321,8 +321,10 @@ def test_agents_killed_while_moving_large_payloads_strand_no_task(tmp_path: Path
                     done = all(s.state.is_final for s in statuses)
                     return done or sum(s.attempt for s in statuses) > before
 
-                wait_until(claimed, 60, "the doomed agent to take a task")
-                time.sleep(rng.uniform(0.0, 0.3))  # fault injection: somewhere in a transfer
+                wait_until(claimed, 60, "the doomed agent to take a task", interval=0.01)
+                # Fault injection: somewhere in a transfer (8 MiB moves in tens of ms here; a
+                # longer sleep let a fast agent finish all it held before the kill).
+                time.sleep(rng.uniform(0.0, 0.05))
                 doomed.kill()
             survivor = AgentProcess(tmp_path, broker.address, "survivor", slots=2).start()
             try:

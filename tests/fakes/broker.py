@@ -251,6 +251,13 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         del self.models[request.model_id]
         return broker_pb2.DeleteModelResponse(model=model)
 
+    async def GetStatus(
+        self, request: broker_pb2.GetStatusRequest, context: Context
+    ) -> broker_pb2.GetStatusResponse:
+        """The client SDK does not call it; the real broker's is tested in tests/broker."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake broker has no status")
+        raise AssertionError("abort returned")
+
     async def _model(
         self, model_id: str, context: Context, rpc: str = "GetModel"
     ) -> broker_pb2.ModelInfo:

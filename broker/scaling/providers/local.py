@@ -63,6 +63,15 @@ class LocalSettings:
     """The interpreter that runs the agents."""
     log_level: str = "INFO"
     """The agents' ``--log-level``."""
+    tls: bool = False
+    """The agents dial over TLS (``--tls``); the broker sets it when it serves TLS."""
+    ca_file: str | None = None
+    """The agents' ``--ca-file``: the CA that signed the broker's certificate. When None they
+    take ``GPUBROKER_AGENT_CA_FILE`` from the broker's environment, else the public CAs."""
+    cert_file: str | None = None
+    """The agents' ``--cert-file``, for a broker that requires client certificates."""
+    key_file: str | None = None
+    """The agents' ``--key-file``: the key of ``cert_file``."""
 
 
 @dataclass(eq=False)
@@ -140,6 +149,7 @@ class LocalProvider:
         args = [settings.python, "-m", "gpubroker.gpu_agent", "--broker", settings.broker_address]
         args += ["--agent-id", name, "--slots", str(settings.slots), "--device", settings.device]
         args += ["--log-level", settings.log_level, "--metadata-url", "off"]  # not on GCE
+        args += _tls_args(settings)
         try:
             with open(settings.state_dir / f"{name}.log", "ab") as log:
                 return subprocess.Popen(
@@ -229,6 +239,21 @@ class LocalProvider:
         scratch = path.with_suffix(".tmp")
         scratch.write_text(json.dumps({"instances": entries}, indent=1))
         os.replace(scratch, path)
+
+
+def _tls_args(settings: LocalSettings) -> list[str]:
+    """The agents' TLS flags; none for a plaintext broker."""
+    if not settings.tls:
+        return []
+    args = ["--tls"]
+    for flag, path in (
+        ("--ca-file", settings.ca_file),
+        ("--cert-file", settings.cert_file),
+        ("--key-file", settings.key_file),
+    ):
+        if path is not None:
+            args += [flag, str(Path(path).resolve())]
+    return args
 
 
 def _with_status(instance: Instance, status: InstanceStatus) -> Instance:

@@ -305,8 +305,9 @@ async def test_metrics_count_tasks_and_show_live_state(
     url = f"http://127.0.0.1:{broker_server.metrics_port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
 
-    assert 'gpubroker_tasks_submitted_total{workload="echo"} 2.0' in text
-    assert 'gpubroker_tasks_finished_total{state="succeeded",workload="echo"} 1.0' in text
+    assert 'gpubroker_tasks_submitted_total{tenant="tenant-a",workload="echo"} 2.0' in text
+    finished = 'gpubroker_tasks_finished_total{state="succeeded",tenant="tenant-a",workload="echo"}'
+    assert f"{finished} 1.0" in text
     assert "gpubroker_queue_depth 1.0" in text
     assert "gpubroker_agents_connected 1.0" in text
     assert 'gpubroker_payload_bytes_total{direction="out"} 6.0' in text

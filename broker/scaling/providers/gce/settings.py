@@ -23,6 +23,8 @@ _LABEL_VALUE = re.compile(r"[-_a-z0-9]{1,63}")
 # Characters that need no quoting in a shell word or a systemd ExecStart line.
 _PLAIN_ARG = re.compile(r"[A-Za-z0-9._:/\[\]-]+")
 _ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+# A container image reference: [registry/]repository[:tag][@digest], one shell word.
+_IMAGE_REFERENCE = re.compile(r"[a-z0-9][A-Za-z0-9._/:-]*(@sha256:[0-9a-f]{64})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +81,13 @@ class GceSettings:
     """The broker's agent join token; sent in instance metadata, never logged."""
     agent_package: str = ""
     """What the VM pip-installs: a pinned requirement from an index you control, or a wheel URL
-    (e.g. in a bucket). Required: a bare name could install someone else's package, and the VM
-    hands the agent its join token."""
+    (e.g. in a bucket). Required unless ``agent_image`` is set: a bare name could install
+    someone else's package, and the VM hands the agent its join token."""
+    agent_image: str = ""
+    """A container image of the agent (``deploy/docker/agent.Dockerfile``), pinned by tag or
+    digest. When set, the VM installs nothing: it runs this image with ``docker run --gpus
+    all`` (the boot image needs Docker and the NVIDIA Container Toolkit), and
+    ``agent_package`` and ``agent_extra_packages`` must be left out."""
     agent_extra_packages: tuple[str, ...] = ()
     """More requirements the VM installs in the same ``uv pip install`` as ``agent_package``,
     e.g. an operator's workload package; pinned or URLs, for the same reason. One resolve: an
@@ -143,6 +150,9 @@ class GceSettings:
             )
 
     def _check_packages(self) -> None:
+        if self.agent_image:
+            self._check_image()
+            return
         if not self.agent_package:
             raise ValueError(
                 "GCE settings need agent_package: the agent wheel's URL or a pinned requirement"
@@ -157,6 +167,22 @@ class GceSettings:
         object.__setattr__(self, "agent_extra_packages", tuple(self.agent_extra_packages))
         for requirement in self.agent_extra_packages:
             _check_requirement("agent_extra_packages entry", requirement)
+
+    def _check_image(self) -> None:
+        if not isinstance(self.agent_image, str) or not _IMAGE_REFERENCE.fullmatch(
+            self.agent_image
+        ):
+            raise ValueError(
+                f"agent_image {self.agent_image!r} is not an image reference "
+                "(registry/repository:tag or @sha256:digest, one word)"
+            )
+        if self.agent_package or self.agent_extra_packages:
+            raise ValueError(
+                "agent_image runs a container and installs no package: leave out agent_package "
+                "and agent_extra_packages (build workloads into the image: EXTRA_PACKAGES in "
+                "deploy/docker/agent.Dockerfile)"
+            )
+        object.__setattr__(self, "agent_extra_packages", ())
 
 
 def _check_requirement(what: str, requirement: object) -> None:

@@ -8,6 +8,12 @@ and the resolve entirely. On every boot it writes a systemd service that runs
 ``python -m gpubroker.gpu_agent`` and restarts it on failure. The agent's id is the VM's name.
 The join token travels in its own metadata key (``JOIN_TOKEN_METADATA_KEY``) and reaches the
 agent through a root-only environment file; it appears in neither the script nor any log.
+
+With ``agent_image`` set the script installs nothing: the systemd service runs that container
+image instead (``docker run --gpus all --network host``), with the same environment file and
+agent flags, and the model cache in a Docker volume. The boot image must have Docker and, for a
+GPU, the NVIDIA Container Toolkit. An image in Artifact Registry or Container Registry is
+pulled as the VM's service account, through ``gcloud auth configure-docker``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import shlex
 
 from gpubroker.broker.scaling.providers.gce.settings import GceSettings, GpuOffering
 
-__all__ = ["AGENT_VENV", "JOIN_TOKEN_METADATA_KEY", "startup_script"]
+__all__ = ["AGENT_CONTAINER", "AGENT_VENV", "JOIN_TOKEN_METADATA_KEY", "startup_script"]
 
 AGENT_VENV = "/opt/gpubroker/venv"
 """Where the agent is installed on the VM, or found preinstalled in a prebuilt image."""
@@ -24,11 +30,20 @@ AGENT_VENV = "/opt/gpubroker/venv"
 JOIN_TOKEN_METADATA_KEY = "gpubroker-join-token"
 """Instance metadata key the startup script reads the join token from."""
 
-_SCRIPT = """\
+AGENT_CONTAINER = "gpubroker-agent"
+"""Name of the agent's container (``agent_image``); its model volume is ``<name>-models``."""
+
+_GOOGLE_REGISTRIES = ("-docker.pkg.dev", "gcr.io")
+"""Registry hosts whose images the VM pulls with its service account."""
+
+_HEAD = """\
 #!/bin/bash
 # Runs a gpubroker agent on this VM; written by the broker's gce provider. Runs on every boot.
 set -euo pipefail
 export HOME=/root
+"""
+
+_INSTALL = """\
 export UV_PYTHON_INSTALL_DIR=/opt/gpubroker/python
 agent={venv}
 if [ ! -f /opt/gpubroker/installed ]; then
@@ -44,31 +59,29 @@ if [ ! -f /opt/gpubroker/installed ]; then
   fi
   touch /opt/gpubroker/installed
 fi
+"""
 
+_DOCKER = """\
+if ! command -v docker >/dev/null; then
+  echo "gpubroker: agent_image needs Docker and the NVIDIA Container Toolkit on the boot image" >&2
+  exit 1
+fi
+{login}"""
+
+_LOGIN = """\
+# Pulls from Google's registries as the VM's service account.
+if command -v gcloud >/dev/null; then
+  gcloud auth configure-docker {registry} --quiet
+else
+  echo "gpubroker: no gcloud to log docker in to {registry}; pulling anonymously" >&2
+fi
+"""
+
+_ENV = """
 umask 077
 cat > /etc/gpubroker-agent.env <<'EOF'
 {env}EOF
 {token}umask 022
-cat > /etc/systemd/system/gpubroker-agent.service <<'EOF'
-[Unit]
-Description=gpubroker GPU agent
-Wants=network-online.target
-After=network-online.target
-StartLimitIntervalSec=0
-
-[Service]
-EnvironmentFile=/etc/gpubroker-agent.env
-ExecStart={exec_start}
-Restart=always
-RestartSec=5
-TimeoutStopSec=25
-
-[Install]
-WantedBy=multi-user.target
-EOF
-systemctl daemon-reload
-systemctl enable gpubroker-agent.service
-systemctl restart gpubroker-agent.service
 """
 
 _TOKEN_LINES = f"""\
@@ -79,27 +92,89 @@ printf 'GPUBROKER_AGENT_JOIN_TOKEN=%s\\n' "$token" >> /etc/gpubroker-agent.env
 unset token
 """
 
+_UNIT = """\
+cat > /etc/systemd/system/gpubroker-agent.service <<'EOF'
+[Unit]
+Description=gpubroker GPU agent
+Wants=network-online.target
+After=network-online.target{after}
+StartLimitIntervalSec=0
+
+[Service]
+{service}Restart=always
+RestartSec=5
+TimeoutStopSec={stop_s}
+
+[Install]
+WantedBy=multi-user.target
+EOF
+systemctl daemon-reload
+systemctl enable gpubroker-agent.service
+systemctl restart gpubroker-agent.service
+"""
+
 
 def startup_script(settings: GceSettings, name: str, offering: GpuOffering) -> str:
-    """The bash ``startup-script`` that installs the agent and runs it under systemd."""
+    """The bash ``startup-script``: installs the agent (or, with ``agent_image``, pulls its
+    container) and runs it under systemd."""
     device = "cuda" if offering.has_gpu else "cpu"
-    exec_start = (
-        f"{AGENT_VENV}/bin/python -m gpubroker.gpu_agent --broker {settings.broker_address} "
-        f"--agent-id {name} --device {device}"
-    )
+    flags = f"--broker {settings.broker_address} --agent-id {name} --device {device}"
+    token = _TOKEN_LINES if settings.join_token else ""
+    if settings.agent_image:
+        return _container_script(settings, offering, flags, token)
     env = "".join(
         f'{key}="{_systemd_quoted(value)}"\n' for key, value in settings.agent_env.items()
     )
-    return _SCRIPT.format(
+    service = (
+        "EnvironmentFile=/etc/gpubroker-agent.env\n"
+        f"ExecStart={AGENT_VENV}/bin/python -m gpubroker.gpu_agent {flags}\n"
+    )
+    install = _INSTALL.format(
         venv=AGENT_VENV,
         python=shlex.quote(settings.agent_python),
         packages=" ".join(
             shlex.quote(p) for p in (settings.agent_package, *settings.agent_extra_packages)
         ),
-        env=env,
-        token=_TOKEN_LINES if settings.join_token else "",
-        exec_start=exec_start,
     )
+    return (
+        _HEAD
+        + install
+        + _ENV.format(env=env, token=token)
+        + _UNIT.format(after="", service=service, stop_s=25)
+    )
+
+
+def _container_script(settings: GceSettings, offering: GpuOffering, flags: str, token: str) -> str:
+    # docker's --env-file takes each line literally, quotes included: values go in bare (the
+    # settings allow single-line values only).
+    env = "".join(f"{key}={value}\n" for key, value in settings.agent_env.items())
+    gpus = "--gpus all " if offering.has_gpu else ""
+    run = (
+        f"docker run --rm --name {AGENT_CONTAINER} {gpus}--network host "
+        f"--env-file /etc/gpubroker-agent.env -v {AGENT_CONTAINER}-models:/var/lib/gpubroker "
+        f"{settings.agent_image} {flags}"
+    )
+    # The image is pulled on the first start; docker's own unit must be up first.
+    service = (
+        "Environment=HOME=/root\n"
+        f"ExecStartPre=-docker rm -f {AGENT_CONTAINER}\n"
+        f"ExecStart={run}\n"
+        f"ExecStop=docker stop -t 25 {AGENT_CONTAINER}\n"
+    )
+    return (
+        _HEAD
+        + _DOCKER.format(login=_login(settings.agent_image))
+        + _ENV.format(env=env, token=token)
+        + _UNIT.format(after=" docker.service\nRequires=docker.service", service=service, stop_s=30)
+    )
+
+
+def _login(image: str) -> str:
+    """``gcloud auth configure-docker`` for an image in Google's registries, else nothing."""
+    registry = image.split("/", 1)[0]
+    if "/" in image and registry.endswith(_GOOGLE_REGISTRIES):
+        return _LOGIN.format(registry=shlex.quote(registry))
+    return ""
 
 
 def _systemd_quoted(value: str) -> str:
