@@ -54,6 +54,7 @@ from gpubroker.client.errors import (
     UnavailableError,
     translate_rpc_errors,
 )
+from gpubroker.client.progress import Progress, ProgressCallback, progress_callback
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
 from gpubroker.protos.transport import bearer_metadata
@@ -125,6 +126,7 @@ class AsyncClient:
         output: OutputKind | None = None,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        progress: Progress = None,
         **params: Any,
     ) -> AsyncTaskHandle:
         """Queues a task and returns a handle once it is stored, retrying an unreachable broker
@@ -140,7 +142,8 @@ class AsyncClient:
             output=output,
             requires=requirement(gpu, min_gpu_memory),
         )
-        return await self._retrying(lambda _: self._submit_once(task))
+        report = progress_callback(progress)
+        return await self._retrying(lambda _: self._submit_once(task, report))
 
     async def run(
         self,
@@ -152,6 +155,7 @@ class AsyncClient:
         output: OutputKind | None = None,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        progress: Progress = None,
         **params: Any,
     ) -> TaskResult:
         """Submits a task and waits for its result on one call, never retried (a broker restart
@@ -167,8 +171,9 @@ class AsyncClient:
             output=output,
             requires=requirement(gpu, min_gpu_memory),
         )
-        collector = ResultCollector(task.output)
-        requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
+        report = progress_callback(progress)
+        collector = ResultCollector(task.output, report)
+        requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes, report)
         call = self._run(requests, metadata=self._metadata, timeout=timeout)
         try:
             with translate_rpc_errors():
@@ -278,6 +283,7 @@ class AsyncClient:
         max_queue_delay: float = DEFAULT_MAX_QUEUE_DELAY_S,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        progress: Progress = None,
     ) -> Model:
         """Exports ``module`` and stores it with the broker, once; see ``Client.upload_model``.
 
@@ -300,10 +306,9 @@ class AsyncClient:
             held = None
         if held is not None and upload.is_held_as(held):
             return model_from_proto(held)
+        requests = upload.requests(held, self._chunk_bytes, progress_callback(progress))
         with translate_rpc_errors():
-            reply = await self._upload(
-                upload.requests(held, self._chunk_bytes), metadata=self._metadata
-            )
+            reply = await self._upload(requests, metadata=self._metadata)
         if held is None:
             self.model_bytes_sent += len(upload.data)
         return model_from_proto(reply.model)
@@ -351,8 +356,10 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def _submit_once(self, task: PreparedTask) -> AsyncTaskHandle:
-        requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
+    async def _submit_once(
+        self, task: PreparedTask, progress: ProgressCallback | None
+    ) -> AsyncTaskHandle:
+        requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes, progress)
         with translate_rpc_errors():
             reply = await self._submit(requests, metadata=self._metadata)
         return AsyncTaskHandle(self, reply.task_id, task.output)
@@ -366,7 +373,7 @@ class AsyncClient:
             raise value  # the caller's input iterator raised
         if isinstance(value, TaskStatus):  # outputs too large to ride along: fetch them
             try:
-                result = await self._result(value.task_id, output, None)
+                result = await self._result(value.task_id, output, None, None)
             except GpuBrokerError as exc:
                 result = TaskResult.failed(value, exc)
         else:
@@ -387,15 +394,25 @@ class AsyncClient:
         reply = await self._retrying(lambda _: self._unary(self._stub.CancelTask, request))
         return status_from_proto(reply.task)
 
-    async def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
+    async def _result(
+        self,
+        task_id: str,
+        output: OutputKind,
+        timeout: float | None,
+        progress: ProgressCallback | None,
+    ) -> TaskResult:
         return await self._retrying(
-            lambda r: self._result_once(task_id, output, r.remaining()), timeout
+            lambda r: self._result_once(task_id, output, r.remaining(), progress), timeout
         )
 
     async def _result_once(
-        self, task_id: str, output: OutputKind, timeout: float | None
+        self,
+        task_id: str,
+        output: OutputKind,
+        timeout: float | None,
+        progress: ProgressCallback | None,
     ) -> TaskResult:
-        collector = ResultCollector(output)
+        collector = ResultCollector(output, progress)
         request = broker_pb2.GetResultRequest(task_id=task_id)
         call = self._get_result(request, metadata=self._metadata, timeout=timeout)
         try:

@@ -19,6 +19,7 @@ from gpubroker.client._requirement import requirement_from_proto, requirement_to
 from gpubroker.client._types import GpuRequirement, Model, TaskResult, TaskStatus, Usage
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
 from gpubroker.client.errors import GpuBrokerError, InternalError, error_from_code
+from gpubroker.client.progress import ProgressCallback, counted_upload
 from gpubroker.protos import broker_pb2, task_pb2
 from gpubroker.protos.convert import (
     meta_from_proto,
@@ -103,9 +104,18 @@ class PreparedTask:
     buffers: tuple[memoryview, ...]
     output: OutputKind
 
-    def requests(self, cls: type[_Request], chunk_bytes: int) -> Iterator[_Request | bytes]:
-        """A fresh Submit or Run request stream (each retry needs its own)."""
-        return request_stream(cls, self.header, self.buffers, chunk_bytes)
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the inputs."""
+        return sum(len(buffer) for buffer in self.buffers)
+
+    def requests(
+        self, cls: type[_Request], chunk_bytes: int, progress: ProgressCallback | None = None
+    ) -> Iterator[_Request | bytes]:
+        """A fresh Submit or Run request stream (each retry needs its own), reporting the
+        input bytes sent to ``progress``."""
+        stream = request_stream(cls, self.header, self.buffers, chunk_bytes)
+        return counted_upload(cls, stream, self.nbytes, progress)
 
 
 def prepare_task(
@@ -180,6 +190,7 @@ def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
         batch_tasks=msg.batch_tasks,
         requires=requirement_from_proto(msg.requires),
         waiting_for=msg.waiting_for,
+        queue_position=msg.queue_position,
     )
 
 
@@ -264,10 +275,13 @@ class TaskPager:
 class ResultCollector:
     """Reassembles a Run or GetResult stream: snapshots, then a succeeded task's output bytes."""
 
-    def __init__(self, output: OutputKind) -> None:
+    def __init__(self, output: OutputKind, progress: ProgressCallback | None = None) -> None:
         self._output = output
         self._last: TaskStatus | None = None
         self._assembler: Assembler | None = None
+        self._progress = progress
+        self._received = 0
+        self._expected = 0
 
     def add(
         self, reply: broker_pb2.RunResponse | broker_pb2.GetResultResponse | memoryview
@@ -286,6 +300,9 @@ class ResultCollector:
         self._last = status_from_proto(info)
         if self._last.state is TaskState.SUCCEEDED:
             self._assembler = Assembler(self._last.outputs, empty_buffer)
+            self._expected = sum(meta.nbytes for meta in self._last.outputs)
+            if self._progress is not None:
+                self._progress("download", 0, self._expected)
 
     def _chunk(self, data: bytes | memoryview) -> None:
         if self._assembler is None:
@@ -293,6 +310,9 @@ class ResultCollector:
                 grpc.StatusCode.INTERNAL, "result bytes arrived before the result header"
             )
         self._assembler.feed(data)
+        if self._progress is not None and len(data):
+            self._received += len(data)
+            self._progress("download", self._received, self._expected)
 
     def result(self) -> TaskResult:
         """The decoded result once the stream ended without an error status."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from gpubroker.client._types import TaskResult, TaskStatus
 from gpubroker.client.codec import OutputKind
+from gpubroker.client.progress import Progress, progress_callback
 
 if TYPE_CHECKING:
     from gpubroker.client._async import AsyncClient
@@ -37,9 +38,16 @@ class TaskHandle:
         return self.status().state.is_final
 
     def result(
-        self, timeout: float | None = None, *, output: OutputKind | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        output: OutputKind | None = None,
+        progress: Progress = None,
     ) -> TaskResult:
         """Waits for the task and returns its outputs, as ``output`` kind if given.
+
+        ``progress`` reports the outputs' download: a callable ``(direction, done_bytes,
+        total_bytes)``, or True for a bar (see ``gpubroker.client.progress``).
 
         Raises:
             DeadlineExceededError: ``timeout`` seconds passed first (the task goes on).
@@ -47,7 +55,9 @@ class TaskHandle:
                 ``InvalidArgumentError``).
             TaskCancelledError: The task was cancelled.
         """
-        return self._client._result(self.task_id, output or self._output, timeout)
+        return self._client._result(
+            self.task_id, output or self._output, timeout, progress_callback(progress)
+        )
 
     def wait(self, timeout: float | None = None) -> TaskStatus:
         """Waits until the task is final and returns its status, whether it succeeded or not.
@@ -85,10 +95,16 @@ class AsyncTaskHandle:
         return (await self.status()).state.is_final
 
     async def result(
-        self, timeout: float | None = None, *, output: OutputKind | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        output: OutputKind | None = None,
+        progress: Progress = None,
     ) -> TaskResult:
         """Waits for the task and returns its outputs; see ``TaskHandle.result``."""
-        return await self._client._result(self.task_id, output or self._output, timeout)
+        return await self._client._result(
+            self.task_id, output or self._output, timeout, progress_callback(progress)
+        )
 
     async def wait(self, timeout: float | None = None) -> TaskStatus:
         """Waits until the task is final and returns its status; see ``TaskHandle.wait``."""

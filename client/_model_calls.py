@@ -18,6 +18,7 @@ from gpubroker.client._models import (
 )
 from gpubroker.client._types import Model
 from gpubroker.client.errors import NotFoundError, translate_rpc_errors
+from gpubroker.client.progress import Progress, ProgressCallback, progress_callback
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class ModelCalls:
         max_queue_delay: float = DEFAULT_MAX_QUEUE_DELAY_S,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        progress: Progress = None,
     ) -> Model:
         """Exports ``module`` on this machine and stores it with the broker, once.
 
@@ -73,6 +75,8 @@ class ModelCalls:
                 waiting for others to stack with it (5 ms by default).
             gpu: The GPU type the model's tasks need unless a task says otherwise.
             min_gpu_memory: Least device memory its tasks need: bytes, or ``"16GiB"``.
+            progress: Reports the model file's upload: a callable ``(direction, done_bytes,
+                total_bytes)``, or True for a bar (see ``gpubroker.client.progress``).
 
         Returns:
             The model as the broker holds it; pass it to ``run``, ``submit`` or ``map``.
@@ -94,7 +98,7 @@ class ModelCalls:
             gpu=gpu,
             min_gpu_memory=min_gpu_memory,
         )
-        return self._store_model(upload)
+        return self._store_model(upload, progress_callback(progress))
 
     def model(self, model: Model | str) -> Model:
         """One of your models, by ``Model`` or id, as the broker holds it now.
@@ -119,14 +123,14 @@ class ModelCalls:
         request = broker_pb2.DeleteModelRequest(model_id=model_id_of(model))
         return model_from_proto(self._unary(self._stub.DeleteModel, request).model)
 
-    def _store_model(self, upload: ModelUpload) -> Model:
+    def _store_model(self, upload: ModelUpload, progress: ProgressCallback | None) -> Model:
         try:
             held: broker_pb2.ModelInfo | None = self._held_model(upload.model_id)
         except NotFoundError:
             held = None
         if held is not None and upload.is_held_as(held):
             return model_from_proto(held)
-        requests = upload.requests(held, self._chunk_bytes)
+        requests = upload.requests(held, self._chunk_bytes, progress)
         with translate_rpc_errors():
             reply = self._upload(requests, metadata=self._metadata)
         if held is None:

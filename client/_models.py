@@ -19,6 +19,7 @@ from gpubroker.client._requirement import (
     requirement_to_proto,
 )
 from gpubroker.client._types import GpuRequirement, Model, TensorSpec
+from gpubroker.client.progress import ProgressCallback, counted_upload
 from gpubroker.protos import broker_pb2, task_pb2
 from gpubroker.protos.convert import time_from_proto
 from gpubroker.protos.frames import chunk_messages
@@ -88,16 +89,22 @@ class ModelUpload:
         )
 
     def requests(
-        self, held: broker_pb2.ModelInfo | None, chunk_bytes: int
+        self,
+        held: broker_pb2.ModelInfo | None,
+        chunk_bytes: int,
+        progress: ProgressCallback | None = None,
     ) -> Iterator[broker_pb2.UploadModelRequest | bytes]:
-        """The UploadModel stream: the header, then the file in chunks unless ``held``.
+        """The UploadModel stream: the header, then the file in chunks unless ``held``, the
+        file's bytes reported to ``progress`` as they go.
 
         Chunk messages are built one at a time as gRPC asks for them (one copy of each chunk),
         so a large model is never held in memory twice.
         """
         yield broker_pb2.UploadModelRequest(header=self.header(held))
         if held is None:
-            yield from chunk_messages(broker_pb2.UploadModelRequest, [self.data], chunk_bytes)
+            cls = broker_pb2.UploadModelRequest
+            chunks = chunk_messages(cls, [self.data], chunk_bytes)
+            yield from counted_upload(cls, chunks, len(self.data), progress)
 
 
 def prepare_upload(

@@ -39,6 +39,7 @@ from gpubroker.client.errors import (
     UnavailableError,
     translate_rpc_errors,
 )
+from gpubroker.client.progress import Progress, ProgressCallback, progress_callback
 from gpubroker.protos import broker_pb2, broker_pb2_grpc
 from gpubroker.protos.states import TaskState
 from gpubroker.protos.transport import bearer_metadata
@@ -120,6 +121,7 @@ class Client(ModelCalls):
         output: OutputKind | None = None,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        progress: Progress = None,
         **params: Any,
     ) -> TaskHandle:
         """Queues a task and returns a handle once the broker has stored it durably.
@@ -138,6 +140,8 @@ class Client(ModelCalls):
                 model's own requirement, else any.
             min_gpu_memory: Least device memory: bytes, or a string such as ``"16GiB"`` or
                 ``"24GB"``; None for the model's own requirement, else any.
+            progress: Reports the input bytes sent: a callable ``(direction, done_bytes,
+                total_bytes)``, or True for a bar (see ``gpubroker.client.progress``).
             **params: Workload parameters: int, float, str or bool.
 
         Raises:
@@ -169,7 +173,8 @@ class Client(ModelCalls):
             output=output,
             requires=requirement(gpu, min_gpu_memory),
         )
-        return self._retrying(lambda _: self._submit_once(task))
+        report = progress_callback(progress)
+        return self._retrying(lambda _: self._submit_once(task, report))
 
     def run(
         self,
@@ -181,6 +186,7 @@ class Client(ModelCalls):
         output: OutputKind | None = None,
         gpu: str | None = None,
         min_gpu_memory: int | str | None = None,
+        progress: Progress = None,
         **params: Any,
     ) -> TaskResult:
         """Submits a task and waits for its result on one call; see ``submit`` for the arguments.
@@ -188,7 +194,8 @@ class Client(ModelCalls):
         ``timeout`` is the call's deadline, which the broker makes the task's deadline too.
         The task lives as long as the call: it is not retried, and a broker restart (or a lost
         connection) cancels the task and raises ``UnavailableError``; use ``submit`` for work
-        that must outlive one.
+        that must outlive one. ``progress`` reports the upload of the inputs, then the download
+        of the outputs.
 
         Raises:
             TypeError: A parameter or input is of an unsupported type.
@@ -211,8 +218,9 @@ class Client(ModelCalls):
             output=output,
             requires=requirement(gpu, min_gpu_memory),
         )
-        collector = ResultCollector(task.output)
-        requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes)
+        report = progress_callback(progress)
+        collector = ResultCollector(task.output, report)
+        requests = task.requests(broker_pb2.RunRequest, self._chunk_bytes, report)
         call = self._run(requests, metadata=self._metadata, timeout=timeout)
         try:
             with translate_rpc_errors():
@@ -357,8 +365,8 @@ class Client(ModelCalls):
         finally:
             call.cancel()
 
-    def _submit_once(self, task: PreparedTask) -> TaskHandle:
-        requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes)
+    def _submit_once(self, task: PreparedTask, progress: ProgressCallback | None) -> TaskHandle:
+        requests = task.requests(broker_pb2.SubmitRequest, self._chunk_bytes, progress)
         with translate_rpc_errors():
             reply = self._submit(requests, metadata=self._metadata)
         return TaskHandle(self, reply.task_id, task.output)
@@ -382,7 +390,7 @@ class Client(ModelCalls):
             raise value  # the caller's input iterator raised
         if isinstance(value, TaskStatus):  # outputs too large to ride along: fetch them
             try:
-                result = self._result(value.task_id, output, None)
+                result = self._result(value.task_id, output, None, None)
             except GpuBrokerError as exc:
                 result = TaskResult.failed(value, exc)
         else:
@@ -391,11 +399,25 @@ class Client(ModelCalls):
             raise result.error
         return result
 
-    def _result(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
-        return self._retrying(lambda r: self._result_once(task_id, output, r.remaining()), timeout)
+    def _result(
+        self,
+        task_id: str,
+        output: OutputKind,
+        timeout: float | None,
+        progress: ProgressCallback | None,
+    ) -> TaskResult:
+        return self._retrying(
+            lambda r: self._result_once(task_id, output, r.remaining(), progress), timeout
+        )
 
-    def _result_once(self, task_id: str, output: OutputKind, timeout: float | None) -> TaskResult:
-        collector = ResultCollector(output)
+    def _result_once(
+        self,
+        task_id: str,
+        output: OutputKind,
+        timeout: float | None,
+        progress: ProgressCallback | None,
+    ) -> TaskResult:
+        collector = ResultCollector(output, progress)
         request = broker_pb2.GetResultRequest(task_id=task_id)
         call = self._get_result(request, metadata=self._metadata, timeout=timeout)
         try:

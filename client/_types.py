@@ -85,6 +85,9 @@ class TaskStatus:
     waiting_for: str = ""
     """Why a queued task still waits, e.g. ``"waiting for an nvidia-l4 VM to boot"``; empty
     when it is not waiting or nothing in particular holds it."""
+    queue_position: int = 0
+    """Where a queued task stands in the queue it waits in: 1 runs next; 0 when it is not
+    queued (or the broker does not say)."""
 
     @property
     def model_id(self) -> str | None:
