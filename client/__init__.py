@@ -24,6 +24,7 @@ from gpubroker.client._async import AsyncClient
 from gpubroker.client._handle import AsyncTaskHandle, TaskHandle
 from gpubroker.client._sync import Client
 from gpubroker.client._types import (
+    Attempt,
     GpuRequirement,
     Model,
     TaskResult,
@@ -55,6 +56,7 @@ __all__ = [
     "AlreadyExistsError",
     "AsyncClient",
     "AsyncTaskHandle",
+    "Attempt",
     "AuthenticationError",
     "Client",
     "DeadlineExceededError",

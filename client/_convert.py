@@ -16,7 +16,14 @@ import numpy as np
 
 from gpubroker.client._models import workload_name
 from gpubroker.client._requirement import requirement_from_proto, requirement_to_proto
-from gpubroker.client._types import GpuRequirement, Model, TaskResult, TaskStatus, Usage
+from gpubroker.client._types import (
+    Attempt,
+    GpuRequirement,
+    Model,
+    TaskResult,
+    TaskStatus,
+    Usage,
+)
 from gpubroker.client.codec import ArrayLike, OutputKind, decode, empty_buffer, encode, is_torch
 from gpubroker.client.errors import GpuBrokerError, InternalError, error_from_code
 from gpubroker.client.progress import ProgressCallback, counted_upload
@@ -191,6 +198,19 @@ def status_from_proto(msg: task_pb2.TaskInfo) -> TaskStatus:
         requires=requirement_from_proto(msg.requires),
         waiting_for=msg.waiting_for,
         queue_position=msg.queue_position,
+        attempts=tuple(
+            Attempt(
+                number=a.number,
+                agent_id=a.agent_id,
+                machine_name=a.machine_name,
+                gpu_type=a.gpu_type,
+                started_at=time_from_proto(a, "started_at"),
+                ended_at=time_from_proto(a, "ended_at"),
+                outcome=a.outcome,
+                detail=a.detail,
+            )
+            for a in msg.attempts
+        ),
     )
 
 

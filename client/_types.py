@@ -32,7 +32,40 @@ class GpuRequirement:
         return " ".join(parts)
 
 
-__all__ = ["GpuRequirement", "Model", "TaskResult", "TaskStatus", "TensorSpec", "Usage"]
+__all__ = [
+    "Attempt",
+    "GpuRequirement",
+    "Model",
+    "TaskResult",
+    "TaskStatus",
+    "TensorSpec",
+    "Usage",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One assignment of a task to an agent, and how it ended."""
+
+    number: int
+    """From 1."""
+    agent_id: str
+    """The agent it was assigned to."""
+    machine_name: str
+    """The machine that agent runs on when the broker's autoscaler started it; empty otherwise."""
+    gpu_type: str
+    """The agent's GPU type."""
+    started_at: datetime | None
+    """When it was assigned (UTC)."""
+    ended_at: datetime | None
+    """When it ended (UTC); None while it runs."""
+    outcome: str
+    """``running``, ``succeeded``, ``failed``, ``cancelled``; or, for one that went back to the
+    queue, ``lost`` (the agent crashed, disconnected, went silent or drained, or the broker
+    restarted), ``rejected`` (its result was unusable) or ``recalled`` (given to an idle agent
+    before it started)."""
+    detail: str = ""
+    """Why an attempt that did not succeed ended so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +121,9 @@ class TaskStatus:
     queue_position: int = 0
     """Where a queued task stands in the queue it waits in: 1 runs next; 0 when it is not
     queued (or the broker does not say)."""
+    attempts: tuple[Attempt, ...] = ()
+    """Every assignment so far, oldest first: which agent and machine ran it, and how it
+    ended (empty from a ``run`` call's final status)."""
 
     @property
     def model_id(self) -> str | None:

@@ -36,6 +36,10 @@ from gpubroker.protos.wire import MAX_PAGE_SIZE, TensorMeta, TensorStream, WireE
 
 __all__ = ["DEADLINE_SLACK_S", "TaskService", "check_spec"]
 
+POSITION_REFRESH_S = 2.0
+"""How often a watch of a queued task looks again at its place in the queue, which moves with
+other tasks' events, not its own."""
+
 DEADLINE_SLACK_S = 0.25
 """A Run call cancelled with less than this left of its deadline is taken to have timed out."""
 
@@ -216,20 +220,33 @@ class TaskService:
     async def watch(
         self, tenant: str, task_id: str, current: Task | None = None
     ) -> AsyncIterator[Task]:
-        """Yields the task now and after every change, until it is final.
+        """Yields the task now, after every change, and while it is queued each time its place
+        in the queue moved (looked at every ``POSITION_REFRESH_S``), until it is final.
 
         ``current`` spares a read when the caller holds a snapshot taken with no ``await``
         since (as ``Run`` does right after submitting): no change can have been missed.
         """
         with self._events.subscribe(task_id) as updates:
             task = current if current is not None else await self.get(tenant, task_id)
-            last = (task.state, task.attempt)
+            last = (task.state, task.attempt, self.queue_position(task))
             yield task
-            while not task.state.is_final:
-                task = await updates.get()
-                if (task.state, task.attempt) != last:
-                    last = (task.state, task.attempt)
-                    yield task
+            pending: asyncio.Task[Task] | None = None
+            try:
+                while not task.state.is_final:
+                    if pending is None:  # one get outlives timeouts: no snapshot is lost
+                        pending = asyncio.ensure_future(updates.get())
+                    queued = task.state is TaskState.QUEUED
+                    timeout = POSITION_REFRESH_S if queued else None
+                    done, _ = await asyncio.wait({pending}, timeout=timeout)
+                    if done:
+                        task, pending = pending.result(), None
+                    now = (task.state, task.attempt, self.queue_position(task))
+                    if now != last:
+                        last = now
+                        yield task
+            finally:
+                if pending is not None:
+                    pending.cancel()
 
     async def wait(self, tenant: str, task_id: str) -> Task:
         """Waits until the task is final and returns it."""

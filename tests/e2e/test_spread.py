@@ -72,7 +72,17 @@ def test_an_agent_that_connects_after_another_took_the_backlog_gets_work_at_once
             )
             recalled_after = time.monotonic() - connected_at
             outputs = [h.result(timeout=90).output.item() for h in handles]
+            histories = [
+                [(a.number, a.agent_id, a.outcome) for a in h.status().attempts] for h in handles
+            ]
         assert outputs == [0.0, 1.0, 2.0, 3.0]
+        # Each task's status says which agent ran each attempt, and why one went back.
+        assert sorted(histories) == [
+            [(1, "first", "recalled"), (2, "late", "succeeded")],
+            [(1, "first", "recalled"), (2, "late", "succeeded")],
+            [(1, "first", "succeeded")],
+            [(1, "first", "succeeded")],
+        ]
         ran = _ran(broker)
         # Both ran tasks; the late agent ran the two the first had not started, on a second
         # attempt each, and nothing ran more than twice.
