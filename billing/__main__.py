@@ -3,6 +3,7 @@ database."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -178,10 +179,21 @@ def budget_set(tenant: str, amount_usd: str, database_url: str | None) -> None:
 @budget.command("show")
 @click.argument("tenant")
 @click.option("--database-url", help="SQLAlchemy URL (default: as for report).")
-def budget_show(tenant: str, database_url: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def budget_show(tenant: str, database_url: str | None, as_json: bool) -> None:
     """Prints TENANT's budget and what it has spent this month."""
     with _engine(database_url).connect() as conn:
         status = budget_status(conn, tenant, datetime.now(UTC))
+    if as_json:
+        found = {
+            "tenant": tenant,
+            "limit_nanousd": status.limit_nanousd,
+            "spent_nanousd": status.spent_nanousd,
+            "month_start": status.month_start.isoformat(),
+            "exhausted": status.is_exhausted,
+        }
+        click.echo(json.dumps(found, indent=1))
+        return
     limit = "none" if status.limit_nanousd is None else format_usd(status.limit_nanousd)
     click.echo(
         f"{tenant}: spent {format_usd(status.spent_nanousd)} since "

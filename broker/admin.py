@@ -7,6 +7,7 @@ within its key refresh interval (seconds), without a restart.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,12 +120,33 @@ def tenant_create(name: str, database_url: str) -> None:
     click.echo(f"created tenant {made.name}")
 
 
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout, one list.")
+
+
+def _echo_json(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> None:
+    """Rows as a JSON list of objects keyed by the table's lowercased column names."""
+    keys = [h.split(" ")[0].lower() for h in header]
+    objects = [{k: _value(v) for k, v in zip(keys, row, strict=True)} for row in rows]
+    click.echo(json.dumps(objects, indent=1))
+
+
+def _value(cell: str) -> str | None:
+    """A table cell as JSON: the "-" or "" the table shows for nothing is null."""
+    return None if cell in ("", "-") else cell
+
+
 @tenant.command("list")
 @_database_option
-def tenant_list(database_url: str) -> None:
+@_JSON
+def tenant_list(database_url: str, as_json: bool) -> None:
     """Lists every tenant."""
     found = _run(database_url, lambda conn, now: list_tenants(conn))
-    click.echo(_table(("TENANT", "CREATED (UTC)", "DISABLED (UTC)"), map(_tenant_row, found)))
+    header = ("TENANT", "CREATED (UTC)", "DISABLED (UTC)")
+    rows = map(_tenant_row, found)
+    if as_json:
+        _echo_json(header, rows)
+    else:
+        click.echo(_table(header, rows))
 
 
 def _tenant_row(tenant: Tenant) -> tuple[str, ...]:
@@ -174,12 +196,17 @@ def key_create(tenant: str, label: str | None, operator: bool, database_url: str
 @key.command("list")
 @click.argument("tenant", required=False)
 @_database_option
-def key_list(tenant: str | None, database_url: str) -> None:
+@_JSON
+def key_list(tenant: str | None, database_url: str, as_json: bool) -> None:
     """Lists the keys (of TENANT, or all): ids and dates, never secrets."""
     now = datetime.now(UTC)
     found = _run(database_url, lambda conn, _: list_keys(conn, tenant))
     header = ("KEY_ID", "TENANT", "STATE", "CREATED (UTC)", "REVOKED (UTC)", "LABEL", "ROLE")
-    click.echo(_table(header, (_key_row(k, now) for k in found)))
+    rows = (_key_row(k, now) for k in found)
+    if as_json:
+        _echo_json(header, rows)
+    else:
+        click.echo(_table(header, rows))
 
 
 def _key_row(key: ApiKey, now: datetime) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def test_the_cli_sets_shows_and_removes_budgets(tmp_path: Path) -> None:
     assert "spent $0.000000000" in show_out and "$25.000000000" in show_out
     assert bad.exit_code != 0
     assert "budget removed" in gone
+    shown = json.loads(
+        runner.invoke(cli, ["budget", "show", "acme", "--json", "--database-url", url]).stdout
+    )
+    assert (shown["tenant"], shown["limit_nanousd"], shown["spent_nanousd"]) == ("acme", None, 0)
 
 
 def test_grpc_status_for_a_spent_budget_is_resource_exhausted() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -289,6 +290,21 @@ def test_the_cli_lists_and_disables_tenants(db: str) -> None:
     assert disabled.exit_code == 0, disabled.output
     row = next(line for line in listed.output.splitlines() if line.startswith("acme"))
     assert row.count("-") >= 4  # two dates: created and disabled
+
+
+def test_the_cli_lists_tenants_and_keys_as_json(db: str) -> None:
+    _admin(db, "tenant", "create", "acme")
+    made = parse_key(_admin(db, "key", "create", "acme", "--label", "ci").stdout.strip())
+    assert made is not None
+
+    tenants = json.loads(_admin(db, "tenant", "list", "--json").stdout)
+    keys = json.loads(_admin(db, "key", "list", "--json").stdout)
+
+    assert [(t["tenant"], t["disabled"]) for t in tenants] == [("acme", None)]
+    assert [(k["key_id"], k["tenant"], k["state"], k["label"], k["role"]) for k in keys] == [
+        (made[0], "acme", "active", "ci", "tenant")
+    ]
+    assert made[1] not in json.dumps(keys)
 
 
 def test_the_cli_revokes_and_rotates_keys(db: str) -> None:
