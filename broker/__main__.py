@@ -14,7 +14,7 @@ import click
 
 from gpubroker.broker.config import Settings, parse_api_keys
 from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
-from gpubroker.broker.logformat import LOG_FORMATS, configure_logging
+from gpubroker.broker.logformat import configure_logging, log_format_option
 from gpubroker.broker.scaling.loop import PROVIDERS
 
 logger = logging.getLogger("gpubroker.broker")
@@ -112,15 +112,7 @@ logger = logging.getLogger("gpubroker.broker")
     show_default=True,
     help="Least severity logged [env: GPUBROKER_LOG_LEVEL].",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    envvar="GPUBROKER_LOG_FORMAT",
-    default="text",
-    show_default=True,
-    help="One line per record: text, or JSON objects with the task's id, tenant, attempt "
-    "and agent [env: GPUBROKER_LOG_FORMAT].",
-)
+@log_format_option
 def main(
     listen: str | None,
     database_url: str | None,

@@ -24,7 +24,7 @@ from gpubroker.gpu_agent.preemption import PREEMPTED, PreemptionWatcher
 from gpubroker.gpu_agent.preemption import metadata_url as default_metadata_url
 from gpubroker.gpu_agent.runner import Runner, detect_device, favour_workload_threads
 from gpubroker.httpserver import HttpServer, metrics_handler, split_address
-from gpubroker.logformat import LOG_FORMATS, configure_logging
+from gpubroker.logformat import configure_logging, log_format_option
 
 __all__ = ["main"]
 
@@ -80,15 +80,7 @@ logger = logging.getLogger("gpubroker.gpu_agent")
     default="INFO",
     show_default=True,
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    envvar="GPUBROKER_LOG_FORMAT",
-    default="text",
-    show_default=True,
-    help="One line per record: text, or JSON objects with the task's id, tenant, attempt "
-    "and agent [env: GPUBROKER_LOG_FORMAT].",
-)
+@log_format_option
 def main(
     broker_address: str | None,
     slots: int | None,

@@ -7,10 +7,13 @@ billing may each import only what their own layer allows, and this imports nothi
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["default_data_dir", "env_flag", "env_float", "env_int"]
+
+_N = TypeVar("_N", int, float)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -37,13 +40,7 @@ def env_float(environ: Mapping[str, str], name: str, default: float | str) -> fl
     Raises:
         ValueError: it is not a number; the message names the variable.
     """
-    raw = environ.get(name)
-    if raw is None:
-        return float(default)
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    return _env_number(environ, name, default, float, "a number")
 
 
 def env_int(environ: Mapping[str, str], name: str, default: int | str) -> int:
@@ -52,13 +49,23 @@ def env_int(environ: Mapping[str, str], name: str, default: int | str) -> int:
     Raises:
         ValueError: it is not an integer; the message names the variable.
     """
+    return _env_number(environ, name, default, int, "an integer")
+
+
+def _env_number(
+    environ: Mapping[str, str],
+    name: str,
+    default: _N | str,
+    kind: Callable[[str | _N], _N],
+    what: str,
+) -> _N:
     raw = environ.get(name)
     if raw is None:
-        return int(default)
+        return kind(default)
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from None
 
 
 def default_data_dir(environ: Mapping[str, str] = os.environ) -> Path:

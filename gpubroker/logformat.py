@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
+import click
+
 __all__ = [
     "FORMAT",
     "LOG_FORMATS",
@@ -47,6 +49,7 @@ __all__ = [
     "TaskContextFilter",
     "configure_logging",
     "escape_control",
+    "log_format_option",
     "quiet_grpc_core",
     "task_context",
     "task_fields",
@@ -54,6 +57,17 @@ __all__ = [
 
 LOG_FORMATS = ("text", "json")
 """Values of ``--log-format``."""
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    envvar="GPUBROKER_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="One line per record: text, or JSON objects with the task's id, tenant, attempt "
+    "and agent [env: GPUBROKER_LOG_FORMAT].",
+)
+"""``--log-format`` for the broker's and the agent's commands."""
 
 TASK_FIELDS = ("task_id", "tenant", "attempt", "agent")
 """The fields that name the task a line is about (record attributes and JSON keys)."""

@@ -20,8 +20,8 @@ from gpubroker.cli.app import COMMANDS, gpubroker, package_version
 from gpubroker.cli.exits import ExitCode
 
 SOURCES = {
-    "serve": ("gpubroker.broker.config", "gpubroker.broker.__main__"),
-    "agent": ("gpubroker.gpu_agent.config", "gpubroker.gpu_agent.__main__"),
+    "serve": ("gpubroker.broker.config", "gpubroker.broker.__main__", "gpubroker.logformat"),
+    "agent": ("gpubroker.gpu_agent.config", "gpubroker.gpu_agent.__main__", "gpubroker.logformat"),
 }
 """The modules that read the environment variables each command's help names."""
 
