@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import faulthandler
 import json
 import logging
 import os
@@ -220,6 +221,9 @@ class GrpcCoreLog:
             self._saved_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
         )
         sys.stderr = stream
+        # Python's own fatal errors (a segfault's traceback) go to the real stderr: this thread
+        # dies with the process and could not log them.
+        faulthandler.enable(file=stream)
         self._thread = threading.Thread(
             target=self._pump, args=(read_fd,), name="grpc-core-log", daemon=True
         )
@@ -237,9 +241,13 @@ class GrpcCoreLog:
             self._thread.join(timeout=1.0)
 
     def _pump(self, read_fd: int) -> None:
+        # Draining must never stop: a full pipe would block every C thread that logs.
         with open(read_fd, "rb") as pipe:
             for raw in pipe:
-                self.route(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                try:
+                    self.route(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                except Exception:  # whatever a handler raises, keep reading
+                    continue
 
     def route(self, line: str) -> None:
         """Logs one line the C code printed."""
