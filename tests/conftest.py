@@ -73,6 +73,25 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
         engine.dispose()
 
 
+@pytest.fixture
+def empty_engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on ``db_url`` with no tables and no migration stamp (for migration tests),
+    emptied again afterwards."""
+    engine = sa.create_engine(db_url)
+    _drop_schema(engine)
+    try:
+        yield engine
+    finally:
+        _drop_schema(engine)
+        engine.dispose()
+
+
+def _drop_schema(engine: sa.Engine) -> None:
+    metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+
+
 # ---------------------------------------------------------------------------------------------
 # A broker in this process, on a free loopback port, its database and spool under tmp_path.
 #

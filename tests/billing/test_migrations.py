@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,28 +21,6 @@ from gpubroker.billing.models import metadata
 from gpubroker.broker.config import Settings
 from gpubroker.broker.errors import SchemaOutdatedError
 from gpubroker.broker.server import create_server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    """An engine on a database with no tables."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'migrate.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = sa.create_engine(url)
-    downgrade_quietly(engine)
-    try:
-        yield engine
-    finally:
-        downgrade_quietly(engine)
-        engine.dispose()
-
-
-def downgrade_quietly(engine: sa.Engine) -> None:
-    metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
 
 
 def _differences(engine: sa.Engine) -> list[object]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -16,7 +15,7 @@ from click.testing import CliRunner, Result
 from gpubroker.billing.__main__ import cli
 from gpubroker.billing.ledger import UsageRecord, record_usage
 from gpubroker.billing.migrate import current_revision, downgrade, upgrade
-from gpubroker.billing.models import metadata, vm_instances
+from gpubroker.billing.models import vm_instances
 from gpubroker.billing.prices import PriceCatalog
 from gpubroker.billing.report import render_overhead
 from gpubroker.billing.vms import (
@@ -76,23 +75,6 @@ def row(engine: sa.Engine, name: str) -> dict[str, object]:
 
 
 # Schema ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def empty_engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(db_url)
-    _drop_everything(engine)
-    try:
-        yield engine
-    finally:
-        _drop_everything(engine)
-        engine.dispose()
-
-
-def _drop_everything(engine: sa.Engine) -> None:
-    metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
 
 
 def test_migration_0004_creates_and_drops_the_vm_instances_table(empty_engine: sa.Engine) -> None:

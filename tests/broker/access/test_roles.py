@@ -3,16 +3,14 @@ SQLite and PostgreSQL (the role column and the task_attempts table)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from gpubroker.billing.migrate import current_revision, downgrade, upgrade
-from gpubroker.billing.models import api_keys, metadata, task_attempts, tenants
+from gpubroker.billing.models import api_keys, task_attempts, tenants
 from gpubroker.broker.access.auth import Authenticator, database_keys
 from gpubroker.broker.access.roles import Caller, Role
 from gpubroker.broker.access.tenants import create_key, create_tenant, list_keys, rotate_key
@@ -26,15 +24,6 @@ NOW = datetime(2027, 1, 5, 12, 0, tzinfo=UTC)
 
 def _admin(url: str, *args: str) -> Result:
     return CliRunner().invoke(cli, [*args, "--database-url", url])
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'broker.db'}"
-    engine = sa.create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
 
 
 async def test_the_cli_makes_an_operator_key_the_broker_accepts_as_one(db: str) -> None:
@@ -88,23 +77,6 @@ def test_a_bad_role_or_tenant_in_the_settings_is_refused(text: str) -> None:
 
 def test_an_open_broker_treats_its_one_caller_as_an_operator() -> None:
     assert Authenticator({}, None).caller(None) == Caller("default", Role.OPERATOR)
-
-
-@pytest.fixture
-def empty_engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(db_url)
-    _drop_everything(engine)
-    try:
-        yield engine
-    finally:
-        _drop_everything(engine)
-        engine.dispose()
-
-
-def _drop_everything(engine: sa.Engine) -> None:
-    metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
 
 
 def test_migration_0012_gives_old_keys_the_tenant_role_and_adds_task_attempts(

@@ -13,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from gpubroker.billing.migrate import upgrade
 from gpubroker.billing.models import metadata
 from gpubroker.broker.access.tenants import (
     InvalidTenantNameError,
@@ -247,16 +246,6 @@ def test_a_disabled_tenant_gets_no_keys_and_its_keys_show_it(engine: sa.Engine) 
 # ---------------------------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    """A migrated SQLite database file."""
-    url = f"sqlite:///{tmp_path / 'broker.db'}"
-    engine = sa.create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
 
 
 def _admin(url: str, *args: str) -> Result:
