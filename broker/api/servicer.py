@@ -103,7 +103,8 @@ class BrokerServicer(ModelRpcs, StatusRpcs, broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[broker_pb2.WatchTaskResponse]:
         async with abort_on_broker_error(context):
-            async for task in self._tasks.watch(calling_tenant(), request.task_id):
+            watched = self._tasks.watch(calling_tenant(), request.task_id, follow_position=True)
+            async for task in watched:
                 yield broker_pb2.WatchTaskResponse(task=await self._info(task))
 
     async def GetResult(  # type: ignore[override]  # chunks go out as bytes

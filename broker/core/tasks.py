@@ -218,29 +218,42 @@ class TaskService:
         return page, next_token
 
     async def watch(
-        self, tenant: str, task_id: str, current: Task | None = None
+        self,
+        tenant: str,
+        task_id: str,
+        current: Task | None = None,
+        *,
+        follow_position: bool = False,
     ) -> AsyncIterator[Task]:
-        """Yields the task now, after every change, and while it is queued each time its place
-        in the queue moved (looked at every ``POSITION_REFRESH_S``), until it is final.
+        """Yields the task now and after every change, until it is final; with
+        ``follow_position`` also each time a queued task's place in the queue moved (looked at
+        every ``POSITION_REFRESH_S``: a place moves with other tasks' events, not its own).
 
         ``current`` spares a read when the caller holds a snapshot taken with no ``await``
         since (as ``Run`` does right after submitting): no change can have been missed.
+        ``Run`` and ``wait`` leave ``follow_position`` off: working out a place costs a pass
+        over the queue, and they report none.
         """
+
+        def seen(task: Task) -> tuple[object, ...]:
+            place = self.queue_position(task) if follow_position else 0
+            return (task.state, task.attempt, place)
+
         with self._events.subscribe(task_id) as updates:
             task = current if current is not None else await self.get(tenant, task_id)
-            last = (task.state, task.attempt, self.queue_position(task))
+            last = seen(task)
             yield task
             pending: asyncio.Task[Task] | None = None
             try:
                 while not task.state.is_final:
                     if pending is None:  # one get outlives timeouts: no snapshot is lost
                         pending = asyncio.ensure_future(updates.get())
-                    queued = task.state is TaskState.QUEUED
-                    timeout = POSITION_REFRESH_S if queued else None
+                    refresh = follow_position and task.state is TaskState.QUEUED
+                    timeout = POSITION_REFRESH_S if refresh else None
                     done, _ = await asyncio.wait({pending}, timeout=timeout)
                     if done:
                         task, pending = pending.result(), None
-                    now = (task.state, task.attempt, self.queue_position(task))
+                    now = seen(task)
                     if now != last:
                         last = now
                         yield task
