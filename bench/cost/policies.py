@@ -38,15 +38,15 @@ class Ours:
     def control(self, sim: Simulation, now_s: float) -> tuple[int, Sequence[str]]:
         """One tick of the loop: learn boots, snapshot, decide."""
         live = sim.live_vms()
+        gpu_type = self.autoscaler.policy.launch_request.gpu_types[0]
         for vm in live:
             if vm.connected_s is not None and vm.name not in self._seen:
                 self._seen.add(vm.name)  # the loop learns a boot at the tick that sees it
-                self.autoscaler.observe_boot(now_s - vm.launched_s)
+                self.autoscaler.observe_boot(now_s - vm.launched_s, gpu_type)
         for run_s in sim.completed_runs[self._runs_seen :]:
             self.autoscaler.observe_run(run_s)  # the loop learns each finished task's time
         self._runs_seen = len(sim.completed_runs)
         queued, free = len(sim.queue), sim.free_slots()
-        gpu_type = self.autoscaler.policy.launch_request.gpu_types[0]
         snapshot = Snapshot(
             queue_depth=queued,
             oldest_queued_age_s=now_s - sim.queue[0].arrival_s if sim.queue else 0.0,

@@ -26,10 +26,10 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -57,7 +57,9 @@ from gpubroker.broker.scaling.config import (
     offers_of,
 )
 from gpubroker.broker.scaling.demand import Demand
-from gpubroker.broker.scaling.fleet import FleetClock, FleetTick
+from gpubroker.broker.scaling.events import NoEvents, ScalingEvents
+from gpubroker.broker.scaling.fleet import FleetClock
+from gpubroker.broker.scaling.history import recorded_boots, recorded_runs
 from gpubroker.broker.scaling.policy import Autoscaler, InstanceSnapshot, Snapshot
 from gpubroker.broker.scaling.providers.base import (
     CapacityError,
@@ -78,43 +80,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class ScalingEvents(Protocol):
-    """What the loop reports as it goes (``broker.metrics.Metrics`` is one)."""
-
-    def boot_phase(self, phase: str, gpu_type: str, seconds: float) -> None:
-        """One phase of one launched machine's boot (``boots.BootPhase``), once it connected."""
-
-    def launch_failure(self, kind: str, gpu_type: str, zone: str) -> None:
-        """A launch failed: ``stuck`` (its agent never connected) or ``no_capacity``."""
-
-    def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
-        """Every held ``(gpu_type, zone, seconds left)`` now (zone ``*``: all zones)."""
-
-    def decision(self, action: str, kind: str, gpu_type: str, count: int) -> None:
-        """The policy decided to ``launch`` or ``stop`` ``count`` machines, and why in a word
-        (``Launch.kind``, ``Termination.kind``)."""
-
-    def fleet(self, tick: FleetTick) -> None:
-        """The machines' states now and their time and cost since the last tick."""
-
-
-class _NoEvents:
-    def boot_phase(self, phase: str, gpu_type: str, seconds: float) -> None:
-        pass
-
-    def launch_failure(self, kind: str, gpu_type: str, zone: str) -> None:
-        pass
-
-    def launch_holds(self, holds: Sequence[tuple[str, str, float]]) -> None:
-        pass
-
-    def decision(self, action: str, kind: str, gpu_type: str, count: int) -> None:
-        pass
-
-    def fleet(self, tick: FleetTick) -> None:
-        pass
 
 
 @dataclass
@@ -167,7 +132,7 @@ class ScalingLoop:
         self.autoscaler = Autoscaler(config.policy)
         self.backoff: LaunchBackoff[str] = LaunchBackoff(config.backoff)
         """Failures and holds per GPU type (zones are the provider's business)."""
-        self._events: ScalingEvents = events or _NoEvents()
+        self._events: ScalingEvents = events or NoEvents()
         self._tracked: dict[str, _Tracked] = {}
         self._pending = 0
         self._pending_types: Counter[str] = Counter()
@@ -205,7 +170,30 @@ class ScalingLoop:
             for name in list(self._tracked):
                 await asyncio.to_thread(record_deleted, self._engine, name, now, EndReason.SHUTDOWN)
 
+    async def learn_history(self) -> None:
+        """Seeds the policy's boot and run time estimates from what earlier runs recorded, so
+        a restarted broker sizes launches as the one before it did (``history``)."""
+        longest = self._config.policy.boot_timeout_s
+        try:
+            boots, runs = await asyncio.to_thread(
+                lambda: (
+                    recorded_boots(self._engine, self.provider.name, longest),
+                    recorded_runs(self._engine),
+                )
+            )
+        except Exception:  # estimates are a head start, not a reason to stop scaling
+            logger.exception("could not read recorded boots and run times; using the defaults")
+            return
+        self.autoscaler.boots.seed(boots)
+        for seconds in runs:
+            self.autoscaler.observe_run(seconds)
+        logger.info(
+            "learned from %d recorded boots (estimate %.0f s) and %d task runs (%.1f s a task)",
+            len(boots), self.autoscaler.boot_time_s, len(runs), self.autoscaler.run_time_s,
+        )  # fmt: skip
+
     async def _run(self) -> None:
+        await self.learn_history()
         while True:
             try:
                 await self.tick()
@@ -335,7 +323,7 @@ class ScalingLoop:
                 tracked.running_at = wall
                 await asyncio.to_thread(record_running, self._engine, instance.name, wall)
             booting = tracked.connected_s is None
-            self._observe_agent(instance.name, tracked, now_s)
+            self._observe_agent(instance, tracked, now_s)
             if booting and tracked.connected_s is not None:  # its boot ends here
                 await self._booted(instance, tracked, wall)
         for name in set(self._tracked) - listed - self._terminating:  # gone without us
@@ -357,8 +345,8 @@ class ScalingLoop:
         if self.backoff.succeed(instance.gpu_type):
             logger.info("an agent of %s connected: launch backoff reset", instance.gpu_type)
 
-    def _observe_agent(self, name: str, tracked: _Tracked, now_s: float) -> None:
-        session = self._registry.get(name)
+    def _observe_agent(self, instance: Instance, tracked: _Tracked, now_s: float) -> None:
+        session = self._registry.get(instance.name)
         if session is None:
             tracked.idle_since_s = None
             return
@@ -366,7 +354,7 @@ class ScalingLoop:
         if tracked.connected_s is None:
             tracked.connected_s = now_s
             if tracked.launched:  # an adopted machine's age says nothing about boot times
-                self.autoscaler.observe_boot(now_s - tracked.created_s)
+                self.autoscaler.observe_boot(now_s - tracked.created_s, instance.gpu_type)
         if session.leases:
             tracked.idle_since_s = None
         elif tracked.idle_since_s is None:

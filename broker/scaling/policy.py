@@ -3,8 +3,9 @@
 Pure decision logic: no grpc, no asyncio, no I/O, and no clock. The caller passes a
 ``Snapshot`` of the queue and the instances plus the current time (seconds on any monotonic
 clock, the same one the snapshot's times use) to ``Autoscaler.decide`` and carries out the
-``Decision`` through a provider. The ``Autoscaler`` keeps only two pieces of state: its
-estimate of the boot time and when it last ordered a scale-up.
+``Decision`` through a provider. The ``Autoscaler`` keeps what it learns (boot times per GPU
+type, ``estimates``; the run time per task; idle gaps, ``gaps``) and when it last ordered a
+scale-up.
 
 Scale up. Capacity is the free slots of connected agents plus ``slots_per_instance`` for every
 instance still booting and every launch still pending; queued tasks beyond it want
@@ -14,8 +15,9 @@ their type fits, and each requirement short of slots asks for the cheapest confi
 that fit it, so one decision may hold several launches). A new instance bills its whole boot
 before it serves, so that count is then cut to the instances worth starting
 (``sizing.worth_starting``): each must get at least ``launch_work_boots`` boots of the queued
-work, sized with the learned run time per task, after the instances already serving have done
-what they do while it boots. The first instance for work nothing serves is always worth it.
+work, sized with the learned run time per task and the boot time of the GPU type it would
+launch, after the instances already serving have done what they do while it boots. The first
+instance for work nothing serves is always worth it.
 ``max_queue_delay_s`` trades wait for cost (``sizing``): above 0 that first instance waits until
 the oldest task has waited the delay less a boot, and more start only when the serving ones
 would keep the last queued task past the delay. It also launches up to ``min_instances``.
@@ -58,6 +60,7 @@ from gpubroker.broker.scaling.decisions import (
     Termination,
 )
 from gpubroker.broker.scaling.demand import GpuChoice, Want, choices_of, plan
+from gpubroker.broker.scaling.estimates import BootEstimates
 from gpubroker.broker.scaling.gaps import GapLearner
 from gpubroker.broker.scaling.providers.base import InstanceStatus, LaunchRequest
 from gpubroker.broker.scaling.sizing import (
@@ -177,15 +180,15 @@ class Autoscaler:
 
     def __init__(self, policy: ScalingPolicy | None = None) -> None:
         self.policy = policy or ScalingPolicy()
-        self._boot_s = self.policy.default_boot_s
+        self.boots = BootEstimates(self.policy.default_boot_s, self.policy.boot_smoothing)
         self._run_s = self.policy.default_run_s
         self._last_scale_up_s: float | None = None
         self.gaps = GapLearner(self.policy.gap_samples)
 
     @property
     def boot_time_s(self) -> float:
-        """Current estimate of the boot time."""
-        return self._boot_s
+        """Current estimate of the boot time over every GPU type."""
+        return self.boots.overall_s
 
     @property
     def run_time_s(self) -> float:
@@ -195,19 +198,17 @@ class Autoscaler:
     @property
     def idle_grace_s(self) -> float:
         """How long an idle instance is kept once its billing minimum is over."""
-        policy = self.policy
-        if policy.max_queue_delay_s > self._boot_s:
+        policy, boot_s = self.policy, self.boots.overall_s
+        if policy.max_queue_delay_s > boot_s:
             keep = 0.0  # batches: the next machine starts when waiting work is due
         else:
-            keep = self.gaps.keep_s(self._boot_s, self._boot_s * policy.keep_factor)
+            keep = self.gaps.keep_s(boot_s, boot_s * policy.keep_factor)
         return max(policy.min_idle_s, keep)
 
-    def observe_boot(self, seconds: float) -> None:
-        """Folds one measured boot (launch to agent connected) into the estimate."""
-        if seconds < 0:
-            raise ValueError(f"a boot cannot take {seconds} s")
-        weight = self.policy.boot_smoothing
-        self._boot_s = weight * seconds + (1 - weight) * self._boot_s
+    def observe_boot(self, seconds: float, gpu_type: str | None = None) -> None:
+        """Folds one measured boot (launch to agent connected) of a ``gpu_type`` machine into
+        the estimates."""
+        self.boots.observe(seconds, gpu_type)
 
     def observe_run(self, seconds: float) -> None:
         """Folds one finished task's run time (device seconds) into the estimate."""
@@ -250,7 +251,7 @@ class Autoscaler:
         busy = [i.name for i in kept if i.running_tasks > 0]
         excess = max(snapshot.queue_depth - snapshot.free_slots, 0)
         wanted = math.ceil(excess / self.policy.slots_per_instance)
-        self.gaps.observe(idle, busy, wanted, now_s, horizon_s=2 * self._boot_s)
+        self.gaps.observe(idle, busy, wanted, now_s, horizon_s=2 * self.boots.overall_s)
 
     def _broken(self, instance: InstanceSnapshot, now_s: float) -> Termination | None:
         if instance.status is InstanceStatus.TERMINATED:
@@ -361,19 +362,20 @@ class Autoscaler:
         pending = sum(g in types for g in snapshot.pending_types)
         if want.request == policy.launch_request:
             pending = snapshot.pending_launches
+        boot_s = self.boots.for_types(want.request.gpu_types)
         fleet = Fleet(
             queued=queued,
             run_s=self._run_s,
-            boot_s=self._boot_s,
+            boot_s=boot_s,
             connected=sum(i.connected for i in fits),
             booting=sum(not i.connected for i in fits) + pending,
         )
         delay = policy.max_queue_delay_s
         age = snapshot.oldest_queued_age_s
-        if fleet.serving == 0 and delay > 0 and not first_start_due(age, self._boot_s, delay):
+        if fleet.serving == 0 and delay > 0 and not first_start_due(age, boot_s, delay):
             why = (
                 f"the oldest of {queued} queued tasks has waited {age:.0f} s; with boots of "
-                f"{self._boot_s:.0f} s a machine starts at {delay - self._boot_s:.0f} s "
+                f"{boot_s:.0f} s a machine starts at {delay - boot_s:.0f} s "
                 f"(max_queue_delay_s {delay:.0f})"
             )
             return dataclasses.replace(want, count=0, reasons=(*want.reasons, why))
@@ -385,7 +387,7 @@ class Autoscaler:
         why = (
             f"{count} worth starting for {fleet.work_s:.0f} s of queued work "
             f"({self._run_s:.0f} s a task) with {fleet.connected} serving and "
-            f"{fleet.booting} booting ({self._boot_s:.0f} s boots, at least "
+            f"{fleet.booting} booting ({boot_s:.0f} s boots, at least "
             f"{policy.launch_work_boots:g} boots of work each)"
         )
         return dataclasses.replace(want, count=count, reasons=(*want.reasons, why))
@@ -438,7 +440,7 @@ class Autoscaler:
             instance.name,
             f"idle for {now_s - instance.idle_since_s:.0f} s, past the "
             f"{self.idle_grace_s:.0f} s grace (fitted to {len(self.gaps.gaps)} idle gaps, "
-            f"boot estimate {self._boot_s:.0f} s) and the "
+            f"boot estimate {self.boots.overall_s:.0f} s) and the "
             f"{self.policy.billing_minimum_s:.0f} s billing minimum",
         )
 

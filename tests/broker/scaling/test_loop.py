@@ -13,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from gpubroker.billing.models import vm_instances
+from gpubroker.billing.models import usage, vm_instances
 from gpubroker.billing.prices import PriceCatalog
+from gpubroker.billing.vms import VmLaunch, record_connected, record_created
 from gpubroker.broker.core.registry import AgentSession
 from gpubroker.broker.metrics import Metrics
 from gpubroker.broker.model import AgentInfo, Task, TaskState
@@ -220,3 +221,38 @@ async def test_each_succeeded_task_teaches_the_policy_its_run_time(make_loop: Ma
     assert loop.autoscaler.run_time_s == 60.0  # only successes teach it
     loop.observe_task(done)
     assert loop.autoscaler.run_time_s == 35.0
+
+
+async def test_a_restarted_loop_starts_from_the_recorded_boots_and_run_times(
+    broker_server: BrokerServer, make_loop: MakeLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker before the restart launched machines that took 200 s and 240 s to boot, and
+    # its tasks took 12 s; a fresh loop must start from them, not from the 90 s / 60 s defaults.
+    created = datetime.now(UTC) - timedelta(hours=1)
+    for i, boot_s in enumerate((200.0, 240.0)):
+        name = f"before-{i}"
+        vm = VmLaunch(name, "fake", "zone-a", "cpu", "fake-machine", False, 1, "v1")
+        record_created(broker_server.engine, vm, created + timedelta(minutes=i))
+        at = created + timedelta(minutes=i, seconds=boot_s)
+        record_connected(broker_server.engine, name, at)
+    with broker_server.engine.begin() as conn:
+        conn.execute(usage.insert(), [_usage_row(f"t{i}", 12.0, created) for i in range(40)])
+    policy = dataclasses.replace(ALWAYS_ONE, default_boot_s=90.0, default_run_s=60.0)
+    loop = make_loop(policy)
+
+    with caplog.at_level(logging.INFO, logger="gpubroker.broker.scaling.loop"):
+        await loop.learn_history()
+
+    boots = loop.autoscaler.boots
+    assert boots.for_types(("cpu",)) == pytest.approx(0.3 * 240.0 + 0.7 * (0.3 * 200 + 0.7 * 90))
+    assert loop.autoscaler.run_time_s == pytest.approx(12.0, abs=0.1)
+    assert "learned from 2 recorded boots" in caplog.text
+
+
+def _usage_row(task_id: str, compute_s: float, at: datetime) -> dict[str, object]:
+    return {
+        "task_id": task_id, "tenant": "a", "workload": "w", "agent_id": "ag", "gpu_type": "cpu",
+        "attempt": 1, "queue_wait_seconds": 0.0, "compute_seconds": compute_s, "bytes_in": 0,
+        "bytes_out": 0, "price_per_hour_nanousd": 1, "cost_nanousd": 0, "price_version": "v1",
+        "created_at": at,
+    }  # fmt: skip

@@ -398,3 +398,21 @@ def test_the_worst_case_price_is_the_dearest_on_demand_offering() -> None:
 def test_an_inconsistent_policy_is_refused(changes: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         _policy(**changes)
+
+
+def test_a_launch_is_sized_with_its_gpu_types_boots_not_the_fleets() -> None:
+    # 10 tasks of 60 s, two boots of work per new instance. L4s have booted in 60 s (3 boots
+    # of work each: 5 worth starting); a fleet-wide estimate pulled up by slow H100 boots
+    # would have started fewer.
+    scaler = Autoscaler(_policy(launch_work_boots=2.0, default_run_s=60.0, boot_smoothing=1.0))
+    scaler.observe_boot(400.0, "nvidia-h100-80gb")
+    scaler.observe_boot(60.0, "nvidia-l4")
+    scaler.observe_boot(400.0, "nvidia-h100-80gb")
+
+    decision = scaler.decide(Snapshot(queue_depth=10), now_s=0.0)
+
+    assert scaler.boot_time_s == 400.0
+    assert _launched(decision) == 5
+    fleetwide = Autoscaler(_policy(launch_work_boots=2.0, default_run_s=60.0, boot_smoothing=1.0))
+    fleetwide.observe_boot(400.0)  # the same fleet, boots not told apart by type
+    assert _launched(fleetwide.decide(Snapshot(queue_depth=10), now_s=0.0)) == 1
