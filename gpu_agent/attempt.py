@@ -39,9 +39,10 @@ from gpubroker.gpu_agent.session import Session
 from gpubroker.protos import agent_pb2, task_pb2
 from gpubroker.protos.modelfile import model_of
 from gpubroker.protos.states import FailureCode
+from gpubroker.protos.transport import RETRY_AFTER_HEADER
 from gpubroker.protos.wire import INLINE_MAX_BYTES, ChecksumMismatchError, WireError
 
-__all__ = ["ERROR_CODES", "Attempt", "ModelServices", "Revocation"]
+__all__ = ["ERROR_CODES", "RESULT_RETRY_FOR_S", "Attempt", "ModelServices", "Revocation"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ ERROR_CODES: dict[type[AgentError], FailureCode] = {
 """The failure code reported for each error that ends an attempt."""
 
 _STALE_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+
+RESULT_RETRY_FOR_S = 900.0
+"""How long an attempt keeps its outputs and offers them again while the broker asks it to
+(its spool disk is below its free floor; it keeps the attempt leased meanwhile)."""
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The wait a refusal asks for before the call is worth repeating, or None if it is not."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_HEADER:
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                return None
+    return None
 
 
 class Revocation(enum.Enum):
@@ -225,7 +241,10 @@ class Attempt:
             self.session.report(agent_pb2.AgentResult(header=header, data=data))
             state = "reported"
         else:
-            state = task_pb2.TaskState.Name(await self._gateway.put_result(header, buffers))
+            reply = await self._put_result(header, buffers)
+            if reply is None:
+                return
+            state = task_pb2.TaskState.Name(reply)
         logger.debug(
             "attempt %s (%s) done in %.6f s of compute; task %s",
             self.ref,
@@ -233,6 +252,35 @@ class Attempt:
             outcome.compute_seconds,
             state,
         )
+
+    async def _put_result(
+        self, header: agent_pb2.ResultHeader, buffers: list[memoryview]
+    ) -> task_pb2.TaskState.ValueType | None:
+        """``PutResult``, offered again for as long as the broker asks (``retry_after_s``), up to
+        ``RESULT_RETRY_FOR_S``; None if the attempt was revoked meanwhile."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RESULT_RETRY_FOR_S
+        refusals = 0
+        while True:
+            try:
+                return await self._gateway.put_result(header, buffers)
+            except grpc.aio.AioRpcError as exc:
+                pause = retry_after_s(exc)
+                if pause is None or loop.time() + pause > give_up:
+                    raise
+                refusals += 1
+                level = logging.WARNING if refusals == 1 else logging.DEBUG
+                logger.log(
+                    level,
+                    "attempt %s: the broker cannot store its outputs yet (%s); keeping them and "
+                    "offering them again every %g s for up to %g s",
+                    self.ref, exc.details(), pause, RESULT_RETRY_FOR_S,
+                )  # fmt: skip
+            await asyncio.wait({self._revoked}, timeout=pause)
+            if self.revocation is not None:
+                logger.info("attempt %s stopped with its outputs unsent: %s", self.ref,
+                            self.revocation.value)  # fmt: skip
+                return None
 
     def _log_refusal(self, exc: grpc.aio.AioRpcError) -> None:
         if exc.code() in _STALE_CODES:

@@ -97,6 +97,12 @@ versions announced. Version 2 adds batches, and results and draining notices on 
 stream; against a peer that speaks only 1 (or announces nothing), each message is written on
 its own and every result goes through ``PutResult``."""
 
+RETRY_AFTER_HEADER = "gpubroker-retry-after-s"
+"""Trailing metadata of a refusal that is worth repeating: the seconds to wait first (the
+broker's spool disk is below its free floor; the broker keeps the attempt leased meanwhile)."""
+RETRY_AFTER_S = 5.0
+"""The wait ``RETRY_AFTER_HEADER`` asks for when the spool's disk is full."""
+
 AUTHORIZATION_HEADER = "authorization"
 """The metadata key carrying an API key (clients) or the join token (agents)."""
 

@@ -30,6 +30,7 @@ from gpubroker.broker.errors import (
     PayloadLostError,
     RequestConflictError,
     ResultExpiredError,
+    SpoolFullError,
     StaleAttemptError,
     TaskEndedError,
     TaskNotFoundError,
@@ -57,6 +58,7 @@ from gpubroker.protos.convert import (
 )
 from gpubroker.protos.modelfile import workload_for
 from gpubroker.protos.states import FailureCode
+from gpubroker.protos.transport import RETRY_AFTER_HEADER, RETRY_AFTER_S
 
 __all__ = [
     "abort_on_broker_error",
@@ -133,6 +135,8 @@ async def abort_on_broker_error(
     except BrokerError as exc:
         if requests is not None:
             await _drain(requests)
+        if isinstance(exc, SpoolFullError):  # the disk may free up: say when to try again
+            context.set_trailing_metadata(((RETRY_AFTER_HEADER, f"{RETRY_AFTER_S:g}"),))
         await context.abort(status_for(exc), str(exc))
 
 

@@ -20,7 +20,7 @@ from gpubroker.broker.config import Limits
 from gpubroker.broker.core.capacity import Capacity
 from gpubroker.broker.core.events import TaskEvents
 from gpubroker.broker.core.failpoint import crash_if_armed
-from gpubroker.broker.core.outputs import spool_outputs
+from gpubroker.broker.core.outputs import in_one_chunk, spool_outputs
 from gpubroker.broker.core.placement import key_for, match, waiting_reason
 from gpubroker.broker.core.reconcile import InFlight
 from gpubroker.broker.core.registry import (
@@ -40,6 +40,7 @@ from gpubroker.broker.errors import (
     BrokerError,
     InvalidTaskError,
     LimitExceededError,
+    SpoolFullError,
     StaleAttemptError,
     UploadCutShortError,
 )
@@ -283,6 +284,8 @@ class Dispatcher:
         try:
             durable = not running.call_bound
             inline = await spool_outputs(self._spool, self._limits, outcome, chunks, durable)
+        except SpoolFullError:
+            raise  # the broker's disk, not the task: it stays leased and the agent tries again
         except BrokerError as exc:
             await self.settle(self._reject_upload(outcome, exc), task_id)
             raise
@@ -294,7 +297,7 @@ class Dispatcher:
         The session, not the report, says which agent reports: no agent speaks for another.
         """
         reported = dataclasses.replace(outcome, agent_id=session.agent_id)
-        return await self.complete(reported, _once(data))
+        return await self.complete(reported, in_one_chunk(data))
 
     async def _end(
         self, outcome: AttemptOutcome, inline: bytes | None, running: Task | None
@@ -494,7 +497,3 @@ class Dispatcher:
                 await self.disconnect(session, "lease expired")
             for before, after in await self._store.expire(_now()):
                 self._ended(before, after, "deadline exceeded")
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data

@@ -11,7 +11,12 @@ from gpubroker.broker.model import AttemptOutcome
 from gpubroker.broker.storage.spool import Spool
 from gpubroker.protos.wire import TensorStream, WireError
 
-__all__ = ["spool_outputs"]
+__all__ = ["in_one_chunk", "spool_outputs"]
+
+
+async def in_one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` as a stream of one chunk: outputs that came whole on the control stream."""
+    yield data
 
 
 async def spool_outputs(

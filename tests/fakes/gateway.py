@@ -18,6 +18,7 @@ from gpubroker.client.codec import decode, encode
 from gpubroker.gpu_agent.agent import Agent
 from gpubroker.gpu_agent.workloads import Param
 from gpubroker.protos import agent_pb2, agent_pb2_grpc, task_pb2
+from gpubroker.protos.transport import RETRY_AFTER_HEADER
 from gpubroker.protos.wire import TensorMeta
 from tests.support.chunks import iter_chunks
 
@@ -45,6 +46,9 @@ class FakeGateway(agent_pb2_grpc.AgentGatewayServicer):
 
     heartbeat_s: float = 0.05
     refuse_results: grpc.StatusCode | None = None
+    retry_after: str | None = None
+    """Sent with each refused result as ``RETRY_AFTER_HEADER``, as the broker with a full disk."""
+    result_calls: int = 0
     messages: asyncio.Queue[agent_pb2.AgentMessage] = field(default_factory=asyncio.Queue)
     uploads: asyncio.Queue[Upload] = field(default_factory=asyncio.Queue)
     fetched: list[str] = field(default_factory=list)
@@ -117,7 +121,10 @@ class FakeGateway(agent_pb2_grpc.AgentGatewayServicer):
         self, request_iterator: AsyncIterator[agent_pb2.PutResultRequest], context: Context
     ) -> agent_pb2.PutResultResponse:
         requests = [r async for r in request_iterator]
+        self.result_calls += 1
         if self.refuse_results is not None:
+            if self.retry_after is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_HEADER, self.retry_after),))
             await context.abort(self.refuse_results, "attempt 1 is no longer current")
         self.uploads.put_nowait(
             Upload(requests[0].header, b"".join(r.chunk.data for r in requests))

@@ -233,6 +233,49 @@ async def test_a_refused_stale_result_does_not_stop_the_agent(
     assert len(broker.gateway.metadata) == 1  # still on its first control stream
 
 
+async def test_outputs_the_broker_cannot_store_yet_are_kept_and_offered_again(
+    broker: FakeGatewayServer, start_agent: AgentFactory
+) -> None:
+    # The broker's spool disk is full: it refuses the upload, says when to try again, and keeps
+    # the attempt leased. The agent keeps the outputs and offers them until they are taken.
+    broker.gateway.refuse_results = grpc.StatusCode.RESOURCE_EXHAUSTED
+    broker.gateway.retry_after = "0.05"
+    start_agent(slots=1)
+    await next_message(broker.gateway, "credit")
+    data = torch.arange(32 << 10, dtype=torch.float32)  # 128 KiB: through PutResult
+    broker.gateway.submit(*make_assignment("t-full", "echo", [data]))
+
+    await wait_for(lambda: broker.gateway.result_calls >= 3, what="three offers")
+    beat = await next_message(broker.gateway, "heartbeat")
+    broker.gateway.refuse_results = None
+    upload = await next_upload(broker.gateway)
+
+    assert [a.task_id for a in beat.heartbeat.running] == ["t-full"]  # still its attempt
+    assert upload.header.attempt.task_id == "t-full"
+    assert torch.equal(outputs(upload)[0], data)
+
+
+async def test_a_cancel_ends_the_offers_of_outputs_the_broker_cannot_store(
+    broker: FakeGatewayServer, start_agent: AgentFactory
+) -> None:
+    broker.gateway.refuse_results = grpc.StatusCode.RESOURCE_EXHAUSTED
+    broker.gateway.retry_after = "0.05"
+    start_agent(slots=1)
+    await next_message(broker.gateway, "credit")
+    broker.gateway.submit(*make_assignment("t-full", "echo", [torch.ones(32 << 10)], attempt=2))
+    await wait_for(lambda: broker.gateway.result_calls >= 2, what="two offers")
+
+    broker.gateway.cancel("t-full", 2)
+    released = (await next_message(broker.gateway, "released")).released
+    offers = broker.gateway.result_calls  # the attempt has ended: no offer can follow
+    credit = (await next_message(broker.gateway, "credit")).credit
+
+    assert (released.attempt.task_id, released.attempt.attempt) == ("t-full", 2)
+    assert credit.slots == 1
+    assert broker.gateway.result_calls == offers
+    assert broker.gateway.uploads.empty()
+
+
 async def test_the_agent_reconnects_after_the_broker_restarts_and_drops_lost_work(
     broker: FakeGatewayServer, start_agent: AgentFactory
 ) -> None:
