@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from gpubroker.billing.errors import UnknownPriceError
 from gpubroker.billing.prices import PriceCatalog, cost_nanousd
@@ -40,6 +46,9 @@ class Metrics:
     def __init__(
         self, tenants: TenantLabels | None = None, catalog: PriceCatalog | None = None
     ) -> None:
+        # Every counter and histogram would export a "<name>_created" series too (one more
+        # series per label set, for a start time no dashboard reads); the switch is global.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.tenant = tenants or TenantLabels()
         self._catalog = catalog

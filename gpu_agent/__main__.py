@@ -65,7 +65,8 @@ logger = logging.getLogger("gpubroker.gpu_agent")
 @click.option(
     "--metadata-url",
     help="GCE metadata server to watch for preemption; 'off' disables "
-    "[default: $GCE_METADATA_HOST or metadata.google.internal, if it answers].",
+    "[env: GPUBROKER_AGENT_METADATA_URL; default: $GCE_METADATA_HOST or "
+    "metadata.google.internal, if it answers].",
 )
 @click.option(
     "--metrics",
@@ -115,6 +116,7 @@ def main(
             cert_file=cert_file,
             key_file=key_file,
             metrics_address=metrics_address,
+            metadata_url=metadata_url,
         )
         models = _overridden(
             settings.models,
@@ -133,7 +135,8 @@ def main(
     except (ValueError, WorkloadLoadError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        watch = None if metadata_url == "off" else (metadata_url or default_metadata_url())
+        chosen = settings.metadata_url
+        watch = None if chosen == "off" else (chosen or default_metadata_url())
         asyncio.run(_serve(settings, runner, watch))
     except JoinRefusedError:
         raise SystemExit(1) from None  # logged, in the chosen log format, as it happened

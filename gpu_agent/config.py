@@ -122,6 +122,9 @@ class Settings:
     """The model cache."""
     metrics_address: str | None = None
     """``host:port`` to serve the agent's Prometheus ``/metrics`` on; None serves none."""
+    metadata_url: str | None = None
+    """The GCE metadata server to watch for preemption; ``off`` watches none; None: the default
+    (``preemption.metadata_url``)."""
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -153,8 +156,8 @@ class Settings:
         ``BROKER``, ``ID``, ``SLOTS``, ``PREFETCH``, ``PREFETCH_HORIZON_S``, ``DEVICE``,
         ``JOIN_TOKEN`` (falling back to the broker's ``GPUBROKER_JOIN_TOKEN``), ``TLS``,
         ``CA_FILE``, ``CERT_FILE``, ``KEY_FILE``, ``RECONNECT_INITIAL_S``,
-        ``RECONNECT_MAX_S``, ``MODEL_DIR``, ``MODEL_DISK_BYTES``, ``MODEL_DEVICE_BYTES`` and
-        ``METRICS``,
+        ``RECONNECT_MAX_S``, ``MODEL_DIR``, ``MODEL_DISK_BYTES``, ``MODEL_DEVICE_BYTES``,
+        ``METRICS`` and ``METADATA_URL``,
         each after the ``GPUBROKER_AGENT_`` prefix.
 
         Raises:
@@ -189,6 +192,7 @@ class Settings:
             backoff=backoff,
             models=models,
             metrics_address=env.get("METRICS") or None,
+            metadata_url=env.get("METADATA_URL") or None,
         )
 
 

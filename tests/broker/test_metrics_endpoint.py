@@ -152,6 +152,8 @@ def test_counters_are_exported_with_their_total_suffix_once() -> None:
     assert "_total_total" not in text
     labels = 'action="launch",gpu_type="nvidia-l4",kind="demand"'
     assert f"gpubroker_autoscaler_decisions_total{{{labels}}} 2.0" in text
+    # No "_created" twin per series: it doubles what Prometheus stores and nothing reads it.
+    assert "_created" not in text
 
 
 async def test_routes_answer_plain_and_coroutine_handlers_with_the_query() -> None:

@@ -36,6 +36,7 @@ def test_settings_come_from_gpubroker_agent_variables() -> None:
             "GPUBROKER_AGENT_MODEL_DIR": "/var/cache/models",
             "GPUBROKER_AGENT_MODEL_DISK_BYTES": "1000000",
             "GPUBROKER_AGENT_MODEL_DEVICE_BYTES": "2000",
+            "GPUBROKER_AGENT_METADATA_URL": "off",
         }
     )
 
@@ -49,6 +50,7 @@ def test_settings_come_from_gpubroker_agent_variables() -> None:
         ca_file="/etc/ca.pem",
         backoff=Backoff(max_s=9.0),
         models=ModelCacheSettings("/var/cache/models", disk_bytes=1_000_000, device_bytes=2000),
+        metadata_url="off",
     )
 
 
