@@ -233,15 +233,21 @@ async def test_a_refused_stale_result_does_not_stop_the_agent(
     assert len(broker.gateway.metadata) == 1  # still on its first control stream
 
 
+async def _one_slot_and_a_full_disk(broker: FakeGatewayServer, start_agent: AgentFactory) -> None:
+    """An agent with one slot, against a broker that refuses results as a full spool disk does
+    (RESOURCE_EXHAUSTED, asking for another try in 50 ms)."""
+    broker.gateway.refuse_results = grpc.StatusCode.RESOURCE_EXHAUSTED
+    broker.gateway.retry_after = "0.05"
+    start_agent(slots=1)
+    await next_message(broker.gateway, "credit")
+
+
 async def test_outputs_the_broker_cannot_store_yet_are_kept_and_offered_again(
     broker: FakeGatewayServer, start_agent: AgentFactory
 ) -> None:
     # The broker's spool disk is full: it refuses the upload, says when to try again, and keeps
     # the attempt leased. The agent keeps the outputs and offers them until they are taken.
-    broker.gateway.refuse_results = grpc.StatusCode.RESOURCE_EXHAUSTED
-    broker.gateway.retry_after = "0.05"
-    start_agent(slots=1)
-    await next_message(broker.gateway, "credit")
+    await _one_slot_and_a_full_disk(broker, start_agent)
     data = torch.arange(32 << 10, dtype=torch.float32)  # 128 KiB: through PutResult
     broker.gateway.submit(*make_assignment("t-full", "echo", [data]))
 
@@ -258,10 +264,7 @@ async def test_outputs_the_broker_cannot_store_yet_are_kept_and_offered_again(
 async def test_a_cancel_ends_the_offers_of_outputs_the_broker_cannot_store(
     broker: FakeGatewayServer, start_agent: AgentFactory
 ) -> None:
-    broker.gateway.refuse_results = grpc.StatusCode.RESOURCE_EXHAUSTED
-    broker.gateway.retry_after = "0.05"
-    start_agent(slots=1)
-    await next_message(broker.gateway, "credit")
+    await _one_slot_and_a_full_disk(broker, start_agent)
     broker.gateway.submit(*make_assignment("t-full", "echo", [torch.ones(32 << 10)], attempt=2))
     await wait_for(lambda: broker.gateway.result_calls >= 2, what="two offers")
 
