@@ -94,10 +94,15 @@ def escape_control(text: str, *, keep_newlines: bool = False) -> str:
 
 
 class EscapingFormatter(logging.Formatter):
-    """A ``logging.Formatter`` whose message part never holds a raw control character."""
+    """A ``logging.Formatter`` whose message part never holds a raw control character, and
+    which ends a line about a task with its fields (``[task_id=... tenant=... attempt=...
+    agent=...]``, those present)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_control(record.message)
+        fields = [f"{k}={getattr(record, k)}" for k in TASK_FIELDS if getattr(record, k, None)]
+        if fields:  # the task the line is about, as JSON lines carry it: `[task_id=... ...]`
+            record.message += f" [{escape_control(' '.join(fields))}]"
         return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:

@@ -7,6 +7,8 @@ import logging
 import sys
 
 from gpubroker.logformat import (
+    FORMAT,
+    EscapingFormatter,
     GrpcCoreLog,
     JsonFormatter,
     TaskContextFilter,
@@ -86,3 +88,18 @@ def test_absl_lines_keep_their_level_and_source_and_others_are_warnings() -> Non
         ),
     ]
     assert records[0].__dict__["source"] == "chttp2_transport.cc:1403"
+
+
+def test_a_text_line_about_a_task_ends_with_its_fields_escaped() -> None:
+    record = _record("attempt done", **task_fields("t1", "acme", 2, EVIL))
+    TaskContextFilter().filter(record)
+
+    text = EscapingFormatter(FORMAT).format(record)
+
+    assert "\n" not in text and "\x1b" not in text and "\u2028" not in text
+    assert text.endswith(
+        'attempt done [task_id=t1 tenant=acme attempt=2 agent=agent-1\\n{"level": "INFO"}'
+        "\\r\\x1b[31m\\u2028]"
+    )
+    plain = EscapingFormatter(FORMAT).format(_record("no task here"))
+    assert plain.endswith("no task here")
