@@ -68,6 +68,9 @@ class Snapshot:
     """Queued tasks per GPU requirement; None: count ``queue_depth`` against ``free_slots``."""
     pending_types: Sequence[str] = ()
     """The first GPU type of each pending launch."""
+    held_types: frozenset[str] = frozenset()
+    """GPU types whose launches are held after failures (``backoff``): a launch goes to the
+    request's first type not held, so it is sized with that type's boots."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,7 @@ class ScalingLoop:
             pending_launches=self._pending,
             demands=self._demands(),
             pending_types=tuple(self._pending_types.elements()),
+            held_types=frozenset(h.key for h in self.backoff.holds() if h.remaining_s(now_s)),
         )
         decision = self.autoscaler.decide(snapshot, now_s)
         by_name = {i.name: i for i in instances}

@@ -362,7 +362,8 @@ class Autoscaler:
         pending = sum(g in types for g in snapshot.pending_types)
         if want.request == policy.launch_request:
             pending = snapshot.pending_launches
-        boot_s = self.boots.for_types(want.request.gpu_types)
+        launchable = [g for g in want.request.gpu_types if g not in snapshot.held_types]
+        boot_s = self.boots.for_types(launchable or want.request.gpu_types)
         fleet = Fleet(
             queued=queued,
             run_s=self._run_s,

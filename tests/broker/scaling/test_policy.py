@@ -416,3 +416,26 @@ def test_a_launch_is_sized_with_its_gpu_types_boots_not_the_fleets() -> None:
     fleetwide = Autoscaler(_policy(launch_work_boots=2.0, default_run_s=60.0, boot_smoothing=1.0))
     fleetwide.observe_boot(400.0)  # the same fleet, boots not told apart by type
     assert _launched(fleetwide.decide(Snapshot(queue_depth=10), now_s=0.0)) == 1
+
+
+def test_a_launch_whose_first_type_is_held_is_sized_with_the_boots_of_the_type_launched() -> None:
+    # The loop drops held types from a launch (backoff): an L4 launch held after a stuck boot
+    # goes to T4, which boots in 400 s, so it is sized with T4's boots, not L4's 60 s.
+    policy = _policy(
+        launch_request=LaunchRequest(gpu_types=("nvidia-l4", "nvidia-tesla-t4")),
+        launch_work_boots=2.0,
+        default_run_s=60.0,
+        boot_smoothing=1.0,
+    )
+
+    def learned() -> Autoscaler:
+        scaler = Autoscaler(policy)
+        scaler.observe_boot(60.0, "nvidia-l4")
+        scaler.observe_boot(400.0, "nvidia-tesla-t4")
+        return scaler
+
+    free = Snapshot(queue_depth=10)
+    held = Snapshot(queue_depth=10, held_types=frozenset({"nvidia-l4"}))
+
+    assert _launched(learned().decide(free, now_s=0.0)) == 5  # 60 s boots: 5 worth starting
+    assert _launched(learned().decide(held, now_s=0.0)) == 1  # 400 s boots: only the first
