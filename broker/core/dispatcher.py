@@ -33,6 +33,7 @@ from gpubroker.broker.core.registry import (
     Revoke,
 )
 from gpubroker.broker.core.scheduler import FairQueue
+from gpubroker.broker.core.settling import Settler
 from gpubroker.broker.core.spread import Recall, plan_recalls
 from gpubroker.broker.core.wakeup import Wakeup
 from gpubroker.broker.core.workloads import KnownWorkloads
@@ -104,7 +105,7 @@ class Dispatcher:
         self._failpoint = failpoint
         self._wake = Wakeup()
         self._tasks: list[asyncio.Task[None]] = []
-        self._settling: set[asyncio.Future[Any]] = set()
+        self._settler = Settler()
         self.in_flight = InFlight()
         """Tasks with a commit in flight here (reconciliation leaves them alone)."""
 
@@ -135,8 +136,7 @@ class Dispatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._settling:
-            await asyncio.wait(list(self._settling))
+        await self._settler.wait()
         for session in self._registry.sessions():
             session.outbox.put_nowait(Close("broker shutting down"))
 
@@ -328,12 +328,8 @@ class Dispatcher:
         hold the task. The caller still sees its own cancellation; ``stop`` waits for the rest.
         Reconciliation leaves ``task_ids`` alone until then (``in_flight``).
         """
-        settling = asyncio.ensure_future(work)
         self.in_flight.add(task_ids)
-        self._settling.add(settling)
-        settling.add_done_callback(self._settling.discard)
-        settling.add_done_callback(lambda _: self.in_flight.discard(task_ids))
-        return await asyncio.shield(settling)
+        return await self._settler.settle(work, lambda: self.in_flight.discard(task_ids))
 
     async def _reject_upload(self, outcome: AttemptOutcome, exc: BrokerError) -> None:
         """A result that cannot be stored: too large fails the task; cut short (the agent died

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from gpubroker.broker.config import ModelLimits
+from gpubroker.broker.core.settling import Settler
 from gpubroker.broker.errors import (
     InvalidModelError,
     InvalidTaskError,
@@ -92,7 +93,7 @@ class ModelService:
         arrive, so that concurrent uploads cannot together pass it."""
         self._commit = asyncio.Lock()
         """Orders installing a file and its row against deleting the last row and the file."""
-        self._settling: set[asyncio.Future[Any]] = set()
+        self._settler = Settler()
         """Commits whose follow-up runs on although their call was cancelled (``_settle``)."""
 
     @property
@@ -177,10 +178,7 @@ class ModelService:
         its end even when the call that asked for it is cancelled: a peer hanging up between a
         row's commit and its record must not leave a row without its file or a record without
         its row. The caller still sees its own cancellation."""
-        settling = asyncio.ensure_future(work)
-        self._settling.add(settling)
-        settling.add_done_callback(self._settling.discard)
-        return await asyncio.shield(settling)
+        return await self._settler.settle(work)
 
     def resolve(self, tenant: str, spec: TaskSpec) -> TaskSpec:
         """A model task's spec, checked against its model and given the model's requirement
