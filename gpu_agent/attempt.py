@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ _STALE_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 RESULT_RETRY_FOR_S = 900.0
 """How long an attempt keeps its outputs and offers them again while the broker asks it to
 (its spool disk is below its free floor; it keeps the attempt leased meanwhile)."""
+RETRY_PAUSE_S = (0.05, 60.0)
+"""The shortest and longest pause between two offers, whatever the broker asks."""
 
 
 def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
@@ -71,9 +74,12 @@ def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
     for key, value in exc.trailing_metadata() or ():
         if key == RETRY_AFTER_HEADER:
             try:
-                return max(float(value), 0.0)
+                pause = float(value)
             except ValueError:
                 return None
+            return (
+                None if math.isnan(pause) else min(max(pause, RETRY_PAUSE_S[0]), RETRY_PAUSE_S[1])
+            )
     return None
 
 

@@ -11,7 +11,9 @@ import grpc
 import pytest
 import torch
 
+from gpubroker.gpu_agent.attempt import retry_after_s
 from gpubroker.gpu_agent.workloads import Param, Workload, WorkloadContext
+from gpubroker.protos.transport import RETRY_AFTER_HEADER
 from tests.fakes.gateway import (
     TOKEN,
     WAIT_S,
@@ -352,3 +354,21 @@ async def test_stop_while_the_broker_is_unreachable_returns_promptly(
     await asyncio.wait_for(agent.stop(), 2.0)
 
     assert broker.gateway.metadata == []  # it never connected
+
+
+@pytest.mark.parametrize(
+    ("value", "pause"),
+    [("5", 5.0), ("0", 0.05), ("-3", 0.05), ("1e9", 60.0), ("inf", 60.0), ("nan", None),
+     ("soon", None), (None, None)],
+)  # fmt: skip
+def test_the_pause_a_refusal_asks_for_is_bounded_and_garbage_is_no_retry(
+    value: str | None, pause: float | None
+) -> None:
+    trailing = (
+        grpc.aio.Metadata() if value is None else grpc.aio.Metadata((RETRY_AFTER_HEADER, value))
+    )
+    refusal = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailing, "disk full"
+    )
+
+    assert retry_after_s(refusal) == pause
