@@ -14,8 +14,8 @@ import click
 
 from gpubroker.broker.config import Settings, parse_api_keys
 from gpubroker.broker.errors import ConfigError, SchemaOutdatedError
-from gpubroker.broker.logformat import configure_logging, log_format_option
 from gpubroker.broker.scaling.loop import PROVIDERS
+from gpubroker.logformat import configure_logging, log_format_option
 
 logger = logging.getLogger("gpubroker.broker")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from gpubroker.broker.logformat import FORMAT, EscapingFormatter, escape_control, quiet_grpc_core
+from gpubroker.logformat import FORMAT, EscapingFormatter, escape_control, quiet_grpc_core
 
 EVIL = "agent-1\n2030-01-01 00:00:00,000 INFO gpubroker.broker: forged\r\x1b[31mred\x00\u2028"
 
